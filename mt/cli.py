@@ -1,0 +1,84 @@
+"""Thin click CLI: each command parses options and calls one typed library function."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from mt.errors import MtError
+
+OUTTYPE_CHOICES = ["f32", "f16", "bf16", "q8_0", "auto"]
+
+
+def _fail(message: str, code: int) -> None:
+    click.echo(f"mt: error: {message}", err=True)
+    sys.exit(code)
+
+
+def run_reporting_errors(fn: Callable[[], Any]) -> Any:
+    """MtError -> one line and exit 1; MT_DEBUG=1 re-raises for the traceback."""
+    try:
+        return fn()
+    except MtError as e:
+        if os.environ.get("MT_DEBUG") == "1":
+            raise
+        _fail(e.one_line(), 1)
+    except KeyboardInterrupt:
+        _fail("interrupted; no output was left behind", 130)
+
+
+@click.group()
+@click.version_option(package_name="mt")
+def main() -> None:
+    """mt: Hugging Face checkpoints to GGUF, byte-identical to llama.cpp's tools."""
+
+
+@main.command()
+@click.argument("src", type=click.Path(path_type=Path))
+@click.option("-o", "--output", "out", type=click.Path(path_type=Path), help="GGUF file to write.")
+@click.option("--outtype", type=click.Choice(OUTTYPE_CHOICES), default="auto", show_default=True)
+@click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
+@click.option("--vocab-only", is_flag=True, help="Write only the tokenizer and metadata.")
+@click.option("--dry-run", is_flag=True, help="Print the tensor plan without reading tensor data.")
+@click.option("--allow-pickle", is_flag=True, help="Load pytorch_model*.bin with torch.load(weights_only=True).")
+@click.option("--threads", type=int, default=None, help="Worker threads for quantization (default: all cores).")
+@click.option("--quiet", is_flag=True, help="No progress bar or summary.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def convert(src: Path, out: Path | None, outtype: str, force: bool, vocab_only: bool, dry_run: bool,
+            allow_pickle: bool, threads: int | None, quiet: bool, as_json: bool) -> None:
+    """Convert the checkpoint folder SRC to a GGUF file."""
+    from mt.commands import convert_command
+
+    if out is None and not dry_run:
+        raise click.UsageError("-o/--output is required (unless --dry-run)")
+    run_reporting_errors(lambda: convert_command(src, out, outtype, force=force, vocab_only=vocab_only, dry_run=dry_run,
+                                                 allow_pickle=allow_pickle, threads=threads, quiet=quiet, as_json=as_json))
+
+
+@main.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def inspect(path: Path, as_json: bool) -> None:
+    """Show a GGUF file's metadata and tensors, or a checkpoint folder's summary."""
+    from mt.inspect import inspect_path
+
+    report = run_reporting_errors(lambda: inspect_path(path))
+    click.echo(json.dumps(report, indent=2, default=str) if as_json else report["text"])
+
+
+@main.command()
+@click.option("--workdir", type=click.Path(path_type=Path), default=None, help="Where to build (default: a temp folder).")
+def demo(workdir: Path | None) -> None:
+    """Build a tiny model, convert it, run it in llama.cpp and compare with the source."""
+    from mt.demo import run_demo
+
+    run_reporting_errors(lambda: run_demo(workdir))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""Command bodies behind the CLI: typed functions that print what they did."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from mt.convert.convert import convert, load
+from mt.convert.plan import TensorPlan
+from mt.quant.types import set_threads
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def ggml_shape(shape: tuple[int, ...]) -> str:
+    return "{" + ", ".join(str(d) for d in reversed(shape)) + "}"
+
+
+def plan_rows(plan: TensorPlan) -> list[dict]:
+    return [
+        {"name": e.name, "shape": list(reversed(e.shape)), "type": e.qtype.name, "bytes": e.nbytes, "source": e.source_name}
+        for e in plan.entries
+    ]
+
+
+def print_plan(plan: TensorPlan) -> None:
+    width = max((len(e.name) for e in plan.entries), default=10)
+    for e in plan.entries:
+        click.echo(f"{e.name:<{width}}  {e.qtype.name:<5} {ggml_shape(e.shape):<18} {format_bytes(e.nbytes):>10}  <- {e.source_name}")
+    click.echo(f"{len(plan.entries)} tensors, {format_bytes(plan.nbytes)} of tensor data, file type {plan.file_type.name}")
+
+
+def convert_command(src: Path, out: Path | None, outtype: str, *, force: bool, vocab_only: bool, dry_run: bool,
+                    allow_pickle: bool, threads: int | None, quiet: bool, as_json: bool) -> None:
+    if threads:
+        set_threads(threads)
+    if dry_run:
+        _, arch, plan = load(src, outtype, allow_pickle)
+        if as_json:
+            click.echo(json.dumps({"arch": arch.gguf_arch, "file_type": plan.file_type.name,
+                                   "tensor_bytes": plan.nbytes, "tensors": plan_rows(plan)}, indent=2))
+        else:
+            print_plan(plan)
+        return
+    assert out is not None
+    show_bar = not quiet and not as_json and sys.stderr.isatty()
+    start = time.perf_counter()
+    bar = ProgressBar() if show_bar else None
+    try:
+        result = convert(src, out, outtype, force=force, vocab_only=vocab_only, allow_pickle=allow_pickle,
+                         progress=bar.update if bar else None)
+    finally:
+        if bar:
+            bar.close()
+    elapsed = time.perf_counter() - start
+    summary = {"output": str(result.output), "arch": result.arch, "file_type": result.plan.file_type.name,
+               "tensors": 0 if vocab_only else len(result.plan.entries), "bytes": result.output.stat().st_size,
+               "seconds": round(elapsed, 3), "tokenizer": result.vocab.model if result.vocab else None,
+               "pre_tokenizer": result.vocab.pre if result.vocab else None}
+    if as_json:
+        click.echo(json.dumps(summary))
+    elif not quiet:
+        click.echo(f"wrote {summary['output']}: {summary['arch']} {summary['file_type']}, {summary['tensors']} tensors, "
+                   f"{format_bytes(summary['bytes'])} in {elapsed:.1f} s (tokenizer {summary['tokenizer']}/{summary['pre_tokenizer']})")
+
+
+class ProgressBar:
+    """Bytes-written bar on stderr, opened when the total is known."""
+
+    def __init__(self) -> None:
+        self._bar = None
+
+    def update(self, n: int, total: int) -> None:
+        if self._bar is None:
+            self._bar = click.progressbar(length=total, label="writing", file=sys.stderr)
+            self._bar.__enter__()
+        self._bar.update(n)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(None, None, None)

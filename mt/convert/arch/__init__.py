@@ -1,0 +1,30 @@
+"""Architecture registry: a static map from `config.architectures[0]` to a module, imported lazily."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from mt.convert.arch.base import Architecture
+from mt.errors import UnsupportedArchitecture
+
+MODULES: dict[str, str] = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+}
+
+
+def supported() -> list[str]:
+    return sorted(MODULES)
+
+
+def load_architecture(hf_arch: str, config: dict[str, Any]) -> Architecture:
+    module = MODULES.get(hf_arch)
+    if module is None:
+        raise UnsupportedArchitecture(
+            f"architecture {hf_arch!r} is not supported",
+            f"mt converts {', '.join(supported())}",
+        )
+    cls = importlib.import_module(f"mt.convert.arch.{module}").ARCH
+    return cls(config)

@@ -1,0 +1,98 @@
+"""Hyperparameter keys shared by the decoder-only text families, written as llama.cpp's converter does."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from gguf import GGUFWriter, RopeScalingType
+
+from mt.convert.arch.base import find_key
+
+log = logging.getLogger(__name__)
+
+
+def rope_parameters(config: dict[str, Any]) -> dict[str, Any]:
+    """One dict for old (`rope_theta` + `rope_scaling`) and new (`rope_parameters`) config styles."""
+    rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
+    if "full_attention" in rope or "sliding_attention" in rope:
+        return rope
+    theta = find_key(config, ("global_rope_theta", "rope_global_theta", "rope_theta_global", "rope_theta", "rotary_emb_base"))
+    local_theta = find_key(config, ("local_rope_theta", "rope_local_theta", "rope_theta_local", "swa_rope_theta", "rope_local_base_freq"))
+    partial = find_key(config, ("partial_rotary_factor", "rope_pct", "rope_percent"))
+    orig_ctx = config.get("original_max_position_embeddings")
+    if local_theta is not None:
+        rope["sliding_attention"] = {"rope_theta": local_theta}
+    if "rope_theta" not in rope and theta is not None:
+        rope["rope_theta"] = theta
+    if "rope_type" not in rope and rope.get("type") is not None:
+        rope["rope_type"] = rope["type"]
+    if "partial_rotary_factor" not in rope and partial is not None:
+        rope["partial_rotary_factor"] = partial
+    if "original_max_position_embeddings" not in rope and orig_ctx is not None:
+        rope["original_max_position_embeddings"] = orig_ctx
+    return rope
+
+
+def full_attention_rope(config: dict[str, Any]) -> dict[str, Any]:
+    rope = rope_parameters(config)
+    return rope.get("full_attention", rope)
+
+
+def write_rope_scaling(w: GGUFWriter, rope: dict[str, Any]) -> None:
+    rope_type, factor = rope.get("rope_type"), rope.get("factor")
+    if rope_type is None:
+        return
+    if rope_type == "linear" and factor is not None:
+        w.add_rope_scaling_type(RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(factor)
+    elif rope_type == "yarn" and factor is not None:
+        w.add_rope_scaling_type(RopeScalingType.YARN)
+        w.add_rope_scaling_factor(factor)
+        w.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+        optional = (
+            ("extrapolation_factor", w.add_rope_scaling_yarn_ext_factor),
+            ("attention_factor", w.add_rope_scaling_yarn_attn_factor),
+            ("beta_fast", w.add_rope_scaling_yarn_beta_fast),
+            ("beta_slow", w.add_rope_scaling_yarn_beta_slow),
+        )
+        for key, add in optional:
+            value = rope.get(key, rope.get("attn_factor") if key == "attention_factor" else None)
+            if value is not None:
+                add(value)
+    elif rope_type in ("su", "longrope"):
+        w.add_rope_scaling_type(RopeScalingType.LONGROPE)
+    elif rope_type.lower() not in ("llama3", "dynamic", "default"):
+        log.warning("unknown rope type %r: written without scaling", rope_type)
+
+
+def write_text_hparams(w: GGUFWriter, config: dict[str, Any], block_count: int, file_type: int) -> None:
+    """The keys llama.cpp's TextModel.set_gguf_parameters writes, in its order."""
+    w.add_block_count(block_count)
+    scalar_keys = (
+        (("max_position_embeddings", "n_ctx", "n_positions", "max_length", "max_sequence_length", "model_max_length"), w.add_context_length),
+        (("hidden_size", "n_embd", "dim"), w.add_embedding_length),
+        (("prefix_dense_intermediate_size", "dense_intermediate_size", "intermediate_size", "n_inner", "hidden_dim"), w.add_feed_forward_length),
+        (("num_attention_heads", "n_head", "n_heads"), w.add_head_count),
+        (("num_key_value_heads", "n_kv_heads"), w.add_head_count_kv),
+    )
+    for keys, add in scalar_keys:
+        if (value := find_key(config, keys)) is not None:
+            add(value)
+    if config.get("is_causal") is False:
+        w.add_causal_attention(False)
+    rope_all = rope_parameters(config)
+    rope = rope_all.get("full_attention", rope_all)
+    write_rope_scaling(w, rope)
+    if (theta := rope.get("rope_theta")) is not None:
+        w.add_rope_freq_base(theta)
+    if (local_theta := rope_all.get("sliding_attention", {}).get("rope_theta")) is not None:
+        w.add_rope_freq_base_swa(local_theta)
+    if (eps := find_key(config, ("rms_norm_eps", "norm_eps"))) is not None:
+        w.add_layer_norm_rms_eps(eps)
+    if (eps := find_key(config, ("layer_norm_eps", "layer_norm_epsilon", "norm_epsilon"))) is not None:
+        w.add_layer_norm_eps(eps)
+    if (head_dim := config.get("head_dim")) is not None:
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+    w.add_file_type(file_type)

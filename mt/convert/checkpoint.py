@@ -1,0 +1,188 @@
+"""A Hugging Face checkpoint folder: config, lazily read tensors, tokenizer files."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from mt.errors import CheckpointError
+from mt.io.safetensors import TensorRef, read_header
+
+INDEX_NAME = "model.safetensors.index.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "chat_template.jinja",
+                   "chat_template.json", "special_tokens_map.json", "added_tokens.json")
+
+
+class LazyTensor(Protocol):
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+
+    def read_rows(self, start: int = 0, stop: int | None = None) -> np.ndarray: ...
+
+    def read(self) -> np.ndarray: ...
+
+
+@dataclass
+class Checkpoint:
+    folder: Path
+    config: dict[str, Any]
+    tensors: dict[str, LazyTensor]
+    files: list[Path] = field(default_factory=list)
+
+    @property
+    def architecture(self) -> str:
+        archs = self.config.get("architectures") or []
+        if not archs:
+            raise CheckpointError(
+                f"{self.folder / 'config.json'} has no 'architectures' entry",
+                'add e.g. "architectures": ["LlamaForCausalLM"] to config.json',
+            )
+        return archs[0]
+
+    def has_file(self, name: str) -> bool:
+        return (self.folder / name).is_file()
+
+    def read_json(self, name: str) -> dict[str, Any] | None:
+        path = self.folder / name
+        if not path.is_file():
+            return None
+        return _load_json(path)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+
+def _load_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e})", "fix or replace the file") from None
+
+
+def open_checkpoint(folder: Path, allow_pickle: bool = False) -> Checkpoint:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder} is not a folder", "pass the checkpoint folder that holds config.json")
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise CheckpointError(
+            f"no config.json in {folder}", "point mt at a Hugging Face checkpoint folder (config.json + *.safetensors)"
+        )
+    config = _load_json(config_path)
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{config_path} is not a JSON object", "fix or replace config.json")
+    if (folder / INDEX_NAME).is_file():
+        files, tensors = _sharded(folder)
+    elif parts := _parts(folder, "model", ".safetensors"):
+        files, tensors = parts, _read_parts(parts)
+    elif parts := _parts(folder, "pytorch_model", ".bin"):
+        files, tensors = parts, _read_pickles(parts, allow_pickle)
+    else:
+        raise CheckpointError(f"no *.safetensors weights in {folder}", "download the model's safetensors files")
+    return Checkpoint(folder, config, tensors, files)
+
+
+def _parts(folder: Path, prefix: str, suffix: str) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.name.startswith(prefix) and p.name.endswith(suffix))
+
+
+def _read_parts(parts: list[Path]) -> dict[str, TensorRef]:
+    tensors: dict[str, TensorRef] = {}
+    for part in parts:
+        refs, _ = read_header(part)
+        for name in sorted(refs):
+            if name in tensors:
+                raise CheckpointError(
+                    f"tensor {name!r} appears in both {tensors[name].path.name} and {part.name}",
+                    "remove the stray shard from the folder",
+                )
+            tensors[name] = refs[name]
+    return tensors
+
+
+def _sharded(folder: Path) -> tuple[list[Path], dict[str, TensorRef]]:
+    index = _load_json(folder / INDEX_NAME)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{INDEX_NAME} has no 'weight_map'", "fix or re-download the index file")
+    root = folder.resolve()
+    shards: list[Path] = []
+    for shard_name in sorted(set(weight_map.values())):
+        path = (folder / str(shard_name)).resolve()
+        if root not in path.parents:
+            raise CheckpointError(
+                f"{INDEX_NAME} names {shard_name!r}, a path outside {folder}",
+                "shards must sit in the checkpoint folder; fix the index",
+            )
+        if not path.is_file():
+            raise CheckpointError(
+                f"{INDEX_NAME} names shard {shard_name!r}, which is missing", "download the missing shard"
+            )
+        shards.append(path)
+    tensors = _read_parts(shards)
+    for name, shard_name in weight_map.items():
+        ref = tensors.get(name)
+        if ref is None or ref.path.name != Path(shard_name).name:
+            raise CheckpointError(
+                f"{INDEX_NAME} places tensor {name!r} in {shard_name}, but it is not there",
+                "the shard is incomplete or the index is stale; download both again",
+            )
+    if extra := sorted(set(tensors) - set(weight_map)):
+        raise CheckpointError(
+            f"shards hold tensors the index does not list: {', '.join(extra[:5])}",
+            "the index is stale; download it again",
+        )
+    return shards, tensors
+
+
+@dataclass(frozen=True)
+class PickledTensor:
+    """A tensor from a torch pickle, loaded with weights_only=True (only with --allow-pickle)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+    source: Any
+
+    def read_rows(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        import torch
+
+        t = self.source[start:stop] if self.shape else self.source
+        if t.dtype == torch.bfloat16:
+            return t.contiguous().view(torch.int16).numpy().view(np.uint16)
+        return t.contiguous().numpy()
+
+    def read(self) -> np.ndarray:
+        return self.read_rows()
+
+
+_TORCH_TO_ST = {"torch.float32": "F32", "torch.float16": "F16", "torch.bfloat16": "BF16"}
+
+
+def _read_pickles(parts: list[Path], allow_pickle: bool) -> dict[str, PickledTensor]:
+    if not allow_pickle:
+        raise CheckpointError(
+            f"{parts[0].name} is a pickle checkpoint, which can run code when loaded",
+            "convert it to safetensors, or pass --allow-pickle to load it with torch.load(weights_only=True)",
+        )
+    import torch
+
+    tensors: dict[str, PickledTensor] = {}
+    for part in parts:
+        try:
+            state = torch.load(part, map_location="cpu", mmap=True, weights_only=True)
+        except Exception as e:  # torch raises many types for a bad pickle
+            raise CheckpointError(f"{part.name} cannot be loaded ({e})", "re-download the file") from None
+        for name in sorted(state):
+            t = state[name]
+            dtype = _TORCH_TO_ST.get(str(t.dtype), str(t.dtype))
+            tensors[name] = PickledTensor(name, dtype, tuple(t.shape), t.numel() * t.element_size(), t)
+    return tensors

@@ -1,0 +1,85 @@
+"""`mt convert`: HF checkpoint folder -> GGUF, one tensor at a time."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import gguf
+import numpy as np
+from gguf import GGUFWriter
+
+from mt.convert.arch import load_architecture
+from mt.convert.arch.base import Architecture
+from mt.convert.checkpoint import Checkpoint, open_checkpoint
+from mt.convert.plan import TensorPlan, build_plan, produce
+from mt.convert.vocab import VocabSummary
+from mt.gguf_out import TensorStream, atomic_path, check_output
+
+Progress = Callable[[int, int], None]  # (bytes just written, total bytes)
+
+
+@dataclass
+class ConvertResult:
+    output: Path | None
+    plan: TensorPlan
+    arch: str
+    vocab: VocabSummary | None
+    nbytes_written: int
+
+
+def prepare_writer(ckpt: Checkpoint, arch: Architecture, plan: TensorPlan, vocab_only: bool) -> tuple[GGUFWriter, VocabSummary]:
+    """Metadata in llama.cpp's converter order: general.*, hyperparameters, quantization version, vocab."""
+    w = GGUFWriter(path=None, arch=arch.gguf_arch)
+    w.add_type(gguf.GGUFType.MODEL)
+    w.add_name(ckpt.folder.resolve().name)
+    arch.write_hparams(w, int(plan.file_type))
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    vocab = arch.write_vocab(ckpt.folder, w)
+    if not vocab_only:
+        for e in plan.entries:
+            w.add_tensor_info(e.name, e.shape, _INFO_DTYPE, e.nbytes, raw_dtype=e.qtype)
+    return w, vocab
+
+
+_INFO_DTYPE = np.dtype(np.float32)  # gguf-py ignores it when raw_dtype is given
+
+
+def load(src: Path, outtype: str, allow_pickle: bool = False) -> tuple[Checkpoint, Architecture, TensorPlan]:
+    ckpt = open_checkpoint(src, allow_pickle=allow_pickle)
+    arch = load_architecture(ckpt.architecture, ckpt.config)
+    return ckpt, arch, build_plan(ckpt, arch, outtype)
+
+
+def convert(
+    src: Path,
+    out: Path,
+    outtype: str = "auto",
+    *,
+    force: bool = False,
+    vocab_only: bool = False,
+    allow_pickle: bool = False,
+    progress: Progress | None = None,
+) -> ConvertResult:
+    ckpt, arch, plan = load(src, outtype, allow_pickle)
+    check_output(out, force)
+    w, vocab = prepare_writer(ckpt, arch, plan, vocab_only)
+    written = 0
+    with atomic_path(out) as tmp:
+        try:
+            w.write_header_to_file(path=tmp)
+            w.write_kv_data_to_file()
+            if vocab_only:
+                w.close()
+            else:
+                w.write_ti_data_to_file()
+                stream = TensorStream(w)
+                for entry in plan.entries:
+                    written += stream.write_tensor(produce(entry, ckpt.config), entry.nbytes)
+                    if progress is not None:
+                        progress(entry.nbytes, plan.nbytes)
+                stream.finish()
+        finally:
+            w.close()
+    return ConvertResult(out, plan, arch.gguf_arch, vocab, written)

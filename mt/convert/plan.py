@@ -1,0 +1,124 @@
+"""The tensor plan: every output tensor (name, shape, type, source) decided before any data is read."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+from gguf import GGMLQuantizationType as T
+from gguf import LlamaFileType
+
+from mt.convert.arch.base import Architecture, ExtraTensor, Transform
+from mt.convert.checkpoint import Checkpoint, LazyTensor
+from mt.errors import MtError
+from mt.quant.types import bf16_bits_to_f32, quant_type
+
+SLAB_BYTES = 64 << 20
+
+OUTTYPES: dict[str, tuple[LlamaFileType, T]] = {
+    "f32": (LlamaFileType.ALL_F32, T.F32),
+    "f16": (LlamaFileType.MOSTLY_F16, T.F16),
+    "bf16": (LlamaFileType.MOSTLY_BF16, T.BF16),
+    "q8_0": (LlamaFileType.MOSTLY_Q8_0, T.Q8_0),
+}
+
+
+@dataclass(frozen=True)
+class PlanEntry:
+    name: str
+    shape: tuple[int, ...]
+    qtype: T
+    source: LazyTensor | None = None
+    extra: ExtraTensor | None = None
+    transform: Transform | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return quant_type(self.qtype).nbytes(self.shape)
+
+    @property
+    def source_name(self) -> str:
+        return self.source.name if self.source is not None else "(generated)"
+
+
+@dataclass
+class TensorPlan:
+    file_type: LlamaFileType
+    entries: list[PlanEntry]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(e.nbytes for e in self.entries)
+
+
+def resolve_outtype(outtype: str, ckpt: Checkpoint) -> tuple[LlamaFileType, T]:
+    if outtype == "auto":
+        first = next((t for t in ckpt.tensors.values() if len(t.shape) >= 2), None)
+        outtype = {"BF16": "bf16", "F16": "f16"}.get(first.dtype if first else "", "f16")
+    if outtype not in OUTTYPES:
+        raise MtError(f"unknown --outtype {outtype!r}", f"choose one of {', '.join([*OUTTYPES, 'auto'])}")
+    return OUTTYPES[outtype]
+
+
+def tensor_type(name: str, shape: tuple[int, ...], file_qtype: T) -> T:
+    """llama.cpp's converter: 1-D, norms and non-weights stay F32; rows a block does not divide fall back to F16."""
+    if len(shape) <= 1 or name.endswith("_norm.weight") or not name.endswith(".weight"):
+        return T.F32
+    if not quant_type(file_qtype).row_fits(shape[-1]):
+        return T.F16
+    return file_qtype
+
+
+def build_plan(ckpt: Checkpoint, arch: Architecture, outtype: str) -> TensorPlan:
+    file_type, file_qtype = resolve_outtype(outtype, ckpt)
+    entries = [PlanEntry(x.name, x.shape, tensor_type(x.name, x.shape, file_qtype), extra=x) for x in arch.extra_tensors()]
+    for hf_name, ref in ckpt.tensors.items():
+        if hf_name.endswith((".attention.masked_bias", ".attention.bias", ".rotary_emb.inv_freq")):
+            continue
+        if arch.names.is_dropped(hf_name):
+            continue
+        if ref.dtype not in ("F32", "F16", "BF16"):
+            raise MtError(f"tensor {hf_name!r} has dtype {ref.dtype}", "mt converts float checkpoints (F32/F16/BF16)")
+        name = arch.names.map(hf_name)
+        qtype = tensor_type(name, ref.shape, file_qtype)
+        entries.append(PlanEntry(name, ref.shape, qtype, source=ref, transform=arch.transform_for(name)))
+    return TensorPlan(file_type, entries)
+
+
+def to_f32(raw: np.ndarray, dtype: str) -> np.ndarray:
+    if dtype == "BF16":
+        return bf16_bits_to_f32(raw)
+    return raw.astype(np.float32, copy=False)
+
+
+def _bf16_has_nan(bits: np.ndarray) -> bool:
+    # positive NaNs are 0x7f81..0x7fff (int16 > 0x7f80), negative ones 0xff81..0xffff (uint16 > 0xff80)
+    return bits.size > 0 and (int(bits.view(np.int16).max()) > 0x7F80 or int(bits.max()) > 0xFF80)
+
+
+def encode(raw: np.ndarray, dtype: str, qtype: T) -> np.ndarray:
+    """Source values in their storage dtype -> output bytes of `qtype`, as llama.cpp's converter writes them."""
+    same_storage = (dtype, qtype) in (("BF16", T.BF16), ("F16", T.F16), ("F32", T.F32))
+    if same_storage and not (dtype == "BF16" and _bf16_has_nan(raw)):
+        return raw
+    return quant_type(qtype).quantize(to_f32(raw, dtype))
+
+
+def produce(entry: PlanEntry, config: dict) -> Iterator[np.ndarray]:
+    """Output bytes of one entry, in row slabs where the tensor needs no whole-tensor transform."""
+    if entry.extra is not None:
+        yield encode(entry.extra.make(), "F32", entry.qtype)
+        return
+    src = entry.source
+    assert src is not None
+    if entry.transform is not None or len(src.shape) < 2:
+        raw = src.read()
+        if entry.transform is not None:
+            raw = entry.transform(raw, config)
+        yield encode(raw, src.dtype, entry.qtype)
+        return
+    row_bytes = max(1, src.nbytes // src.shape[0])
+    step = max(1, SLAB_BYTES // row_bytes)
+    for start in range(0, src.shape[0], step):
+        yield encode(src.read_rows(start, min(start + step, src.shape[0])), src.dtype, entry.qtype)

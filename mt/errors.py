@@ -1,0 +1,50 @@
+"""Typed errors. Each carries the problem and the remedy; the CLI prints them as one line."""
+
+from __future__ import annotations
+
+
+class MtError(Exception):
+    """Base of every error mt reports to a user. `remedy` says how to proceed."""
+
+    def __init__(self, problem: str, remedy: str = "") -> None:
+        super().__init__(problem)
+        self.problem = problem
+        self.remedy = remedy
+
+    def one_line(self) -> str:
+        text = self.problem.rstrip(".")
+        if self.remedy:
+            text += f"; {self.remedy}"
+        return " ".join(text.split())
+
+
+class CheckpointError(MtError):
+    """The source folder or one of its files is missing or malformed."""
+
+
+class CorruptTensorFile(CheckpointError):
+    """A safetensors file is truncated or its header lies about its contents."""
+
+
+class UnsupportedArchitecture(MtError):
+    """config.json names an architecture mt has no module for."""
+
+
+class UnknownTensor(MtError):
+    """A checkpoint tensor that the architecture's name table does not cover."""
+
+
+class TokenizerError(MtError):
+    """The tokenizer files are missing or not understood."""
+
+
+class OutputExists(MtError):
+    """The output path exists and --force was not given."""
+
+
+class QuantizationError(MtError):
+    """A tensor cannot be quantized (NaN/Inf, bad shape)."""
+
+
+class GGUFError(MtError):
+    """A GGUF file cannot be read."""

@@ -1,0 +1,1 @@
+"""Lazy readers for checkpoint files."""

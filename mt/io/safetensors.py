@@ -1,0 +1,134 @@
+"""A validating, lazy safetensors reader.
+
+Only the JSON header is parsed up front; tensor bytes are read with pread when asked for, so
+nothing is memory-mapped and the resident set stays at the size of what is being processed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mt.errors import CorruptTensorFile
+
+# safetensors dtype -> (numpy storage dtype, itemsize). BF16 is stored as raw uint16.
+STORAGE_DTYPES: dict[str, np.dtype] = {
+    "F64": np.dtype(np.float64),
+    "F32": np.dtype(np.float32),
+    "F16": np.dtype(np.float16),
+    "BF16": np.dtype(np.uint16),
+    "I64": np.dtype(np.int64),
+    "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16),
+    "I8": np.dtype(np.int8),
+    "U8": np.dtype(np.uint8),
+    "BOOL": np.dtype(np.bool_),
+}
+FLOAT_DTYPES = ("F32", "F16", "BF16")
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """Where one tensor's bytes live; reading happens only in `read_rows`."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    path: Path
+    offset: int
+    nbytes: int
+
+    @property
+    def n_rows(self) -> int:
+        return self.shape[0] if self.shape else 1
+
+    @property
+    def row_bytes(self) -> int:
+        return self.nbytes // self.n_rows if self.n_rows else 0
+
+    def read_rows(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Rows [start, stop) along dim 0, in the storage dtype (BF16 as uint16)."""
+        stop = self.n_rows if stop is None else stop
+        count = (stop - start) * self.row_bytes
+        buf = np.empty(count, dtype=np.uint8)
+        with open(self.path, "rb", buffering=0) as f:
+            got = os.preadv(f.fileno(), [buf], self.offset + start * self.row_bytes)
+        if got != count:
+            raise CorruptTensorFile(
+                f"{self.path.name}: tensor {self.name!r} is cut short ({got} of {count} bytes)",
+                "the file is truncated; download it again",
+            )
+        shape = ((stop - start),) + self.shape[1:] if self.shape else ()
+        return buf.view(STORAGE_DTYPES[self.dtype]).reshape(shape)
+
+    def read(self) -> np.ndarray:
+        return self.read_rows()
+
+
+def _corrupt(path: Path, what: str) -> CorruptTensorFile:
+    return CorruptTensorFile(f"{path.name}: {what}", "the file is damaged or truncated; download it again")
+
+
+def read_header(path: Path) -> tuple[dict[str, TensorRef], dict[str, str]]:
+    """Parse and validate a safetensors header. Returns (tensors by name, __metadata__)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise _corrupt(path, f"only {size} bytes, too short for a safetensors header")
+        (header_len,) = struct.unpack("<Q", prefix)
+        if header_len > size - 8 or header_len > MAX_HEADER_BYTES:
+            raise _corrupt(path, f"header length {header_len} runs past the end of the file ({size} bytes)")
+        raw = f.read(header_len)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise _corrupt(path, f"header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise _corrupt(path, "header is not a JSON object")
+    data_start = 8 + header_len
+    data_len = size - data_start
+    metadata = header.pop("__metadata__", None) or {}
+    tensors = {name: _tensor_ref(path, name, info, data_start, data_len) for name, info in header.items()}
+    _check_no_overlap(path, tensors.values(), data_start)
+    return tensors, metadata
+
+
+def _tensor_ref(path: Path, name: str, info: object, data_start: int, data_len: int) -> TensorRef:
+    if not isinstance(info, dict):
+        raise _corrupt(path, f"tensor {name!r} has no dtype/shape/offsets entry")
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if dtype not in STORAGE_DTYPES:
+        raise _corrupt(path, f"tensor {name!r} has unknown dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise _corrupt(path, f"tensor {name!r} has a malformed shape {shape!r}")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(isinstance(o, int) for o in offsets)
+        or not 0 <= offsets[0] <= offsets[1]
+    ):
+        raise _corrupt(path, f"tensor {name!r} has malformed data_offsets {offsets!r}")
+    begin, end = offsets
+    if end > data_len:
+        raise _corrupt(path, f"tensor {name!r} ends at byte {end}, past the data section ({data_len} bytes)")
+    expected = math.prod(shape) * STORAGE_DTYPES[dtype].itemsize
+    if end - begin != expected:
+        raise _corrupt(
+            path, f"tensor {name!r} spans {end - begin} bytes but {dtype} {shape} needs {expected}"
+        )
+    return TensorRef(name, dtype, tuple(shape), path, data_start + begin, end - begin)
+
+
+def _check_no_overlap(path: Path, refs, data_start: int) -> None:
+    ordered = sorted((r for r in refs if r.nbytes), key=lambda r: r.offset)
+    for prev, cur in zip(ordered, ordered[1:]):
+        if cur.offset < prev.offset + prev.nbytes:
+            raise _corrupt(path, f"tensors {prev.name!r} and {cur.name!r} overlap")

@@ -1,0 +1,1 @@
+"""GGML tensor types: numpy references and fast paths that produce the same bytes."""

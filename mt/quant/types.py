@@ -1,0 +1,179 @@
+"""GGML tensor types as registered classes.
+
+Each class has a numpy reference (`quantize_blocks` / `dequantize_blocks` on whole blocks, float32
+arithmetic in ggml's order). `quantize` runs it over cache-sized chunks on a thread pool; tests
+check the bytes against ggml itself.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import ClassVar
+
+import numpy as np
+from gguf import GGMLQuantizationType
+
+from mt.errors import QuantizationError
+
+REGISTRY: dict[GGMLQuantizationType, type["QuantType"]] = {}
+CHUNK_VALUES = 1 << 16
+_POOL: ThreadPoolExecutor | None = None
+
+
+def set_threads(n: int) -> None:
+    global _POOL
+    _POOL = ThreadPoolExecutor(max_workers=max(1, n))
+
+
+def _pool() -> ThreadPoolExecutor:
+    if _POOL is None:
+        set_threads(os.cpu_count() or 1)
+    assert _POOL is not None
+    return _POOL
+
+
+class QuantType:
+    ggml_type: ClassVar[GGMLQuantizationType]
+    block_size: ClassVar[int]
+    type_size: ClassVar[int]
+
+    def __init_subclass__(cls) -> None:
+        REGISTRY[cls.ggml_type] = cls
+
+    @classmethod
+    def row_fits(cls, n_per_row: int) -> bool:
+        return n_per_row % cls.block_size == 0
+
+    @classmethod
+    def nbytes(cls, shape: tuple[int, ...]) -> int:
+        n = int(np.prod(shape, dtype=np.int64))
+        return n // cls.block_size * cls.type_size
+
+    @classmethod
+    def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    @classmethod
+    def dequantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    @classmethod
+    def quantize(cls, data: np.ndarray) -> np.ndarray:
+        """float32 [..., n] -> uint8 [..., n / block_size * type_size].
+
+        Blocks are independent, so the work is cut into cache-sized chunks (fresh large
+        temporaries cost more in page faults than the arithmetic) run on a thread pool;
+        numpy releases the GIL inside each ufunc.
+        """
+        if not cls.row_fits(data.shape[-1]):
+            raise QuantizationError(
+                f"row of {data.shape[-1]} values is not a multiple of {cls.__name__}'s block of {cls.block_size}",
+                "use a type whose block divides the row",
+            )
+        blocks = np.ascontiguousarray(data, dtype=np.float32).reshape(-1, cls.block_size)
+        out = np.empty((blocks.shape[0], cls.type_size), dtype=np.uint8)
+        step = max(1, CHUNK_VALUES // cls.block_size)
+
+        def run(start: int) -> None:
+            out[start : start + step] = cls.quantize_blocks(blocks[start : start + step])
+
+        starts = range(0, blocks.shape[0], step)
+        if len(starts) > 1:
+            list(_pool().map(run, starts))
+        elif starts:
+            run(0)
+        return out.reshape(*data.shape[:-1], data.shape[-1] // cls.block_size * cls.type_size)
+
+    @classmethod
+    def dequantize(cls, data: np.ndarray) -> np.ndarray:
+        blocks = np.ascontiguousarray(data).view(np.uint8).reshape(-1, cls.type_size)
+        out = cls.dequantize_blocks(blocks)
+        return out.reshape(*data.shape[:-1], data.shape[-1] // cls.type_size * cls.block_size)
+
+
+class F32(QuantType):
+    ggml_type = GGMLQuantizationType.F32
+    block_size = 1
+    type_size = 4
+
+    @classmethod
+    def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
+        return blocks.astype(np.float32).view(np.uint8)
+
+    @classmethod
+    def dequantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
+        return blocks.view(np.float32)
+
+
+class F16(QuantType):
+    ggml_type = GGMLQuantizationType.F16
+    block_size = 1
+    type_size = 2
+
+    @classmethod
+    def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
+        return blocks.astype(np.float16).view(np.uint8)
+
+    @classmethod
+    def dequantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
+        return blocks.view(np.float16).astype(np.float32)
+
+
+def f32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
+    """ggml_compute_fp32_to_bf16: NaN made quiet, then round to nearest even."""
+    n = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    n = np.where((n & 0x7FFFFFFF) > 0x7F800000, (n & np.uint32(0xFFFF0000)) | np.uint32(64 << 16), n)
+    return ((n.astype(np.uint64) + (0x7FFF + ((n >> 16) & 1))) >> 16).astype(np.uint16)
+
+
+def bf16_bits_to_f32(bits: np.ndarray) -> np.ndarray:
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+class BF16(QuantType):
+    ggml_type = GGMLQuantizationType.BF16
+    block_size = 1
+    type_size = 2
+
+    @classmethod
+    def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
+        return f32_to_bf16_bits(blocks).view(np.uint8)
+
+    @classmethod
+    def dequantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
+        return bf16_bits_to_f32(blocks.view(np.uint16))
+
+
+def roundf(x: np.ndarray) -> np.ndarray:
+    """C roundf (half away from zero), exact in float32."""
+    a = np.abs(x)
+    floored = np.floor(a)
+    return np.sign(x) * (floored + np.floor(2 * (a - floored)))
+
+
+class Q8_0(QuantType):
+    ggml_type = GGMLQuantizationType.Q8_0
+    block_size = 32
+    type_size = 34
+
+    @classmethod
+    def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
+        # quantize_row_q8_0_ref: d = amax / 127, q = roundf(x * (1 / d))
+        d = np.abs(blocks).max(axis=1, keepdims=True) / np.float32(127)
+        with np.errstate(divide="ignore"):
+            inv = np.where(d == 0, np.float32(0), np.float32(1) / d).astype(np.float32)
+        qs = roundf(blocks * inv).astype(np.int8)
+        return np.concatenate([d.astype(np.float16).view(np.uint8), qs.view(np.uint8)], axis=1)
+
+    @classmethod
+    def dequantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
+        d = blocks[:, :2].copy().view(np.float16).astype(np.float32)
+        return blocks[:, 2:].view(np.int8).astype(np.float32) * d
+
+
+def quant_type(ggml_type: GGMLQuantizationType) -> type[QuantType]:
+    try:
+        return REGISTRY[ggml_type]
+    except KeyError:
+        raise QuantizationError(f"mt cannot write {ggml_type.name} tensors yet", "choose f32, f16, bf16 or q8_0") from None

@@ -1,0 +1,76 @@
+"""Logits from both sides, one at a time, and their divergence.
+
+llama.cpp runs the GGUF (llama-cpp-python); transformers runs the source in float32. Each side is
+freed before the other loads, so only one copy of the model is in memory.
+"""
+
+from __future__ import annotations
+
+import gc
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+def llama_cpp_logits(gguf_path: Path, ids: list[int], n_ctx: int = 512) -> np.ndarray:
+    """[len(ids), n_vocab] float32 logits of the GGUF in llama.cpp."""
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(gguf_path), n_ctx=max(n_ctx, len(ids) + 8), logits_all=True, verbose=False, n_threads=2)
+    try:
+        llm.eval(ids)
+        return np.array(llm.scores[: len(ids)], dtype=np.float32)
+    finally:
+        llm.close()
+        del llm
+        gc.collect()
+
+
+def llama_cpp_tokenize(gguf_path: Path, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(gguf_path), vocab_only=True, verbose=False)
+    try:
+        return llm.tokenize(text.encode("utf-8"), add_bos=add_special, special=parse_special)
+    finally:
+        llm.close()
+
+
+def hf_logits(folder: Path, ids: list[int]) -> np.ndarray:
+    """[len(ids), vocab] float32 logits of the checkpoint in transformers, in float32."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    try:
+        with torch.no_grad():
+            out = model(torch.tensor([ids])).logits[0]
+        return out.float().numpy()
+    finally:
+        del model
+        gc.collect()
+
+
+@dataclass
+class LogitStats:
+    kld_mean: float
+    kld_max: float
+    top1_agreement: float
+    max_abs_diff: float
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def compare_logits(reference: np.ndarray, candidate: np.ndarray) -> LogitStats:
+    """KL(reference || candidate) per position, top-1 agreement and max |Δlogit| over a shared vocab."""
+    n_vocab = min(reference.shape[-1], candidate.shape[-1])
+    ref, cand = reference[:, :n_vocab], candidate[:, :n_vocab]
+    lp, lq = _log_softmax(ref), _log_softmax(cand)
+    kld = (np.exp(lp) * (lp - lq)).sum(axis=-1)
+    top1 = float((ref.argmax(-1) == cand.argmax(-1)).mean())
+    return LogitStats(float(kld.mean()), float(kld.max()), top1, float(np.abs(ref - cand).max()))
