@@ -113,7 +113,8 @@ class F16(QuantType):
 
     @classmethod
     def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
-        return blocks.astype(np.float16).view(np.uint8)
+        with np.errstate(over="ignore"):  # values past fp16 range become inf, as in ggml
+            return blocks.astype(np.float16).view(np.uint8)
 
     @classmethod
     def dequantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:

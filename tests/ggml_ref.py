@@ -1,0 +1,33 @@
+"""ggml's own quantizer through ctypes (libggml-base.so shipped in llama-cpp-python): the byte oracle."""
+
+from __future__ import annotations
+
+import ctypes
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+
+
+@cache
+def _lib() -> ctypes.CDLL:
+    import llama_cpp
+
+    lib = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-base.so"))
+    lib.ggml_quantize_chunk.restype = ctypes.c_size_t
+    lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                        ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    lib.ggml_row_size.restype = ctypes.c_size_t
+    lib.ggml_row_size.argtypes = [ctypes.c_int, ctypes.c_int64]
+    return lib
+
+
+def ggml_quantize(ggml_type: int, rows: np.ndarray) -> np.ndarray:
+    """float32 [nrows, n_per_row] -> ggml's bytes [nrows, row_size]."""
+    src = np.ascontiguousarray(rows, dtype=np.float32)
+    nrows, n_per_row = src.shape
+    row_size = _lib().ggml_row_size(ggml_type, n_per_row)
+    dst = np.zeros((nrows, row_size), dtype=np.uint8)
+    written = _lib().ggml_quantize_chunk(ggml_type, src.ctypes.data, dst.ctypes.data, 0, nrows, n_per_row, None)
+    assert written == dst.nbytes
+    return dst

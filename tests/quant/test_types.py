@@ -1,0 +1,63 @@
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as T
+
+from mt.errors import QuantizationError
+from mt.quant.types import BF16, F16, Q8_0, quant_type
+from tests.ggml_ref import ggml_quantize
+
+
+def adversarial_rows(n: int) -> np.ndarray:
+    rng = np.random.default_rng(7)
+    rows = [
+        rng.standard_normal(n) * 0.02,
+        np.zeros(n),
+        np.full(n, 0.37),
+        np.where(np.arange(n) % 2 == 0, 1.0, -1.0) * 0.5,
+        np.r_[rng.standard_normal(n - 1) * 1e-3, 1e4],
+        rng.standard_normal(n) * 6e-8,  # near fp16 underflow
+        rng.standard_normal(n) * 1e-30,
+        (np.arange(n) - n / 2) * (127.5 / n),  # many exact .5 ties after scaling
+        rng.standard_normal(n) * 70000.0,  # overflows fp16
+    ]
+    return np.array(rows, dtype=np.float32)
+
+
+@pytest.mark.parametrize("qt", [F16, BF16, Q8_0])
+@pytest.mark.parametrize("n", [32, 256, 4096])
+def test_bytes_equal_ggml(qt, n):
+    rows = np.concatenate([adversarial_rows(n), np.random.default_rng(n).standard_normal((64, n)).astype(np.float32)])
+    assert np.array_equal(qt.quantize(rows).reshape(rows.shape[0], -1), ggml_quantize(int(qt.ggml_type), rows))
+
+
+def test_threaded_chunks_equal_single_chunk(monkeypatch):
+    import mt.quant.types as types
+
+    rows = np.random.default_rng(3).standard_normal((300, 1024)).astype(np.float32)
+    chunked = Q8_0.quantize(rows)
+    monkeypatch.setattr(types, "CHUNK_VALUES", rows.size * 2)
+    assert np.array_equal(chunked, Q8_0.quantize(rows))
+
+
+def test_bf16_nan_is_quieted_like_ggml():
+    bits = np.array([0x7F800001, 0xFF800001, 0x7F800000, 0x3F800000, 0x7FC00000], dtype=np.uint32)
+    rows = np.tile(bits.view(np.float32), 32)[None, :]
+    assert np.array_equal(BF16.quantize(rows), ggml_quantize(int(T.BF16), rows))
+
+
+@pytest.mark.parametrize("qt", [F16, BF16, Q8_0])
+def test_dequantize_roundtrip_error(qt):
+    rows = np.random.default_rng(1).standard_normal((8, 256)).astype(np.float32)
+    back = qt.dequantize(qt.quantize(rows))
+    tolerance = {F16: 1e-3, BF16: 1e-2, Q8_0: 2e-2}[qt]
+    assert np.abs(back - rows).max() < tolerance * np.abs(rows).max()
+
+
+def test_q8_0_refuses_row_not_multiple_of_block():
+    with pytest.raises(QuantizationError, match="not a multiple"):
+        Q8_0.quantize(np.zeros((2, 40), dtype=np.float32))
+
+
+def test_unknown_type_is_an_error():
+    with pytest.raises(QuantizationError, match="cannot write"):
+        quant_type(T.IQ2_XXS)
