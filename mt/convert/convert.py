@@ -32,15 +32,26 @@ class ConvertResult:
 def prepare_writer(ckpt: Checkpoint, arch: Architecture, plan: TensorPlan, vocab_only: bool) -> tuple[GGUFWriter, VocabSummary]:
     """Metadata in llama.cpp's converter order: general.*, hyperparameters, quantization version, vocab."""
     w = GGUFWriter(path=None, arch=arch.gguf_arch)
-    w.add_type(gguf.GGUFType.MODEL)
-    w.add_name(ckpt.folder.resolve().name)
-    arch.write_hparams(w, int(plan.file_type))
-    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    vocab = arch.write_vocab(ckpt.folder, w)
     if not vocab_only:
         for e in plan.entries:
             w.add_tensor_info(e.name, e.shape, _INFO_DTYPE, e.nbytes, raw_dtype=e.qtype)
+    w.add_type(gguf.GGUFType.MODEL)
+    write_general_metadata(w, ckpt.folder)
+    arch.write_hparams(w, int(plan.file_type))
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    vocab = arch.write_vocab(ckpt.folder, w)
     return w, vocab
+
+
+def write_general_metadata(w: GGUFWriter, folder: Path) -> None:
+    """general.name, size label, license, sampling defaults … from the model card and config, via gguf-py."""
+    total, shared, expert, expert_count = w.get_total_parameter_count()
+    meta = gguf.Metadata.load(None, folder, None, total)
+    if meta.name is None:
+        meta.name = folder.resolve().name
+    if meta.size_label is None and total > 0:
+        meta.size_label = gguf.size_label(total, shared, expert, expert_count)
+    meta.set_gguf_meta_model(w)
 
 
 _INFO_DTYPE = np.dtype(np.float32)  # gguf-py ignores it when raw_dtype is given

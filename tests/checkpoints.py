@@ -1,0 +1,536 @@
+"""Tiny, seeded Hugging Face checkpoints with real tokenizers rebuilt from llama.cpp's vocab GGUFs."""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from huggingface_hub import split_torch_state_dict_into_shards
+from sentencepiece import SentencePieceProcessor
+from sentencepiece import sentencepiece_model_pb2 as sp_pb2
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, Qwen2Config, Qwen2ForCausalLM
+
+from tests import oracle
+
+HIDDEN = 64
+HEADS = 4
+KV_HEADS = 2
+INTERMEDIATE = 128
+MAX_POSITIONS = 2048
+INIT_RANGE = 0.1
+ONE_D_NOISE = 0.1
+
+LLAMA3_VOCAB = 128256
+LLAMA2_VOCAB = 32000
+QWEN2_VOCAB = 151936
+
+LLAMA3_ROPE_SCALING = {
+    "factor": 32.0,
+    "high_freq_factor": 4.0,
+    "low_freq_factor": 1.0,
+    "original_max_position_embeddings": 8192,
+    "rope_type": "llama3",
+}
+
+LLAMA3_SPLIT_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+QWEN2_SPLIT_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+QWEN25_EXTRA_TOKENS: tuple[tuple[str, bool], ...] = (
+    ("<|object_ref_start|>", True), ("<|object_ref_end|>", True),
+    ("<|box_start|>", True), ("<|box_end|>", True),
+    ("<|quad_start|>", True), ("<|quad_end|>", True),
+    ("<|vision_start|>", True), ("<|vision_end|>", True),
+    ("<|vision_pad|>", True), ("<|image_pad|>", True), ("<|video_pad|>", True),
+    ("<tool_call>", False), ("</tool_call>", False),
+    ("<|fim_prefix|>", False), ("<|fim_middle|>", False), ("<|fim_suffix|>", False),
+    ("<|fim_pad|>", False), ("<|repo_name|>", False), ("<|file_sep|>", False),
+)
+
+LLAMA2_CHAT_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
+    "{% set system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}"
+    "{% set system_message = false %}{% endif %}{% for message in loop_messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+    "{% endif %}{% if loop.index0 == 0 and system_message != false %}"
+    "{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}"
+    "{% else %}{% set content = message['content'] %}{% endif %}{% if message['role'] == 'user' %}"
+    "{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}{% elif message['role'] == 'assistant' %}"
+    "{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}"
+)
+
+_GGUF_NORMAL = 1
+
+
+@dataclass(frozen=True)
+class GGUFVocab:
+    tokens: list[str]
+    token_types: list[int]
+    scores: list[float]
+    merges: list[str]
+
+
+@dataclass(frozen=True)
+class AddedToken:
+    id: int
+    content: str
+    special: bool = True
+
+
+_SCALARS: dict[int, str] = {
+    0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d",
+}
+_STRING, _ARRAY = 8, 9
+
+
+class _KVReader:
+    """Reads the key/value header of a GGUF file (GGUFReader takes ~10 s on a 128k-token vocab)."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.pos = 0
+
+    def unpack(self, fmt: str) -> Any:
+        (value,) = struct.unpack_from(fmt, self.data, self.pos)
+        self.pos += struct.calcsize(fmt)
+        return value
+
+    def string(self) -> str:
+        n = self.unpack("<Q")
+        self.pos += n
+        return self.data[self.pos - n:self.pos].decode("utf-8")
+
+    def value(self, vtype: int) -> Any:
+        if vtype == _STRING:
+            return self.string()
+        if vtype == _ARRAY:
+            itype, count = self.unpack("<I"), self.unpack("<Q")
+            if itype in _SCALARS and itype != 7:
+                arr = np.frombuffer(self.data, dtype=np.dtype(_SCALARS[itype]), count=count, offset=self.pos)
+                self.pos += arr.nbytes
+                return arr.tolist()
+            return [self.value(itype) for _ in range(count)]
+        return self.unpack(_SCALARS[vtype])
+
+    def fields(self) -> dict[str, Any]:
+        if self.data[:4] != b"GGUF":
+            raise ValueError("not a GGUF file")
+        self.pos = 4
+        if self.unpack("<I") < 2:
+            raise ValueError("GGUF v1 is not supported")
+        self.unpack("<Q")
+        out: dict[str, Any] = {}
+        for _ in range(self.unpack("<Q")):
+            key = self.string()
+            out[key] = self.value(self.unpack("<I"))
+        return out
+
+
+def read_gguf_fields(path: Path) -> dict[str, Any]:
+    return _KVReader(Path(path).read_bytes()).fields()
+
+
+def read_gguf_vocab(name: str) -> GGUFVocab:
+    fields = read_gguf_fields(oracle.vocab_gguf(name))
+    return GGUFVocab(
+        tokens=fields.get("tokenizer.ggml.tokens", []),
+        token_types=fields.get("tokenizer.ggml.token_type", []),
+        scores=fields.get("tokenizer.ggml.scores", []),
+        merges=fields.get("tokenizer.ggml.merges", []),
+    )
+
+
+# ---------------------------------------------------------------- tokenizers
+
+
+def _byte_level(add_prefix_space: bool, trim_offsets: bool, use_regex: bool) -> dict[str, Any]:
+    return {
+        "type": "ByteLevel",
+        "add_prefix_space": add_prefix_space,
+        "trim_offsets": trim_offsets,
+        "use_regex": use_regex,
+    }
+
+
+def _split_then_byte_level(regex: str, trim_offsets: bool) -> dict[str, Any]:
+    split = {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": False}
+    return {"type": "Sequence", "pretokenizers": [split, _byte_level(False, trim_offsets, False)]}
+
+
+def _bos_template(bos: str, bos_id: int) -> dict[str, Any]:
+    special = {"SpecialToken": {"id": bos, "type_id": 0}}
+    return {
+        "type": "TemplateProcessing",
+        "single": [special, {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [
+            special, {"Sequence": {"id": "A", "type_id": 0}},
+            {"SpecialToken": {"id": bos, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}},
+        ],
+        "special_tokens": {bos: {"id": bos, "ids": [bos_id], "tokens": [bos]}},
+    }
+
+
+def _added_token_json(tok: AddedToken) -> dict[str, Any]:
+    return {
+        "id": tok.id, "content": tok.content, "single_word": False, "lstrip": False,
+        "rstrip": False, "normalized": False, "special": tok.special,
+    }
+
+
+def _bpe_model(vocab: GGUFVocab, n_base: int, ignore_merges: bool) -> dict[str, Any]:
+    return {
+        "type": "BPE",
+        "dropout": None,
+        "unk_token": None,
+        "continuing_subword_prefix": None,
+        "end_of_word_suffix": None,
+        "fuse_unk": False,
+        "byte_fallback": False,
+        "ignore_merges": ignore_merges,
+        "vocab": {tok: i for i, tok in enumerate(vocab.tokens[:n_base])},
+        "merges": [m.split(" ") for m in vocab.merges],
+    }
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+
+
+def _added_tokens_decoder(added: list[AddedToken]) -> dict[str, Any]:
+    return {
+        str(t.id): {k: v for k, v in _added_token_json(t).items() if k != "id"} for t in added
+    }
+
+
+def _llama3_tokenizer(dir: Path) -> None:
+    vocab = read_gguf_vocab("llama-bpe")
+    n_base = vocab.token_types.index(3)
+    added = [AddedToken(i, vocab.tokens[i]) for i in range(n_base, len(vocab.tokens))]
+    bos_id = vocab.tokens.index("<|begin_of_text|>")
+    post = {
+        "type": "Sequence",
+        "processors": [_byte_level(True, False, True), _bos_template("<|begin_of_text|>", bos_id)],
+    }
+    _write_json(dir / "tokenizer.json", {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": [_added_token_json(t) for t in added],
+        "normalizer": None,
+        "pre_tokenizer": _split_then_byte_level(LLAMA3_SPLIT_REGEX, True),
+        "post_processor": post,
+        "decoder": _byte_level(True, True, True),
+        "model": _bpe_model(vocab, n_base, ignore_merges=True),
+    })
+    _write_json(dir / "tokenizer_config.json", {
+        "added_tokens_decoder": _added_tokens_decoder(added),
+        "bos_token": "<|begin_of_text|>",
+        "chat_template": oracle.template("meta-llama-Llama-3.2-3B-Instruct"),
+        "clean_up_tokenization_spaces": True,
+        "eos_token": "<|eot_id|>",
+        "model_input_names": ["input_ids", "attention_mask"],
+        "model_max_length": 131072,
+        "tokenizer_class": "PreTrainedTokenizerFast",
+    })
+
+
+def _qwen2_tokenizer(dir: Path) -> None:
+    vocab = read_gguf_vocab("qwen2")
+    n_base = vocab.token_types.index(3)
+    n_real = vocab.token_types.index(4)
+    added = [AddedToken(i, vocab.tokens[i]) for i in range(n_base, n_real)]
+    added += [AddedToken(n_real + k, text, special) for k, (text, special) in enumerate(QWEN25_EXTRA_TOKENS)]
+    bpe = _bpe_model(vocab, n_base, ignore_merges=False)
+    bpe.update(continuing_subword_prefix="", end_of_word_suffix="")
+    _write_json(dir / "tokenizer.json", {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": [_added_token_json(t) for t in added],
+        "normalizer": {"type": "NFC"},
+        "pre_tokenizer": _split_then_byte_level(QWEN2_SPLIT_REGEX, False),
+        "post_processor": _byte_level(False, False, False),
+        "decoder": _byte_level(False, False, False),
+        "model": bpe,
+    })
+    _write_json(dir / "tokenizer_config.json", {
+        "add_bos_token": False,
+        "add_prefix_space": False,
+        "added_tokens_decoder": _added_tokens_decoder(added),
+        "additional_special_tokens": [t.content for t in added if t.special and t.id > n_base],
+        "bos_token": None,
+        "chat_template": oracle.template("Qwen-Qwen2.5-7B-Instruct"),
+        "clean_up_tokenization_spaces": False,
+        "eos_token": "<|im_end|>",
+        "errors": "replace",
+        "model_max_length": 131072,
+        "pad_token": "<|endoftext|>",
+        "split_special_tokens": False,
+        "tokenizer_class": "Qwen2Tokenizer",
+        "unk_token": None,
+    })
+
+
+def _sp_model_proto(vocab: GGUFVocab) -> sp_pb2.ModelProto:
+    proto = sp_pb2.ModelProto()
+    for text, score, kind in zip(vocab.tokens, vocab.scores, vocab.token_types):
+        proto.pieces.add(piece=text, score=score, type=kind)
+    ts = proto.trainer_spec
+    ts.model_type = sp_pb2.TrainerSpec.BPE
+    ts.vocab_size = len(vocab.tokens)
+    ts.byte_fallback = True
+    ts.split_digits = True
+    ts.allow_whitespace_only_pieces = True
+    ts.max_sentencepiece_length = 16
+    ts.vocabulary_output_piece_score = True
+    ts.unk_id, ts.bos_id, ts.eos_id, ts.pad_id = 0, 1, 2, -1
+    ts.unk_piece, ts.bos_piece, ts.eos_piece = "<unk>", "<s>", "</s>"
+    ns = proto.normalizer_spec
+    ns.name = "identity"
+    ns.add_dummy_prefix = True
+    ns.remove_extra_whitespaces = False
+    ns.escape_whitespaces = True
+    return proto
+
+
+def check_sentencepiece(model_file: Path, n: int = 12) -> None:
+    """Raise if the model does not reproduce llama.cpp's llama-spm test vectors."""
+    sp = SentencePieceProcessor(model_file=str(model_file))
+    vectors = [(t, ids) for t, ids in oracle.vocab_vectors("llama-spm") if t.strip()][:n]
+    for text, expected in vectors:
+        got = sp.encode(text)
+        if got != expected:
+            raise AssertionError(f"spm mismatch for {text!r}: {got} != {expected}")
+
+
+def _spm_merges(vocab: GGUFVocab) -> list[list[str]]:
+    """BPE merges implied by a SentencePiece BPE vocab, ordered by the merged piece's rank."""
+    ids = {tok: i for i, tok in enumerate(vocab.tokens)}
+    merges: list[tuple[int, int, int, str, str]] = []
+    for i, (piece, kind) in enumerate(zip(vocab.tokens, vocab.token_types)):
+        if kind != _GGUF_NORMAL:
+            continue
+        for cut in range(1, len(piece)):
+            left, right = piece[:cut], piece[cut:]
+            if left in ids and right in ids:
+                merges.append((i, ids[left], ids[right], left, right))
+    return [[left, right] for *_, left, right in sorted(merges)]
+
+
+def _llama2_tokenizer_json(vocab: GGUFVocab, specials: list[AddedToken]) -> dict[str, Any]:
+    replace_space = {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}
+    decoders = [
+        {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "},
+        {"type": "ByteFallback"},
+        {"type": "Fuse"},
+        {"type": "Strip", "content": " ", "start": 1, "stop": 0},
+    ]
+    return {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": [_added_token_json(t) for t in specials],
+        "normalizer": {
+            "type": "Sequence",
+            "normalizers": [{"type": "Prepend", "prepend": "\u2581"}, replace_space],
+        },
+        "pre_tokenizer": None,
+        "post_processor": _bos_template("<s>", 1),
+        "decoder": {"type": "Sequence", "decoders": decoders},
+        "model": {
+            "type": "BPE",
+            "dropout": None,
+            "unk_token": "<unk>",
+            "continuing_subword_prefix": None,
+            "end_of_word_suffix": None,
+            "fuse_unk": True,
+            "byte_fallback": True,
+            "ignore_merges": False,
+            "vocab": {tok: i for i, tok in enumerate(vocab.tokens)},
+            "merges": _spm_merges(vocab),
+        },
+    }
+
+
+def _llama2_tokenizer(dir: Path) -> None:
+    vocab = read_gguf_vocab("llama-spm")
+    model_file = dir / "tokenizer.model"
+    model_file.write_bytes(_sp_model_proto(vocab).SerializeToString())
+    check_sentencepiece(model_file)
+    specials = [AddedToken(i, vocab.tokens[i]) for i in range(3)]
+    _write_json(dir / "tokenizer.json", _llama2_tokenizer_json(vocab, specials))
+    _write_json(dir / "tokenizer_config.json", {
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "added_tokens_decoder": _added_tokens_decoder(specials),
+        "bos_token": "<s>",
+        "chat_template": LLAMA2_CHAT_TEMPLATE,
+        "clean_up_tokenization_spaces": False,
+        "eos_token": "</s>",
+        "legacy": True,
+        "model_max_length": 4096,
+        "pad_token": None,
+        "sp_model_kwargs": {},
+        "tokenizer_class": "LlamaTokenizer",
+        "unk_token": "<unk>",
+    })
+    _write_json(dir / "special_tokens_map.json", {
+        "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+    })
+
+
+# ---------------------------------------------------------------- weights
+
+
+def _init_model(model: PreTrainedModel, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, param in sorted(model.named_parameters()):
+            if param.ndim == 1:
+                param.add_(ONE_D_NOISE * torch.randn(param.shape, generator=gen))
+            else:
+                param.copy_(INIT_RANGE * torch.randn(param.shape, generator=gen))
+
+
+def _shard_size(model: PreTrainedModel, shards: int) -> int:
+    """Smallest max_shard_size for which save_pretrained's splitter yields exactly `shards` files."""
+    state = model.state_dict()
+    sizes = [t.numel() * t.element_size() for t in state.values()]
+    if shards <= 1:
+        return sum(sizes) + 1
+    spans = sorted({sum(sizes[i:j]) for i in range(len(sizes)) for j in range(i + 1, len(sizes) + 1)})
+    for size in spans:
+        split = split_torch_state_dict_into_shards(state, max_shard_size=size)
+        if len(split.filename_to_tensors) == shards:
+            return size
+    raise ValueError(f"cannot split this model into {shards} shards")
+
+
+def _save_model(model: PreTrainedModel, dir: Path, dtype: torch.dtype, shards: int) -> None:
+    model = model.to(dtype)
+    model.save_pretrained(dir, max_shard_size=_shard_size(model, shards))
+    written = sorted(dir.glob("model*.safetensors"))
+    if len(written) != shards:
+        raise RuntimeError(f"asked for {shards} shards, save_pretrained wrote {len(written)}")
+
+
+def _hub_style_config(dir: Path) -> None:
+    """Rewrite transformers-5 config.json keys the way released checkpoints spell them."""
+    path = dir / "config.json"
+    cfg = json.loads(path.read_text())
+    rope = dict(cfg.pop("rope_parameters", None) or {})
+    if "rope_theta" in rope:
+        cfg["rope_theta"] = rope.pop("rope_theta")
+    cfg["rope_scaling"] = rope if rope.get("rope_type", "default") != "default" else None
+    if "dtype" in cfg:
+        cfg["torch_dtype"] = cfg.pop("dtype")
+    _write_json(path, dict(sorted(cfg.items())))
+
+
+def _common_dims(n_layers: int) -> dict[str, Any]:
+    return {
+        "hidden_size": HIDDEN,
+        "num_attention_heads": HEADS,
+        "num_key_value_heads": KV_HEADS,
+        "intermediate_size": INTERMEDIATE,
+        "num_hidden_layers": n_layers,
+        "max_position_embeddings": MAX_POSITIONS,
+        "initializer_range": INIT_RANGE,
+    }
+
+
+def _finish(model: PreTrainedModel, dir: Path, *, dtype: torch.dtype, shards: int, seed: int) -> Path:
+    _init_model(model, seed)
+    _save_model(model, dir, dtype, shards)
+    _hub_style_config(dir)
+    return dir
+
+
+# ---------------------------------------------------------------- builders
+
+
+def build_llama3(
+    dir: Path,
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    tie: bool = True,
+    rope_llama3: bool = True,
+    n_layers: int = 2,
+    shards: int = 1,
+    seed: int = 0,
+) -> Path:
+    """Llama-3.2-style checkpoint: real Llama-3 BPE tokenizer, GQA, llama3 rope scaling."""
+    dir = Path(dir)
+    dir.mkdir(parents=True, exist_ok=True)
+    config = LlamaConfig(
+        **_common_dims(n_layers),
+        vocab_size=LLAMA3_VOCAB,
+        rms_norm_eps=1e-5,
+        rope_theta=500000.0,
+        rope_scaling=dict(LLAMA3_ROPE_SCALING) if rope_llama3 else None,
+        tie_word_embeddings=tie,
+        bos_token_id=128000,
+        eos_token_id=[128001, 128008, 128009],
+    )
+    _llama3_tokenizer(dir)
+    return _finish(LlamaForCausalLM(config), dir, dtype=dtype, shards=shards, seed=seed)
+
+
+def build_llama2_spm(
+    dir: Path,
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    n_layers: int = 2,
+    shards: int = 1,
+    seed: int = 0,
+) -> Path:
+    """Llama-2-style checkpoint: SentencePiece tokenizer.model, untied lm_head, no rope scaling."""
+    dir = Path(dir)
+    dir.mkdir(parents=True, exist_ok=True)
+    config = LlamaConfig(
+        **_common_dims(n_layers),
+        vocab_size=LLAMA2_VOCAB,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    _llama2_tokenizer(dir)
+    return _finish(LlamaForCausalLM(config), dir, dtype=dtype, shards=shards, seed=seed)
+
+
+def build_qwen2(
+    dir: Path,
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    n_layers: int = 2,
+    shards: int = 1,
+    seed: int = 0,
+) -> Path:
+    """Qwen2.5-Instruct-style checkpoint: qkv biases, tied embeddings, padded vocab 151936."""
+    dir = Path(dir)
+    dir.mkdir(parents=True, exist_ok=True)
+    config = Qwen2Config(
+        **_common_dims(n_layers),
+        vocab_size=QWEN2_VOCAB,
+        rms_norm_eps=1e-6,
+        rope_theta=1000000.0,
+        tie_word_embeddings=True,
+        use_sliding_window=False,
+        bos_token_id=151643,
+        eos_token_id=151645,
+    )
+    _qwen2_tokenizer(dir)
+    return _finish(Qwen2ForCausalLM(config), dir, dtype=dtype, shards=shards, seed=seed)

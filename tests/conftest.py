@@ -1,0 +1,32 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests import checkpoints
+
+
+@pytest.fixture(scope="session")
+def llama3_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return checkpoints.build_llama3(tmp_path_factory.mktemp("llama3"))
+
+
+@pytest.fixture(scope="session")
+def llama2_spm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return checkpoints.build_llama2_spm(tmp_path_factory.mktemp("llama2_spm"))
+
+
+@pytest.fixture(scope="session")
+def qwen2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return checkpoints.build_qwen2(tmp_path_factory.mktemp("qwen2"))
+
+
+@pytest.fixture(scope="session")
+def llama3_sharded_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return checkpoints.build_llama3(tmp_path_factory.mktemp("llama3_sharded"), shards=2, tie=False)
+
+
+@pytest.fixture(scope="session")
+def llama3_sharded_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return checkpoints.build_llama3(tmp_path_factory.mktemp("llama3_sharded"), shards=2)

@@ -1,0 +1,37 @@
+"""mt convert against llama.cpp's own convert_hf_to_gguf.py: same tensors, same bytes, same metadata."""
+
+from pathlib import Path
+
+import pytest
+
+from mt.convert.convert import convert
+from tests.gguf_compare import read_gguf
+from tests.oracle import run_converter
+
+CASES = [
+    ("llama3_dir", "bf16"),
+    ("llama3_dir", "f32"),
+    ("llama3_dir", "q8_0"),
+    ("llama3_dir", "auto"),
+    ("llama3_sharded_dir", "bf16"),
+    ("llama2_spm_dir", "f16"),
+    ("llama2_spm_dir", "q8_0"),
+    ("qwen2_dir", "bf16"),
+    ("qwen2_dir", "q8_0"),
+]
+
+
+@pytest.mark.parametrize("fixture, outtype", CASES)
+def test_same_file_as_llama_cpp_converter(request, tmp_path, fixture, outtype):
+    src: Path = request.getfixturevalue(fixture)
+    ref_out, mt_out = tmp_path / "ref.gguf", tmp_path / "mt.gguf"
+    run_converter(src, ref_out, outtype)
+    convert(src, mt_out, outtype)
+    if mt_out.read_bytes() == ref_out.read_bytes():
+        return
+    ref, ours = read_gguf(ref_out), read_gguf(mt_out)
+    assert [t[:3] for t in ours.tensors] == [t[:3] for t in ref.tensors]
+    for (name, *_, ref_bytes), (_, *_, our_bytes) in zip(ref.tensors, ours.tensors):
+        assert our_bytes == ref_bytes, f"{name}: tensor data differs"
+    assert ours.kv == ref.kv
+    pytest.fail("files differ outside tensor data and metadata (alignment or padding)")
