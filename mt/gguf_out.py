@@ -8,14 +8,38 @@ from __future__ import annotations
 
 import errno
 import os
+import struct
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
-from gguf import GGUFWriter
+from gguf import GGUFEndian, GGUFValueType, GGUFWriter
 
 from mt.errors import MtError, OutputExists
+
+
+class FastArrayGGUFWriter(GGUFWriter):
+    """gguf-py's writer, with long metadata arrays packed in one step instead of one call per item.
+
+    Same bytes; the per-item loop costs ~2 s for a 128k-token vocabulary.
+    """
+
+    def _pack_val(self, val: Any, vtype: GGUFValueType, add_vtype: bool, sub_type: GGUFValueType | None = None) -> bytes:
+        if vtype != GGUFValueType.ARRAY or self.endianess != GGUFEndian.LITTLE or not isinstance(val, list) or len(val) < 256:
+            return super()._pack_val(val, vtype, add_vtype, sub_type)
+        ltype = sub_type if sub_type is not None else GGUFValueType.get_type(val[0])
+        if sub_type is None and any(GGUFValueType.get_type(item) is not ltype for item in val):
+            raise ValueError("All items in a GGUF array should be of the same type")
+        head = (struct.pack("<I", vtype) if add_vtype else b"") + struct.pack("<IQ", ltype, len(val))
+        if ltype == GGUFValueType.STRING:
+            encoded = [item.encode("utf-8") if isinstance(item, str) else bytes(item) for item in val]
+            lengths = np.array([len(e) for e in encoded], dtype="<u8")
+            parts = [b for length, e in zip(lengths.view(np.uint8).reshape(-1, 8), encoded) for b in (length.tobytes(), e)]
+            return head + b"".join(parts)
+        if (fmt := self._simple_value_packing.get(ltype)) is not None:
+            return head + np.asarray(val, dtype=np.dtype("<" + fmt)).tobytes()
+        return super()._pack_val(val, vtype, add_vtype, sub_type)
 
 
 def check_output(path: Path, force: bool) -> None:
@@ -41,6 +65,18 @@ def atomic_path(path: Path) -> Iterator[Path]:
             tmp.unlink()
 
 
+def release_freed_memory() -> None:
+    """Hand freed heap back to the OS so the vocabulary's peak does not stay resident while tensors stream."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 class TensorStream:
     """Writes tensor payloads, in the order their infos were added, after the header is out."""
 
@@ -48,6 +84,8 @@ class TensorStream:
         assert writer.fout is not None and len(writer.fout) == 1
         self.writer = writer
         self.fout = writer.fout[0]
+        writer.kv_data = [{}]  # already on disk; a 128k vocabulary is ~100 MB of Python objects
+        release_freed_memory()
 
     def write_tensor(self, chunks: Iterable[np.ndarray], nbytes: int) -> int:
         self.writer.write_padding(self.fout, self.fout.tell())
@@ -62,6 +100,6 @@ class TensorStream:
         return written
 
     def finish(self) -> None:
+        # no fsync: like llama.cpp's tools; the rename still makes a half-written file impossible to see
         self.fout.flush()
-        os.fsync(self.fout.fileno())
         self.writer.close()

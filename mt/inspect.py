@@ -7,44 +7,34 @@ from typing import Any
 
 import numpy as np
 
-from mt.errors import GGUFError, MtError
+from mt.errors import MtError
 
 
-def _kv_value(field: Any) -> Any:
-    from gguf import GGUFValueType
-
-    if not field.types:
-        return None
-    if field.types[0] == GGUFValueType.ARRAY:
-        n = len(field.data)
-        return f"[{n} × {field.types[-1].name}]"
-    value = field.parts[field.data[0]]
-    if field.types[0] == GGUFValueType.STRING:
-        text = bytes(value).decode("utf-8", errors="replace")
-        return text if len(text) <= 80 else text[:77] + "..."
-    return value.tolist()[0] if isinstance(value, np.ndarray) and value.size == 1 else value.tolist()
+def _show(value: Any) -> Any:
+    if isinstance(value, list):
+        return f"[{len(value)} items]" if len(value) > 8 else value
+    if isinstance(value, str) and len(value) > 80:
+        return value[:77] + "..."
+    return value
 
 
 def inspect_gguf(path: Path) -> dict[str, Any]:
-    from gguf import GGUFReader
+    from mt.gguf_in import read_header
 
-    try:
-        reader = GGUFReader(path)
-    except Exception as e:  # gguf-py raises ValueError/struct errors for a bad file
-        raise GGUFError(f"{path} is not a readable GGUF file ({e})", "check the path or re-create the file") from None
-    metadata = {name: _kv_value(f) for name, f in reader.fields.items() if not name.startswith("GGUF.")}
+    header = read_header(path)
+    metadata = {key: _show(value) for key, (_, value) in header.kv.items()}
     tensors = [
-        {"name": t.name, "type": t.tensor_type.name, "shape": [int(d) for d in t.shape], "bytes": int(t.n_bytes),
-         "bpw": round(8 * int(t.n_bytes) / max(1, int(t.n_elements)), 3)}
-        for t in reader.tensors
+        {"name": t.name, "type": t.type.name, "shape": list(t.shape), "bytes": t.nbytes,
+         "bpw": round(8 * t.nbytes / max(1, t.n_elements), 3)}
+        for t in header.tensors
     ]
-    total_bytes = sum(t["bytes"] for t in tensors)
-    total_elems = sum(int(t.n_elements) for t in reader.tensors)
-    lines = [f"{path}: GGUF, {len(metadata)} keys, {len(tensors)} tensors, "
-             f"{total_bytes} bytes of tensor data, {8 * total_bytes / max(1, total_elems):.2f} bits per weight"]
+    total_bytes = sum(t.nbytes for t in header.tensors)
+    total_elems = sum(t.n_elements for t in header.tensors)
+    lines = [f"{path}: GGUF v{header.version}, {len(metadata)} keys, {len(tensors)} tensors, {total_elems:,} weights, "
+             f"{total_bytes:,} bytes of tensor data, {8 * total_bytes / max(1, total_elems):.2f} bits per weight"]
     lines += [f"  {k} = {v}" for k, v in metadata.items()]
     width = max((len(t["name"]) for t in tensors), default=10)
-    lines += [f"  {t['name']:<{width}} {t['type']:<6} {str(t['shape']):<20} {t['bytes']:>12}  {t['bpw']:.2f} bpw" for t in tensors]
+    lines += [f"  {t['name']:<{width}} {t['type']:<6} {str(t['shape']):<20} {t['bytes']:>12,}  {t['bpw']:.2f} bpw" for t in tensors]
     return {"kind": "gguf", "path": str(path), "metadata": metadata, "tensors": tensors, "text": "\n".join(lines)}
 
 

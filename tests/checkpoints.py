@@ -213,7 +213,7 @@ def _added_tokens_decoder(added: list[AddedToken]) -> dict[str, Any]:
     }
 
 
-def _llama3_tokenizer(dir: Path) -> None:
+def write_llama3_tokenizer(dir: Path) -> None:
     vocab = read_gguf_vocab("llama-bpe")
     n_base = vocab.token_types.index(3)
     added = [AddedToken(i, vocab.tokens[i]) for i in range(n_base, len(vocab.tokens))]
@@ -245,7 +245,7 @@ def _llama3_tokenizer(dir: Path) -> None:
     })
 
 
-def _qwen2_tokenizer(dir: Path) -> None:
+def write_qwen2_tokenizer(dir: Path) -> None:
     vocab = read_gguf_vocab("qwen2")
     n_base = vocab.token_types.index(3)
     n_real = vocab.token_types.index(4)
@@ -363,7 +363,7 @@ def _llama2_tokenizer_json(vocab: GGUFVocab, specials: list[AddedToken]) -> dict
     }
 
 
-def _llama2_tokenizer(dir: Path) -> None:
+def write_llama2_tokenizer(dir: Path) -> None:
     vocab = read_gguf_vocab("llama-spm")
     model_file = dir / "tokenizer.model"
     model_file.write_bytes(_sp_model_proto(vocab).SerializeToString())
@@ -483,7 +483,7 @@ def build_llama3(
         bos_token_id=128000,
         eos_token_id=[128001, 128008, 128009],
     )
-    _llama3_tokenizer(dir)
+    write_llama3_tokenizer(dir)
     return _finish(LlamaForCausalLM(config), dir, dtype=dtype, shards=shards, seed=seed)
 
 
@@ -507,7 +507,7 @@ def build_llama2_spm(
         bos_token_id=1,
         eos_token_id=2,
     )
-    _llama2_tokenizer(dir)
+    write_llama2_tokenizer(dir)
     return _finish(LlamaForCausalLM(config), dir, dtype=dtype, shards=shards, seed=seed)
 
 
@@ -532,5 +532,5 @@ def build_qwen2(
         bos_token_id=151643,
         eos_token_id=151645,
     )
-    _qwen2_tokenizer(dir)
+    write_qwen2_tokenizer(dir)
     return _finish(Qwen2ForCausalLM(config), dir, dtype=dtype, shards=shards, seed=seed)

@@ -13,9 +13,10 @@ from gguf import GGUFWriter
 from mt.convert.arch import load_architecture
 from mt.convert.arch.base import Architecture
 from mt.convert.checkpoint import Checkpoint, open_checkpoint
-from mt.convert.plan import TensorPlan, build_plan, produce
+from mt.convert.plan import TensorPlan, build_plan, produce_all
+from mt.convert.special import read_tokenizer_json
 from mt.convert.vocab import VocabSummary
-from mt.gguf_out import TensorStream, atomic_path, check_output
+from mt.gguf_out import FastArrayGGUFWriter, TensorStream, atomic_path, check_output
 
 Progress = Callable[[int, int], None]  # (bytes just written, total bytes)
 
@@ -31,7 +32,7 @@ class ConvertResult:
 
 def prepare_writer(ckpt: Checkpoint, arch: Architecture, plan: TensorPlan, vocab_only: bool) -> tuple[GGUFWriter, VocabSummary]:
     """Metadata in llama.cpp's converter order: general.*, hyperparameters, quantization version, vocab."""
-    w = GGUFWriter(path=None, arch=arch.gguf_arch)
+    w = FastArrayGGUFWriter(path=None, arch=arch.gguf_arch)
     if not vocab_only:
         for e in plan.entries:
             w.add_tensor_info(e.name, e.shape, _INFO_DTYPE, e.nbytes, raw_dtype=e.qtype)
@@ -40,6 +41,7 @@ def prepare_writer(ckpt: Checkpoint, arch: Architecture, plan: TensorPlan, vocab
     arch.write_hparams(w, int(plan.file_type))
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     vocab = arch.write_vocab(ckpt.folder, w)
+    read_tokenizer_json.cache_clear()
     return w, vocab
 
 
@@ -86,8 +88,8 @@ def convert(
             else:
                 w.write_ti_data_to_file()
                 stream = TensorStream(w)
-                for entry in plan.entries:
-                    written += stream.write_tensor(produce(entry, ckpt.config), entry.nbytes)
+                for entry, chunks in produce_all(plan, ckpt.config):
+                    written += stream.write_tensor(chunks, entry.nbytes)
                     if progress is not None:
                         progress(entry.nbytes, plan.nbytes)
                 stream.finish()

@@ -14,7 +14,7 @@ from mt.convert.checkpoint import Checkpoint, LazyTensor
 from mt.errors import MtError
 from mt.quant.types import bf16_bits_to_f32, quant_type
 
-SLAB_BYTES = 64 << 20
+SLAB_BYTES = 32 << 20
 
 OUTTYPES: dict[str, tuple[LlamaFileType, T]] = {
     "f32": (LlamaFileType.ALL_F32, T.F32),
@@ -103,6 +103,62 @@ def encode(raw: np.ndarray, dtype: str, qtype: T) -> np.ndarray:
     if same_storage and not (dtype == "BF16" and _bf16_has_nan(raw)):
         return raw
     return quant_type(qtype).quantize(to_f32(raw, dtype))
+
+
+def produce_all(plan: TensorPlan, config: dict, depth: int = 2) -> Iterator[tuple[PlanEntry, Iterator[np.ndarray]]]:
+    """Each entry with its chunks, computed one step ahead on a worker thread so reading and
+    quantizing overlap with writing (numpy and file I/O release the GIL)."""
+    chunks = _prefetch(((i, chunk) for i, e in enumerate(plan.entries) for chunk in produce(e, config)), depth)
+    pending: list[tuple[int, np.ndarray]] = []
+
+    def entry_chunks(index: int) -> Iterator[np.ndarray]:
+        while True:
+            item = pending.pop() if pending else next(chunks, None)
+            if item is None:
+                return
+            if item[0] != index:
+                pending.append(item)
+                return
+            yield item[1]
+
+    for index, entry in enumerate(plan.entries):
+        yield entry, entry_chunks(index)
+
+
+_DONE = object()
+
+
+def _prefetch(items: Iterator, depth: int) -> Iterator:
+    import queue
+    import threading
+
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def work() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(_DONE)
+        except BaseException as e:  # handed to the consumer, which re-raises it
+            q.put(e)
+
+    thread = threading.Thread(target=work, daemon=True, name="mt-prefetch")
+    thread.start()
+    try:
+        while (item := q.get()) is not _DONE:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
 
 
 def produce(entry: PlanEntry, config: dict) -> Iterator[np.ndarray]:

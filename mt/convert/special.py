@@ -10,10 +10,13 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from gguf import GGUFWriter
+
+from mt.errors import TokenizerError
 
 log = logging.getLogger(__name__)
 DEFAULT_TYPES = ("bos", "eos", "unk", "sep", "pad", "cls", "mask")
@@ -49,11 +52,27 @@ def _read_json(path: Path) -> Any:
         return json.load(f)
 
 
+@lru_cache(maxsize=4)
+def _read_json_cached(path: Path, mtime_ns: int) -> Any:
+    try:
+        return _read_json(path)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TokenizerError(f"{path} is not valid JSON ({e})", "replace it with the model's own") from None
+
+
+def read_tokenizer_json(path: Path) -> dict[str, Any]:
+    """tokenizer.json parsed once per conversion (it is read by several steps and can be 10+ MB)."""
+    return _read_json_cached(path, path.stat().st_mtime_ns)
+
+
+read_tokenizer_json.cache_clear = _read_json_cached.cache_clear  # type: ignore[attr-defined]
+
+
 def encode_merges(merges: list[Any]) -> list[str]:
     if not merges or isinstance(merges[0], str):
         return list(merges)
     # pair form (transformers >= 4.45): spaces inside a part are written as U+0120 like byte-level BPE
-    return [" ".join("".join(chr(ord(c) + 256) if c == " " else c for c in part) for part in pair) for pair in merges]
+    return [f"{a.replace(' ', chr(0x120))} {b.replace(' ', chr(0x120))}" for a, b in merges]
 
 
 class _Loader:
@@ -89,7 +108,7 @@ class _Loader:
 
     def load(self) -> SpecialVocab:
         tokenizer_json = self.folder / "tokenizer.json"
-        tokenizer = _read_json(tokenizer_json) if tokenizer_json.is_file() else None
+        tokenizer = read_tokenizer_json(tokenizer_json) if tokenizer_json.is_file() else None
         config_path = self.folder / "tokenizer_config.json"
         tconfig = _read_json(config_path) if config_path.is_file() else None
         added_tokens: list[dict[str, Any]] = []

@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 from gguf import GGUFWriter, TokenType
 
-from mt.convert.special import load_special_vocab
+from mt.convert.special import load_special_vocab, read_tokenizer_json
 from mt.errors import TokenizerError
 
 # The probe string llama.cpp's convert_hf_to_gguf.py tokenizes; sha256(str(ids)) names the pre-tokenizer.
@@ -124,7 +124,7 @@ def detect_pre_tokenizer(folder: Path, tokenizer: Any, tokenizer_json: dict[str,
 
 def write_gpt2(folder: Path, config: dict[str, Any], w: GGUFWriter) -> VocabSummary:
     """Byte-level BPE from tokenizer.json (Llama-3, Qwen2, GPT-2 …)."""
-    tj = _read_json(folder / "tokenizer.json")
+    tj = read_tokenizer_json(folder / "tokenizer.json")
     tokenizer = _load_fast_tokenizer(folder)
     vocab = tokenizer.get_vocab(with_added_tokens=True)
     vocab_size = config.get("vocab_size", len(vocab))
@@ -223,7 +223,7 @@ def _spm_type(sp: Any, i: int) -> int:
 
 
 def _is_byte_fallback_bpe(folder: Path) -> bool:
-    model = _read_json(folder / "tokenizer.json").get("model", {})
+    model = read_tokenizer_json(folder / "tokenizer.json").get("model", {})
     return model.get("type") == "BPE" and bool(model.get("byte_fallback", False))
 
 

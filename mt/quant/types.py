@@ -17,7 +17,7 @@ from gguf import GGMLQuantizationType
 from mt.errors import QuantizationError
 
 REGISTRY: dict[GGMLQuantizationType, type["QuantType"]] = {}
-CHUNK_VALUES = 1 << 16
+CHUNK_VALUES = 1 << 18
 _POOL: ThreadPoolExecutor | None = None
 
 
@@ -146,11 +146,16 @@ class BF16(QuantType):
         return bf16_bits_to_f32(blocks.view(np.uint16))
 
 
-def roundf(x: np.ndarray) -> np.ndarray:
-    """C roundf (half away from zero), exact in float32."""
-    a = np.abs(x)
-    floored = np.floor(a)
-    return np.sign(x) * (floored + np.floor(2 * (a - floored)))
+HALF_BELOW = np.float32(0.5 - 2.0**-25)  # the largest float32 below 0.5
+
+
+def roundf_to_int8(x: np.ndarray) -> np.ndarray:
+    """C roundf (half away from zero) then int8, for |x| < 128.
+
+    x + copysign(0.5 - 2^-25, x) truncated equals roundf(x) exactly in float32: adding plain 0.5
+    would carry 0.49999997 up to 1.0.
+    """
+    return (x + np.copysign(HALF_BELOW, x)).astype(np.int8)
 
 
 class Q8_0(QuantType):
@@ -161,10 +166,12 @@ class Q8_0(QuantType):
     @classmethod
     def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
         # quantize_row_q8_0_ref: d = amax / 127, q = roundf(x * (1 / d))
-        d = np.abs(blocks).max(axis=1, keepdims=True) / np.float32(127)
+        # two reductions instead of abs() over the whole block; abs() turns max(0, -0) = -0 back into +0
+        amax = np.abs(np.maximum(blocks.max(axis=1, keepdims=True), -blocks.min(axis=1, keepdims=True)))
+        d = amax / np.float32(127)
         with np.errstate(divide="ignore"):
             inv = np.where(d == 0, np.float32(0), np.float32(1) / d).astype(np.float32)
-        qs = roundf(blocks * inv).astype(np.int8)
+        qs = roundf_to_int8(blocks * inv)
         return np.concatenate([d.astype(np.float16).view(np.uint8), qs.view(np.uint8)], axis=1)
 
     @classmethod

@@ -61,3 +61,14 @@ def test_q8_0_refuses_row_not_multiple_of_block():
 def test_unknown_type_is_an_error():
     with pytest.raises(QuantizationError, match="cannot write"):
         quant_type(T.IQ2_XXS)
+
+
+def test_roundf_to_int8_at_every_half_boundary():
+    from mt.quant.types import roundf_to_int8
+
+    halves = np.arange(128, dtype=np.float32) + np.float32(0.5)
+    near = np.concatenate([halves, np.nextafter(halves, 0), np.nextafter(halves, 200), np.arange(128, dtype=np.float32)])
+    near = near[near < 127.5]
+    x = np.concatenate([near, -near])
+    expected = np.sign(x) * np.floor(np.abs(x).astype(np.float64) + 0.5)  # exact in float64
+    assert np.array_equal(roundf_to_int8(x).astype(np.float64), expected)
