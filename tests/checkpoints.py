@@ -494,21 +494,30 @@ def build_llama2_spm(
     n_layers: int = 2,
     shards: int = 1,
     seed: int = 0,
+    **overrides: Any,
 ) -> Path:
-    """Llama-2-style checkpoint: SentencePiece tokenizer.model, untied lm_head, no rope scaling."""
+    """Llama-2-style checkpoint: SentencePiece tokenizer.model, untied lm_head, no rope scaling.
+
+    `overrides` replace config values (e.g. intermediate_size=80 for rows Q8_0 blocks do not divide).
+    """
     dir = Path(dir)
     dir.mkdir(parents=True, exist_ok=True)
-    config = LlamaConfig(
-        **_common_dims(n_layers),
-        vocab_size=LLAMA2_VOCAB,
-        rms_norm_eps=1e-5,
-        rope_theta=10000.0,
-        tie_word_embeddings=False,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
+    values = {**_common_dims(n_layers), "vocab_size": LLAMA2_VOCAB, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+              "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2, **overrides}
     write_llama2_tokenizer(dir)
-    return _finish(LlamaForCausalLM(config), dir, dtype=dtype, shards=shards, seed=seed)
+    return _finish(LlamaForCausalLM(LlamaConfig(**values)), dir, dtype=dtype, shards=shards, seed=seed)
+
+
+def build_mistral(dir: Path, *, dtype: torch.dtype = torch.bfloat16, n_layers: int = 2, seed: int = 0) -> Path:
+    """Mistral-7B-v0.1-style checkpoint: the Llama-2 SentencePiece tokenizer, GQA, sliding window."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    dir = Path(dir)
+    dir.mkdir(parents=True, exist_ok=True)
+    config = MistralConfig(**_common_dims(n_layers), vocab_size=LLAMA2_VOCAB, rms_norm_eps=1e-5, rope_theta=10000.0,
+                           sliding_window=4096, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    write_llama2_tokenizer(dir)
+    return _finish(MistralForCausalLM(config), dir, dtype=dtype, shards=1, seed=seed)
 
 
 def build_qwen2(

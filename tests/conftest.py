@@ -30,3 +30,23 @@ def llama3_sharded_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def llama3_sharded_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return checkpoints.build_llama3(tmp_path_factory.mktemp("llama3_sharded"), shards=2)
+
+
+@pytest.fixture(scope="session")
+def mistral_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return checkpoints.build_mistral(tmp_path_factory.mktemp("mistral"))
+
+
+@pytest.fixture(scope="session")
+def llama2_odd_rows_f16_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """F16 source whose ffn rows (80) are not a multiple of the Q8_0 block (32)."""
+    import torch
+
+    return checkpoints.build_llama2_spm(tmp_path_factory.mktemp("llama2_odd"), dtype=torch.float16, intermediate_size=80)
+
+
+@pytest.fixture(scope="session")
+def llama3_f32_untied_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import torch
+
+    return checkpoints.build_llama3(tmp_path_factory.mktemp("llama3_f32"), dtype=torch.float32, tie=False, rope_llama3=False)

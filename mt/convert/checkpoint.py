@@ -69,7 +69,10 @@ def _load_json(path: Path) -> Any:
 def open_checkpoint(folder: Path, allow_pickle: bool = False) -> Checkpoint:
     folder = Path(folder)
     if not folder.is_dir():
-        raise CheckpointError(f"{folder} is not a folder", "pass the checkpoint folder that holds config.json")
+        raise CheckpointError(
+            f"{folder} is not a folder",
+            "pass a local checkpoint folder (download a hub model first: huggingface-cli download REPO --local-dir DIR)",
+        )
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise CheckpointError(

@@ -18,6 +18,11 @@ CASES = [
     ("llama2_spm_dir", "q8_0"),
     ("qwen2_dir", "bf16"),
     ("qwen2_dir", "q8_0"),
+    ("mistral_dir", "q8_0"),
+    ("llama2_odd_rows_f16_dir", "q8_0"),
+    ("llama2_odd_rows_f16_dir", "auto"),
+    ("llama3_f32_untied_dir", "f16"),
+    ("llama3_f32_untied_dir", "bf16"),
 ]
 
 
@@ -35,3 +40,14 @@ def test_same_file_as_llama_cpp_converter(request, tmp_path, fixture, outtype):
         assert our_bytes == ref_bytes, f"{name}: tensor data differs"
     assert ours.kv == ref.kv
     pytest.fail("files differ outside tensor data and metadata (alignment or padding)")
+
+
+@pytest.mark.parametrize("fixture", ["llama3_dir", "llama2_spm_dir", "qwen2_dir"])
+def test_vocab_only_same_file(request, tmp_path, fixture):
+    src: Path = request.getfixturevalue(fixture)
+    ref_out, mt_out = tmp_path / "ref.gguf", tmp_path / "mt.gguf"
+    run_converter(src, ref_out, "f16", ["--vocab-only"])
+    convert(src, mt_out, "f16", vocab_only=True)
+    if mt_out.read_bytes() != ref_out.read_bytes():
+        assert read_gguf(mt_out).kv == read_gguf(ref_out).kv
+        pytest.fail("vocab-only files differ outside the metadata")
