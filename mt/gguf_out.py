@@ -17,6 +17,7 @@ import numpy as np
 from gguf import GGUFEndian, GGUFValueType, GGUFWriter
 
 from mt.errors import MtError, OutputExists
+from mt.io.safetensors import FileSpan
 
 
 class FastArrayGGUFWriter(GGUFWriter):
@@ -87,10 +88,13 @@ class TensorStream:
         writer.kv_data = [{}]  # already on disk; a 128k vocabulary is ~100 MB of Python objects
         release_freed_memory()
 
-    def write_tensor(self, chunks: Iterable[np.ndarray], nbytes: int) -> int:
+    def write_tensor(self, chunks: Iterable[np.ndarray | FileSpan], nbytes: int) -> int:
         self.writer.write_padding(self.fout, self.fout.tell())
         written = 0
         for chunk in chunks:
+            if isinstance(chunk, FileSpan):
+                written += self._copy_span(chunk)
+                continue
             data = np.ascontiguousarray(chunk)
             self.fout.write(memoryview(data).cast("B"))
             written += data.nbytes
@@ -98,6 +102,25 @@ class TensorStream:
             raise MtError(f"internal error: tensor wrote {written} bytes, planned {nbytes}", "please report it")
         self.writer.write_padding(self.fout, nbytes)
         return written
+
+    def _copy_span(self, span: FileSpan) -> int:
+        """Source bytes straight into the output, in the kernel (copy_file_range), else through a buffer."""
+        self.fout.flush()
+        out_fd = self.fout.fileno()
+        with open(span.path, "rb") as src:
+            done = 0
+            try:
+                while done < span.nbytes:
+                    n = os.copy_file_range(src.fileno(), out_fd, span.nbytes - done, span.offset + done)
+                    if n == 0:
+                        raise MtError(f"{span.path.name} ended while copying a tensor", "the file is truncated; download it again")
+                    done += n
+            except OSError as e:
+                if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP) or done:
+                    raise
+                src.seek(span.offset)
+                self.fout.write(src.read(span.nbytes))
+        return span.nbytes
 
     def finish(self) -> None:
         # no fsync: like llama.cpp's tools; the rename still makes a half-written file impossible to see

@@ -12,6 +12,7 @@ from gguf import LlamaFileType
 from mt.convert.arch.base import Architecture, ExtraTensor, Transform
 from mt.convert.checkpoint import Checkpoint, LazyTensor
 from mt.errors import MtError
+from mt.io.safetensors import FileSpan
 from mt.quant.types import bf16_bits_to_f32, quant_type
 
 SLAB_BYTES = 32 << 20
@@ -93,25 +94,42 @@ def to_f32(raw: np.ndarray, dtype: str) -> np.ndarray:
 
 
 def _bf16_has_nan(bits: np.ndarray) -> bool:
+    return bits.size > 0 and _bf16_nan_from_max(int(bits.max()), int(bits.view(np.int16).max()))
+
+
+def _bf16_nan_from_max(max_u16: int, max_i16: int) -> bool:
     # positive NaNs are 0x7f81..0x7fff (int16 > 0x7f80), negative ones 0xff81..0xffff (uint16 > 0xff80)
-    return bits.size > 0 and (int(bits.view(np.int16).max()) > 0x7F80 or int(bits.max()) > 0xFF80)
+    return max_i16 > 0x7F80 or max_u16 > 0xFF80
+
+
+def _passes_through(dtype: str, qtype: T) -> bool:
+    return (dtype, qtype) in (("BF16", T.BF16), ("F16", T.F16), ("F32", T.F32))
+
+
+def _copyable_span(src: LazyTensor, start: int, stop: int, qtype: T) -> FileSpan | None:
+    """The source bytes themselves, when they are already the output bytes."""
+    if not _passes_through(src.dtype, qtype) or not hasattr(src, "span"):
+        return None
+    span = src.span(start, stop)
+    if src.dtype == "BF16" and span.nbytes and _bf16_nan_from_max(*span.max_u16_and_i16()):
+        return None  # NaNs get ggml's quieting on the slow path
+    return span
 
 
 def encode(raw: np.ndarray, dtype: str, qtype: T) -> np.ndarray:
     """Source values in their storage dtype -> output bytes of `qtype`, as llama.cpp's converter writes them."""
-    same_storage = (dtype, qtype) in (("BF16", T.BF16), ("F16", T.F16), ("F32", T.F32))
-    if same_storage and not (dtype == "BF16" and _bf16_has_nan(raw)):
+    if _passes_through(dtype, qtype) and not (dtype == "BF16" and _bf16_has_nan(raw)):
         return raw
     return quant_type(qtype).quantize(to_f32(raw, dtype))
 
 
-def produce_all(plan: TensorPlan, config: dict, depth: int = 2) -> Iterator[tuple[PlanEntry, Iterator[np.ndarray]]]:
+def produce_all(plan: TensorPlan, config: dict, depth: int = 2) -> Iterator[tuple[PlanEntry, Iterator[np.ndarray | FileSpan]]]:
     """Each entry with its chunks, computed one step ahead on a worker thread so reading and
     quantizing overlap with writing (numpy and file I/O release the GIL)."""
     chunks = _prefetch(((i, chunk) for i, e in enumerate(plan.entries) for chunk in produce(e, config)), depth)
-    pending: list[tuple[int, np.ndarray]] = []
+    pending: list[tuple[int, np.ndarray | FileSpan]] = []
 
-    def entry_chunks(index: int) -> Iterator[np.ndarray]:
+    def entry_chunks(index: int) -> Iterator[np.ndarray | FileSpan]:
         while True:
             item = pending.pop() if pending else next(chunks, None)
             if item is None:
@@ -161,7 +179,7 @@ def _prefetch(items: Iterator, depth: int) -> Iterator:
         stop.set()
 
 
-def produce(entry: PlanEntry, config: dict) -> Iterator[np.ndarray]:
+def produce(entry: PlanEntry, config: dict) -> Iterator[np.ndarray | FileSpan]:
     """Output bytes of one entry, in row slabs where the tensor needs no whole-tensor transform."""
     if entry.extra is not None:
         yield encode(entry.extra.make(), "F32", entry.qtype)
@@ -177,4 +195,6 @@ def produce(entry: PlanEntry, config: dict) -> Iterator[np.ndarray]:
     row_bytes = max(1, src.nbytes // src.shape[0])
     step = max(1, SLAB_BYTES // row_bytes)
     for start in range(0, src.shape[0], step):
-        yield encode(src.read_rows(start, min(start + step, src.shape[0])), src.dtype, entry.qtype)
+        stop = min(start + step, src.shape[0])
+        span = _copyable_span(src, start, stop, entry.qtype)
+        yield span if span is not None else encode(src.read_rows(start, stop), src.dtype, entry.qtype)

@@ -71,6 +71,32 @@ class TensorRef:
     def read(self) -> np.ndarray:
         return self.read_rows()
 
+    def span(self, start: int, stop: int) -> "FileSpan":
+        """Where rows [start, stop) lie in the file, for a kernel-side copy."""
+        return FileSpan(self.path, self.offset + start * self.row_bytes, (stop - start) * self.row_bytes)
+
+
+@dataclass(frozen=True)
+class FileSpan:
+    """A byte range of a file, copied to the output without passing through Python."""
+
+    path: Path
+    offset: int
+    nbytes: int
+
+    def max_u16_and_i16(self) -> tuple[int, int]:
+        """max over the range as uint16 and as int16, read through a temporary mapping (no copy)."""
+        import mmap
+
+        page = mmap.ALLOCATIONGRANULARITY
+        start = self.offset - self.offset % page
+        with open(self.path, "rb") as f, mmap.mmap(f.fileno(), self.offset - start + self.nbytes, access=mmap.ACCESS_READ, offset=start) as m:
+            view = np.frombuffer(m, dtype=np.uint16, count=self.nbytes // 2, offset=self.offset - start)
+            try:
+                return int(view.max()), int(view.view(np.int16).max())
+            finally:
+                del view
+
 
 def _corrupt(path: Path, what: str) -> CorruptTensorFile:
     return CorruptTensorFile(f"{path.name}: {what}", "the file is damaged or truncated; download it again")

@@ -23,6 +23,7 @@ CASES = [
     ("llama2_odd_rows_f16_dir", "auto"),
     ("llama3_f32_untied_dir", "f16"),
     ("llama3_f32_untied_dir", "bf16"),
+    ("llama3_f32_untied_dir", "f32"),
 ]
 
 
@@ -51,3 +52,23 @@ def test_vocab_only_same_file(request, tmp_path, fixture):
     if mt_out.read_bytes() != ref_out.read_bytes():
         assert read_gguf(mt_out).kv == read_gguf(ref_out).kv
         pytest.fail("vocab-only files differ outside the metadata")
+
+
+def test_bf16_nan_payloads_quieted_like_converter(llama3_dir, tmp_path):
+    """Signalling NaNs in a bf16 tensor take ggml's quieting, not the byte-copy fast path."""
+    import json
+    import shutil
+    import struct
+
+    src = Path(shutil.copytree(llama3_dir, tmp_path / "src"))
+    path = src / "model.safetensors"
+    data = bytearray(path.read_bytes())
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n])
+    begin = 8 + n + header["model.layers.0.mlp.up_proj.weight"]["data_offsets"][0]
+    data[begin : begin + 8] = struct.pack("<4H", 0x7F81, 0xFF81, 0x7FC0, 0x7F80)
+    path.write_bytes(bytes(data))
+    ref_out, mt_out = tmp_path / "ref.gguf", tmp_path / "mt.gguf"
+    run_converter(src, ref_out, "bf16")
+    convert(src, mt_out, "bf16")
+    assert mt_out.read_bytes() == ref_out.read_bytes()
