@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import gguf
 import numpy as np
@@ -16,6 +16,7 @@ from mt.convert.checkpoint import Checkpoint, open_checkpoint
 from mt.convert.plan import TensorPlan, build_plan, produce_all
 from mt.convert.special import read_tokenizer_json
 from mt.convert.vocab import VocabSummary
+from mt.io.safetensors import FileSpan
 from mt.gguf_out import FastArrayGGUFWriter, TensorStream, atomic_path, check_output
 
 Progress = Callable[[int, int], None]  # (bytes just written, total bytes)
@@ -23,7 +24,7 @@ Progress = Callable[[int, int], None]  # (bytes just written, total bytes)
 
 @dataclass
 class ConvertResult:
-    output: Path | None
+    output: Path
     plan: TensorPlan
     arch: str
     vocab: VocabSummary | None
@@ -59,6 +60,12 @@ def write_general_metadata(w: GGUFWriter, folder: Path) -> None:
 _INFO_DTYPE = np.dtype(np.float32)  # gguf-py ignores it when raw_dtype is given
 
 
+def _reporting(chunks: Iterator[np.ndarray | FileSpan], report: Callable[[int], None]) -> Iterator[np.ndarray | FileSpan]:
+    for chunk in chunks:
+        yield chunk
+        report(chunk.nbytes)
+
+
 def load(src: Path, outtype: str, allow_pickle: bool = False) -> tuple[Checkpoint, Architecture, TensorPlan]:
     ckpt = open_checkpoint(src, allow_pickle=allow_pickle)
     arch = load_architecture(ckpt.architecture, ckpt.config)
@@ -89,9 +96,9 @@ def convert(
                 w.write_ti_data_to_file()
                 stream = TensorStream(w)
                 for entry, chunks in produce_all(plan, ckpt.config):
-                    written += stream.write_tensor(chunks, entry.nbytes)
                     if progress is not None:
-                        progress(entry.nbytes, plan.nbytes)
+                        chunks = _reporting(chunks, lambda n: progress(n, plan.nbytes))
+                    written += stream.write_tensor(chunks, entry.nbytes)
                 stream.finish()
         finally:
             w.close()
