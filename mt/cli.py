@@ -30,6 +30,10 @@ def run_reporting_errors(fn: Callable[[], Any]) -> Any:
         _fail(e.one_line(), 1)
     except KeyboardInterrupt:
         _fail("interrupted; no output was left behind", 130)
+    except Exception as e:  # a bug in mt: still one line, and a way to see more
+        if os.environ.get("MT_DEBUG") == "1":
+            raise
+        _fail(f"internal error: {type(e).__name__}: {e}; please report it (MT_DEBUG=1 shows the traceback)", 1)
 
 
 @click.group()

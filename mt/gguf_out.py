@@ -30,7 +30,8 @@ class FastArrayGGUFWriter(GGUFWriter):
         if vtype != GGUFValueType.ARRAY or self.endianess != GGUFEndian.LITTLE or not isinstance(val, list) or len(val) < 256:
             return super()._pack_val(val, vtype, add_vtype, sub_type)
         ltype = sub_type if sub_type is not None else GGUFValueType.get_type(val[0])
-        if sub_type is None and any(GGUFValueType.get_type(item) is not ltype for item in val):
+        examples = dict(zip(map(type, val), val))  # one item per Python type, at C speed
+        if sub_type is None and any(GGUFValueType.get_type(item) is not ltype for item in examples.values()):
             raise ValueError("All items in a GGUF array should be of the same type")
         head = (struct.pack("<I", vtype) if add_vtype else b"") + struct.pack("<IQ", ltype, len(val))
         if ltype == GGUFValueType.STRING:

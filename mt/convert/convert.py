@@ -13,7 +13,7 @@ from gguf import GGUFWriter
 from mt.convert.arch import load_architecture
 from mt.convert.arch.base import Architecture
 from mt.convert.checkpoint import Checkpoint, open_checkpoint
-from mt.convert.plan import TensorPlan, build_plan, produce_all
+from mt.convert.plan import Prefetcher, TensorPlan, build_plan, by_entry, start_producing
 from mt.convert.special import read_tokenizer_json
 from mt.convert.vocab import VocabSummary
 from mt.io.safetensors import FileSpan
@@ -60,6 +60,18 @@ def write_general_metadata(w: GGUFWriter, folder: Path) -> None:
 _INFO_DTYPE = np.dtype(np.float32)  # gguf-py ignores it when raw_dtype is given
 
 
+def _write_tensors(w: GGUFWriter, plan: TensorPlan, producer: Prefetcher, progress: Progress | None) -> int:
+    w.write_ti_data_to_file()
+    stream = TensorStream(w)
+    written = 0
+    for entry, chunks in by_entry(plan, producer):
+        if progress is not None:
+            chunks = _reporting(chunks, lambda n: progress(n, plan.nbytes))
+        written += stream.write_tensor(chunks, entry.nbytes)
+    stream.finish()
+    return written
+
+
 def _reporting(chunks: Iterator[np.ndarray | FileSpan], report: Callable[[int], None]) -> Iterator[np.ndarray | FileSpan]:
     for chunk in chunks:
         yield chunk
@@ -84,22 +96,19 @@ def convert(
 ) -> ConvertResult:
     ckpt, arch, plan = load(src, outtype, allow_pickle)
     check_output(out, force)
-    w, vocab = prepare_writer(ckpt, arch, plan, vocab_only)
+    producer = None if vocab_only else start_producing(plan, ckpt.config)
     written = 0
-    with atomic_path(out) as tmp:
-        try:
-            w.write_header_to_file(path=tmp)
-            w.write_kv_data_to_file()
-            if vocab_only:
+    try:
+        w, vocab = prepare_writer(ckpt, arch, plan, vocab_only)
+        with atomic_path(out) as tmp:
+            try:
+                w.write_header_to_file(path=tmp)
+                w.write_kv_data_to_file()
+                if producer is not None:
+                    written = _write_tensors(w, plan, producer, progress)
+            finally:
                 w.close()
-            else:
-                w.write_ti_data_to_file()
-                stream = TensorStream(w)
-                for entry, chunks in produce_all(plan, ckpt.config):
-                    if progress is not None:
-                        chunks = _reporting(chunks, lambda n: progress(n, plan.nbytes))
-                    written += stream.write_tensor(chunks, entry.nbytes)
-                stream.finish()
-        finally:
-            w.close()
+    finally:
+        if producer is not None:
+            producer.close()
     return ConvertResult(out, plan, arch.gguf_arch, vocab, written)

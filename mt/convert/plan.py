@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import queue
+import threading
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -123,13 +125,22 @@ def encode(raw: np.ndarray, dtype: str, qtype: T) -> np.ndarray:
     return quant_type(qtype).quantize(to_f32(raw, dtype))
 
 
-def produce_all(plan: TensorPlan, config: dict, depth: int = 2) -> Iterator[tuple[PlanEntry, Iterator[np.ndarray | FileSpan]]]:
-    """Each entry with its chunks, computed one step ahead on a worker thread so reading and
-    quantizing overlap with writing (numpy and file I/O release the GIL)."""
-    chunks = _prefetch(((i, chunk) for i, e in enumerate(plan.entries) for chunk in produce(e, config)), depth)
-    pending: list[tuple[int, np.ndarray | FileSpan]] = []
+Chunk = np.ndarray | FileSpan
 
-    def entry_chunks(index: int) -> Iterator[np.ndarray | FileSpan]:
+
+def start_producing(plan: TensorPlan, config: dict, depth: int = 2) -> "Prefetcher":
+    """Start computing every entry's chunks on a worker thread now, `depth` chunks ahead of the writer,
+    so reading and quantizing overlap with the metadata work and with writing (numpy and file I/O
+    release the GIL)."""
+    return Prefetcher(((i, chunk) for i, e in enumerate(plan.entries) for chunk in produce(e, config)), depth)
+
+
+def by_entry(plan: TensorPlan, prefetcher: "Prefetcher") -> Iterator[tuple[PlanEntry, Iterator[Chunk]]]:
+    """Each entry with its own chunks, read off the prefetcher in order."""
+    chunks = iter(prefetcher)
+    pending: list[tuple[int, Chunk]] = []
+
+    def entry_chunks(index: int) -> Iterator[Chunk]:
         while True:
             item = pending.pop() if pending else next(chunks, None)
             if item is None:
@@ -143,43 +154,46 @@ def produce_all(plan: TensorPlan, config: dict, depth: int = 2) -> Iterator[tupl
         yield entry, entry_chunks(index)
 
 
-_DONE = object()
+class Prefetcher:
+    """Runs an iterator on a daemon thread, at most `depth` items ahead of the consumer."""
 
+    _DONE = object()
 
-def _prefetch(items: Iterator, depth: int) -> Iterator:
-    import queue
-    import threading
+    def __init__(self, items: Iterator, depth: int) -> None:
+        self._items = items
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        threading.Thread(target=self._work, daemon=True, name="mt-prefetch").start()
 
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
+    def _put(self, item: object) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
 
-    def work() -> None:
+    def _work(self) -> None:
         try:
-            for item in items:
-                while not stop.is_set():
-                    try:
-                        q.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+            for item in self._items:
+                if not self._put(item):
                     return
-            q.put(_DONE)
+            self._put(self._DONE)
         except BaseException as e:  # handed to the consumer, which re-raises it
-            q.put(e)
+            self._put(e)
 
-    thread = threading.Thread(target=work, daemon=True, name="mt-prefetch")
-    thread.start()
-    try:
-        while (item := q.get()) is not _DONE:
+    def __iter__(self) -> Iterator:
+        while (item := self._queue.get()) is not self._DONE:
             if isinstance(item, BaseException):
                 raise item
             yield item
-    finally:
-        stop.set()
+
+    def close(self) -> None:
+        self._stop.set()
 
 
-def produce(entry: PlanEntry, config: dict) -> Iterator[np.ndarray | FileSpan]:
+def produce(entry: PlanEntry, config: dict) -> Iterator[Chunk]:
     """Output bytes of one entry, in row slabs where the tensor needs no whole-tensor transform."""
     if entry.extra is not None:
         yield encode(entry.extra.make(), "F32", entry.qtype)

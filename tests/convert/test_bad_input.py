@@ -160,3 +160,17 @@ def test_interrupt_and_disk_full_leave_nothing(src, tmp_path, monkeypatch, exc, 
 def test_usage_error_exit_2(src):
     result = CliRunner().invoke(main, ["convert", str(src), "--outtype", "q3_zz"])
     assert result.exit_code == 2
+
+
+def test_internal_error_is_one_line_and_debug_shows_traceback(src, tmp_path, monkeypatch):
+    from mt.convert import plan
+
+    def broken(*args, **kwargs):
+        raise ZeroDivisionError("boom")
+
+    monkeypatch.setattr(plan, "tensor_type", broken)
+    out = tmp_path / "o.gguf"
+    assert_clean_failure(run_convert(src, out), out, "internal error: ZeroDivisionError: boom", "MT_DEBUG=1")
+    monkeypatch.setenv("MT_DEBUG", "1")
+    result = run_convert(src, out)
+    assert isinstance(result.exception, ZeroDivisionError)
