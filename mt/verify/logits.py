@@ -7,19 +7,40 @@ freed before the other loads, so only one copy of the model is in memory.
 from __future__ import annotations
 
 import gc
+import os
+import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
+
+
+@contextmanager
+def native_stderr_silenced() -> Iterator[None]:
+    """llama.cpp logs from C (e.g. its n_ctx_train notice) even with verbose=False; send fd 2 to /dev/null."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 def llama_cpp_logits(gguf_path: Path, ids: list[int], n_ctx: int = 512) -> np.ndarray:
     """[len(ids), n_vocab] float32 logits of the GGUF in llama.cpp."""
     from llama_cpp import Llama
 
-    llm = Llama(model_path=str(gguf_path), n_ctx=max(n_ctx, len(ids) + 8), logits_all=True, verbose=False, n_threads=2)
+    with native_stderr_silenced():
+        llm = Llama(model_path=str(gguf_path), n_ctx=max(n_ctx, len(ids) + 8), logits_all=True, verbose=False, n_threads=2)
     try:
-        llm.eval(ids)
+        with native_stderr_silenced():
+            llm.eval(ids)
         return np.array(llm.scores[: len(ids)], dtype=np.float32)
     finally:
         llm.close()
@@ -30,7 +51,8 @@ def llama_cpp_logits(gguf_path: Path, ids: list[int], n_ctx: int = 512) -> np.nd
 def llama_cpp_tokenize(gguf_path: Path, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
     from llama_cpp import Llama
 
-    llm = Llama(model_path=str(gguf_path), vocab_only=True, verbose=False)
+    with native_stderr_silenced():
+        llm = Llama(model_path=str(gguf_path), vocab_only=True, verbose=False)
     try:
         return llm.tokenize(text.encode("utf-8"), add_bos=add_special, special=parse_special)
     finally:
@@ -41,7 +63,10 @@ def hf_logits(folder: Path, ids: list[int]) -> np.ndarray:
     """[len(ids), vocab] float32 logits of the checkpoint in transformers, in float32."""
     import torch
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     try:
         with torch.no_grad():
