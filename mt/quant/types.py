@@ -181,6 +181,8 @@ class Q8_0(QuantType):
 
 
 def quant_type(ggml_type: GGMLQuantizationType) -> type[QuantType]:
+    import mt.quant.kquants  # noqa: F401  (registers the K-quants)
+
     try:
         return REGISTRY[ggml_type]
     except KeyError:

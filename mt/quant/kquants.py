@@ -1,0 +1,300 @@
+"""K-quants (super-blocks of 256): numpy references of ggml-quants.c's quantize_row_q{4,5,6}_K_ref.
+
+Every sum runs in ggml's order in float32 (a loop over the 32 or 16 positions, vectorised across
+blocks), so the bytes equal ggml's. Shapes: N super-blocks -> S = 8N sub-blocks of 32 (Q4_K/Q5_K)
+or 16N sub-blocks of 16 (Q6_K).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from gguf import GGMLQuantizationType
+
+from mt.quant.types import QuantType
+
+QK_K = 256
+F32 = np.float32
+GROUP_MAX_EPS = F32(1e-15)
+
+
+def nearest_int(x: np.ndarray) -> np.ndarray:
+    """ggml's nearest_int: add 1.5 * 2^23 in float32 and read the mantissa (round half to even)."""
+    bits = (x.astype(F32) + F32(12582912.0)).view(np.int32)
+    return (bits & 0x007FFFFF) - 0x00400000
+
+
+def fp16_round(x: np.ndarray) -> np.ndarray:
+    """GGML_FP16_TO_FP32(GGML_FP32_TO_FP16(x))."""
+    return x.astype(np.float16).astype(F32)
+
+
+def make_qkx2_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """x, w: [S, n] float32 -> (scale [S], the_min [S], L [S, n] uint8), use_mad = false."""
+    n = x.shape[1]
+    xmin, xmax = x[:, 0].copy(), x[:, 0].copy()
+    sum_w = w[:, 0].copy()
+    sum_x = sum_w * x[:, 0]
+    for i in range(1, n):
+        xmin = np.where(x[:, i] < xmin, x[:, i], xmin)
+        xmax = np.where(x[:, i] > xmax, x[:, i], xmax)
+        sum_w = sum_w + w[:, i]
+        sum_x = sum_x + w[:, i] * x[:, i]
+    xmin = np.where(xmin > 0, F32(0), xmin)
+    flat = xmax == xmin
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        span = np.where(flat, F32(1), xmax - xmin)
+        iscale = F32(nmax) / span
+        scale = F32(1) / iscale
+        L = np.clip(nearest_int(iscale[:, None] * (x - xmin[:, None])), 0, nmax)
+        best = _weighted_error(scale, xmin, L, x, w)
+        cur_min = xmin.copy()
+        for step in range(nstep + 1):
+            # ggml updates `min` when a step wins, and later steps measure from the new min
+            span = np.where(flat, F32(1), xmax - cur_min)
+            iscale = (F32(rmin) + F32(rdelta) * F32(step) + F32(nmax)) / span
+            laux = np.clip(nearest_int(iscale[:, None] * (x - cur_min[:, None])), 0, nmax)
+            lf = laux.astype(F32)
+            sum_l = np.zeros_like(sum_w)
+            sum_l2 = np.zeros_like(sum_w)
+            sum_xl = np.zeros_like(sum_w)
+            for i in range(n):
+                wl = w[:, i] * lf[:, i]
+                sum_l = sum_l + wl
+                sum_l2 = sum_l2 + wl * lf[:, i]
+                sum_xl = sum_xl + wl * x[:, i]
+            D = sum_w * sum_l2 - sum_l * sum_l
+            this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
+            this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
+            positive_min = this_min > 0
+            this_min = np.where(positive_min, F32(0), this_min)
+            this_scale = np.where(positive_min, sum_xl / sum_l2, this_scale)
+            err = _weighted_error(this_scale, this_min, laux, x, w)
+            better = (D > 0) & (err < best) & ~flat
+            L = np.where(better[:, None], laux, L)
+            best = np.where(better, err, best)
+            scale = np.where(better, this_scale, scale)
+            cur_min = np.where(better, this_min, cur_min)
+    scale = np.where(flat, F32(0), scale).astype(F32)
+    L = np.where(flat[:, None], 0, L)
+    return scale, (-cur_min).astype(F32), L.astype(np.uint8)
+
+
+def _weighted_error(scale: np.ndarray, vmin: np.ndarray, L: np.ndarray, x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    err = np.zeros(x.shape[0], dtype=F32)
+    lf = L.astype(F32)
+    for i in range(x.shape[1]):
+        diff = scale * lf[:, i] + vmin - x[:, i]
+        err = err + w[:, i] * (diff * diff)
+    return err
+
+
+def _sub_block_weights(sub: np.ndarray) -> np.ndarray:
+    """weights = sqrt(mean(x^2)) + |x| with the sum of squares taken in order."""
+    sum_x2 = np.zeros(sub.shape[0], dtype=F32)
+    for i in range(sub.shape[1]):
+        sum_x2 = sum_x2 + sub[:, i] * sub[:, i]
+    av_x = np.sqrt(sum_x2 / F32(sub.shape[1]))
+    return av_x[:, None] + np.abs(sub)
+
+
+def _running_max(values: np.ndarray) -> np.ndarray:
+    """max over axis 1 starting from 0, as ggml's `if (v > m) m = v` loop."""
+    m = np.zeros(values.shape[0], dtype=F32)
+    for j in range(values.shape[1]):
+        m = np.where(values[:, j] > m, values[:, j], m)
+    return m
+
+
+def pack_scale_min_k4(ls: np.ndarray, lm: np.ndarray) -> np.ndarray:
+    """6-bit scales and mins of 8 sub-blocks -> the 12 bytes of K_SCALE_SIZE. ls, lm: [N, 8] uint8."""
+    out = np.zeros((ls.shape[0], 12), dtype=np.uint8)
+    out[:, 0:4] = ls[:, 0:4]
+    out[:, 4:8] = lm[:, 0:4]
+    out[:, 8:12] = (ls[:, 4:8] & 0xF) | ((lm[:, 4:8] & 0xF) << 4)
+    out[:, 0:4] |= (ls[:, 4:8] >> 4) << 6
+    out[:, 4:8] |= (lm[:, 4:8] >> 4) << 6
+    return out
+
+
+def unpack_scale_min_k4(q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """get_scale_min_k4 for j = 0..7: q [N, 12] -> (sc, m) [N, 8]."""
+    sc = np.empty((q.shape[0], 8), dtype=np.uint8)
+    m = np.empty_like(sc)
+    sc[:, :4] = q[:, 0:4] & 63
+    m[:, :4] = q[:, 4:8] & 63
+    sc[:, 4:] = (q[:, 8:12] & 0xF) | ((q[:, 0:4] >> 6) << 4)
+    m[:, 4:] = (q[:, 8:12] >> 4) | ((q[:, 4:8] >> 6) << 4)
+    return sc, m
+
+
+def _affine_k_quants(blocks: np.ndarray, nmax: int, rmin: float, nstep: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The shared part of Q4_K/Q5_K: (d fp16 bits [N], dmin fp16 bits [N], scales [N,12], L [N,256])."""
+    n_blocks = blocks.shape[0]
+    sub = blocks.reshape(-1, 32)
+    scales, mins, L = make_qkx2_quants(sub, _sub_block_weights(sub), nmax, rmin, 0.1, nstep)
+    scales, mins, L = scales.reshape(n_blocks, 8), mins.reshape(n_blocks, 8), L.reshape(n_blocks, 256)
+    max_scale, max_min = _running_max(scales), _running_max(mins)
+    with np.errstate(divide="ignore"):
+        inv_scale = np.where(max_scale > 0, F32(63) / max_scale, F32(0))
+        inv_min = np.where(max_min > 0, F32(63) / max_min, F32(0))
+    ls = np.minimum(63, nearest_int(inv_scale[:, None] * scales) & 0xFF).astype(np.uint8)
+    lm = np.minimum(63, nearest_int(inv_min[:, None] * mins) & 0xFF).astype(np.uint8)
+    packed = pack_scale_min_k4(ls, lm)
+    d = (max_scale / F32(63)).astype(np.float16)
+    dmin = (max_min / F32(63)).astype(np.float16)
+    sc, m = unpack_scale_min_k4(packed)
+    dsub = d.astype(F32)[:, None] * sc.astype(F32)
+    dmsub = dmin.astype(F32)[:, None] * m.astype(F32)
+    xs = blocks.reshape(n_blocks, 8, 32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        requant = np.clip(nearest_int((xs + dmsub[:, :, None]) / dsub[:, :, None]), 0, nmax)
+    keep = (dsub == 0)[:, :, None]
+    L = np.where(keep, L.reshape(n_blocks, 8, 32), requant).reshape(n_blocks, 256).astype(np.uint8)
+    return d, dmin, packed, L
+
+
+class Q4_K(QuantType):
+    ggml_type = GGMLQuantizationType.Q4_K
+    block_size = QK_K
+    type_size = 144
+
+    @classmethod
+    def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
+        d, dmin, scales, L = _affine_k_quants(blocks, 15, -1.0, 20)
+        # 4 groups of 64: byte l holds L[l] (low nibble) and L[l + 32] (high nibble)
+        groups = L.reshape(-1, 4, 2, 32)
+        qs = (groups[:, :, 0, :] | (groups[:, :, 1, :] << 4)).reshape(-1, 128)
+        return np.concatenate([d.view(np.uint8).reshape(-1, 2), dmin.view(np.uint8).reshape(-1, 2), scales, qs], axis=1)
+
+    @classmethod
+    def dequantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
+        d = blocks[:, 0:2].copy().view(np.float16).astype(F32)
+        dmin = blocks[:, 2:4].copy().view(np.float16).astype(F32)
+        sc, m = unpack_scale_min_k4(blocks[:, 4:16])
+        qs = blocks[:, 16:].reshape(-1, 4, 1, 32)
+        q = np.concatenate([qs & 0xF, qs >> 4], axis=2).reshape(-1, 8, 32).astype(F32)
+        return ((d[:, :1] * sc.astype(F32))[:, :, None] * q - (dmin[:, :1] * m.astype(F32))[:, :, None]).reshape(-1, 256)
+
+
+class Q5_K(QuantType):
+    ggml_type = GGMLQuantizationType.Q5_K
+    block_size = QK_K
+    type_size = 176
+
+    @classmethod
+    def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
+        d, dmin, scales, L = _affine_k_quants(blocks, 31, -0.5, 15)
+        groups = L.reshape(-1, 4, 2, 32)
+        low = groups & 0xF
+        qs = (low[:, :, 0, :] | (low[:, :, 1, :] << 4)).reshape(-1, 128)
+        high = (groups >> 4).astype(np.uint8)  # [N, 4, 2, 32] bit 4 of each quant
+        shifts = (np.arange(8, dtype=np.uint8)).reshape(1, 4, 2, 1)
+        qh = np.bitwise_or.reduce(high << shifts, axis=(1, 2)).astype(np.uint8)
+        return np.concatenate([d.view(np.uint8).reshape(-1, 2), dmin.view(np.uint8).reshape(-1, 2), scales, qh, qs], axis=1)
+
+    @classmethod
+    def dequantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
+        d = blocks[:, 0:2].copy().view(np.float16).astype(F32)
+        dmin = blocks[:, 2:4].copy().view(np.float16).astype(F32)
+        sc, m = unpack_scale_min_k4(blocks[:, 4:16])
+        qh = blocks[:, 16:48]
+        qs = blocks[:, 48:].reshape(-1, 4, 1, 32)
+        low = np.concatenate([qs & 0xF, qs >> 4], axis=2)
+        shifts = np.arange(8, dtype=np.uint8).reshape(1, 4, 2, 1)
+        high = (qh[:, None, None, :] >> shifts) & 1
+        q = (low | (high << 4)).reshape(-1, 8, 32).astype(F32)
+        return ((d[:, :1] * sc.astype(F32))[:, :, None] * q - (dmin[:, :1] * m.astype(F32))[:, :, None]).reshape(-1, 256)
+
+
+def make_qx_quants_rmse1(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
+    """make_qx_quants(n, nmax, x, L, rmse_type=1, qw=NULL): x [S, n] -> (scale [S], L [S, n] in 0..2nmax-1)."""
+    n = x.shape[1]
+    amax = np.zeros(x.shape[0], dtype=F32)
+    vmax = np.zeros(x.shape[0], dtype=F32)
+    for i in range(n):
+        ax = np.abs(x[:, i])
+        bigger = ax > amax
+        amax = np.where(bigger, ax, amax)
+        vmax = np.where(bigger, x[:, i], vmax)
+    zero = amax < GROUP_MAX_EPS
+    safe_max = np.where(zero, F32(1), vmax)
+    w = x * x
+
+    def sums(iscale: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        ls = np.clip(nearest_int(iscale[:, None] * x), -nmax, nmax - 1)
+        lf = ls.astype(F32)
+        sumlx = np.zeros(x.shape[0], dtype=F32)
+        suml2 = np.zeros(x.shape[0], dtype=F32)
+        for i in range(n):
+            sumlx = sumlx + w[:, i] * x[:, i] * lf[:, i]
+            suml2 = suml2 + w[:, i] * lf[:, i] * lf[:, i]
+        return ls, sumlx, suml2
+
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iscale = F32(-nmax) / safe_max
+        ls, sumlx, suml2 = sums(iscale)
+        scale = np.where(suml2 != 0, sumlx / suml2, F32(0)).astype(F32)
+        best = scale * sumlx
+        for step in range(-9, 10):
+            if step == 0:
+                continue
+            iscale = -(F32(nmax) + F32(0.1) * F32(step)) / safe_max
+            cand, sumlx, suml2 = sums(iscale)
+            better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
+            ls = np.where(better[:, None], cand, ls)
+            scale = np.where(better, sumlx / suml2, scale)
+            best = np.where(better, scale * sumlx, best)
+    L = np.where(zero[:, None], 0, ls + nmax)
+    return np.where(zero, F32(0), scale).astype(F32), L.astype(np.int8)
+
+
+class Q6_K(QuantType):
+    ggml_type = GGMLQuantizationType.Q6_K
+    block_size = QK_K
+    type_size = 210
+
+    @classmethod
+    def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
+        n_blocks = blocks.shape[0]
+        scales, L = make_qx_quants_rmse1(blocks.reshape(-1, 16), 32)
+        scales, L = scales.reshape(n_blocks, 16), L.reshape(n_blocks, 256)
+        max_abs = np.zeros(n_blocks, dtype=F32)
+        max_scale = np.zeros(n_blocks, dtype=F32)
+        for ib in range(16):
+            a = np.abs(scales[:, ib])
+            bigger = a > max_abs
+            max_abs = np.where(bigger, a, max_abs)
+            max_scale = np.where(bigger, scales[:, ib], max_scale)
+        empty = max_abs < GROUP_MAX_EPS
+        with np.errstate(divide="ignore", invalid="ignore"):
+            iscale = np.where(empty, F32(0), F32(-128) / np.where(empty, F32(1), max_scale))
+            d = np.where(empty, F32(0), F32(1) / iscale).astype(np.float16)
+        q_scales = np.minimum(127, nearest_int(iscale[:, None] * scales)).astype(np.int8)
+        dsub = d.astype(F32)[:, None] * q_scales.astype(F32)
+        xs = blocks.reshape(n_blocks, 16, 16)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            requant = np.clip(nearest_int(xs / dsub[:, :, None]), -32, 31) + 32
+        L = np.where((dsub == 0)[:, :, None], L.reshape(n_blocks, 16, 16), requant).reshape(n_blocks, 256).astype(np.uint8)
+        L = np.where(empty[:, None], 0, L).astype(np.uint8)
+        q_scales = np.where(empty[:, None], 0, q_scales).astype(np.int8)
+        # two halves of 128; within each, 4 rows of 32 quants
+        h = L.reshape(n_blocks, 2, 4, 32)
+        ql = np.concatenate([(h[:, :, 0] & 0xF) | ((h[:, :, 2] & 0xF) << 4), (h[:, :, 1] & 0xF) | ((h[:, :, 3] & 0xF) << 4)], axis=2)
+        qh = (h[:, :, 0] >> 4) | ((h[:, :, 1] >> 4) << 2) | ((h[:, :, 2] >> 4) << 4) | ((h[:, :, 3] >> 4) << 6)
+        return np.concatenate([ql.reshape(n_blocks, 128), qh.reshape(n_blocks, 64), q_scales.view(np.uint8), d.view(np.uint8).reshape(-1, 2)], axis=1)
+
+    @classmethod
+    def dequantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
+        n_blocks = blocks.shape[0]
+        ql = blocks[:, :128].reshape(n_blocks, 2, 64)
+        qh = blocks[:, 128:192].reshape(n_blocks, 2, 32)
+        scales = blocks[:, 192:208].view(np.int8).astype(F32)
+        d = blocks[:, 208:210].copy().view(np.float16).astype(F32).reshape(-1)
+        rows = [
+            (ql[:, :, :32] & 0xF) | ((qh & 3) << 4),
+            (ql[:, :, 32:] & 0xF) | (((qh >> 2) & 3) << 4),
+            (ql[:, :, :32] >> 4) | (((qh >> 4) & 3) << 4),
+            (ql[:, :, 32:] >> 4) | (((qh >> 6) & 3) << 4),
+        ]
+        q = np.stack(rows, axis=2).astype(np.int16).reshape(n_blocks, 16, 16) - 32
+        return ((d[:, None] * scales)[:, :, None] * q.astype(F32)).reshape(-1, 256)
