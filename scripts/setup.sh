@@ -8,6 +8,6 @@ pip_install() { "$PY" -m pip install -q --disable-pip-version-check --root-user-
 pip_install "torch==2.13.0"
 pip_install -e ".[test]"
 # llama.cpp is the oracle and the runtime: llama-cpp-python built from the registry's sdist
-# (about 4 minutes on 2 cores the first time; pip caches the built wheel).
+# (4 to 10 minutes on 2 cores the first time; pip caches the built wheel).
 "$PY" -c "import llama_cpp" 2>/dev/null || pip_install --no-binary llama-cpp-python "llama-cpp-python==0.3.36"
 "$PY" -c "import llama_cpp, torch, transformers, gguf; print(f'setup ok: torch {torch.__version__}, transformers {transformers.__version__}, gguf, llama-cpp-python {llama_cpp.__version__}')"

@@ -28,11 +28,6 @@ def llama3_sharded_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def llama3_sharded_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return checkpoints.build_llama3(tmp_path_factory.mktemp("llama3_sharded"), shards=2)
-
-
-@pytest.fixture(scope="session")
 def mistral_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return checkpoints.build_mistral(tmp_path_factory.mktemp("mistral"))
 

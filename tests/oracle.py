@@ -16,7 +16,6 @@ LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 _SDIST_NAME = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}"
 _CACHE_NAME = f"llama-cpp-python-{LLAMA_CPP_PYTHON_VERSION}"
 _VENDOR = "vendor/llama.cpp"
-_SEED_TARBALL = Path("/tmp/sdist") / f"{_SDIST_NAME}.tar.gz"
 _WANTED_PREFIXES = (
     f"{_VENDOR}/conversion/",
     f"{_VENDOR}/gguf-py/",
@@ -56,8 +55,6 @@ def _populate(root: Path, target: Path) -> None:
 
 
 def _fetch_tarball(work: Path) -> Path:
-    if _SEED_TARBALL.is_file():
-        return _SEED_TARBALL
     cmd = [
         sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
         f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}", "-d", str(work),

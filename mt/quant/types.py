@@ -146,6 +146,15 @@ class BF16(QuantType):
         return bf16_bits_to_f32(blocks.view(np.uint16))
 
 
+def row_max(a: np.ndarray) -> np.ndarray:
+    """max over each row of [n, 2^k] as a tree of elementwise maxima: numpy's reduction along a short
+    axis costs ~8x more. max is exact, so the order does not matter. -> [n, 1]"""
+    while a.shape[1] > 1:
+        half = a.shape[1] // 2
+        a = np.maximum(a[:, :half], a[:, half:])
+    return a
+
+
 HALF_BELOW = np.float32(0.5 - 2.0**-25)  # the largest float32 below 0.5
 
 
@@ -166,8 +175,7 @@ class Q8_0(QuantType):
     @classmethod
     def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
         # quantize_row_q8_0_ref: d = amax / 127, q = roundf(x * (1 / d))
-        # two reductions instead of abs() over the whole block; abs() turns max(0, -0) = -0 back into +0
-        amax = np.abs(np.maximum(blocks.max(axis=1, keepdims=True), -blocks.min(axis=1, keepdims=True)))
+        amax = row_max(np.abs(blocks))
         d = amax / np.float32(127)
         with np.errstate(divide="ignore"):
             inv = np.where(d == 0, np.float32(0), np.float32(1) / d).astype(np.float32)
