@@ -17,7 +17,7 @@ from mt.errors import MtError
 from mt.io.safetensors import FileSpan
 from mt.quant.types import bf16_bits_to_f32, quant_type
 
-SLAB_BYTES = 32 << 20
+SLAB_BYTES = 16 << 20
 
 OUTTYPES: dict[str, tuple[LlamaFileType, T]] = {
     "f32": (LlamaFileType.ALL_F32, T.F32),
@@ -122,7 +122,7 @@ def encode(raw: np.ndarray, dtype: str, qtype: T) -> np.ndarray:
     """Source values in their storage dtype -> output bytes of `qtype`, as llama.cpp's converter writes them."""
     if _passes_through(dtype, qtype) and not (dtype == "BF16" and _bf16_has_nan(raw)):
         return raw
-    return quant_type(qtype).quantize(to_f32(raw, dtype))
+    return quant_type(qtype).quantize(raw, lambda chunk: to_f32(chunk, dtype))
 
 
 Chunk = np.ndarray | FileSpan

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 import numpy as np
 from gguf import GGMLQuantizationType
@@ -59,24 +59,25 @@ class QuantType:
         raise NotImplementedError
 
     @classmethod
-    def quantize(cls, data: np.ndarray) -> np.ndarray:
+    def quantize(cls, data: np.ndarray, to_f32: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
         """float32 [..., n] -> uint8 [..., n / block_size * type_size].
 
-        Blocks are independent, so the work is cut into cache-sized chunks (fresh large
-        temporaries cost more in page faults than the arithmetic) run on a thread pool;
-        numpy releases the GIL inside each ufunc.
+        `to_f32` converts another storage type (e.g. bf16 bits) chunk by chunk. Blocks are
+        independent, so the work is cut into cache-sized chunks (fresh large temporaries cost more
+        in page faults than the arithmetic) run on a thread pool; numpy releases the GIL in ufuncs.
         """
         if not cls.row_fits(data.shape[-1]):
             raise QuantizationError(
                 f"row of {data.shape[-1]} values is not a multiple of {cls.__name__}'s block of {cls.block_size}",
                 "use a type whose block divides the row",
             )
-        blocks = np.ascontiguousarray(data, dtype=np.float32).reshape(-1, cls.block_size)
+        convert = to_f32 or (lambda a: a.astype(np.float32, copy=False))
+        blocks = np.ascontiguousarray(data).reshape(-1, cls.block_size)
         out = np.empty((blocks.shape[0], cls.type_size), dtype=np.uint8)
         step = max(1, CHUNK_VALUES // cls.block_size)
 
         def run(start: int) -> None:
-            out[start : start + step] = cls.quantize_blocks(blocks[start : start + step])
+            out[start : start + step] = cls.quantize_blocks(convert(blocks[start : start + step]))
 
         starts = range(0, blocks.shape[0], step)
         if len(starts) > 1:
