@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from mt.convert.convert import convert, load
+from mt.errors import MtError
 from mt.convert.plan import TensorPlan
 from mt.quant.types import set_threads
 
@@ -72,6 +73,42 @@ def convert_command(src: Path, out: Path | None, outtype: str, *, force: bool, v
     elif not quiet:
         click.echo(f"wrote {summary['output']}: {summary['arch']} {summary['file_type']}, {summary['tensors']} tensors, "
                    f"{format_bytes(summary['bytes'])} in {elapsed:.1f} s (tokenizer {summary['tokenizer']}/{summary['pre_tokenizer']})")
+
+
+def tensor_type_option(name: str | None) -> "GGMLQuantizationType | None":
+    from gguf import GGMLQuantizationType
+
+    if name is None:
+        return None
+    try:
+        return GGMLQuantizationType[name.upper()]
+    except KeyError:
+        raise MtError(f"unknown tensor type {name!r}", "use a GGML type name such as q8_0, q6_k, f16") from None
+
+
+def quantize_command(src: Path, out: Path, file_type: str, *, pure: bool, output_tensor_type: str | None,
+                     token_embedding_type: str | None, threads: int | None, force: bool, quiet: bool) -> None:
+    from mt.quant.mix import MixOptions
+    from mt.quant.quantize import quantize_gguf
+
+    if threads:
+        set_threads(threads)
+    options = MixOptions(pure=pure, output_tensor_type=tensor_type_option(output_tensor_type),
+                         token_embedding_type=tensor_type_option(token_embedding_type))
+    bar = ProgressBar() if not quiet and sys.stderr.isatty() else None
+    start = time.perf_counter()
+    try:
+        result = quantize_gguf(src, out, file_type, options=options, force=force, progress=bar.update if bar else None)
+    finally:
+        if bar:
+            bar.close()
+    if not quiet:
+        counts: dict[str, int] = {}
+        for t in result.types.values():
+            counts[t.name] = counts.get(t.name, 0) + 1
+        mix = ", ".join(f"{n} {name}" for name, n in sorted(counts.items()))
+        click.echo(f"wrote {out}: {result.file_type.name}, {format_bytes(out.stat().st_size)} in "
+                   f"{time.perf_counter() - start:.1f} s ({mix})")
 
 
 class ProgressBar:

@@ -47,6 +47,7 @@ class GGUFHeader:
     version: int
     kv: dict[str, tuple[GGUFValueType, Any]]
     tensors: list[TensorInfo]
+    array_types: dict[str, GGUFValueType]  # element type of each array-valued key
 
     def value(self, key: str, default: Any = None) -> Any:
         return self.kv[key][1] if key in self.kv else default
@@ -58,8 +59,10 @@ class GGUFHeader:
 
 
 class _Reader:
-    def __init__(self, f: BinaryIO) -> None:
+    def __init__(self, f: BinaryIO, raw_strings: bool) -> None:
         self.f = f
+        self.raw_strings = raw_strings
+        self.last_array_type: GGUFValueType | None = None
 
     def unpack(self, fmt: str) -> Any:
         size = struct.calcsize(fmt)
@@ -68,18 +71,23 @@ class _Reader:
             raise EOFError
         return struct.unpack(fmt, raw)[0]
 
-    def string(self) -> str:
+    def string(self) -> str | bytes:
         n = self.unpack("<Q")
         raw = self.f.read(n)
         if len(raw) != n:
             raise EOFError
-        return raw.decode("utf-8", errors="surrogateescape")
+        return raw if self.raw_strings else raw.decode("utf-8", errors="surrogateescape")
+
+    def key(self) -> str:
+        n = self.unpack("<Q")
+        return self.f.read(n).decode("utf-8", errors="surrogateescape")
 
     def value(self, vtype: GGUFValueType) -> Any:
         if vtype == GGUFValueType.STRING:
             return self.string()
         if vtype == GGUFValueType.ARRAY:
             sub = GGUFValueType(self.unpack("<I"))
+            self.last_array_type = sub
             n = self.unpack("<Q")
             if sub in _SCALARS:
                 dtype = np.dtype(_SCALARS[sub])
@@ -88,21 +96,25 @@ class _Reader:
         return self.unpack(_SCALARS[vtype])
 
 
-def read_header(path: Path) -> GGUFHeader:
+def read_header(path: Path, raw_strings: bool = False) -> GGUFHeader:
+    """The header of a GGUF file; string values as str, or as bytes with raw_strings (for copying)."""
     with open(path, "rb") as f:
         if f.read(4) != GGUF_MAGIC:
             raise GGUFError(f"{path} is not a GGUF file (bad magic)", "check the path or re-create the file")
-        r = _Reader(f)
+        r = _Reader(f, raw_strings)
+        array_types: dict[str, GGUFValueType] = {}
         try:
             version, n_tensors, n_kv = r.unpack("<I"), r.unpack("<Q"), r.unpack("<Q")
             kv: dict[str, tuple[GGUFValueType, Any]] = {}
             for _ in range(n_kv):
-                key = r.string()
+                key = r.key()
                 vtype = GGUFValueType(r.unpack("<I"))
                 kv[key] = (vtype, r.value(vtype))
+                if vtype == GGUFValueType.ARRAY and r.last_array_type is not None:
+                    array_types[key] = r.last_array_type
             raw_infos = []
             for _ in range(n_tensors):
-                name = r.string()
+                name = r.key()
                 dims = tuple(r.unpack("<Q") for _ in range(r.unpack("<I")))
                 raw_infos.append((name, dims, GGMLQuantizationType(r.unpack("<I")), r.unpack("<Q")))
         except (EOFError, ValueError, struct.error) as e:
@@ -111,4 +123,4 @@ def read_header(path: Path) -> GGUFHeader:
         start = f.tell()
         data_offset = start + (-start % alignment)
     tensors = [TensorInfo(n, d, t, data_offset + off) for n, d, t, off in raw_infos]
-    return GGUFHeader(Path(path), version, kv, tensors)
+    return GGUFHeader(Path(path), version, kv, tensors, array_types)

@@ -45,3 +45,9 @@ def llama3_f32_untied_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import torch
 
     return checkpoints.build_llama3(tmp_path_factory.mktemp("llama3_f32"), dtype=torch.float32, tie=False, rope_llama3=False)
+
+
+@pytest.fixture(scope="session")
+def llama2_256_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Rows of 256 and 512 (K-quant super-blocks fit), 8 layers so the attn_v/ffn_down layer rules vary."""
+    return checkpoints.build_llama2_spm(tmp_path_factory.mktemp("llama2_256"), hidden_size=256, intermediate_size=512, n_layers=8)

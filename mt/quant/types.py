@@ -191,6 +191,7 @@ class Q8_0(QuantType):
 
 def quant_type(ggml_type: GGMLQuantizationType) -> type[QuantType]:
     import mt.quant.kquants  # noqa: F401  (registers the K-quants)
+    import mt.quant.legacy  # noqa: F401  (registers Q4_0, Q5_0, Q5_1)
 
     try:
         return REGISTRY[ggml_type]

@@ -1,0 +1,201 @@
+"""Which GGML type each tensor gets for a llama.cpp file type (Q4_K_M, Q5_K_S …), as src/llama-quant.cpp decides.
+
+`choose_types` walks the tensors in llama.cpp's order (see `llama_order`) because the attn_v and
+ffn_down rules count the tensors of their kind seen so far.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from gguf import GGML_QUANT_SIZES, LlamaFileType
+from gguf import GGMLQuantizationType as T
+
+from mt.errors import MtError
+
+DEFAULT_TYPE: dict[LlamaFileType, T] = {
+    LlamaFileType.MOSTLY_Q8_0: T.Q8_0,
+    LlamaFileType.MOSTLY_Q4_0: T.Q4_0,
+    LlamaFileType.MOSTLY_Q5_0: T.Q5_0,
+    LlamaFileType.MOSTLY_Q5_1: T.Q5_1,
+    LlamaFileType.MOSTLY_Q4_K_S: T.Q4_K,
+    LlamaFileType.MOSTLY_Q4_K_M: T.Q4_K,
+    LlamaFileType.MOSTLY_Q5_K_S: T.Q5_K,
+    LlamaFileType.MOSTLY_Q5_K_M: T.Q5_K,
+    LlamaFileType.MOSTLY_Q6_K: T.Q6_K,
+}
+FILE_TYPES: dict[str, LlamaFileType] = {
+    "q8_0": LlamaFileType.MOSTLY_Q8_0, "q4_0": LlamaFileType.MOSTLY_Q4_0, "q5_0": LlamaFileType.MOSTLY_Q5_0,
+    "q5_1": LlamaFileType.MOSTLY_Q5_1, "q4_k_s": LlamaFileType.MOSTLY_Q4_K_S, "q4_k_m": LlamaFileType.MOSTLY_Q4_K_M,
+    "q5_k_s": LlamaFileType.MOSTLY_Q5_K_S, "q5_k_m": LlamaFileType.MOSTLY_Q5_K_M, "q6_k": LlamaFileType.MOSTLY_Q6_K,
+}
+# a K-quant whose block does not divide the row falls back to a 32-block type, else F16
+FALLBACK = {T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0}
+# substrings of tensors llama.cpp never quantizes (llama-quant.cpp tensor_allows_quantization)
+NEVER_QUANTIZED = (
+    "_norm.weight", "ffn_gate_inp.weight", "ffn_gate_tid2eid.weight", "altup", "laurel", "per_layer_model_proj",
+    "ssm_conv1d", "shortconv.conv.weight", "indexer.k_proj.weight", "indexer.q_proj.weight", "time_mix_first.weight",
+    "time_mix_w0.weight", "time_mix_w1.weight", "time_mix_w2.weight", "time_mix_v0.weight", "time_mix_v1.weight",
+    "time_mix_v2.weight", "time_mix_a0.weight", "time_mix_a1.weight", "time_mix_a2.weight", "time_mix_g1.weight",
+    "time_mix_g2.weight", "time_mix_decay_w1.weight", "time_mix_decay_w2.weight", "time_mix_lerp_fused.weight",
+    "attn_rel_b.weight", ".position_embd", "sam.pos_embd", "sam.neck.", "sam.net_", ".rel_pos", ".patch_embd",
+    ".patch_merger", "a.rvq.codebook", "mm.a.code_embd",
+)
+NEVER_QUANTIZED_EXACT = ("position_embd.weight", "token_types.weight")
+CATEGORIES = (  # first match wins, as in tensor_get_category
+    ("attn_qkv.weight", "attn_qkv"), ("attn_kv_b.weight", "attn_kv_b"), ("attn_v.weight", "attn_v"),
+    ("attn_k.weight", "attn_k"), ("attn_q.weight", "attn_q"), ("attn_output.weight", "attn_output"),
+    ("ffn_up", "ffn_up"), ("ffn_gate", "ffn_gate"), ("ffn_down", "ffn_down"),
+)
+ATTN_V_LIKE = ("attn_v", "attn_qkv", "attn_kv_b")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    ne: tuple[int, ...]  # ggml order: ne[0] is the row length
+    type: T
+
+
+@dataclass
+class MixOptions:
+    pure: bool = False
+    output_tensor_type: T | None = None
+    token_embedding_type: T | None = None
+    quantize_output_tensor: bool = True
+
+
+@dataclass
+class ModelFacts:
+    arch: str
+    n_layer: int
+    n_expert: int = 0
+    is_70b: bool = False
+
+
+@dataclass
+class _Counters:
+    n_attention_wv: int = 0
+    i_attention_wv: int = 0
+    i_ffn_down: int = 0
+    tied_embeddings: bool = True
+    seen: dict[str, int] = field(default_factory=dict)
+
+
+def block_size(t: T) -> int:
+    return GGML_QUANT_SIZES[t][0]
+
+
+def category(name: str) -> str:
+    if name == "output.weight":
+        return "output"
+    if name == "token_embd.weight":
+        return "token_embd"
+    return next((cat for needle, cat in CATEGORIES if needle in name), "other")
+
+
+def llama_order(names: list[str]) -> list[str]:
+    """llama.cpp's weights_map order: non-block tensors first, then blk.N by N, names sorted within."""
+
+    def key(name: str) -> tuple[int, str]:
+        m = re.match(r"blk\.(\d+)\.", name)
+        return (int(m.group(1)) if m else -1, name)
+
+    return sorted(names, key=key)
+
+
+def allows_quantization(spec: TensorSpec, options: MixOptions) -> bool:
+    name = spec.name
+    if len(spec.ne) < 2 or not name.endswith("weight"):
+        return False
+    if any(s in name for s in NEVER_QUANTIZED) or name in NEVER_QUANTIZED_EXACT:
+        return False
+    return options.quantize_output_tensor or name != "output.weight"
+
+
+def use_more_bits(i_layer: int, n_layers: int) -> bool:
+    return i_layer < n_layers // 8 or i_layer >= 7 * n_layers // 8 or (i_layer - n_layers // 8) % 3 == 2
+
+
+def choose_types(specs: list[TensorSpec], ftype: LlamaFileType, model: ModelFacts, options: MixOptions | None = None) -> dict[str, T]:
+    """Tensor name -> GGML type, for tensors given in llama.cpp's order."""
+    options = options or MixOptions()
+    if ftype not in DEFAULT_TYPE:
+        raise MtError(f"file type {ftype.name} is not supported by mt quantize", f"choose one of {', '.join(FILE_TYPES)}")
+    counters = _Counters(n_attention_wv=sum(category(s.name) in ATTN_V_LIKE for s in specs))
+    counters.tied_embeddings = not any(s.name == "output.weight" for s in specs)
+    return {s.name: _choose(s, ftype, model, options, counters) for s in specs}
+
+
+def _choose(spec: TensorSpec, ftype: LlamaFileType, model: ModelFacts, options: MixOptions, c: _Counters) -> T:
+    if not allows_quantization(spec, options):
+        return spec.type
+    cat = category(spec.name)
+    if options.token_embedding_type is not None and cat == "token_embd":
+        return options.token_embedding_type
+    if options.output_tensor_type is not None and cat == "output":
+        return options.output_tensor_type
+    new = DEFAULT_TYPE[ftype]
+    if not options.pure:
+        new = _mixed_type(spec, new, cat, ftype, model, options, c)
+    return _fallback(spec, new)
+
+
+def _mixed_type(spec: TensorSpec, new: T, cat: str, ftype: LlamaFileType, model: ModelFacts, options: MixOptions, c: _Counters) -> T:
+    F = LlamaFileType
+    if cat == "output" or (c.tied_embeddings and cat == "token_embd"):
+        if options.output_tensor_type is not None:
+            return options.output_tensor_type
+        if model.arch == "falcon" or spec.ne[0] % block_size(new) != 0:
+            return T.Q8_0
+        return T.Q6_K if new != T.Q8_0 else new
+    if cat == "token_embd":
+        return options.token_embedding_type or new
+    if cat in ATTN_V_LIKE:
+        if ftype in (F.MOSTLY_Q4_K_M, F.MOSTLY_Q5_K_M) and use_more_bits(c.i_attention_wv, c.n_attention_wv):
+            new = T.Q6_K
+        elif ftype == F.MOSTLY_Q4_K_S and c.i_attention_wv < 4:
+            new = T.Q5_K
+        if model.is_70b and new in (T.Q3_K, T.Q4_K):
+            new = T.Q5_K
+        if model.n_expert == 8:
+            new = T.Q8_0
+        c.i_attention_wv += 1
+        return new
+    if cat == "attn_k":
+        return T.Q8_0 if model.n_expert == 8 else new
+    if cat == "ffn_down":
+        i_layer, n_layer = _layer(spec.name, c.i_ffn_down, model)
+        falcon = model.arch == "falcon"
+        if ftype == F.MOSTLY_Q4_K_M:
+            if falcon:
+                new = T.Q6_K if i_layer < n_layer // 16 else T.Q5_K if use_more_bits(i_layer, n_layer) else T.Q4_K
+            elif use_more_bits(i_layer, n_layer):
+                new = T.Q6_K
+        elif ftype == F.MOSTLY_Q5_K_M and use_more_bits(i_layer, n_layer):
+            new = T.Q6_K
+        elif ftype == F.MOSTLY_Q4_K_S and not falcon and i_layer < n_layer // 8:
+            new = T.Q5_K
+        c.i_ffn_down += 1
+        return new
+    if cat == "attn_output" and model.arch != "falcon" and model.n_expert == 8:
+        if ftype in (F.MOSTLY_Q4_K_S, F.MOSTLY_Q4_K_M):
+            return T.Q5_K
+    return new
+
+
+def _layer(name: str, counter: int, model: ModelFacts) -> tuple[int, int]:
+    if model.n_expert > 1:
+        m = re.match(r"blk\.(\d+)\.", name)
+        if not m:
+            raise MtError(f"cannot tell the layer of tensor {name!r}", "the file's tensor names are not llama.cpp's")
+        return int(m.group(1)), model.n_layer
+    return counter, model.n_layer
+
+
+def _fallback(spec: TensorSpec, new: T) -> T:
+    if spec.ne[0] % block_size(new) == 0:
+        return new
+    fallback = FALLBACK.get(new, new)
+    return fallback if spec.ne[0] % block_size(fallback) == 0 else T.F16

@@ -1,0 +1,131 @@
+"""`mt quantize`: an F32/F16/BF16 GGUF -> a quantized GGUF laid out as llama-quantize writes it.
+
+llama.cpp copies the metadata in order, moves general.quantization_version and general.file_type
+to the end, and writes the tensors in its weights_map order (`mix.llama_order`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import gguf
+import numpy as np
+from gguf import GGMLQuantizationType as T
+from gguf import LlamaFileType
+
+from mt.errors import MtError
+from mt.gguf_in import GGUFHeader, TensorInfo, read_header
+from mt.gguf_out import FastArrayGGUFWriter, TensorStream, atomic_path, check_output
+from mt.quant.mix import FILE_TYPES, MixOptions, ModelFacts, TensorSpec, choose_types, llama_order
+from mt.quant.types import bf16_bits_to_f32, quant_type
+
+MOVED_TO_END = ("general.quantization_version", "general.file_type")
+SET_BY_WRITER = ("general.architecture",)
+SOURCE_TYPES = (T.F32, T.F16, T.BF16)
+ROWS_PER_STEP_BYTES = 16 << 20
+
+
+@dataclass
+class QuantizeResult:
+    output: Path
+    file_type: LlamaFileType
+    types: dict[str, T]
+    nbytes: int
+
+
+def parse_file_type(name: str) -> LlamaFileType:
+    try:
+        return FILE_TYPES[name.lower()]
+    except KeyError:
+        raise MtError(f"unknown quantization type {name!r}", f"choose one of {', '.join(t.upper() for t in FILE_TYPES)}") from None
+
+
+def text(value: object) -> str | None:
+    return value.decode("utf-8") if isinstance(value, bytes) else value  # type: ignore[return-value]
+
+
+def model_facts(header: GGUFHeader) -> ModelFacts:
+    arch = text(header.value("general.architecture"))
+    if arch is None:
+        raise MtError(f"{header.path} has no general.architecture", "quantize a GGUF written by mt convert or llama.cpp")
+    n_layer = int(header.value(f"{arch}.block_count", 0))
+    return ModelFacts(arch=arch, n_layer=n_layer, n_expert=int(header.value(f"{arch}.expert_count", 0) or 0),
+                      is_70b=arch == "llama" and n_layer == 80)
+
+
+def plan_types(header: GGUFHeader, file_type: LlamaFileType, options: MixOptions) -> tuple[list[TensorInfo], dict[str, T]]:
+    by_name = {t.name: t for t in header.tensors}
+    ordered = [by_name[n] for n in llama_order(list(by_name))]
+    specs = [TensorSpec(t.name, t.shape, t.type) for t in ordered]
+    types = choose_types(specs, file_type, model_facts(header), options)
+    for t in ordered:
+        if types[t.name] != t.type and t.type not in SOURCE_TYPES:
+            raise MtError(
+                f"tensor {t.name!r} is already {t.type.name}; mt does not re-quantize",
+                "quantize from the F32, F16 or BF16 GGUF (mt convert --outtype bf16)",
+            )
+    return ordered, types
+
+
+def _to_f32(raw: np.ndarray, src: T) -> np.ndarray:
+    if src == T.BF16:
+        return bf16_bits_to_f32(raw.view(np.uint16))
+    if src == T.F16:
+        return raw.view(np.float16).astype(np.float32)
+    return raw.view(np.float32)
+
+
+def tensor_chunks(header: GGUFHeader, info: TensorInfo, new_type: T) -> Iterator[np.ndarray]:
+    """Output bytes of one tensor, a slab of rows at a time."""
+    row_bytes = info.nbytes // max(1, info.n_elements // info.shape[0])
+    n_rows = info.n_elements // info.shape[0]
+    step = max(1, ROWS_PER_STEP_BYTES // max(1, row_bytes))
+    with open(header.path, "rb") as f:
+        for start in range(0, n_rows, step):
+            count = min(step, n_rows - start)
+            f.seek(info.offset + start * row_bytes)
+            raw = np.frombuffer(f.read(count * row_bytes), dtype=np.uint8)
+            if new_type == info.type:
+                yield raw
+                continue
+            values = _to_f32(raw, info.type).reshape(count, info.shape[0])
+            if not np.isfinite(values).all():
+                raise MtError(f"tensor {info.name!r} holds NaN or Inf values", "fix the checkpoint; these weights cannot be quantized")
+            yield quant_type(new_type).quantize(values)
+
+
+def quantize_gguf(src: Path, out: Path, file_type: str, *, options: MixOptions | None = None, force: bool = False,
+                  progress: Callable[[int, int], None] | None = None) -> QuantizeResult:
+    ftype = parse_file_type(file_type)
+    options = options or MixOptions()
+    header = read_header(src, raw_strings=True)
+    check_output(out, force)
+    ordered, types = plan_types(header, ftype, options)
+    w = FastArrayGGUFWriter(path=None, arch=model_facts(header).arch)
+    if (alignment := header.value("general.alignment")) is not None:
+        w.data_alignment = int(alignment)
+    for key, (vtype, value) in header.kv.items():
+        if key not in MOVED_TO_END and key not in SET_BY_WRITER:
+            w.add_key_value(key, value, vtype, sub_type=header.array_types.get(key))
+    w.add_uint32("general.quantization_version", gguf.GGML_QUANT_VERSION)
+    w.add_uint32("general.file_type", int(ftype))
+    sizes = {t.name: quant_type(types[t.name]).nbytes(tuple(reversed(t.shape))) for t in ordered}
+    for t in ordered:
+        w.add_tensor_info(t.name, tuple(reversed(t.shape)), np.dtype(np.float32), sizes[t.name], raw_dtype=types[t.name])
+    total = sum(sizes.values())
+    with atomic_path(out) as tmp:
+        try:
+            w.write_header_to_file(path=tmp)
+            w.write_kv_data_to_file()
+            w.write_ti_data_to_file()
+            stream = TensorStream(w)
+            for t in ordered:
+                stream.write_tensor(tensor_chunks(header, t, types[t.name]), sizes[t.name])
+                if progress is not None:
+                    progress(sizes[t.name], total)
+            stream.finish()
+        finally:
+            w.close()
+    return QuantizeResult(out, ftype, types, total)

@@ -1,0 +1,93 @@
+"""mt quantize against llama.cpp's llama_model_quantize: the whole output file, byte for byte."""
+
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from mt.cli import main
+from mt.convert.convert import convert
+from mt.quant.quantize import parse_file_type, quantize_gguf
+from tests.gguf_compare import read_gguf
+from tests.llama_quantize import llama_quantize
+
+K_MIXES = ["q4_k_m", "q5_k_m", "q4_k_s", "q5_k_s", "q6_k", "q8_0"]
+
+
+@pytest.fixture(scope="module")
+def f32_gguf(llama2_256_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("f32") / "m-f32.gguf"
+    convert(llama2_256_dir, out, "f32")
+    return out
+
+
+def assert_same_file(ours: Path, ref: Path) -> None:
+    if ours.read_bytes() == ref.read_bytes():
+        return
+    a, b = read_gguf(ours), read_gguf(ref)
+    assert a.kv == b.kv
+    assert [t[:3] for t in a.tensors] == [t[:3] for t in b.tensors]
+    for x, y in zip(a.tensors, b.tensors):
+        assert x[3] == y[3], f"{x[0]}: data differs"
+    pytest.fail("files differ outside metadata and tensor data")
+
+
+@pytest.mark.parametrize("mix", K_MIXES + ["q4_0", "q5_0", "q5_1"])
+def test_same_file_as_llama_quantize(f32_gguf, tmp_path, mix):
+    ref, ours = tmp_path / "ref.gguf", tmp_path / "mt.gguf"
+    llama_quantize(f32_gguf, ref, parse_file_type(mix))
+    quantize_gguf(f32_gguf, ours, mix)
+    assert_same_file(ours, ref)
+
+
+@pytest.mark.parametrize("mix", ["q4_k_m", "q5_k_s", "q6_k"])
+def test_fallback_rows_and_tied_embeddings(llama3_dir, tmp_path, mix):
+    """Rows of 64 (no K-quant fits: Q5_0/Q5_1/Q8_0 fallbacks), BF16 source, tied token_embd -> output type."""
+    bf16 = tmp_path / "bf16.gguf"
+    convert(llama3_dir, bf16, "bf16")
+    ref, ours = tmp_path / "ref.gguf", tmp_path / "mt.gguf"
+    llama_quantize(bf16, ref, parse_file_type(mix))
+    quantize_gguf(bf16, ours, mix)
+    assert_same_file(ours, ref)
+
+
+def test_types_chosen_for_q4_k_m(f32_gguf, tmp_path):
+    out = tmp_path / "q.gguf"
+    result = quantize_gguf(f32_gguf, out, "q4_k_m")
+    types = {n: t.name for n, t in result.types.items()}
+    # 8 layers: use_more_bits is true for layers 0, 3, 6, 7 (i < 1, i >= 7, (i - 1) % 3 == 2)
+    more_bits = ["Q6_K", "Q4_K", "Q4_K", "Q6_K", "Q4_K", "Q4_K", "Q6_K", "Q6_K"]
+    assert [types[f"blk.{i}.attn_v.weight"] for i in range(8)] == more_bits
+    assert [types[f"blk.{i}.ffn_down.weight"] for i in range(8)] == more_bits
+    assert types["output.weight"] == "Q6_K" and types["token_embd.weight"] == "Q4_K"
+    assert types["blk.0.attn_norm.weight"] == "F32" and types["blk.3.ffn_gate.weight"] == "Q4_K"
+
+
+def test_cli_quantize_and_bad_inputs(f32_gguf, tmp_path):
+    out = tmp_path / "q.gguf"
+    result = CliRunner().invoke(main, ["quantize", str(f32_gguf), str(out), "Q8_0"])
+    assert result.exit_code == 0, result.output
+    assert read_gguf(out).kv_dict()["general.file_type"] == 7
+    again = CliRunner().invoke(main, ["quantize", str(f32_gguf), str(out), "Q8_0"])
+    assert again.exit_code == 1 and "--force" in again.output
+    unknown = CliRunner().invoke(main, ["quantize", str(f32_gguf), str(tmp_path / "x.gguf"), "Q3_ZZ"])
+    assert unknown.exit_code == 1 and "Q4_K_M" in unknown.output
+    requant = CliRunner().invoke(main, ["quantize", str(out), str(tmp_path / "y.gguf"), "Q4_K_M"])
+    assert requant.exit_code == 1 and "re-quantize" in requant.output
+    assert not (tmp_path / "y.gguf").exists()
+
+
+def test_nan_weight_is_named(llama2_spm_dir, tmp_path):
+    import numpy as np
+
+    from mt.gguf_in import read_header
+
+    f32 = tmp_path / "f32.gguf"
+    convert(llama2_spm_dir, f32, "f32")
+    info = next(t for t in read_header(f32).tensors if t.name == "blk.1.ffn_up.weight")
+    data = bytearray(f32.read_bytes())
+    data[info.offset : info.offset + 4] = np.float32("nan").tobytes()
+    f32.write_bytes(bytes(data))
+    result = CliRunner().invoke(main, ["quantize", str(f32), str(tmp_path / "q.gguf"), "Q8_0"])
+    assert result.exit_code == 1 and "blk.1.ffn_up.weight" in result.output and "NaN" in result.output
+    assert not (tmp_path / "q.gguf").exists()
