@@ -12,7 +12,7 @@ import click
 
 from mt.errors import MtError
 
-OUTTYPE_CHOICES = ["f32", "f16", "bf16", "q8_0", "auto"]
+OUTTYPE_CHOICES = ["f32", "f16", "bf16", "q8_0", "auto", "q4_k_m", "q5_k_m", "q4_k_s", "q5_k_s", "q6_k", "q4_0", "q5_0", "q5_1"]
 
 
 def _fail(message: str, code: int) -> None:

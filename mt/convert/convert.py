@@ -8,7 +8,7 @@ from typing import Callable, Iterator
 
 import gguf
 import numpy as np
-from gguf import GGUFWriter
+from gguf import GGUFWriter, LlamaFileType
 
 from mt.convert.arch import load_architecture
 from mt.convert.arch.base import Architecture
@@ -39,10 +39,15 @@ def prepare_writer(ckpt: Checkpoint, arch: Architecture, plan: TensorPlan, vocab
             w.add_tensor_info(e.name, e.shape, _INFO_DTYPE, e.nbytes, raw_dtype=e.qtype)
     w.add_type(gguf.GGUFType.MODEL)
     write_general_metadata(w, ckpt.folder)
-    arch.write_hparams(w, int(plan.file_type))
+    arch.write_hparams(w, int(LlamaFileType.ALL_F32 if plan.llama_quantize_layout else plan.file_type))
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     vocab = arch.write_vocab(ckpt.folder, w)
     read_tokenizer_json.cache_clear()
+    if plan.llama_quantize_layout:
+        for key in ("general.quantization_version", "general.file_type"):
+            w.kv_data[0].pop(key)
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        w.add_file_type(int(plan.file_type))
     return w, vocab
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterator
 
 import numpy as np
@@ -15,6 +15,8 @@ from mt.convert.arch.base import Architecture, ExtraTensor, Transform
 from mt.convert.checkpoint import Checkpoint, LazyTensor
 from mt.errors import MtError
 from mt.io.safetensors import FileSpan
+from mt.quant.mix import FILE_TYPES as MIXES
+from mt.quant.mix import ModelFacts, TensorSpec, choose_types, llama_order
 from mt.quant.types import bf16_bits_to_f32, quant_type
 
 SLAB_BYTES = 16 << 20
@@ -49,6 +51,9 @@ class PlanEntry:
 class TensorPlan:
     file_type: LlamaFileType
     entries: list[PlanEntry]
+    # a llama.cpp mix (Q4_K_M …) is laid out as llama-quantize writes it from the F32 conversion:
+    # the hyperparameters carry that file's type, and the final type goes last in the metadata
+    llama_quantize_layout: bool = False
 
     @property
     def nbytes(self) -> int:
@@ -60,8 +65,26 @@ def resolve_outtype(outtype: str, ckpt: Checkpoint) -> tuple[LlamaFileType, T]:
         first = next((t for t in ckpt.tensors.values() if len(t.shape) >= 2), None)
         outtype = {"BF16": "bf16", "F16": "f16"}.get(first.dtype if first else "", "f16")
     if outtype not in OUTTYPES:
-        raise MtError(f"unknown --outtype {outtype!r}", f"choose one of {', '.join([*OUTTYPES, 'auto'])}")
+        choices = [*OUTTYPES, "auto", *(m for m in MIXES if m not in OUTTYPES)]
+        raise MtError(f"unknown --outtype {outtype!r}", f"choose one of {', '.join(choices)}")
     return OUTTYPES[outtype]
+
+
+def build_plan(ckpt: Checkpoint, arch: Architecture, outtype: str) -> TensorPlan:
+    """The converter's plan, or for a llama.cpp mix the plan llama-quantize makes from the F32 file."""
+    if outtype in MIXES and outtype not in OUTTYPES:
+        return mix_plan(_converter_plan(ckpt, arch, "f32"), MIXES[outtype], arch.block_count(), arch.gguf_arch)
+    return _converter_plan(ckpt, arch, outtype)
+
+
+def mix_plan(f32_plan: TensorPlan, file_type: LlamaFileType, n_layer: int, gguf_arch: str) -> TensorPlan:
+    by_name = {e.name: e for e in f32_plan.entries}
+    ordered = [by_name[n] for n in llama_order(list(by_name))]
+    specs = [TensorSpec(e.name, tuple(reversed(e.shape)), e.qtype) for e in ordered]
+    facts = ModelFacts(arch=gguf_arch, n_layer=n_layer, is_70b=gguf_arch == "llama" and n_layer == 80)
+    types = choose_types(specs, file_type, facts)
+    entries = [replace(e, qtype=types[e.name]) for e in ordered]
+    return TensorPlan(file_type, entries, llama_quantize_layout=True)
 
 
 def tensor_type(name: str, shape: tuple[int, ...], file_qtype: T) -> T:
@@ -73,7 +96,7 @@ def tensor_type(name: str, shape: tuple[int, ...], file_qtype: T) -> T:
     return file_qtype
 
 
-def build_plan(ckpt: Checkpoint, arch: Architecture, outtype: str) -> TensorPlan:
+def _converter_plan(ckpt: Checkpoint, arch: Architecture, outtype: str) -> TensorPlan:
     file_type, file_qtype = resolve_outtype(outtype, ckpt)
     entries = [PlanEntry(x.name, x.shape, tensor_type(x.name, x.shape, file_qtype), extra=x) for x in arch.extra_tensors()]
     for hf_name, ref in ckpt.tensors.items():

@@ -91,3 +91,15 @@ def test_nan_weight_is_named(llama2_spm_dir, tmp_path):
     result = CliRunner().invoke(main, ["quantize", str(f32), str(tmp_path / "q.gguf"), "Q8_0"])
     assert result.exit_code == 1 and "blk.1.ffn_up.weight" in result.output and "NaN" in result.output
     assert not (tmp_path / "q.gguf").exists()
+
+
+@pytest.mark.parametrize("fixture, mix", [("llama2_256_dir", "q4_k_m"), ("llama2_256_dir", "q5_k_s"), ("llama3_dir", "q4_k_m"), ("qwen2_dir", "q6_k")])
+def test_convert_straight_to_mix_equals_converter_then_llama_quantize(request, tmp_path, fixture, mix):
+    from tests.oracle import run_converter
+
+    src = request.getfixturevalue(fixture)
+    f32, ref, ours = tmp_path / "f32.gguf", tmp_path / "ref.gguf", tmp_path / "mt.gguf"
+    run_converter(src, f32, "f32")
+    llama_quantize(f32, ref, parse_file_type(mix))
+    convert(src, ours, mix)
+    assert_same_file(ours, ref)
