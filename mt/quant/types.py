@@ -37,6 +37,7 @@ class QuantType:
     ggml_type: ClassVar[GGMLQuantizationType]
     block_size: ClassVar[int]
     type_size: ClassVar[int]
+    chunk_values: ClassVar[int | None] = None  # values per work item; None: CHUNK_VALUES
 
     def __init_subclass__(cls) -> None:
         REGISTRY[cls.ggml_type] = cls
@@ -74,7 +75,7 @@ class QuantType:
         convert = to_f32 or (lambda a: a.astype(np.float32, copy=False))
         blocks = np.ascontiguousarray(data).reshape(-1, cls.block_size)
         out = np.empty((blocks.shape[0], cls.type_size), dtype=np.uint8)
-        step = max(1, CHUNK_VALUES // cls.block_size)
+        step = max(1, (cls.chunk_values or CHUNK_VALUES) // cls.block_size)
 
         def run(start: int) -> None:
             out[start : start + step] = cls.quantize_blocks(convert(blocks[start : start + step]))
