@@ -160,6 +160,15 @@ def _affine_k_quants(blocks: np.ndarray, nmax: int, rmin: float, nstep: int) -> 
     return d, dmin, packed, L
 
 
+def _dequantize_affine(blocks: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """Q4_K/Q5_K: d·scale·q − dmin·min per sub-block; q [N, 4, 2, 32] in sub-block order."""
+    d = blocks[:, 0:2].copy().view(np.float16).astype(F32)
+    dmin = blocks[:, 2:4].copy().view(np.float16).astype(F32)
+    sc, m = unpack_scale_min_k4(blocks[:, 4:16])
+    values = (d * sc.astype(F32))[:, :, None] * q.reshape(-1, 8, 32).astype(F32) - (dmin * m.astype(F32))[:, :, None]
+    return values.reshape(-1, 256)
+
+
 class Q4_K(QuantType):
     ggml_type = GGMLQuantizationType.Q4_K
     block_size = QK_K
@@ -176,12 +185,8 @@ class Q4_K(QuantType):
 
     @classmethod
     def dequantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
-        d = blocks[:, 0:2].copy().view(np.float16).astype(F32)
-        dmin = blocks[:, 2:4].copy().view(np.float16).astype(F32)
-        sc, m = unpack_scale_min_k4(blocks[:, 4:16])
         qs = blocks[:, 16:].reshape(-1, 4, 1, 32)
-        q = np.concatenate([qs & 0xF, qs >> 4], axis=2).reshape(-1, 8, 32).astype(F32)
-        return ((d[:, :1] * sc.astype(F32))[:, :, None] * q - (dmin[:, :1] * m.astype(F32))[:, :, None]).reshape(-1, 256)
+        return _dequantize_affine(blocks, np.concatenate([qs & 0xF, qs >> 4], axis=2))
 
 
 class Q5_K(QuantType):
@@ -203,16 +208,11 @@ class Q5_K(QuantType):
 
     @classmethod
     def dequantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
-        d = blocks[:, 0:2].copy().view(np.float16).astype(F32)
-        dmin = blocks[:, 2:4].copy().view(np.float16).astype(F32)
-        sc, m = unpack_scale_min_k4(blocks[:, 4:16])
-        qh = blocks[:, 16:48]
         qs = blocks[:, 48:].reshape(-1, 4, 1, 32)
         low = np.concatenate([qs & 0xF, qs >> 4], axis=2)
         shifts = np.arange(8, dtype=np.uint8).reshape(1, 4, 2, 1)
-        high = (qh[:, None, None, :] >> shifts) & 1
-        q = (low | (high << 4)).reshape(-1, 8, 32).astype(F32)
-        return ((d[:, :1] * sc.astype(F32))[:, :, None] * q - (dmin[:, :1] * m.astype(F32))[:, :, None]).reshape(-1, 256)
+        high = (blocks[:, 16:48][:, None, None, :] >> shifts) & 1
+        return _dequantize_affine(blocks, low | (high << 4))
 
 
 def make_qx_quants_rmse1(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
