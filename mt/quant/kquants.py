@@ -216,27 +216,31 @@ class Q5_K(QuantType):
 
 
 def make_qx_quants_rmse1(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
-    """make_qx_quants(n, nmax, x, L, rmse_type=1, qw=NULL): x [S, n] -> (scale [S], L [S, n] in 0..2nmax-1)."""
-    n = x.shape[1]
-    amax = np.zeros(x.shape[0], dtype=F32)
-    vmax = np.zeros(x.shape[0], dtype=F32)
-    for i in range(n):
-        ax = np.abs(x[:, i])
+    """make_qx_quants(n, nmax, x, L, rmse_type=1, qw=NULL): x [S, n] -> (scale [S], L [S, n] in 0..2nmax-1).
+
+    Works on an [n, S] copy so each per-position step is a contiguous vector operation.
+    """
+    xt = np.ascontiguousarray(x.T)
+    n = xt.shape[0]
+    amax = np.zeros(xt.shape[1], dtype=F32)
+    vmax = np.zeros(xt.shape[1], dtype=F32)
+    for i in range(n):  # the first position holding the largest magnitude wins, as in ggml
+        ax = np.abs(xt[i])
         bigger = ax > amax
         amax = np.where(bigger, ax, amax)
-        vmax = np.where(bigger, x[:, i], vmax)
+        vmax = np.where(bigger, xt[i], vmax)
     zero = amax < GROUP_MAX_EPS
     safe_max = np.where(zero, F32(1), vmax)
-    w = x * x
+    wx = (xt * xt) * xt  # w * x with w = x * x, in ggml's order
 
     def sums(iscale: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        ls = np.clip(nearest_int(iscale[:, None] * x), -nmax, nmax - 1)
+        ls = np.clip(nearest_int(iscale * xt), -nmax, nmax - 1)
         lf = ls.astype(F32)
-        sumlx = np.zeros(x.shape[0], dtype=F32)
-        suml2 = np.zeros(x.shape[0], dtype=F32)
+        sumlx = np.zeros(xt.shape[1], dtype=F32)
+        suml2 = np.zeros(xt.shape[1], dtype=F32)
         for i in range(n):
-            sumlx = sumlx + w[:, i] * x[:, i] * lf[:, i]
-            suml2 = suml2 + w[:, i] * lf[:, i] * lf[:, i]
+            sumlx = sumlx + wx[i] * lf[i]
+            suml2 = suml2 + (xt[i] * xt[i]) * lf[i] * lf[i]
         return ls, sumlx, suml2
 
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -250,11 +254,11 @@ def make_qx_quants_rmse1(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarr
             iscale = -(F32(nmax) + F32(0.1) * F32(step)) / safe_max
             cand, sumlx, suml2 = sums(iscale)
             better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
-            ls = np.where(better[:, None], cand, ls)
+            ls = np.where(better, cand, ls)
             scale = np.where(better, sumlx / suml2, scale)
             best = np.where(better, scale * sumlx, best)
-    L = np.where(zero[:, None], 0, ls + nmax)
-    return np.where(zero, F32(0), scale).astype(F32), L.astype(np.int8)
+    L = np.where(zero, 0, ls + nmax)
+    return np.where(zero, F32(0), scale).astype(F32), np.ascontiguousarray(L.T).astype(np.int8)
 
 
 class Q6_K(QuantType):
