@@ -18,6 +18,7 @@ from mt.convert.special import read_tokenizer_json
 from mt.convert.vocab import VocabSummary
 from mt.io.safetensors import FileSpan
 from mt.gguf_out import FastArrayGGUFWriter, TensorStream, atomic_path, check_output
+from mt.quant.quantize import put_quantization_keys_last
 
 Progress = Callable[[int, int], None]  # (bytes just written, total bytes)
 
@@ -44,10 +45,7 @@ def prepare_writer(ckpt: Checkpoint, arch: Architecture, plan: TensorPlan, vocab
     vocab = arch.write_vocab(ckpt.folder, w)
     read_tokenizer_json.cache_clear()
     if plan.llama_quantize_layout:
-        for key in ("general.quantization_version", "general.file_type"):
-            w.kv_data[0].pop(key)
-        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        w.add_file_type(int(plan.file_type))
+        put_quantization_keys_last(w, plan.file_type)
     return w, vocab
 
 

@@ -13,13 +13,13 @@ from typing import Callable, Iterator
 import gguf
 import numpy as np
 from gguf import GGMLQuantizationType as T
-from gguf import LlamaFileType
+from gguf import GGUFWriter, LlamaFileType
 
 from mt.errors import MtError
 from mt.gguf_in import GGUFHeader, TensorInfo, read_header
 from mt.gguf_out import FastArrayGGUFWriter, TensorStream, atomic_path, check_output
 from mt.quant.mix import FILE_TYPES, MixOptions, ModelFacts, TensorSpec, choose_types, llama_order
-from mt.quant.types import bf16_bits_to_f32, quant_type
+from mt.quant.types import quant_type
 
 MOVED_TO_END = ("general.quantization_version", "general.file_type")
 SET_BY_WRITER = ("general.architecture",)
@@ -69,12 +69,22 @@ def plan_types(header: GGUFHeader, file_type: LlamaFileType, options: MixOptions
     return ordered, types
 
 
+STORAGE = {T.BF16: ("BF16", np.uint16), T.F16: ("F16", np.float16), T.F32: ("F32", np.float32)}
+
+
 def _to_f32(raw: np.ndarray, src: T) -> np.ndarray:
-    if src == T.BF16:
-        return bf16_bits_to_f32(raw.view(np.uint16))
-    if src == T.F16:
-        return raw.view(np.float16).astype(np.float32)
-    return raw.view(np.float32)
+    from mt.convert.plan import to_f32
+
+    name, storage = STORAGE[src]
+    return to_f32(raw.view(storage), name)
+
+
+def put_quantization_keys_last(w: GGUFWriter, file_type: LlamaFileType) -> None:
+    """llama-quantize re-sets these two keys, which moves them after all the copied metadata."""
+    for key in MOVED_TO_END:
+        w.kv_data[0].pop(key, None)
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    w.add_file_type(int(file_type))
 
 
 def tensor_chunks(header: GGUFHeader, info: TensorInfo, new_type: T) -> Iterator[np.ndarray]:
@@ -107,10 +117,9 @@ def quantize_gguf(src: Path, out: Path, file_type: str, *, options: MixOptions |
     if (alignment := header.value("general.alignment")) is not None:
         w.data_alignment = int(alignment)
     for key, (vtype, value) in header.kv.items():
-        if key not in MOVED_TO_END and key not in SET_BY_WRITER:
+        if key not in SET_BY_WRITER:
             w.add_key_value(key, value, vtype, sub_type=header.array_types.get(key))
-    w.add_uint32("general.quantization_version", gguf.GGML_QUANT_VERSION)
-    w.add_uint32("general.file_type", int(ftype))
+    put_quantization_keys_last(w, ftype)
     sizes = {t.name: quant_type(types[t.name]).nbytes(tuple(reversed(t.shape))) for t in ordered}
     for t in ordered:
         w.add_tensor_info(t.name, tuple(reversed(t.shape)), np.dtype(np.float32), sizes[t.name], raw_dtype=types[t.name])
