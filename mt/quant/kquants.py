@@ -26,11 +26,6 @@ def nearest_int(x: np.ndarray) -> np.ndarray:
     return (bits & 0x007FFFFF) - 0x00400000
 
 
-def fp16_round(x: np.ndarray) -> np.ndarray:
-    """GGML_FP16_TO_FP32(GGML_FP32_TO_FP16(x))."""
-    return x.astype(np.float16).astype(F32)
-
-
 def make_qkx2_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """x, w: [S, n] float32 -> (scale [S], the_min [S], L [S, n] uint8), use_mad = false.
 
