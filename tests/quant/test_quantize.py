@@ -103,3 +103,18 @@ def test_convert_straight_to_mix_equals_converter_then_llama_quantize(request, t
     llama_quantize(f32, ref, parse_file_type(mix))
     convert(src, ours, mix)
     assert_same_file(ours, ref)
+
+
+@pytest.mark.parametrize("pure, output_type, embd_type", [(True, None, None), (False, "Q8_0", "Q6_K")])
+def test_pure_and_type_overrides_match_llama_quantize(f32_gguf, tmp_path, pure, output_type, embd_type):
+    from gguf import GGMLQuantizationType as T
+
+    from mt.quant.mix import MixOptions
+
+    out_t = T[output_type] if output_type else None
+    embd_t = T[embd_type] if embd_type else None
+    ref, ours = tmp_path / "ref.gguf", tmp_path / "mt.gguf"
+    llama_quantize(f32_gguf, ref, parse_file_type("q4_k_m"), pure=pure,
+                   output_tensor_type=int(out_t) if out_t else None, token_embedding_type=int(embd_t) if embd_t else None)
+    quantize_gguf(f32_gguf, ours, "q4_k_m", options=MixOptions(pure=pure, output_tensor_type=out_t, token_embedding_type=embd_t))
+    assert_same_file(ours, ref)
