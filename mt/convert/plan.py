@@ -81,8 +81,7 @@ def mix_plan(f32_plan: TensorPlan, file_type: LlamaFileType, n_layer: int, gguf_
     by_name = {e.name: e for e in f32_plan.entries}
     ordered = [by_name[n] for n in llama_order(list(by_name))]
     specs = [TensorSpec(e.name, tuple(reversed(e.shape)), e.qtype) for e in ordered]
-    facts = ModelFacts(arch=gguf_arch, n_layer=n_layer, is_70b=gguf_arch == "llama" and n_layer == 80)
-    types = choose_types(specs, file_type, facts)
+    types = choose_types(specs, file_type, ModelFacts(arch=gguf_arch, n_layer=n_layer))
     entries = [replace(e, qtype=types[e.name]) for e in ordered]
     return TensorPlan(file_type, entries, llama_quantize_layout=True)
 

@@ -71,7 +71,11 @@ class ModelFacts:
     arch: str
     n_layer: int
     n_expert: int = 0
-    is_70b: bool = False
+
+    @property
+    def is_70b(self) -> bool:
+        """llama.cpp's LLM_TYPE_70B for the llama architecture: 80 layers."""
+        return self.arch == "llama" and self.n_layer == 80
 
 
 @dataclass

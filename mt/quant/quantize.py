@@ -50,16 +50,15 @@ def model_facts(header: GGUFHeader) -> ModelFacts:
     arch = text(header.value("general.architecture"))
     if arch is None:
         raise MtError(f"{header.path} has no general.architecture", "quantize a GGUF written by mt convert or llama.cpp")
-    n_layer = int(header.value(f"{arch}.block_count", 0))
-    return ModelFacts(arch=arch, n_layer=n_layer, n_expert=int(header.value(f"{arch}.expert_count", 0) or 0),
-                      is_70b=arch == "llama" and n_layer == 80)
+    return ModelFacts(arch=arch, n_layer=int(header.value(f"{arch}.block_count", 0)),
+                      n_expert=int(header.value(f"{arch}.expert_count", 0) or 0))
 
 
-def plan_types(header: GGUFHeader, file_type: LlamaFileType, options: MixOptions) -> tuple[list[TensorInfo], dict[str, T]]:
+def plan_types(header: GGUFHeader, facts: ModelFacts, file_type: LlamaFileType, options: MixOptions) -> tuple[list[TensorInfo], dict[str, T]]:
     by_name = {t.name: t for t in header.tensors}
     ordered = [by_name[n] for n in llama_order(list(by_name))]
     specs = [TensorSpec(t.name, t.shape, t.type) for t in ordered]
-    types = choose_types(specs, file_type, model_facts(header), options)
+    types = choose_types(specs, file_type, facts, options)
     for t in ordered:
         if types[t.name] != t.type and t.type not in SOURCE_TYPES:
             raise MtError(
@@ -89,8 +88,8 @@ def put_quantization_keys_last(w: GGUFWriter, file_type: LlamaFileType) -> None:
 
 def tensor_chunks(header: GGUFHeader, info: TensorInfo, new_type: T) -> Iterator[np.ndarray]:
     """Output bytes of one tensor, a slab of rows at a time."""
-    row_bytes = info.nbytes // max(1, info.n_elements // info.shape[0])
     n_rows = info.n_elements // info.shape[0]
+    row_bytes = info.nbytes // max(1, n_rows)
     step = max(1, ROWS_PER_STEP_BYTES // max(1, row_bytes))
     with open(header.path, "rb") as f:
         for start in range(0, n_rows, step):
@@ -112,8 +111,9 @@ def quantize_gguf(src: Path, out: Path, file_type: str, *, options: MixOptions |
     options = options or MixOptions()
     header = read_header(src, raw_strings=True)
     check_output(out, force)
-    ordered, types = plan_types(header, ftype, options)
-    w = FastArrayGGUFWriter(path=None, arch=model_facts(header).arch)
+    facts = model_facts(header)
+    ordered, types = plan_types(header, facts, ftype, options)
+    w = FastArrayGGUFWriter(path=None, arch=facts.arch)
     if (alignment := header.value("general.alignment")) is not None:
         w.data_alignment = int(alignment)
     for key, (vtype, value) in header.kv.items():
