@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 import sys
 import time
 from pathlib import Path
@@ -103,9 +104,7 @@ def quantize_command(src: Path, out: Path, file_type: str, *, pure: bool, output
         if bar:
             bar.close()
     if not quiet:
-        counts: dict[str, int] = {}
-        for t in result.types.values():
-            counts[t.name] = counts.get(t.name, 0) + 1
+        counts = Counter(t.name for t in result.types.values())
         mix = ", ".join(f"{n} {name}" for name, n in sorted(counts.items()))
         click.echo(f"wrote {out}: {result.file_type.name}, {format_bytes(out.stat().st_size)} in "
                    f"{time.perf_counter() - start:.1f} s ({mix})")
