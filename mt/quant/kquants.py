@@ -169,6 +169,7 @@ class Q4_K(QuantType):
     block_size = QK_K
     chunk_values = K_CHUNK_VALUES
     type_size = 144
+    kernel = "q4_k"
 
     @classmethod
     def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
@@ -189,6 +190,7 @@ class Q5_K(QuantType):
     block_size = QK_K
     chunk_values = K_CHUNK_VALUES
     type_size = 176
+    kernel = "q5_k"
 
     @classmethod
     def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
@@ -261,6 +263,7 @@ class Q6_K(QuantType):
     block_size = QK_K
     chunk_values = K_CHUNK_VALUES
     type_size = 210
+    kernel = "q6_k"
 
     @classmethod
     def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:

@@ -1,8 +1,9 @@
 """GGML tensor types as registered classes.
 
 Each class has a numpy reference (`quantize_blocks` / `dequantize_blocks` on whole blocks, float32
-arithmetic in ggml's order). `quantize` runs it over cache-sized chunks on a thread pool; tests
-check the bytes against ggml itself.
+arithmetic in ggml's order) and, where it pays, a compiled kernel (`kernel`, in mt/quant/compiled.py)
+that writes the same bytes. `quantize` runs one of them over cache-sized chunks on a thread pool;
+tests check the bytes of both against ggml itself.
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ from mt.errors import QuantizationError
 REGISTRY: dict[GGMLQuantizationType, type["QuantType"]] = {}
 CHUNK_VALUES = 1 << 18
 _POOL: ThreadPoolExecutor | None = None
+BACKEND_ENV = "MT_QUANT_BACKEND"
+BACKENDS = ("compiled", "numpy")
+BlockWriter = Callable[[np.ndarray, np.ndarray], None]  # (float32 blocks [n, block_size], uint8 out [n, type_size])
 
 
 def set_threads(n: int) -> None:
@@ -33,11 +37,29 @@ def _pool() -> ThreadPoolExecutor:
     return _POOL
 
 
+def quant_backend(backend: str | None = None) -> str:
+    """`compiled` (the default) or `numpy` (the references), from the argument or $MT_QUANT_BACKEND."""
+    name = (backend or os.environ.get(BACKEND_ENV) or "compiled").lower()
+    if name not in BACKENDS:
+        raise QuantizationError(f"unknown quantization backend {name!r}", f"set {BACKEND_ENV} to one of {', '.join(BACKENDS)}")
+    return name
+
+
+def compiled_kernel(name: str) -> BlockWriter:
+    try:
+        from mt.quant.compiled import KERNELS
+    except ImportError as e:
+        raise QuantizationError(f"the compiled quantizers need numba ({e})",
+                                f"pip install numba==0.68.1, or set {BACKEND_ENV}=numpy") from None
+    return KERNELS[name]
+
+
 class QuantType:
     ggml_type: ClassVar[GGMLQuantizationType]
     block_size: ClassVar[int]
     type_size: ClassVar[int]
-    chunk_values: ClassVar[int | None] = None  # values per work item; None: CHUNK_VALUES
+    chunk_values: ClassVar[int | None] = None  # values per numpy work item; None: CHUNK_VALUES
+    kernel: ClassVar[str | None] = None  # name of the compiled kernel in mt.quant.compiled, if any
 
     def __init_subclass__(cls) -> None:
         REGISTRY[cls.ggml_type] = cls
@@ -60,25 +82,39 @@ class QuantType:
         raise NotImplementedError
 
     @classmethod
-    def quantize(cls, data: np.ndarray, to_f32: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
+    def block_writer(cls, backend: str | None = None) -> tuple[BlockWriter, int]:
+        """The function that fills output blocks, and how many values one work item should hold."""
+        if cls.kernel is not None and quant_backend(backend) == "compiled":
+            return compiled_kernel(cls.kernel), CHUNK_VALUES
+
+        def reference(blocks: np.ndarray, out: np.ndarray) -> None:
+            out[...] = cls.quantize_blocks(blocks)
+
+        return reference, cls.chunk_values or CHUNK_VALUES
+
+    @classmethod
+    def quantize(cls, data: np.ndarray, to_f32: Callable[[np.ndarray], np.ndarray] | None = None, *,
+                 backend: str | None = None) -> np.ndarray:
         """float32 [..., n] -> uint8 [..., n / block_size * type_size].
 
         `to_f32` converts another storage type (e.g. bf16 bits) chunk by chunk. Blocks are
         independent, so the work is cut into cache-sized chunks (fresh large temporaries cost more
-        in page faults than the arithmetic) run on a thread pool; numpy releases the GIL in ufuncs.
+        in page faults than the arithmetic) run on a thread pool; numpy ufuncs and the compiled
+        kernels release the GIL. `backend`: see `quant_backend`.
         """
         if not cls.row_fits(data.shape[-1]):
             raise QuantizationError(
                 f"row of {data.shape[-1]} values is not a multiple of {cls.__name__}'s block of {cls.block_size}",
                 "use a type whose block divides the row",
             )
+        write, chunk_values = cls.block_writer(backend)
         convert = to_f32 or (lambda a: a.astype(np.float32, copy=False))
         blocks = np.ascontiguousarray(data).reshape(-1, cls.block_size)
         out = np.empty((blocks.shape[0], cls.type_size), dtype=np.uint8)
-        step = max(1, (cls.chunk_values or CHUNK_VALUES) // cls.block_size)
+        step = max(1, chunk_values // cls.block_size)
 
         def run(start: int) -> None:
-            out[start : start + step] = cls.quantize_blocks(convert(blocks[start : start + step]))
+            write(np.ascontiguousarray(convert(blocks[start : start + step]), dtype=np.float32), out[start : start + step])
 
         starts = range(0, blocks.shape[0], step)
         if len(starts) > 1:
