@@ -19,6 +19,9 @@ def _lib() -> ctypes.CDLL:
                                         ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
     lib.ggml_row_size.restype = ctypes.c_size_t
     lib.ggml_row_size.argtypes = [ctypes.c_int, ctypes.c_int64]
+    for name in ("ggml_fp32_to_fp16_row", "ggml_fp16_to_fp32_row"):
+        getattr(lib, name).restype = None
+        getattr(lib, name).argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
     return lib
 
 
@@ -30,4 +33,19 @@ def ggml_quantize(ggml_type: int, rows: np.ndarray) -> np.ndarray:
     dst = np.zeros((nrows, row_size), dtype=np.uint8)
     written = _lib().ggml_quantize_chunk(ggml_type, src.ctypes.data, dst.ctypes.data, 0, nrows, n_per_row, None)
     assert written == dst.nbytes
+    return dst
+
+
+def ggml_fp32_to_fp16_bits(values: np.ndarray) -> np.ndarray:
+    """GGML_FP32_TO_FP16 over a float32 array -> uint16 bits."""
+    src = np.ascontiguousarray(values, dtype=np.float32)
+    dst = np.empty(src.shape, dtype=np.uint16)
+    _lib().ggml_fp32_to_fp16_row(src.ctypes.data, dst.ctypes.data, src.size)
+    return dst
+
+
+def ggml_fp16_bits_to_fp32(bits: np.ndarray) -> np.ndarray:
+    src = np.ascontiguousarray(bits, dtype=np.uint16)
+    dst = np.empty(src.shape, dtype=np.float32)
+    _lib().ggml_fp16_to_fp32_row(src.ctypes.data, dst.ctypes.data, src.size)
     return dst

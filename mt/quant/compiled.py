@@ -116,8 +116,8 @@ def fp16_to_fp32(h: int) -> float:
     if exponent == 0:
         magnitude = F32(mant) * F32(2.0**-24)  # exact
         return -magnitude if sign else magnitude
-    if exponent == 31:
-        return bits_f32(sign | 0x7F800000 | (mant << 13))
+    if exponent == 31:  # inf, or a NaN made quiet as ggml's float arithmetic makes it
+        return bits_f32(sign | 0x7F800000 | (mant << 13) | (0x400000 if mant else 0))
     return bits_f32(sign | ((exponent + 112) << 23) | (mant << 13))
 
 

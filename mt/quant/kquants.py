@@ -240,7 +240,7 @@ def make_qx_quants_rmse1(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarr
             suml2 = suml2 + (xt[i] * xt[i]) * lf[i] * lf[i]
         return ls, sumlx, suml2
 
-    with np.errstate(divide="ignore", invalid="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # huge rows overflow best * suml2 to inf, as in ggml
         iscale = F32(-nmax) / safe_max
         ls, sumlx, suml2 = sums(iscale)
         scale = np.where(suml2 != 0, sumlx / suml2, F32(0)).astype(F32)

@@ -41,7 +41,7 @@ def quant_backend(backend: str | None = None) -> str:
     """`compiled` (the default) or `numpy` (the references), from the argument or $MT_QUANT_BACKEND."""
     name = (backend or os.environ.get(BACKEND_ENV) or "compiled").lower()
     if name not in BACKENDS:
-        raise QuantizationError(f"unknown quantization backend {name!r}", f"set {BACKEND_ENV} to one of {', '.join(BACKENDS)}")
+        raise QuantizationError(f"{BACKEND_ENV}={name!r} is not a quantization backend", f"set it to one of {', '.join(BACKENDS)}")
     return name
 
 

@@ -77,6 +77,14 @@ def test_cli_quantize_and_bad_inputs(f32_gguf, tmp_path):
     assert not (tmp_path / "y.gguf").exists()
 
 
+def test_unknown_backend_is_one_line_and_leaves_no_output(f32_gguf, tmp_path):
+    out = tmp_path / "q.gguf"
+    result = CliRunner().invoke(main, ["quantize", str(f32_gguf), str(out), "Q4_K_M"], env={"MT_QUANT_BACKEND": "fortran"})
+    assert result.exit_code == 1 and "MT_QUANT_BACKEND='fortran' is not a quantization backend" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_nan_weight_is_named(llama2_spm_dir, tmp_path):
     import numpy as np
 
