@@ -139,95 +139,142 @@ def clamp(v: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, v))
 
 
+@intrinsic
+def nearest_int_f32(typingctx, x):  # type: ignore[no-untyped-def]
+    """float32(nearest_int(x)) in float32 arithmetic and int32 bits only, so a loop of it vectorizes.
+    Exact: nearest_int's result lies in [-2^22, 2^22)."""
+    if x != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        i32 = ir.IntType(32)
+        shifted = builder.fadd(args[0], ir.Constant(ir.FloatType(), 12582912.0))
+        mantissa = builder.and_(builder.bitcast(shifted, i32), ir.Constant(i32, 0x007FFFFF))
+        return builder.sitofp(builder.sub(mantissa, ir.Constant(i32, 0x00400000)), ir.FloatType())
+
+    return types.float32(types.float32), codegen
+
+
+@jit(inline="always")
+def clampf(v: float, lo: float, hi: float) -> float:
+    """MAX(lo, MIN(hi, v)) on whole numbers held in float32."""
+    v = v if v < hi else hi
+    return v if v > lo else lo
+
+
 # ---------------------------------------------------------------- Q4_K / Q5_K
+#
+# make_qkx2_quants runs on the 8 sub-blocks of GROUP super-blocks at once, one sub-block per lane:
+# arrays are [position, lane], every lane keeps its own sums in ggml's order, so the inner loops over
+# lanes vectorize without reordering a single addition. ggml's branches become per-lane selects.
+# Rather than copying L whenever a step wins, a lane records the (iscale, min) that produced its L;
+# L is only needed where a sub-block's quantized scale is 0 (elsewhere the final pass requantizes).
+
+GROUP = 4  # super-blocks per lane batch: [32, 8 * GROUP] x and weights stay in L1
+# rows of the per-lane state array
+VMIN, VMAX, SUM_W, SUM_X, BEST, SCALE, ISCALE, L_ISCALE, L_MIN, SUM_L, SUM_L2, SUM_XL, ERR, T_SCALE, T_MIN, OK, FLAT = range(17)
+N_STATE = 17
 
 
 @jit()
-def make_qkx2_quants(x: np.ndarray, w: np.ndarray, L: np.ndarray, laux: np.ndarray, nmax: int, rmin: float,
-                     rdelta: float, nstep: int) -> tuple[float, float]:
-    """ggml's make_qkx2_quants with use_mad = false: x, w float32 [n] -> (scale, the_min), L [n]."""
-    n = x.shape[0]
-    vmin = x[0]
-    vmax = x[0]
-    sum_w = w[0]
-    sum_x = sum_w * x[0]
+def qkx2_lanes(xt: np.ndarray, w: np.ndarray, laux: np.ndarray, st: np.ndarray, lanes: int, nmax: int, rmin: float,
+               rdelta: float, nstep: int) -> None:
+    """make_qkx2_quants (use_mad = false) on `lanes` sub-blocks: xt, w, laux [n, S] -> per lane in st:
+    SCALE, VMIN (the_min = -VMIN), and the L_ISCALE, L_MIN that rebuild L."""
+    n = xt.shape[0]
+    fmax = F32(nmax)
+    vmin, vmax, sum_w, sum_x = st[VMIN], st[VMAX], st[SUM_W], st[SUM_X]
+    best, scale, iscale, l_iscale, l_min = st[BEST], st[SCALE], st[ISCALE], st[L_ISCALE], st[L_MIN]
+    sum_l, sum_l2, sum_xl, err, t_scale, t_min, ok = st[SUM_L], st[SUM_L2], st[SUM_XL], st[ERR], st[T_SCALE], st[T_MIN], st[OK]
+    flat = st[FLAT]  # 1 where max == min (checked once, before any step moves min)
+    for s in range(lanes):
+        vmin[s] = xt[0, s]
+        vmax[s] = xt[0, s]
+        sum_w[s] = w[0, s]
+        sum_x[s] = w[0, s] * xt[0, s]
     for i in range(1, n):
-        if x[i] < vmin:
-            vmin = x[i]
-        if x[i] > vmax:
-            vmax = x[i]
-        sum_w += w[i]
-        sum_x += w[i] * x[i]
-    if vmin > F32(0):
-        vmin = F32(0)
-    if vmax == vmin:
-        L[:] = 0
-        return F32(0), -vmin
-    iscale = F32(nmax) / (vmax - vmin)
-    scale = F32(1) / iscale
-    best_error = F32(0)
+        for s in range(lanes):
+            v = xt[i, s]
+            vmin[s] = v if v < vmin[s] else vmin[s]
+            vmax[s] = v if v > vmax[s] else vmax[s]
+            sum_w[s] += w[i, s]
+            sum_x[s] += w[i, s] * v
+    for s in range(lanes):
+        vmin[s] = vmin[s] if vmin[s] <= F32(0) else F32(0)
+        flat[s] = F32(1) if vmax[s] == vmin[s] else F32(0)
+        iscale[s] = fmax / (vmax[s] - vmin[s])
+        scale[s] = F32(1) / iscale[s]
+        best[s] = F32(0)
+        # a flat sub-block (max == min) keeps scale 0 and L 0: iscale 0 rebuilds L = 0
+        l_iscale[s] = iscale[s] if flat[s] == F32(0) else F32(0)
+        l_min[s] = vmin[s]
     for i in range(n):
-        l = clamp(nearest_int(iscale * (x[i] - vmin)), 0, nmax)
-        L[i] = l
-        diff = scale * F32(l) + vmin - x[i]
-        best_error += w[i] * (diff * diff)
+        for s in range(lanes):
+            l = clampf(nearest_int_f32(iscale[s] * (xt[i, s] - vmin[s])), F32(0), fmax)
+            diff = scale[s] * l + vmin[s] - xt[i, s]
+            best[s] += w[i, s] * (diff * diff)
     for step in range(nstep + 1):
-        iscale = (F32(rmin) + F32(rdelta) * F32(step) + F32(nmax)) / (vmax - vmin)
-        sum_l = F32(0)
-        sum_l2 = F32(0)
-        sum_xl = F32(0)
+        factor = F32(rmin) + F32(rdelta) * F32(step) + fmax
+        for s in range(lanes):
+            iscale[s] = factor / (vmax[s] - vmin[s])
+            sum_l[s] = F32(0)
+            sum_l2[s] = F32(0)
+            sum_xl[s] = F32(0)
         for i in range(n):
-            l = clamp(nearest_int(iscale * (x[i] - vmin)), 0, nmax)
-            laux[i] = l
-            lf = F32(l)
-            wl = w[i] * lf
-            sum_l += wl
-            sum_l2 += wl * lf
-            sum_xl += wl * x[i]
-        D = sum_w * sum_l2 - sum_l * sum_l
-        if D > F32(0):
-            this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
-            this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
-            if this_min > F32(0):
-                this_min = F32(0)
-                this_scale = sum_xl / sum_l2
-            cur_error = F32(0)
-            for i in range(n):
-                diff = this_scale * F32(laux[i]) + this_min - x[i]
-                cur_error += w[i] * (diff * diff)
-            if cur_error < best_error:
-                L[:] = laux
-                best_error = cur_error
-                scale = this_scale
-                vmin = this_min
-    return scale, -vmin
+            for s in range(lanes):
+                l = clampf(nearest_int_f32(iscale[s] * (xt[i, s] - vmin[s])), F32(0), fmax)
+                laux[i, s] = l
+                wl = w[i, s] * l
+                sum_l[s] += wl
+                sum_l2[s] += wl * l
+                sum_xl[s] += wl * xt[i, s]
+        for s in range(lanes):
+            d = sum_w[s] * sum_l2[s] - sum_l[s] * sum_l[s]
+            this_scale = (sum_w[s] * sum_xl[s] - sum_x[s] * sum_l[s]) / d
+            this_min = (sum_l2[s] * sum_x[s] - sum_l[s] * sum_xl[s]) / d
+            positive_min = this_min > F32(0)
+            t_scale[s] = sum_xl[s] / sum_l2[s] if positive_min else this_scale
+            t_min[s] = F32(0) if positive_min else this_min
+            ok[s] = F32(1) if d > F32(0) and flat[s] == F32(0) else F32(0)
+            err[s] = F32(0)
+        for i in range(n):
+            for s in range(lanes):
+                diff = t_scale[s] * laux[i, s] + t_min[s] - xt[i, s]
+                err[s] += w[i, s] * (diff * diff)
+        for s in range(lanes):
+            if ok[s] != F32(0) and err[s] < best[s]:
+                l_iscale[s] = iscale[s]
+                l_min[s] = vmin[s]
+                best[s] = err[s]
+                scale[s] = t_scale[s]
+                vmin[s] = t_min[s]
+    for s in range(lanes):
+        if flat[s] != F32(0):
+            scale[s] = F32(0)
 
 
 @jit()
-def affine_superblock(x: np.ndarray, out: np.ndarray, L: np.ndarray, weights: np.ndarray, laux: np.ndarray,
-                      scales: np.ndarray, mins: np.ndarray, nmax: int, rmin: float, nstep: int) -> None:
-    """The shared part of quantize_row_q4_K_ref / q5_K_ref for one super-block x [256]: writes d, dmin
-    and the 12 scale bytes into out[0:16] and the quants into L [256]."""
+def affine_superblock(x: np.ndarray, y: np.ndarray, L: np.ndarray, scales: np.ndarray, mins: np.ndarray,
+                      l_iscale: np.ndarray, l_min: np.ndarray, nmax: int) -> None:
+    """The rest of quantize_row_q4_K_ref / q5_K_ref for one super-block x [256], given its 8 sub-block
+    scales and mins: d, dmin and the 12 scale bytes into y[0:16], the quants into L [256]."""
     max_scale = F32(0)
     max_min = F32(0)
-    for j in range(QK_K // 32):
-        sub = x[32 * j : 32 * j + 32]
-        sum_x2 = F32(0)
-        for i in range(32):
-            sum_x2 += sub[i] * sub[i]
-        av_x = np.sqrt(sum_x2 / F32(32))
-        for i in range(32):
-            weights[i] = av_x + np.abs(sub[i])
-        scales[j], mins[j] = make_qkx2_quants(sub, weights, L[32 * j : 32 * j + 32], laux, nmax, rmin, 0.1, nstep)
+    for j in range(8):
         if scales[j] > max_scale:
             max_scale = scales[j]
         if mins[j] > max_min:
             max_min = mins[j]
     inv_scale = F32(63) / max_scale if max_scale > F32(0) else F32(0)
     inv_min = F32(63) / max_min if max_min > F32(0) else F32(0)
-    packed = out[4:16]
-    packed[:] = 0
-    for j in range(QK_K // 32):
+    d_bits = fp32_to_fp16(max_scale / F32(63))
+    dmin_bits = fp32_to_fp16(max_min / F32(63))
+    put_fp16(y, 0, d_bits)
+    put_fp16(y, 2, dmin_bits)
+    d_all = fp16_to_fp32(d_bits)
+    dmin_all = fp16_to_fp32(dmin_bits)
+    packed = y[4:16]
+    for j in range(8):  # 6-bit scale and min of sub-block j; get_scale_min_k4 reads back the same
         ls = min(63, nearest_int(inv_scale * scales[j]) & 0xFF)
         lm = min(63, nearest_int(inv_min * mins[j]) & 0xFF)
         if j < 4:
@@ -237,153 +284,211 @@ def affine_superblock(x: np.ndarray, out: np.ndarray, L: np.ndarray, weights: np
             packed[j + 4] = (ls & 0xF) | ((lm & 0xF) << 4)
             packed[j - 4] |= (ls >> 4) << 6
             packed[j] |= (lm >> 4) << 6
-    d_bits = fp32_to_fp16(max_scale / F32(63))
-    dmin_bits = fp32_to_fp16(max_min / F32(63))
-    put_fp16(out, 0, d_bits)
-    put_fp16(out, 2, dmin_bits)
-    d_all = fp16_to_fp32(d_bits)
-    dmin_all = fp16_to_fp32(dmin_bits)
-    for j in range(QK_K // 32):
-        if j < 4:
-            sc = packed[j] & 63
-            m = packed[j + 4] & 63
-        else:
-            sc = (packed[j + 4] & 0xF) | ((packed[j - 4] >> 6) << 4)
-            m = (packed[j + 4] >> 4) | ((packed[j] >> 6) << 4)
-        d = d_all * F32(sc)
-        if d == F32(0):
+        d = d_all * F32(ls)
+        sub = x[32 * j : 32 * j + 32]
+        out = L[32 * j : 32 * j + 32]
+        if d == F32(0):  # make_qkx2_quants' own L
+            for i in range(32):
+                out[i] = np.uint8(clampf(nearest_int_f32(l_iscale[j] * (sub[i] - l_min[j])), F32(0), F32(nmax)))
             continue
-        dm = dmin_all * F32(m)
+        dm = dmin_all * F32(lm)
         for i in range(32):
-            L[32 * j + i] = clamp(nearest_int((x[32 * j + i] + dm) / d), 0, nmax)
+            out[i] = np.uint8(clampf(nearest_int_f32((sub[i] + dm) / d), F32(0), F32(nmax)))
+
+
+@jit()
+def affine_k_blocks(x: np.ndarray, out: np.ndarray, nmax: int, rmin: float, nstep: int, five_bits: bool) -> None:
+    """Q4_K (nmax 15) or Q5_K (nmax 31, five_bits): x float32 [N, 256] -> out uint8 [N, 144 or 176]."""
+    lanes_max = 8 * GROUP
+    xt = np.empty((32, lanes_max), F32)
+    w = np.empty((32, lanes_max), F32)
+    laux = np.empty((32, lanes_max), F32)
+    st = np.empty((N_STATE, lanes_max), F32)
+    L = np.empty(QK_K, np.uint8)
+    for b0 in range(0, x.shape[0], GROUP):
+        n_sb = min(GROUP, x.shape[0] - b0)
+        lanes = 8 * n_sb
+        for b in range(n_sb):  # lane 8b + j = sub-block j of super-block b0 + b
+            for j in range(8):
+                for i in range(32):
+                    xt[i, 8 * b + j] = x[b0 + b, 32 * j + i]
+        sum_x2 = st[ERR]
+        for s in range(lanes):
+            sum_x2[s] = F32(0)
+        for i in range(32):
+            for s in range(lanes):
+                sum_x2[s] += xt[i, s] * xt[i, s]
+        for s in range(lanes):
+            sum_x2[s] = F32(np.sqrt(sum_x2[s] / F32(32)))  # av_x
+        for i in range(32):
+            for s in range(lanes):
+                w[i, s] = sum_x2[s] + np.abs(xt[i, s])
+        qkx2_lanes(xt, w, laux, st, lanes, nmax, rmin, 0.1, nstep)
+        for s in range(lanes):
+            st[VMIN, s] = -st[VMIN, s]  # the_min
+        for b in range(n_sb):
+            y = out[b0 + b]
+            lane = slice(8 * b, 8 * b + 8)
+            y[4:16] = 0
+            affine_superblock(x[b0 + b], y, L, st[SCALE, lane], st[VMIN, lane], st[L_ISCALE, lane], st[L_MIN, lane], nmax)
+            if five_bits:
+                pack_q5_k(L, y)
+            else:
+                pack_q4_k(L, y)
+
+
+@jit(inline="always")
+def pack_q4_k(L: np.ndarray, y: np.ndarray) -> None:
+    for g in range(4):  # byte i of group g holds L[64g + i] (low nibble) and L[64g + 32 + i] (high)
+        for i in range(32):
+            y[16 + 32 * g + i] = L[64 * g + i] | (L[64 * g + 32 + i] << 4)
+
+
+@jit(inline="always")
+def pack_q5_k(L: np.ndarray, y: np.ndarray) -> None:
+    for i in range(32):
+        y[16 + i] = 0
+    for g in range(4):  # low nibbles as Q4_K; bit 4 of the group's two halves in qh bits 2g, 2g + 1
+        for i in range(32):
+            lo = L[64 * g + i]
+            hi = L[64 * g + 32 + i]
+            y[48 + 32 * g + i] = (lo & 0xF) | ((hi & 0xF) << 4)
+            y[16 + i] |= ((lo >> 4) << (2 * g)) | ((hi >> 4) << (2 * g + 1))
 
 
 @jit()
 def q4_k_blocks(x: np.ndarray, out: np.ndarray) -> None:
     """quantize_row_q4_K_ref: x float32 [N, 256] -> out uint8 [N, 144] (d, dmin, scales[12], qs[128])."""
-    L = np.empty(QK_K, np.uint8)
-    weights = np.empty(32, F32)
-    laux = np.empty(32, np.uint8)
-    scales = np.empty(8, F32)
-    mins = np.empty(8, F32)
-    for b in range(x.shape[0]):
-        y = out[b]
-        affine_superblock(x[b], y, L, weights, laux, scales, mins, 15, -1.0, 20)
-        for g in range(4):  # byte l of group g holds L[64g + l] (low nibble) and L[64g + 32 + l] (high)
-            for i in range(32):
-                y[16 + 32 * g + i] = L[64 * g + i] | (L[64 * g + 32 + i] << 4)
+    affine_k_blocks(x, out, 15, -1.0, 20, False)
 
 
 @jit()
 def q5_k_blocks(x: np.ndarray, out: np.ndarray) -> None:
     """quantize_row_q5_K_ref: x float32 [N, 256] -> out uint8 [N, 176] (d, dmin, scales[12], qh[32], qs[128])."""
-    L = np.empty(QK_K, np.uint8)
-    weights = np.empty(32, F32)
-    laux = np.empty(32, np.uint8)
-    scales = np.empty(8, F32)
-    mins = np.empty(8, F32)
-    for b in range(x.shape[0]):
-        y = out[b]
-        affine_superblock(x[b], y, L, weights, laux, scales, mins, 31, -0.5, 15)
-        for i in range(32):
-            y[16 + i] = 0
-        for g in range(4):  # group g: low nibbles as Q4_K, bit 4 of its two halves in qh bits 2g, 2g + 1
-            for i in range(32):
-                lo = L[64 * g + i]
-                hi = L[64 * g + 32 + i]
-                y[48 + 32 * g + i] = (lo & 0xF) | ((hi & 0xF) << 4)
-                y[16 + i] |= ((lo >> 4) << (2 * g)) | ((hi >> 4) << (2 * g + 1))
+    affine_k_blocks(x, out, 31, -0.5, 15, True)
 
 
 # ---------------------------------------------------------------- Q6_K
+#
+# make_qx_quants (rmse_type 1) on the 16 sub-blocks of GROUP super-blocks at once, one per lane, as above.
+
+# rows of the per-lane state array
+AMAX, XMAX, Q_SCALE, Q_BEST, Q_ISCALE, Q_L_ISCALE, SUMLX, SUML2 = range(8)
+N_Q_STATE = 8
 
 
 @jit()
-def make_qx_quants_rmse1(x: np.ndarray, L: np.ndarray, nmax: int) -> float:
-    """ggml's make_qx_quants(n, nmax, x, L, rmse_type=1, qw=NULL): x float32 [n] -> scale, L [n] in 0..2nmax-1."""
-    n = x.shape[0]
-    vmax = F32(0)
-    amax = F32(0)
-    for i in range(n):
-        ax = np.abs(x[i])
-        if ax > amax:
-            amax = ax
-            vmax = x[i]
-    if amax < GROUP_MAX_EPS:
-        L[:] = 0
-        return F32(0)
-    iscale = F32(-nmax) / vmax
-    sumlx = F32(0)
-    suml2 = F32(0)
-    for i in range(n):
-        l = clamp(nearest_int(iscale * x[i]), -nmax, nmax - 1)
-        L[i] = l + nmax
-        lf = F32(l)
-        w = x[i] * x[i]
-        sumlx += w * x[i] * lf
-        suml2 += w * lf * lf
-    scale = sumlx / suml2 if suml2 != F32(0) else F32(0)
-    best = scale * sumlx
-    for step in range(-9, 10):
+def qx_lanes(xt: np.ndarray, wx: np.ndarray, w: np.ndarray, st: np.ndarray, lanes: int, nmax: int) -> None:
+    """make_qx_quants(16, nmax, x, L, rmse_type=1, NULL) on `lanes` sub-blocks: xt [n, S] with w = x * x
+    and wx = w * x -> per lane in st: Q_SCALE and Q_L_ISCALE (0 for an all-zero sub-block) that rebuilds L."""
+    n = xt.shape[0]
+    amax, vmax, scale, best = st[AMAX], st[XMAX], st[Q_SCALE], st[Q_BEST]
+    iscale, l_iscale, sumlx, suml2 = st[Q_ISCALE], st[Q_L_ISCALE], st[SUMLX], st[SUML2]
+    lo = F32(-nmax)
+    hi = F32(nmax - 1)
+    for s in range(lanes):
+        amax[s] = F32(0)
+        vmax[s] = F32(0)
+    for i in range(n):  # the first position holding the largest magnitude wins
+        for s in range(lanes):
+            ax = np.abs(xt[i, s])
+            bigger = ax > amax[s]
+            vmax[s] = xt[i, s] if bigger else vmax[s]
+            amax[s] = ax if bigger else amax[s]
+    for step in range(-10, 10):  # -10: ggml's first pass with iscale = -nmax / max
         if step == 0:
             continue
-        iscale = -(F32(nmax) + F32(0.1) * F32(step)) / vmax
-        sumlx = F32(0)
-        suml2 = F32(0)
+        factor = F32(-nmax) if step == -10 else -(F32(nmax) + F32(0.1) * F32(step))
+        for s in range(lanes):
+            iscale[s] = factor / vmax[s]
+            sumlx[s] = F32(0)
+            suml2[s] = F32(0)
         for i in range(n):
-            lf = F32(clamp(nearest_int(iscale * x[i]), -nmax, nmax - 1))
-            w = x[i] * x[i]
-            sumlx += w * x[i] * lf
-            suml2 += w * lf * lf
-        if suml2 > F32(0) and sumlx * sumlx > best * suml2:
-            for i in range(n):
-                L[i] = clamp(nearest_int(iscale * x[i]), -nmax, nmax - 1) + nmax
-            scale = sumlx / suml2
-            best = scale * sumlx
-    return scale
+            for s in range(lanes):
+                l = clampf(nearest_int_f32(iscale[s] * xt[i, s]), lo, hi)
+                sumlx[s] += wx[i, s] * l
+                suml2[s] += w[i, s] * l * l
+        for s in range(lanes):
+            if step == -10:
+                scale[s] = sumlx[s] / suml2[s] if suml2[s] != F32(0) else F32(0)
+                best[s] = scale[s] * sumlx[s]
+                l_iscale[s] = iscale[s]
+            elif suml2[s] > F32(0) and sumlx[s] * sumlx[s] > best[s] * suml2[s]:
+                scale[s] = sumlx[s] / suml2[s]
+                best[s] = scale[s] * sumlx[s]
+                l_iscale[s] = iscale[s]
+    for s in range(lanes):
+        if amax[s] < GROUP_MAX_EPS:
+            scale[s] = F32(0)
+            l_iscale[s] = F32(0)
+
+
+@jit()
+def q6_k_superblock(x: np.ndarray, y: np.ndarray, L: np.ndarray, scales: np.ndarray, l_iscale: np.ndarray, amax: np.ndarray) -> None:
+    """The rest of quantize_row_q6_K_ref for one super-block x [256] given its 16 sub-block scales."""
+    max_scale = F32(0)
+    max_abs_scale = F32(0)
+    for ib in range(16):
+        abs_scale = np.abs(scales[ib])
+        if abs_scale > max_abs_scale:
+            max_abs_scale = abs_scale
+            max_scale = scales[ib]
+    if max_abs_scale < GROUP_MAX_EPS:
+        y[:] = 0
+        return
+    iscale = F32(-128) / max_scale
+    d_bits = fp32_to_fp16(F32(1) / iscale)
+    put_fp16(y, 208, d_bits)
+    d_all = fp16_to_fp32(d_bits)
+    for ib in range(16):
+        q_scale = np.int8(min(127, nearest_int(iscale * scales[ib])) & 0xFF)
+        y[192 + ib] = np.uint8(q_scale & 0xFF)
+        d = d_all * F32(q_scale)
+        sub = x[16 * ib : 16 * ib + 16]
+        out = L[16 * ib : 16 * ib + 16]
+        if d != F32(0):
+            for i in range(16):
+                out[i] = np.uint8(clampf(nearest_int_f32(sub[i] / d), F32(-32), F32(31)) + F32(32))
+        elif amax[ib] < GROUP_MAX_EPS:
+            out[:] = 0
+        else:  # make_qx_quants' own L
+            for i in range(16):
+                out[i] = np.uint8(clampf(nearest_int_f32(l_iscale[ib] * sub[i]), F32(-32), F32(31)) + F32(32))
+    for half in range(2):  # per 128 values: 4 rows of 32 -> ql[64], qh[32]
+        src = 128 * half
+        for i in range(32):
+            q1 = L[src + i]
+            q2 = L[src + 32 + i]
+            q3 = L[src + 64 + i]
+            q4 = L[src + 96 + i]
+            y[64 * half + i] = (q1 & 0xF) | ((q3 & 0xF) << 4)
+            y[64 * half + 32 + i] = (q2 & 0xF) | ((q4 & 0xF) << 4)
+            y[128 + 32 * half + i] = (q1 >> 4) | ((q2 >> 4) << 2) | ((q3 >> 4) << 4) | ((q4 >> 4) << 6)
 
 
 @jit()
 def q6_k_blocks(x: np.ndarray, out: np.ndarray) -> None:
     """quantize_row_q6_K_ref: x float32 [N, 256] -> out uint8 [N, 210] (ql[128], qh[64], scales[16] int8, d)."""
+    lanes_max = 16 * GROUP
+    xt = np.empty((16, lanes_max), F32)
+    w = np.empty((16, lanes_max), F32)
+    wx = np.empty((16, lanes_max), F32)
+    st = np.empty((N_Q_STATE, lanes_max), F32)
     L = np.empty(QK_K, np.uint8)
-    scales = np.empty(16, F32)
-    for b in range(x.shape[0]):
-        xb = x[b]
-        y = out[b]
-        max_scale = F32(0)
-        max_abs_scale = F32(0)
-        for ib in range(16):
-            scales[ib] = make_qx_quants_rmse1(xb[16 * ib : 16 * ib + 16], L[16 * ib : 16 * ib + 16], 32)
-            abs_scale = np.abs(scales[ib])
-            if abs_scale > max_abs_scale:
-                max_abs_scale = abs_scale
-                max_scale = scales[ib]
-        if max_abs_scale < GROUP_MAX_EPS:
-            y[:] = 0
-            continue
-        iscale = F32(-128) / max_scale
-        d_bits = fp32_to_fp16(F32(1) / iscale)
-        put_fp16(y, 208, d_bits)
-        d_all = fp16_to_fp32(d_bits)
-        for ib in range(16):
-            q_scale = min(127, nearest_int(iscale * scales[ib]))
-            y[192 + ib] = q_scale & 0xFF
-            d = d_all * F32(np.int8(q_scale & 0xFF))
-            if d == F32(0):
-                continue
-            for i in range(16):
-                L[16 * ib + i] = clamp(nearest_int(xb[16 * ib + i] / d), -32, 31) + 32
-        for half in range(2):  # per 128 values: 4 rows of 32 -> ql[64], qh[32]
-            src = 128 * half
-            for i in range(32):
-                q1 = L[src + i]
-                q2 = L[src + 32 + i]
-                q3 = L[src + 64 + i]
-                q4 = L[src + 96 + i]
-                y[64 * half + i] = (q1 & 0xF) | ((q3 & 0xF) << 4)
-                y[64 * half + 32 + i] = (q2 & 0xF) | ((q4 & 0xF) << 4)
-                y[128 + 32 * half + i] = (q1 >> 4) | ((q2 >> 4) << 2) | ((q3 >> 4) << 4) | ((q4 >> 4) << 6)
+    for b0 in range(0, x.shape[0], GROUP):
+        n_sb = min(GROUP, x.shape[0] - b0)
+        lanes = 16 * n_sb
+        for b in range(n_sb):  # lane 16b + j = sub-block j of super-block b0 + b
+            for j in range(16):
+                for i in range(16):
+                    v = x[b0 + b, 16 * j + i]
+                    xt[i, 16 * b + j] = v
+                    w[i, 16 * b + j] = v * v
+                    wx[i, 16 * b + j] = (v * v) * v
+        qx_lanes(xt, wx, w, st, lanes, 32)
+        for b in range(n_sb):
+            lane = slice(16 * b, 16 * b + 16)
+            q6_k_superblock(x[b0 + b], out[b0 + b], L, st[Q_SCALE, lane], st[Q_L_ISCALE, lane], st[AMAX, lane])
 
 
 KERNELS: dict[str, Callable[[np.ndarray, np.ndarray], None]] = {
