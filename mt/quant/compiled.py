@@ -489,7 +489,45 @@ def q6_k_blocks(x: np.ndarray, out: np.ndarray) -> None:
             q6_k_superblock(x[b0 + b], out[b0 + b], L, st[Q_SCALE, lane], st[Q_L_ISCALE, lane], st[AMAX, lane])
 
 
+# ---------------------------------------------------------------- Q8_0
+
+HALF_BELOW = F32(0.5 - 2.0**-25)  # the largest float32 below 0.5: x + copysign(it, x) truncated is roundf(x)
+
+
+@jit(inline="always")
+def abs_bits(v: float) -> int:
+    return f32_bits(v) & np.int32(0x7FFFFFFF)
+
+
+@jit()
+def q8_0_blocks(x: np.ndarray, out: np.ndarray) -> None:
+    """quantize_row_q8_0_ref: x float32 [N, 32] -> out uint8 [N, 34] (d, qs[32] int8)."""
+    for b in range(x.shape[0]):
+        v = x[b]
+        y = out[b]
+        # amax = MAX(amax, fabsf(v)) from 0: without NaN the largest magnitude, whose bits are the
+        # largest as integers (an integer max vectorizes; a float one would need fast-math)
+        top = np.int32(0)
+        for j in range(32):
+            a = abs_bits(v[j])
+            top = a if a > top else top
+        if top > np.int32(0x7F800000):  # a NaN: MAX's result depends on where it sits; follow it
+            amax = F32(0)
+            for j in range(32):
+                a = np.abs(v[j])
+                amax = amax if amax > a else a
+        else:
+            amax = bits_f32(top)
+        d = amax / F32(127)
+        inv = F32(1) / d if d != F32(0) else F32(0)
+        put_fp16(y, 0, fp32_to_fp16(d))
+        for j in range(32):
+            q = v[j] * inv
+            y[2 + j] = np.int32(q + (HALF_BELOW if q >= F32(0) else -HALF_BELOW)) & 0xFF
+
+
 KERNELS: dict[str, Callable[[np.ndarray, np.ndarray], None]] = {
+    "q8_0": q8_0_blocks,
     "q4_k": q4_k_blocks,
     "q5_k": q5_k_blocks,
     "q6_k": q6_k_blocks,

@@ -209,6 +209,7 @@ class Q8_0(QuantType):
     ggml_type = GGMLQuantizationType.Q8_0
     block_size = 32
     type_size = 34
+    kernel = "q8_0"
 
     @classmethod
     def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:

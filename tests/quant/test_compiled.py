@@ -14,11 +14,12 @@ from mt.errors import QuantizationError
 from mt.quant import compiled
 from mt.quant.kquants import Q4_K, Q5_K, Q6_K
 from mt.quant.kquants import nearest_int as nearest_int_numpy
-from mt.quant.types import quant_backend, set_threads
+from mt.quant.types import Q8_0, quant_backend, set_threads
 from tests.ggml_ref import ggml_fp16_bits_to_fp32, ggml_fp32_to_fp16_bits, ggml_quantize
 from tests.quant.test_kquants import rows_for
+from tests.quant.test_legacy import edge_rows
 
-K_TYPES = [Q4_K, Q5_K, Q6_K]
+COMPILED_TYPES = [Q4_K, Q5_K, Q6_K, Q8_0]
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -54,14 +55,14 @@ def assert_compiled_equals_ggml_and_numpy(qt: type, rows: np.ndarray) -> None:
     assert np.array_equal(ours, qt.quantize(rows, backend="numpy").reshape(rows.shape[0], -1))
 
 
-@pytest.mark.parametrize("qt", K_TYPES)
+@pytest.mark.parametrize("qt", COMPILED_TYPES)
 @pytest.mark.parametrize("n", [256, 1024, 4096])
 def test_bytes_equal_ggml_and_reference(qt, n):
     rows = np.concatenate([rows_for(n, n + 1), heavy_tailed_rows(n, n)])  # adversarial, scaled normal, t
     assert_compiled_equals_ggml_and_numpy(qt, rows)
 
 
-@pytest.mark.parametrize("qt", K_TYPES)
+@pytest.mark.parametrize("qt", COMPILED_TYPES)
 def test_many_rows_on_threads_equal_ggml(qt):
     rows = np.random.default_rng(9).standard_t(4, (600, 2048)).astype(np.float32) * np.float32(0.03)
     set_threads(2)  # 1.2M values: five work items over two threads
@@ -69,6 +70,19 @@ def test_many_rows_on_threads_equal_ggml(qt):
         assert_compiled_equals_ggml_and_numpy(qt, rows)
     finally:
         set_threads(os.cpu_count() or 1)
+
+
+@pytest.mark.parametrize("qt", COMPILED_TYPES)
+def test_non_finite_and_overflowing_rows_equal_ggml(qt):
+    """NaN, inf, values whose range overflows, subnormal scales: ggml's branches and MAX order decide.
+    (mt quantize refuses NaN/Inf tensors; the kernels still follow ggml bit for bit.)"""
+    rng = np.random.default_rng(1)
+    spiked = rng.standard_normal((12, 256)).astype(np.float32)
+    spiked[np.arange(12), rng.integers(0, 256, 12)] = [np.nan, np.inf, -np.inf] * 4
+    with np.errstate(over="ignore"):
+        rows = np.concatenate([np.tile(edge_rows(), (1, 8)), spiked])
+    ours = qt.quantize(rows, backend="compiled").reshape(rows.shape[0], -1)
+    assert np.array_equal(ours, ggml_quantize(int(qt.ggml_type), rows))
 
 
 def test_fp32_to_fp16_equals_ggml():
@@ -100,7 +114,7 @@ def test_nearest_int_equals_the_numpy_reference():
     assert np.array_equal(ours, nearest_int_numpy(x).astype(np.int64))
 
 
-@pytest.mark.parametrize("qt", K_TYPES)
+@pytest.mark.parametrize("qt", COMPILED_TYPES)
 def test_k_quants_default_to_the_compiled_kernel(qt, monkeypatch):
     monkeypatch.delenv("MT_QUANT_BACKEND", raising=False)
     assert qt.block_writer()[0] is compiled.KERNELS[qt.kernel]

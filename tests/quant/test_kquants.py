@@ -17,9 +17,10 @@ def rows_for(n: int, seed: int) -> np.ndarray:
 
 @pytest.mark.parametrize("qt", K_TYPES)
 @pytest.mark.parametrize("n", [256, 2048])
-def test_bytes_equal_ggml(qt, n):
+def test_reference_bytes_equal_ggml(qt, n):
+    """The numpy reference (tests/quant/test_compiled.py checks the compiled kernels)."""
     rows = rows_for(n, n)
-    ours = qt.quantize(rows).reshape(rows.shape[0], -1)
+    ours = qt.quantize(rows, backend="numpy").reshape(rows.shape[0], -1)
     assert np.array_equal(ours, ggml_quantize(int(qt.ggml_type), rows))
 
 

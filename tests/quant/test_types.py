@@ -27,7 +27,8 @@ def adversarial_rows(n: int) -> np.ndarray:
 @pytest.mark.parametrize("n", [32, 256, 4096])
 def test_bytes_equal_ggml(qt, n):
     rows = np.concatenate([adversarial_rows(n), np.random.default_rng(n).standard_normal((64, n)).astype(np.float32)])
-    assert np.array_equal(qt.quantize(rows).reshape(rows.shape[0], -1), ggml_quantize(int(qt.ggml_type), rows))
+    for backend in ("numpy", "compiled"):
+        assert np.array_equal(qt.quantize(rows, backend=backend).reshape(rows.shape[0], -1), ggml_quantize(int(qt.ggml_type), rows))
 
 
 def test_threaded_chunks_equal_single_chunk(monkeypatch):
