@@ -2,7 +2,8 @@
 
 Every sum runs in ggml's order in float32 (a loop over the 32 or 16 positions, vectorised across
 blocks), so the bytes equal ggml's. Shapes: N super-blocks -> S = 8N sub-blocks of 32 (Q4_K/Q5_K)
-or 16N sub-blocks of 16 (Q6_K).
+or 16N sub-blocks of 16 (Q6_K). These are the readable references; `QuantType.quantize` runs the
+compiled kernels of mt/quant/compiled.py by default, which tests check against both ggml and these.
 """
 
 from __future__ import annotations
