@@ -71,11 +71,18 @@ def plan_types(header: GGUFHeader, facts: ModelFacts, file_type: LlamaFileType, 
 STORAGE = {T.BF16: ("BF16", np.uint16), T.F16: ("F16", np.float16), T.F32: ("F32", np.float32)}
 
 
-def _to_f32(raw: np.ndarray, src: T) -> np.ndarray:
+class _NonFinite(Exception):
+    """A chunk holds NaN or Inf; tensor_chunks names the tensor."""
+
+
+def _finite_f32(values: np.ndarray, src: T) -> np.ndarray:
+    """Decode a chunk of source values (in a pool thread) and refuse NaN/Inf."""
     from mt.convert.plan import to_f32
 
-    name, storage = STORAGE[src]
-    return to_f32(raw.view(storage), name)
+    out = to_f32(values, STORAGE[src][0])
+    if not np.isfinite(out).all():
+        raise _NonFinite
+    return out
 
 
 def put_quantization_keys_last(w: GGUFWriter, file_type: LlamaFileType) -> None:
@@ -99,10 +106,12 @@ def tensor_chunks(header: GGUFHeader, info: TensorInfo, new_type: T) -> Iterator
             if new_type == info.type:
                 yield raw
                 continue
-            values = _to_f32(raw, info.type).reshape(count, info.shape[0])
-            if not np.isfinite(values).all():
-                raise MtError(f"tensor {info.name!r} holds NaN or Inf values", "fix the checkpoint; these weights cannot be quantized")
-            yield quant_type(new_type).quantize(values)
+            values = raw.view(STORAGE[info.type][1]).reshape(count, info.shape[0])
+            try:  # decoding and the NaN check run chunk by chunk on the quantizer's thread pool
+                packed = quant_type(new_type).quantize(values, lambda chunk: _finite_f32(chunk, info.type))
+            except _NonFinite:
+                raise MtError(f"tensor {info.name!r} holds NaN or Inf values", "fix the checkpoint; these weights cannot be quantized") from None
+            yield packed
 
 
 def quantize_gguf(src: Path, out: Path, file_type: str, *, options: MixOptions | None = None, force: bool = False,
