@@ -148,3 +148,11 @@ def test_read_only_install_compiles_without_a_cache(tmp_path):
     assert "not cached" in run.stderr
     expected = ggml_quantize(int(Q6_K.ggml_type), np.ones((1, 256), dtype=np.float32))
     assert run.stdout.strip() == expected.tobytes().hex()
+
+
+def test_missing_numba_is_an_error_with_a_remedy(monkeypatch):
+    monkeypatch.setitem(sys.modules, "mt.quant.compiled", None)  # import now raises ImportError
+    with pytest.raises(QuantizationError, match="numba") as e:
+        Q4_K.quantize(np.zeros((1, 256), dtype=np.float32), backend="compiled")
+    assert "MT_QUANT_BACKEND=numpy" in e.value.remedy
+    assert Q4_K.quantize(np.zeros((1, 256), dtype=np.float32), backend="numpy").shape == (1, 144)
