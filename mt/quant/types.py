@@ -219,7 +219,9 @@ class Q8_0(QuantType):
         with np.errstate(divide="ignore"):
             inv = np.where(d == 0, np.float32(0), np.float32(1) / d).astype(np.float32)
         qs = roundf_to_int8(blocks * inv)
-        return np.concatenate([d.astype(np.float16).view(np.uint8), qs.view(np.uint8)], axis=1)
+        with np.errstate(over="ignore"):  # d past fp16 range becomes inf, as in ggml
+            d16 = d.astype(np.float16)
+        return np.concatenate([d16.view(np.uint8), qs.view(np.uint8)], axis=1)
 
     @classmethod
     def dequantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
