@@ -118,7 +118,10 @@ def test_bad_gguf_sums_without_counts(tmp_path):
     w.add_uint32("imatrix.chunk_count", 1)
     w.add_uint32("imatrix.chunk_size", 512)
     w.add_tensor("w.in_sum2", np.ones((1, 32), np.float32))
-    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
     with pytest.raises(ImatrixError, match="'w' has sums but no counts"):
         load_imatrix(path)
 
@@ -171,6 +174,9 @@ def test_bad_gguf_without_entries(tmp_path):
     w.add_uint32("imatrix.chunk_count", 1)
     w.add_uint32("imatrix.chunk_size", 512)
     w.add_tensor("unrelated", np.ones(4, np.float32))
-    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
     with pytest.raises(ImatrixError, match="no NAME.in_sum2"):
         load_imatrix(path)
