@@ -71,16 +71,18 @@ def convert(src: Path, out: Path | None, outtype: str, force: bool, vocab_only: 
 @click.option("--pure", is_flag=True, help="Every quantizable tensor gets the base type (no Q4_K_M-style mix).")
 @click.option("--output-tensor-type", default=None, help="Type for output.weight (e.g. q8_0).")
 @click.option("--token-embedding-type", default=None, help="Type for token_embd.weight.")
+@click.option("--imatrix", "imatrix", default=None, metavar="FILE",
+              help="Importance matrix from llama-imatrix (GGUF or legacy .dat) to weigh the quantization errors.")
 @click.option("--threads", type=int, default=None, help="Worker threads (default: all cores).")
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
 @click.option("--quiet", is_flag=True)
 def quantize(src: Path, out: Path, file_type: str, pure: bool, output_tensor_type: str | None,
-             token_embedding_type: str | None, threads: int | None, force: bool, quiet: bool) -> None:
+             token_embedding_type: str | None, imatrix: str | None, threads: int | None, force: bool, quiet: bool) -> None:
     """Quantize an F32/F16/BF16 GGUF (SRC) to FILE_TYPE (Q4_K_M, Q5_K_M, Q4_K_S, Q5_K_S, Q6_K, Q8_0, Q4_0, Q5_0, Q5_1)."""
     from mt.commands import quantize_command
 
     run_reporting_errors(lambda: quantize_command(src, out, file_type, pure=pure, output_tensor_type=output_tensor_type,
-                                                  token_embedding_type=token_embedding_type, threads=threads,
+                                                  token_embedding_type=token_embedding_type, imatrix=imatrix, threads=threads,
                                                   force=force, quiet=quiet))
 
 

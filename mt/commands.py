@@ -88,7 +88,8 @@ def tensor_type_option(name: str | None) -> "GGMLQuantizationType | None":
 
 
 def quantize_command(src: Path, out: Path, file_type: str, *, pure: bool, output_tensor_type: str | None,
-                     token_embedding_type: str | None, threads: int | None, force: bool, quiet: bool) -> None:
+                     token_embedding_type: str | None, threads: int | None, force: bool, quiet: bool,
+                     imatrix: str | None = None) -> None:
     from mt.quant.mix import MixOptions
     from mt.quant.quantize import quantize_gguf
 
@@ -99,7 +100,8 @@ def quantize_command(src: Path, out: Path, file_type: str, *, pure: bool, output
     bar = ProgressBar() if not quiet and sys.stderr.isatty() else None
     start = time.perf_counter()
     try:
-        result = quantize_gguf(src, out, file_type, options=options, force=force, progress=bar.update if bar else None)
+        result = quantize_gguf(src, out, file_type, options=options, force=force, progress=bar.update if bar else None,
+                               imatrix=imatrix)
     finally:
         if bar:
             bar.close()

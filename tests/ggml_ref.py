@@ -25,13 +25,17 @@ def _lib() -> ctypes.CDLL:
     return lib
 
 
-def ggml_quantize(ggml_type: int, rows: np.ndarray) -> np.ndarray:
-    """float32 [nrows, n_per_row] -> ggml's bytes [nrows, row_size]."""
+def ggml_quantize(ggml_type: int, rows: np.ndarray, imatrix: np.ndarray | None = None) -> np.ndarray:
+    """float32 [nrows, n_per_row] -> ggml's bytes [nrows, row_size]; `imatrix` float32 [n_per_row]
+    is the importance-matrix pointer llama.cpp passes (the same weights for every row)."""
     src = np.ascontiguousarray(rows, dtype=np.float32)
     nrows, n_per_row = src.shape
     row_size = _lib().ggml_row_size(ggml_type, n_per_row)
     dst = np.zeros((nrows, row_size), dtype=np.uint8)
-    written = _lib().ggml_quantize_chunk(ggml_type, src.ctypes.data, dst.ctypes.data, 0, nrows, n_per_row, None)
+    weights = None if imatrix is None else np.ascontiguousarray(imatrix, dtype=np.float32)
+    assert weights is None or weights.shape == (n_per_row,)
+    pointer = None if weights is None else weights.ctypes.data
+    written = _lib().ggml_quantize_chunk(ggml_type, src.ctypes.data, dst.ctypes.data, 0, nrows, n_per_row, pointer)
     assert written == dst.nbytes
     return dst
 

@@ -145,6 +145,13 @@ def _affine_k_quants(blocks: np.ndarray, nmax: int, rmin: float, nstep: int) -> 
     packed = pack_scale_min_k4(ls, lm)
     d = (max_scale / F32(63)).astype(np.float16)
     dmin = (max_min / F32(63)).astype(np.float16)
+    return d, dmin, packed, requantize_affine(blocks, d, dmin, packed, L, nmax)
+
+
+def requantize_affine(blocks: np.ndarray, d: np.ndarray, dmin: np.ndarray, packed: np.ndarray, L: np.ndarray, nmax: int) -> np.ndarray:
+    """Q4_K/Q5_K's last pass: each value again against the rounded fp16 d·scale and dmin·min; a sub-block
+    whose d·scale is 0 keeps its search result L. blocks [N, 256], d/dmin fp16 [N], packed [N, 12] -> L [N, 256]."""
+    n_blocks = blocks.shape[0]
     sc, m = unpack_scale_min_k4(packed)
     dsub = d.astype(F32)[:, None] * sc.astype(F32)
     dmsub = dmin.astype(F32)[:, None] * m.astype(F32)
@@ -152,8 +159,7 @@ def _affine_k_quants(blocks: np.ndarray, nmax: int, rmin: float, nstep: int) -> 
     with np.errstate(divide="ignore", invalid="ignore"):
         requant = np.clip(nearest_int((xs + dmsub[:, :, None]) / dsub[:, :, None]), 0, nmax)
     keep = (dsub == 0)[:, :, None]
-    L = np.where(keep, L.reshape(n_blocks, 8, 32), requant).reshape(n_blocks, 256).astype(np.uint8)
-    return d, dmin, packed, L
+    return np.where(keep, L.reshape(n_blocks, 8, 32), requant).reshape(n_blocks, 256).astype(np.uint8)
 
 
 def _dequantize_affine(blocks: np.ndarray, q: np.ndarray) -> np.ndarray:
@@ -165,6 +171,25 @@ def _dequantize_affine(blocks: np.ndarray, q: np.ndarray) -> np.ndarray:
     return values.reshape(-1, 256)
 
 
+def q4_k_bytes(d: np.ndarray, dmin: np.ndarray, scales: np.ndarray, L: np.ndarray) -> np.ndarray:
+    """block_q4_K: d, dmin (fp16), 12 scale bytes, then 4 groups of 64 where byte l holds L[l] (low
+    nibble) and L[l + 32] (high nibble)."""
+    groups = L.reshape(-1, 4, 2, 32)
+    qs = (groups[:, :, 0, :] | (groups[:, :, 1, :] << 4)).reshape(-1, 128)
+    return np.concatenate([d.view(np.uint8).reshape(-1, 2), dmin.view(np.uint8).reshape(-1, 2), scales, qs], axis=1)
+
+
+def q5_k_bytes(d: np.ndarray, dmin: np.ndarray, scales: np.ndarray, L: np.ndarray) -> np.ndarray:
+    """block_q5_K: as Q4_K's low nibbles, plus 32 bytes holding bit 4 of each quant."""
+    groups = L.reshape(-1, 4, 2, 32)
+    low = groups & 0xF
+    qs = (low[:, :, 0, :] | (low[:, :, 1, :] << 4)).reshape(-1, 128)
+    high = (groups >> 4).astype(np.uint8)  # [N, 4, 2, 32] bit 4 of each quant
+    shifts = (np.arange(8, dtype=np.uint8)).reshape(1, 4, 2, 1)
+    qh = np.bitwise_or.reduce(high << shifts, axis=(1, 2)).astype(np.uint8)
+    return np.concatenate([d.view(np.uint8).reshape(-1, 2), dmin.view(np.uint8).reshape(-1, 2), scales, qh, qs], axis=1)
+
+
 class Q4_K(QuantType):
     ggml_type = GGMLQuantizationType.Q4_K
     block_size = QK_K
@@ -174,11 +199,7 @@ class Q4_K(QuantType):
 
     @classmethod
     def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
-        d, dmin, scales, L = _affine_k_quants(blocks, 15, -1.0, 20)
-        # 4 groups of 64: byte l holds L[l] (low nibble) and L[l + 32] (high nibble)
-        groups = L.reshape(-1, 4, 2, 32)
-        qs = (groups[:, :, 0, :] | (groups[:, :, 1, :] << 4)).reshape(-1, 128)
-        return np.concatenate([d.view(np.uint8).reshape(-1, 2), dmin.view(np.uint8).reshape(-1, 2), scales, qs], axis=1)
+        return q4_k_bytes(*_affine_k_quants(blocks, 15, -1.0, 20))
 
     @classmethod
     def dequantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
@@ -195,14 +216,7 @@ class Q5_K(QuantType):
 
     @classmethod
     def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
-        d, dmin, scales, L = _affine_k_quants(blocks, 31, -0.5, 15)
-        groups = L.reshape(-1, 4, 2, 32)
-        low = groups & 0xF
-        qs = (low[:, :, 0, :] | (low[:, :, 1, :] << 4)).reshape(-1, 128)
-        high = (groups >> 4).astype(np.uint8)  # [N, 4, 2, 32] bit 4 of each quant
-        shifts = (np.arange(8, dtype=np.uint8)).reshape(1, 4, 2, 1)
-        qh = np.bitwise_or.reduce(high << shifts, axis=(1, 2)).astype(np.uint8)
-        return np.concatenate([d.view(np.uint8).reshape(-1, 2), dmin.view(np.uint8).reshape(-1, 2), scales, qh, qs], axis=1)
+        return q5_k_bytes(*_affine_k_quants(blocks, 31, -0.5, 15))
 
     @classmethod
     def dequantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
@@ -213,12 +227,14 @@ class Q5_K(QuantType):
         return _dequantize_affine(blocks, low | (high << 4))
 
 
-def make_qx_quants_rmse1(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
-    """make_qx_quants(n, nmax, x, L, rmse_type=1, qw=NULL): x [S, n] -> (scale [S], L [S, n] in 0..2nmax-1).
+def make_qx_quants_rmse1(x: np.ndarray, nmax: int, w: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """make_qx_quants(n, nmax, x, L, rmse_type=1, qw): x [S, n] -> (scale [S], L [S, n] in 0..2nmax-1).
 
-    Works on an [n, S] copy so each per-position step is a contiguous vector operation.
+    Weights w [S, n] (an importance matrix's), or None for ggml's w = x². Works on [n, S] copies so
+    each per-position step is a contiguous vector operation.
     """
     xt = np.ascontiguousarray(x.T)
+    wt = xt * xt if w is None else np.ascontiguousarray(w.T)
     n = xt.shape[0]
     amax = np.zeros(xt.shape[1], dtype=F32)
     vmax = np.zeros(xt.shape[1], dtype=F32)
@@ -229,7 +245,7 @@ def make_qx_quants_rmse1(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarr
         vmax = np.where(bigger, xt[i], vmax)
     zero = amax < GROUP_MAX_EPS
     safe_max = np.where(zero, F32(1), vmax)
-    wx = (xt * xt) * xt  # w * x with w = x * x, in ggml's order
+    wx = wt * xt
 
     def sums(iscale: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         ls = np.clip(nearest_int(iscale * xt), -nmax, nmax - 1)
@@ -238,7 +254,7 @@ def make_qx_quants_rmse1(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarr
         suml2 = np.zeros(xt.shape[1], dtype=F32)
         for i in range(n):
             sumlx = sumlx + wx[i] * lf[i]
-            suml2 = suml2 + (xt[i] * xt[i]) * lf[i] * lf[i]
+            suml2 = suml2 + wt[i] * lf[i] * lf[i]
         return ls, sumlx, suml2
 
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # huge rows overflow best * suml2 to inf, as in ggml
@@ -259,6 +275,37 @@ def make_qx_quants_rmse1(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarr
     return np.where(zero, F32(0), scale).astype(F32), np.ascontiguousarray(L.T).astype(np.int8)
 
 
+def q6_k_bytes(blocks: np.ndarray, scales: np.ndarray, L: np.ndarray) -> np.ndarray:
+    """Q6_K's shared tail (ref and imatrix paths): 8-bit sub-block scales against the largest one, each
+    value requantized against its rounded scale, then packed. blocks [N, 256], scales [16N], L [16N, 16]."""
+    n_blocks = blocks.shape[0]
+    scales, L = scales.reshape(n_blocks, 16), L.reshape(n_blocks, 256)
+    max_abs = np.zeros(n_blocks, dtype=F32)
+    max_scale = np.zeros(n_blocks, dtype=F32)
+    for ib in range(16):
+        a = np.abs(scales[:, ib])
+        bigger = a > max_abs
+        max_abs = np.where(bigger, a, max_abs)
+        max_scale = np.where(bigger, scales[:, ib], max_scale)
+    empty = max_abs < GROUP_MAX_EPS
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iscale = np.where(empty, F32(0), F32(-128) / np.where(empty, F32(1), max_scale))
+        d = np.where(empty, F32(0), F32(1) / iscale).astype(np.float16)
+    q_scales = np.minimum(127, nearest_int(iscale[:, None] * scales)).astype(np.int8)
+    dsub = d.astype(F32)[:, None] * q_scales.astype(F32)
+    xs = blocks.reshape(n_blocks, 16, 16)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        requant = np.clip(nearest_int(xs / dsub[:, :, None]), -32, 31) + 32
+    L = np.where((dsub == 0)[:, :, None], L.reshape(n_blocks, 16, 16), requant).reshape(n_blocks, 256).astype(np.uint8)
+    L = np.where(empty[:, None], 0, L).astype(np.uint8)
+    q_scales = np.where(empty[:, None], 0, q_scales).astype(np.int8)
+    # two halves of 128; within each, 4 rows of 32 quants
+    h = L.reshape(n_blocks, 2, 4, 32)
+    ql = np.concatenate([(h[:, :, 0] & 0xF) | ((h[:, :, 2] & 0xF) << 4), (h[:, :, 1] & 0xF) | ((h[:, :, 3] & 0xF) << 4)], axis=2)
+    qh = (h[:, :, 0] >> 4) | ((h[:, :, 1] >> 4) << 2) | ((h[:, :, 2] >> 4) << 4) | ((h[:, :, 3] >> 4) << 6)
+    return np.concatenate([ql.reshape(n_blocks, 128), qh.reshape(n_blocks, 64), q_scales.view(np.uint8), d.view(np.uint8).reshape(-1, 2)], axis=1)
+
+
 class Q6_K(QuantType):
     ggml_type = GGMLQuantizationType.Q6_K
     block_size = QK_K
@@ -268,33 +315,8 @@ class Q6_K(QuantType):
 
     @classmethod
     def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
-        n_blocks = blocks.shape[0]
         scales, L = make_qx_quants_rmse1(blocks.reshape(-1, 16), 32)
-        scales, L = scales.reshape(n_blocks, 16), L.reshape(n_blocks, 256)
-        max_abs = np.zeros(n_blocks, dtype=F32)
-        max_scale = np.zeros(n_blocks, dtype=F32)
-        for ib in range(16):
-            a = np.abs(scales[:, ib])
-            bigger = a > max_abs
-            max_abs = np.where(bigger, a, max_abs)
-            max_scale = np.where(bigger, scales[:, ib], max_scale)
-        empty = max_abs < GROUP_MAX_EPS
-        with np.errstate(divide="ignore", invalid="ignore"):
-            iscale = np.where(empty, F32(0), F32(-128) / np.where(empty, F32(1), max_scale))
-            d = np.where(empty, F32(0), F32(1) / iscale).astype(np.float16)
-        q_scales = np.minimum(127, nearest_int(iscale[:, None] * scales)).astype(np.int8)
-        dsub = d.astype(F32)[:, None] * q_scales.astype(F32)
-        xs = blocks.reshape(n_blocks, 16, 16)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            requant = np.clip(nearest_int(xs / dsub[:, :, None]), -32, 31) + 32
-        L = np.where((dsub == 0)[:, :, None], L.reshape(n_blocks, 16, 16), requant).reshape(n_blocks, 256).astype(np.uint8)
-        L = np.where(empty[:, None], 0, L).astype(np.uint8)
-        q_scales = np.where(empty[:, None], 0, q_scales).astype(np.int8)
-        # two halves of 128; within each, 4 rows of 32 quants
-        h = L.reshape(n_blocks, 2, 4, 32)
-        ql = np.concatenate([(h[:, :, 0] & 0xF) | ((h[:, :, 2] & 0xF) << 4), (h[:, :, 1] & 0xF) | ((h[:, :, 3] & 0xF) << 4)], axis=2)
-        qh = (h[:, :, 0] >> 4) | ((h[:, :, 1] >> 4) << 2) | ((h[:, :, 2] >> 4) << 4) | ((h[:, :, 3] >> 4) << 6)
-        return np.concatenate([ql.reshape(n_blocks, 128), qh.reshape(n_blocks, 64), q_scales.view(np.uint8), d.view(np.uint8).reshape(-1, 2)], axis=1)
+        return q6_k_bytes(blocks, scales, L)
 
     @classmethod
     def dequantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:

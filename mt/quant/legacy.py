@@ -1,6 +1,7 @@
-"""Legacy blocks of 32 (Q4_0, Q5_0, Q5_1): numpy references of ggml-quants.c's quantize_row_q{4_0,5_0,5_1}_ref.
+"""Legacy blocks of 32 (Q4_0, Q4_1, Q5_0, Q5_1): numpy references of ggml-quants.c's quantize_row_q{4_0,4_1,5_0,5_1}_ref.
 
-llama.cpp falls back to these when a row is not a multiple of 256. The block scans run position by
+llama.cpp falls back to these when a row is not a multiple of 256 (Q4_1: the first ffn_down layers
+of a Q4_0 file made with an importance matrix). The block scans run position by
 position as ggml's loops do (vectorised across blocks), so ties, signed zeros and NaNs pick the
 same element; the rest is float32 arithmetic in ggml's order.
 """
@@ -99,6 +100,28 @@ class Q4_0(QuantType):
         d = blocks[:, 0:2].copy().view(np.float16).astype(F32)
         q = unpack_nibbles(blocks[:, 2:]).astype(np.int8) - 8
         return q.astype(F32) * d
+
+
+class Q4_1(QuantType):
+    ggml_type = GGMLQuantizationType.Q4_1
+    block_size = QK
+    type_size = 20
+
+    @classmethod
+    def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
+        vmin, vmax = block_min_max(blocks)
+        with np.errstate(over="ignore", invalid="ignore"):
+            d = (vmax - vmin) / F32(15)
+            shifted = (blocks - vmin[:, None]) * inverse(d)[:, None] + F32(0.5)
+        q = np.minimum(truncate_to_int(shifted).view(np.int8), 15).view(np.uint8)  # MIN(15, (int8_t)(x + 0.5f))
+        qs = q[:, : QK // 2] | (q[:, QK // 2 :] << 4)  # ggml stores the low quant unmasked
+        return np.concatenate([fp16_bytes(d), fp16_bytes(vmin), qs], axis=1)
+
+    @classmethod
+    def dequantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
+        d = blocks[:, 0:2].copy().view(np.float16).astype(F32)
+        m = blocks[:, 2:4].copy().view(np.float16).astype(F32)
+        return unpack_nibbles(blocks[:, 4:]).astype(F32) * d + m
 
 
 class Q5_0(QuantType):

@@ -64,6 +64,7 @@ class MixOptions:
     output_tensor_type: T | None = None
     token_embedding_type: T | None = None
     quantize_output_tensor: bool = True
+    has_imatrix: bool = False  # llama.cpp's qs.has_imatrix: changes the first ffn_down layers of Q4_0/Q5_0
 
 
 @dataclass
@@ -181,6 +182,8 @@ def _mixed_type(spec: TensorSpec, new: T, cat: str, ftype: LlamaFileType, model:
             new = T.Q6_K
         elif ftype == F.MOSTLY_Q4_K_S and not falcon and i_layer < n_layer // 8:
             new = T.Q5_K
+        elif ftype in (F.MOSTLY_Q4_0, F.MOSTLY_Q5_0) and options.has_imatrix and i_layer < n_layer // 8:
+            new = T.Q4_1 if ftype == F.MOSTLY_Q4_0 else T.Q5_1
         c.i_ffn_down += 1
         return new
     if cat == "attn_output" and model.arch != "falcon" and model.n_expert == 8:

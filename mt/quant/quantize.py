@@ -6,7 +6,7 @@ to the end, and writes the tensors in its weights_map order (`mix.llama_order`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -19,7 +19,9 @@ from mt.errors import MtError
 from mt.gguf_in import GGUFHeader, TensorInfo, read_header
 from mt.gguf_out import FastArrayGGUFWriter, TensorStream, atomic_path, check_output
 from mt.quant.mix import FILE_TYPES, MixOptions, ModelFacts, TensorSpec, choose_types, llama_order
+from mt.quant.imatrix import Imatrix, load_imatrix, output_keys
 from mt.quant.types import quant_type
+from mt.quant.weighted import quantize_weighted, uses_weights
 
 MOVED_TO_END = ("general.quantization_version", "general.file_type")
 SET_BY_WRITER = ("general.architecture",)
@@ -85,6 +87,13 @@ def _finite_f32(values: np.ndarray, src: T) -> np.ndarray:
     return out
 
 
+def tensor_weights(imx: Imatrix, ordered: list[TensorInfo], types: dict[str, T]) -> dict[str, np.ndarray]:
+    """The imatrix rows of each tensor that is converted, looked up (and size-checked) as llama-quant.cpp
+    does before any data is written; types without an imatrix path ignore them."""
+    found = {t.name: imx.weights_for(t.name, t.shape) for t in ordered if types[t.name] != t.type}
+    return {name: w for name, w in found.items() if w is not None and uses_weights(types[name])}
+
+
 def put_quantization_keys_last(w: GGUFWriter, file_type: LlamaFileType) -> None:
     """llama-quantize re-sets these two keys, which moves them after all the copied metadata."""
     for key in MOVED_TO_END:
@@ -93,9 +102,10 @@ def put_quantization_keys_last(w: GGUFWriter, file_type: LlamaFileType) -> None:
     w.add_file_type(int(file_type))
 
 
-def tensor_chunks(header: GGUFHeader, info: TensorInfo, new_type: T) -> Iterator[np.ndarray]:
-    """Output bytes of one tensor, a slab of rows at a time."""
+def tensor_chunks(header: GGUFHeader, info: TensorInfo, new_type: T, weights: np.ndarray | None = None) -> Iterator[np.ndarray]:
+    """Output bytes of one tensor, a slab of rows at a time; weights [n_mat, ne0] from an imatrix."""
     n_rows = info.n_elements // info.shape[0]
+    rows_per_matrix = info.shape[1] if len(info.shape) > 1 else 1
     row_bytes = info.nbytes // max(1, n_rows)
     step = max(1, ROWS_PER_STEP_BYTES // max(1, row_bytes))
     with open(header.path, "rb") as f:
@@ -108,20 +118,37 @@ def tensor_chunks(header: GGUFHeader, info: TensorInfo, new_type: T) -> Iterator
                 continue
             values = raw.view(STORAGE[info.type][1]).reshape(count, info.shape[0])
             try:  # decoding and the NaN check run chunk by chunk on the quantizer's thread pool
-                packed = quant_type(new_type).quantize(values, lambda chunk: _finite_f32(chunk, info.type))
+                if weights is None:
+                    yield quant_type(new_type).quantize(values, lambda chunk: _finite_f32(chunk, info.type))
+                else:
+                    yield from _quantize_by_matrix(new_type, _finite_f32(values, info.type), start, rows_per_matrix, weights)
             except _NonFinite:
                 raise MtError(f"tensor {info.name!r} holds NaN or Inf values", "fix the checkpoint; these weights cannot be quantized") from None
-            yield packed
+
+
+def _quantize_by_matrix(new_type: T, values: np.ndarray, first_row: int, rows_per_matrix: int, weights: np.ndarray) -> Iterator[np.ndarray]:
+    """Rows first_row.. of a tensor, each quantized with its matrix's (expert's) imatrix row."""
+    row = 0
+    while row < values.shape[0]:
+        matrix = (first_row + row) // rows_per_matrix
+        end = min(values.shape[0], (matrix + 1) * rows_per_matrix - first_row)
+        yield quantize_weighted(new_type, values[row:end], weights[matrix])
+        row = end
 
 
 def quantize_gguf(src: Path, out: Path, file_type: str, *, options: MixOptions | None = None, force: bool = False,
-                  progress: Callable[[int, int], None] | None = None) -> QuantizeResult:
+                  progress: Callable[[int, int], None] | None = None, imatrix: str | Path | None = None) -> QuantizeResult:
+    """`imatrix`: an importance-matrix file (GGUF or legacy .dat); the path is recorded as given."""
     ftype = parse_file_type(file_type)
     options = options or MixOptions()
     header = read_header(src, raw_strings=True)
     check_output(out, force)
     facts = model_facts(header)
+    imx = load_imatrix(Path(imatrix)) if imatrix is not None else None
+    if imx is not None:
+        options = replace(options, has_imatrix=True)
     ordered, types = plan_types(header, facts, ftype, options)
+    weights = tensor_weights(imx, ordered, types) if imx is not None else {}
     w = FastArrayGGUFWriter(path=None, arch=facts.arch)
     if (alignment := header.value("general.alignment")) is not None:
         w.data_alignment = int(alignment)
@@ -129,6 +156,10 @@ def quantize_gguf(src: Path, out: Path, file_type: str, *, options: MixOptions |
         if key not in SET_BY_WRITER:
             w.add_key_value(key, value, vtype, sub_type=header.array_types.get(key))
     put_quantization_keys_last(w, ftype)
+    if imx is not None:
+        for key, vtype, value in output_keys(imx, str(imatrix)):
+            w.kv_data[0].pop(key, None)  # llama.cpp re-sets the key: it moves to the end
+            w.add_key_value(key, value, vtype)
     sizes = {t.name: quant_type(types[t.name]).nbytes(tuple(reversed(t.shape))) for t in ordered}
     for t in ordered:
         w.add_tensor_info(t.name, tuple(reversed(t.shape)), np.dtype(np.float32), sizes[t.name], raw_dtype=types[t.name])
@@ -140,7 +171,7 @@ def quantize_gguf(src: Path, out: Path, file_type: str, *, options: MixOptions |
             w.write_ti_data_to_file()
             stream = TensorStream(w)
             for t in ordered:
-                stream.write_tensor(tensor_chunks(header, t, types[t.name]), sizes[t.name])
+                stream.write_tensor(tensor_chunks(header, t, types[t.name], weights.get(t.name)), sizes[t.name])
                 if progress is not None:
                     progress(sizes[t.name], total)
             stream.finish()
