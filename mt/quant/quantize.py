@@ -19,6 +19,7 @@ from mt.errors import MtError
 from mt.gguf_in import GGUFHeader, TensorInfo, read_header
 from mt.gguf_out import FastArrayGGUFWriter, TensorStream, atomic_path, check_output
 from mt.quant.mix import FILE_TYPES, MixOptions, ModelFacts, TensorSpec, choose_types, llama_order
+from mt.quant.device import GPU_TYPES, GpuQuantizer, select_device
 from mt.quant.types import quant_type
 
 MOVED_TO_END = ("general.quantization_version", "general.file_type")
@@ -86,8 +87,8 @@ def put_quantization_keys_last(w: GGUFWriter, file_type: LlamaFileType) -> None:
     w.add_file_type(int(file_type))
 
 
-def tensor_chunks(header: GGUFHeader, info: TensorInfo, new_type: T) -> Iterator[np.ndarray]:
-    """Output bytes of one tensor, a slab of rows at a time."""
+def tensor_chunks(header: GGUFHeader, info: TensorInfo, new_type: T, gpu: GpuQuantizer | None = None) -> Iterator[np.ndarray]:
+    """Output bytes of one tensor, a slab of rows at a time (on the GPU where `gpu` handles the type)."""
     n_rows = info.n_elements // info.shape[0]
     row_bytes = info.nbytes // max(1, n_rows)
     step = max(1, ROWS_PER_STEP_BYTES // max(1, row_bytes))
@@ -99,6 +100,9 @@ def tensor_chunks(header: GGUFHeader, info: TensorInfo, new_type: T) -> Iterator
             if new_type == info.type:
                 yield raw
                 continue
+            if gpu is not None and gpu.handles(new_type, info.shape[0]):
+                yield gpu.quantize(raw, STORAGE[info.type][0], new_type, info.shape[0], tensor_name=info.name)
+                continue
             values = _to_f32(raw, info.type).reshape(count, info.shape[0])
             if not np.isfinite(values).all():
                 raise MtError(f"tensor {info.name!r} holds NaN or Inf values", "fix the checkpoint; these weights cannot be quantized")
@@ -106,13 +110,15 @@ def tensor_chunks(header: GGUFHeader, info: TensorInfo, new_type: T) -> Iterator
 
 
 def quantize_gguf(src: Path, out: Path, file_type: str, *, options: MixOptions | None = None, force: bool = False,
-                  progress: Callable[[int, int], None] | None = None) -> QuantizeResult:
+                  progress: Callable[[int, int], None] | None = None, device: str = "auto") -> QuantizeResult:
     ftype = parse_file_type(file_type)
     options = options or MixOptions()
     header = read_header(src, raw_strings=True)
     check_output(out, force)
     facts = model_facts(header)
     ordered, types = plan_types(header, facts, ftype, options)
+    uses_gpu_types = any(types[t.name] in GPU_TYPES and types[t.name] != t.type for t in ordered)
+    gpu = select_device(device) if device == "cuda" or uses_gpu_types else None
     w = FastArrayGGUFWriter(path=None, arch=facts.arch)
     if (alignment := header.value("general.alignment")) is not None:
         w.data_alignment = int(alignment)
@@ -131,7 +137,7 @@ def quantize_gguf(src: Path, out: Path, file_type: str, *, options: MixOptions |
             w.write_ti_data_to_file()
             stream = TensorStream(w)
             for t in ordered:
-                stream.write_tensor(tensor_chunks(header, t, types[t.name]), sizes[t.name])
+                stream.write_tensor(tensor_chunks(header, t, types[t.name], gpu), sizes[t.name])
                 if progress is not None:
                     progress(sizes[t.name], total)
             stream.finish()
