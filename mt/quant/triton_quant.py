@@ -27,7 +27,7 @@ from gguf import GGMLQuantizationType as T
 # interpreter cannot run when triton was imported before TRITON_INTERPRET was set (transformers imports it).
 LANES = 64  # lanes (blocks) per program
 NUM_WARPS = 2
-MAX_LANES_PER_LAUNCH = 1 << 16  # keeps int32 offsets small and scratch bounded
+MAX_LANES_PER_LAUNCH = 1 << 20  # offsets stay below 2^31 (256 positions or 210 bytes x 2^20 lanes)
 
 
 @triton.jit
