@@ -5,7 +5,7 @@ from __future__ import annotations
 import queue
 import threading
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Iterator, Sequence, TypeVar
 
 import numpy as np
 from gguf import GGMLQuantizationType as T
@@ -164,6 +164,14 @@ def start_producing(plan: TensorPlan, config: dict, depth: int = 2, gpu: GpuQuan
 
 def by_entry(plan: TensorPlan, prefetcher: "Prefetcher") -> Iterator[tuple[PlanEntry, Iterator[Chunk]]]:
     """Each entry with its own chunks, read off the prefetcher in order."""
+    return grouped(plan.entries, prefetcher)
+
+
+Item = TypeVar("Item")
+
+
+def grouped(items: Sequence[Item], prefetcher: "Prefetcher") -> Iterator[tuple[Item, Iterator[Chunk]]]:
+    """Each item with its own chunks, from a prefetcher of (item index, chunk) pairs in order."""
     chunks = iter(prefetcher)
     pending: list[tuple[int, Chunk]] = []
 
@@ -177,8 +185,8 @@ def by_entry(plan: TensorPlan, prefetcher: "Prefetcher") -> Iterator[tuple[PlanE
                 return
             yield item[1]
 
-    for index, entry in enumerate(plan.entries):
-        yield entry, entry_chunks(index)
+    for index, item in enumerate(items):
+        yield item, entry_chunks(index)
 
 
 class Prefetcher:

@@ -15,6 +15,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 from gguf import GGUFWriter, LlamaFileType
 
+from mt.convert.plan import Prefetcher, grouped
 from mt.errors import MtError
 from mt.gguf_in import GGUFHeader, TensorInfo, read_header
 from mt.gguf_out import FastArrayGGUFWriter, TensorStream, atomic_path, check_output
@@ -136,10 +137,16 @@ def quantize_gguf(src: Path, out: Path, file_type: str, *, options: MixOptions |
             w.write_kv_data_to_file()
             w.write_ti_data_to_file()
             stream = TensorStream(w)
-            for t in ordered:
-                stream.write_tensor(tensor_chunks(header, t, types[t.name], gpu), sizes[t.name])
-                if progress is not None:
-                    progress(sizes[t.name], total)
+            # reading and quantizing run one slab ahead on a worker thread while this one writes
+            producer = Prefetcher(((i, chunk) for i, t in enumerate(ordered)
+                                   for chunk in tensor_chunks(header, t, types[t.name], gpu)), depth=2)
+            try:
+                for t, chunks in grouped(ordered, producer):
+                    stream.write_tensor(chunks, sizes[t.name])
+                    if progress is not None:
+                        progress(sizes[t.name], total)
+            finally:
+                producer.close()
             stream.finish()
         finally:
             w.close()
