@@ -14,6 +14,10 @@ from mt.errors import MtError
 
 OUTTYPE_CHOICES = ["f32", "f16", "bf16", "q8_0", "auto", "q4_k_m", "q5_k_m", "q4_k_s", "q5_k_s", "q6_k", "q4_0", "q5_0", "q5_1"]
 
+DEVICE_OPTION = click.option(
+    "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+    help="Where Q8_0/Q4_K/Q5_K/Q6_K are computed: auto uses a CUDA GPU when torch and triton can, else the CPU.")
+
 
 def _fail(message: str, code: int) -> None:
     click.echo(f"mt: error: {message}", err=True)
@@ -51,17 +55,19 @@ def main() -> None:
 @click.option("--dry-run", is_flag=True, help="Print the tensor plan without reading tensor data.")
 @click.option("--allow-pickle", is_flag=True, help="Load pytorch_model*.bin with torch.load(weights_only=True).")
 @click.option("--threads", type=int, default=None, help="Worker threads for quantization (default: all cores).")
+@DEVICE_OPTION
 @click.option("--quiet", is_flag=True, help="No progress bar or summary.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def convert(src: Path, out: Path | None, outtype: str, force: bool, vocab_only: bool, dry_run: bool,
-            allow_pickle: bool, threads: int | None, quiet: bool, as_json: bool) -> None:
+            allow_pickle: bool, threads: int | None, device: str, quiet: bool, as_json: bool) -> None:
     """Convert the checkpoint folder SRC to a GGUF file."""
     from mt.commands import convert_command
 
     if out is None and not dry_run:
         raise click.UsageError("-o/--output is required (unless --dry-run)")
     run_reporting_errors(lambda: convert_command(src, out, outtype, force=force, vocab_only=vocab_only, dry_run=dry_run,
-                                                 allow_pickle=allow_pickle, threads=threads, quiet=quiet, as_json=as_json))
+                                                 allow_pickle=allow_pickle, threads=threads, device=device, quiet=quiet,
+                                                 as_json=as_json))
 
 
 @main.command()
@@ -74,16 +80,18 @@ def convert(src: Path, out: Path | None, outtype: str, force: bool, vocab_only: 
 @click.option("--imatrix", "imatrix", default=None, metavar="FILE",
               help="Importance matrix from llama-imatrix (GGUF or legacy .dat) to weigh the quantization errors.")
 @click.option("--threads", type=int, default=None, help="Worker threads (default: all cores).")
+@DEVICE_OPTION
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
 @click.option("--quiet", is_flag=True)
 def quantize(src: Path, out: Path, file_type: str, pure: bool, output_tensor_type: str | None,
-             token_embedding_type: str | None, imatrix: str | None, threads: int | None, force: bool, quiet: bool) -> None:
+             token_embedding_type: str | None, imatrix: str | None, threads: int | None, device: str, force: bool,
+             quiet: bool) -> None:
     """Quantize an F32/F16/BF16 GGUF (SRC) to FILE_TYPE (Q4_K_M, Q5_K_M, Q4_K_S, Q5_K_S, Q6_K, Q8_0, Q4_0, Q5_0, Q5_1)."""
     from mt.commands import quantize_command
 
     run_reporting_errors(lambda: quantize_command(src, out, file_type, pure=pure, output_tensor_type=output_tensor_type,
                                                   token_embedding_type=token_embedding_type, imatrix=imatrix, threads=threads,
-                                                  force=force, quiet=quiet))
+                                                  device=device, force=force, quiet=quiet))
 
 
 @main.command()

@@ -43,7 +43,7 @@ def print_plan(plan: TensorPlan) -> None:
 
 
 def convert_command(src: Path, out: Path | None, outtype: str, *, force: bool, vocab_only: bool, dry_run: bool,
-                    allow_pickle: bool, threads: int | None, quiet: bool, as_json: bool) -> None:
+                    allow_pickle: bool, threads: int | None, quiet: bool, as_json: bool, device: str = "auto") -> None:
     if threads:
         set_threads(threads)
     if dry_run:
@@ -60,7 +60,7 @@ def convert_command(src: Path, out: Path | None, outtype: str, *, force: bool, v
     bar = ProgressBar() if show_bar else None
     try:
         result = convert(src, out, outtype, force=force, vocab_only=vocab_only, allow_pickle=allow_pickle,
-                         progress=bar.update if bar else None)
+                         progress=bar.update if bar else None, device=device)
     finally:
         if bar:
             bar.close()
@@ -89,7 +89,7 @@ def tensor_type_option(name: str | None) -> "GGMLQuantizationType | None":
 
 def quantize_command(src: Path, out: Path, file_type: str, *, pure: bool, output_tensor_type: str | None,
                      token_embedding_type: str | None, threads: int | None, force: bool, quiet: bool,
-                     imatrix: str | None = None) -> None:
+                     imatrix: str | None = None, device: str = "auto") -> None:
     from mt.quant.mix import MixOptions
     from mt.quant.quantize import quantize_gguf
 
@@ -101,7 +101,7 @@ def quantize_command(src: Path, out: Path, file_type: str, *, pure: bool, output
     start = time.perf_counter()
     try:
         result = quantize_gguf(src, out, file_type, options=options, force=force, progress=bar.update if bar else None,
-                               imatrix=imatrix)
+                               imatrix=imatrix, device=device)
     finally:
         if bar:
             bar.close()

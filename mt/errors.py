@@ -48,3 +48,7 @@ class QuantizationError(MtError):
 
 class GGUFError(MtError):
     """A GGUF file cannot be read."""
+
+
+class DeviceUnavailable(MtError):
+    """The requested compute device (e.g. --device cuda) cannot be used here."""

@@ -18,6 +18,7 @@ from mt.convert.special import read_tokenizer_json
 from mt.convert.vocab import VocabSummary
 from mt.io.safetensors import FileSpan
 from mt.gguf_out import FastArrayGGUFWriter, TensorStream, atomic_path, check_output
+from mt.quant.device import GPU_TYPES, select_device
 from mt.quant.quantize import put_quantization_keys_last
 
 Progress = Callable[[int, int], None]  # (bytes just written, total bytes)
@@ -81,6 +82,10 @@ def _reporting(chunks: Iterator[np.ndarray | FileSpan], report: Callable[[int], 
         report(chunk.nbytes)
 
 
+def _plan_uses_gpu_types(plan: TensorPlan) -> bool:
+    return any(e.qtype in GPU_TYPES for e in plan.entries)
+
+
 def load(src: Path, outtype: str, allow_pickle: bool = False) -> tuple[Checkpoint, Architecture, TensorPlan]:
     ckpt = open_checkpoint(src, allow_pickle=allow_pickle)
     arch = load_architecture(ckpt.architecture, ckpt.config)
@@ -96,10 +101,12 @@ def convert(
     vocab_only: bool = False,
     allow_pickle: bool = False,
     progress: Progress | None = None,
+    device: str = "auto",
 ) -> ConvertResult:
     ckpt, arch, plan = load(src, outtype, allow_pickle)
     check_output(out, force)
-    producer = None if vocab_only else start_producing(plan, ckpt.config)
+    gpu = select_device(device) if not vocab_only and (device == "cuda" or _plan_uses_gpu_types(plan)) else None
+    producer = None if vocab_only else start_producing(plan, ckpt.config, gpu=gpu)
     written = 0
     try:
         w, vocab = prepare_writer(ckpt, arch, plan, vocab_only)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import queue
 import threading
 from dataclasses import dataclass, replace
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator, Sequence, TypeVar
 
 import numpy as np
 from gguf import GGMLQuantizationType as T
@@ -18,6 +18,9 @@ from mt.io.safetensors import FileSpan
 from mt.quant.mix import FILE_TYPES as MIXES
 from mt.quant.mix import ModelFacts, TensorSpec, choose_types, llama_order
 from mt.quant.types import bf16_bits_to_f32, quant_type
+
+if TYPE_CHECKING:
+    from mt.quant.device import GpuQuantizer
 
 SLAB_BYTES = 16 << 20
 
@@ -140,25 +143,35 @@ def _copyable_span(src: LazyTensor, start: int, stop: int, qtype: T) -> FileSpan
     return span
 
 
-def encode(raw: np.ndarray, dtype: str, qtype: T) -> np.ndarray:
+def encode(raw: np.ndarray, dtype: str, qtype: T, gpu: GpuQuantizer | None = None) -> np.ndarray:
     """Source values in their storage dtype -> output bytes of `qtype`, as llama.cpp's converter writes them."""
     if _passes_through(dtype, qtype) and not (dtype == "BF16" and _bf16_has_nan(raw)):
         return raw
+    if gpu is not None and gpu.handles(qtype, raw.shape[-1]):
+        return gpu.quantize(raw, dtype, qtype, raw.shape[-1]).reshape(*raw.shape[:-1], -1)
     return quant_type(qtype).quantize(raw, lambda chunk: to_f32(chunk, dtype))
 
 
 Chunk = np.ndarray | FileSpan
 
 
-def start_producing(plan: TensorPlan, config: dict, depth: int = 2) -> "Prefetcher":
+def start_producing(plan: TensorPlan, config: dict, depth: int = 2, gpu: GpuQuantizer | None = None) -> "Prefetcher":
     """Start computing every entry's chunks on a worker thread now, `depth` chunks ahead of the writer,
     so reading and quantizing overlap with the metadata work and with writing (numpy and file I/O
     release the GIL)."""
-    return Prefetcher(((i, chunk) for i, e in enumerate(plan.entries) for chunk in produce(e, config)), depth)
+    return Prefetcher(((i, chunk) for i, e in enumerate(plan.entries) for chunk in produce(e, config, gpu)), depth)
 
 
 def by_entry(plan: TensorPlan, prefetcher: "Prefetcher") -> Iterator[tuple[PlanEntry, Iterator[Chunk]]]:
     """Each entry with its own chunks, read off the prefetcher in order."""
+    return grouped(plan.entries, prefetcher)
+
+
+Item = TypeVar("Item")
+
+
+def grouped(items: Sequence[Item], prefetcher: "Prefetcher") -> Iterator[tuple[Item, Iterator[Chunk]]]:
+    """Each item with its own chunks, from a prefetcher of (item index, chunk) pairs in order."""
     chunks = iter(prefetcher)
     pending: list[tuple[int, Chunk]] = []
 
@@ -172,8 +185,8 @@ def by_entry(plan: TensorPlan, prefetcher: "Prefetcher") -> Iterator[tuple[PlanE
                 return
             yield item[1]
 
-    for index, entry in enumerate(plan.entries):
-        yield entry, entry_chunks(index)
+    for index, item in enumerate(items):
+        yield item, entry_chunks(index)
 
 
 class Prefetcher:
@@ -215,10 +228,10 @@ class Prefetcher:
         self._stop.set()
 
 
-def produce(entry: PlanEntry, config: dict) -> Iterator[Chunk]:
+def produce(entry: PlanEntry, config: dict, gpu: GpuQuantizer | None = None) -> Iterator[Chunk]:
     """Output bytes of one entry, in row slabs where the tensor needs no whole-tensor transform."""
     if entry.extra is not None:
-        yield encode(entry.extra.make(), "F32", entry.qtype)
+        yield encode(entry.extra.make(), "F32", entry.qtype, gpu)
         return
     src = entry.source
     assert src is not None
@@ -226,11 +239,11 @@ def produce(entry: PlanEntry, config: dict) -> Iterator[Chunk]:
         raw = src.read()
         if entry.transform is not None:
             raw = entry.transform(raw, config)
-        yield encode(raw, src.dtype, entry.qtype)
+        yield encode(raw, src.dtype, entry.qtype, gpu)
         return
     row_bytes = max(1, src.nbytes // src.shape[0])
     step = max(1, SLAB_BYTES // row_bytes)
     for start in range(0, src.shape[0], step):
         stop = min(start + step, src.shape[0])
         span = _copyable_span(src, start, stop, entry.qtype)
-        yield span if span is not None else encode(src.read_rows(start, stop), src.dtype, entry.qtype)
+        yield span if span is not None else encode(src.read_rows(start, stop), src.dtype, entry.qtype, gpu)

@@ -15,11 +15,13 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 from gguf import GGUFWriter, LlamaFileType
 
+from mt.convert.plan import Prefetcher, grouped
 from mt.errors import MtError
 from mt.gguf_in import GGUFHeader, TensorInfo, read_header
 from mt.gguf_out import FastArrayGGUFWriter, TensorStream, atomic_path, check_output
 from mt.quant.mix import FILE_TYPES, MixOptions, ModelFacts, TensorSpec, choose_types, llama_order
 from mt.quant.imatrix import Imatrix, load_imatrix, output_keys
+from mt.quant.device import GPU_TYPES, GpuQuantizer, select_device
 from mt.quant.types import quant_type
 from mt.quant.weighted import quantize_weighted, uses_weights
 
@@ -102,8 +104,10 @@ def put_quantization_keys_last(w: GGUFWriter, file_type: LlamaFileType) -> None:
     w.add_file_type(int(file_type))
 
 
-def tensor_chunks(header: GGUFHeader, info: TensorInfo, new_type: T, weights: np.ndarray | None = None) -> Iterator[np.ndarray]:
-    """Output bytes of one tensor, a slab of rows at a time; weights [n_mat, ne0] from an imatrix."""
+def tensor_chunks(header: GGUFHeader, info: TensorInfo, new_type: T, weights: np.ndarray | None = None,
+                  gpu: GpuQuantizer | None = None) -> Iterator[np.ndarray]:
+    """Output bytes of one tensor, a slab of rows at a time; weights [n_mat, ne0] from an imatrix; on the GPU
+    where `gpu` handles the type (the imatrix path runs on the CPU)."""
     n_rows = info.n_elements // info.shape[0]
     rows_per_matrix = info.shape[1] if len(info.shape) > 1 else 1
     row_bytes = info.nbytes // max(1, n_rows)
@@ -115,6 +119,9 @@ def tensor_chunks(header: GGUFHeader, info: TensorInfo, new_type: T, weights: np
             raw = np.frombuffer(f.read(count * row_bytes), dtype=np.uint8)
             if new_type == info.type:
                 yield raw
+                continue
+            if weights is None and gpu is not None and gpu.handles(new_type, info.shape[0]):
+                yield gpu.quantize(raw, STORAGE[info.type][0], new_type, info.shape[0], tensor_name=info.name)
                 continue
             values = raw.view(STORAGE[info.type][1]).reshape(count, info.shape[0])
             try:  # decoding and the NaN check run chunk by chunk on the quantizer's thread pool
@@ -137,7 +144,8 @@ def _quantize_by_matrix(new_type: T, values: np.ndarray, first_row: int, rows_pe
 
 
 def quantize_gguf(src: Path, out: Path, file_type: str, *, options: MixOptions | None = None, force: bool = False,
-                  progress: Callable[[int, int], None] | None = None, imatrix: str | Path | None = None) -> QuantizeResult:
+                  progress: Callable[[int, int], None] | None = None, imatrix: str | Path | None = None,
+                  device: str = "auto") -> QuantizeResult:
     """`imatrix`: an importance-matrix file (GGUF or legacy .dat); the path is recorded as given."""
     ftype = parse_file_type(file_type)
     options = options or MixOptions()
@@ -149,6 +157,8 @@ def quantize_gguf(src: Path, out: Path, file_type: str, *, options: MixOptions |
         options = replace(options, has_imatrix=True)
     ordered, types = plan_types(header, facts, ftype, options)
     weights = tensor_weights(imx, ordered, types) if imx is not None else {}
+    uses_gpu_types = any(types[t.name] in GPU_TYPES and types[t.name] != t.type for t in ordered)
+    gpu = select_device(device) if device == "cuda" or uses_gpu_types else None
     w = FastArrayGGUFWriter(path=None, arch=facts.arch)
     if (alignment := header.value("general.alignment")) is not None:
         w.data_alignment = int(alignment)
@@ -170,10 +180,16 @@ def quantize_gguf(src: Path, out: Path, file_type: str, *, options: MixOptions |
             w.write_kv_data_to_file()
             w.write_ti_data_to_file()
             stream = TensorStream(w)
-            for t in ordered:
-                stream.write_tensor(tensor_chunks(header, t, types[t.name], weights.get(t.name)), sizes[t.name])
-                if progress is not None:
-                    progress(sizes[t.name], total)
+            # reading and quantizing run one slab ahead on a worker thread while this one writes
+            producer = Prefetcher(((i, chunk) for i, t in enumerate(ordered)
+                                   for chunk in tensor_chunks(header, t, types[t.name], weights.get(t.name), gpu)), depth=2)
+            try:
+                for t, chunks in grouped(ordered, producer):
+                    stream.write_tensor(chunks, sizes[t.name])
+                    if progress is not None:
+                        progress(sizes[t.name], total)
+            finally:
+                producer.close()
             stream.finish()
         finally:
             w.close()
