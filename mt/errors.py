@@ -48,3 +48,7 @@ class QuantizationError(MtError):
 
 class GGUFError(MtError):
     """A GGUF file cannot be read."""
+
+
+class VerifyError(MtError):
+    """A GGUF and a reference folder that cannot be compared at all (e.g. different architectures)."""

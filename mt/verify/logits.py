@@ -59,8 +59,8 @@ def llama_cpp_tokenize(gguf_path: Path, text: str, add_special: bool = True, par
         llm.close()
 
 
-def hf_logits(folder: Path, ids: list[int]) -> np.ndarray:
-    """[len(ids), vocab] float32 logits of the checkpoint in transformers, in float32."""
+def hf_logits(folder: Path, ids: list[int], adapter: Path | None = None) -> np.ndarray:
+    """[len(ids), vocab] float32 logits of the checkpoint in transformers, in float32 (+ a PEFT adapter, merged)."""
     import torch
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
@@ -68,6 +68,10 @@ def hf_logits(folder: Path, ids: list[int]) -> np.ndarray:
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
     try:
         with torch.no_grad():
             out = model(torch.tensor([ids])).logits[0]
