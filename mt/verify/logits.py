@@ -7,9 +7,10 @@ freed before the other loads, so only one copy of the model is in memory.
 from __future__ import annotations
 
 import gc
+import io
 import os
 import sys
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stderr
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -19,13 +20,14 @@ import numpy as np
 
 @contextmanager
 def native_stderr_silenced() -> Iterator[None]:
-    """llama.cpp logs from C (e.g. its n_ctx_train notice) even with verbose=False; send fd 2 to /dev/null."""
+    """llama.cpp logs (e.g. its n_ctx_train notice) even with verbose=False; send fd 2 and sys.stderr to nothing."""
     sys.stderr.flush()
     saved = os.dup(2)
     devnull = os.open(os.devnull, os.O_WRONLY)
     try:
         os.dup2(devnull, 2)
-        yield
+        with redirect_stderr(io.StringIO()):  # llama-cpp-python's log callback prints through sys.stderr
+            yield
     finally:
         os.dup2(saved, 2)
         os.close(saved)
