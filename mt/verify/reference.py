@@ -64,9 +64,7 @@ class Reference:
     @cached_property
     def tokenizer(self) -> Any:
         from transformers import AutoTokenizer
-        from transformers.utils import logging as hf_logging
 
-        hf_logging.set_verbosity_error()
         try:
             return AutoTokenizer.from_pretrained(self.folder)
         except Exception as e:  # transformers raises many types for a broken tokenizer
@@ -100,6 +98,9 @@ class Reference:
 
 
 def open_reference(folder: Path) -> Reference:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # config notices would interleave with the report
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"reference {folder} is not a folder", "pass the Hugging Face folder the GGUF was made from")

@@ -60,10 +60,11 @@ class VerifyReport:
                  f"  {self.architecture}, file type {self.file_type}"]
         for c in self.checks:
             lines.append(f"  {c.status.value.upper():4}  {c.name:<14} {c.summary}")
-            for p in c.problems[:max_problems]:
+            shown = max_problems if c.failed else 2
+            for p in c.problems[:shown]:
                 lines.append(f"          - {p}")
-            if len(c.problems) > max_problems:
-                lines.append(f"          ... {len(c.problems) - max_problems} more (--json lists all)")
+            if len(c.problems) > shown:
+                lines.append(f"          ... {len(c.problems) - shown} more (--json lists all)")
         rss = ", ".join(f"{k} {v:.0f} MiB" for k, v in self.peak_rss_mib.items())
         lines.append(f"  peak RSS: {rss}")
         failed = [c.name for c in self.failed_checks()]
