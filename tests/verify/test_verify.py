@@ -165,3 +165,11 @@ def test_adapter_merged_gguf(llama2_spm_dir, tmp_path):
     options = VerifyOptions(max_tokens=96, n_ctx=128)
     assert verify(tmp_path / "merged.gguf", llama2_spm_dir, VerifyOptions(max_tokens=96, n_ctx=128, adapter=tmp_path / "adapter")).passed
     assert failed(verify(tmp_path / "merged.gguf", llama2_spm_dir, options)) == {"logits"}
+
+
+def test_wrong_llama3_rope_factors_fail_metadata(llama3_dir, gguf_of, tmp_path):
+    """rope_freqs (llama3 rope scaling) is compared with transformers' own inv_freq for the source config."""
+    bad = _corrupt(gguf_of("llama3_dir", "q4_k_m"), tmp_path, tensors=corrupt.scale_tensor("rope_freqs.weight", 2.0))
+    report = verify(bad, llama3_dir, FAST)
+    assert "metadata" in failed(report), report.to_text()
+    assert any("rope_freqs differs" in p for p in check(report, "metadata").problems)
