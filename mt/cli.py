@@ -101,7 +101,7 @@ def inspect(path: Path, as_json: bool) -> None:
               help="The Hugging Face folder the GGUF was made from.")
 @click.option("--text", "text_file", type=click.Path(path_type=Path, dir_okay=False),
               help="UTF-8 text to tokenize and run through both models (default: the built-in multilingual corpus).")
-@click.option("--max-tokens", type=click.IntRange(min=2), default=256, show_default=True, help="Tokens of text for the logits check.")
+@click.option("--max-tokens", type=click.IntRange(min=2), default=256, show_default=True, help="Tokens of text for the logits check (at most --ctx).")
 @click.option("--ctx", "n_ctx", type=click.IntRange(min=16), default=512, show_default=True, help="llama.cpp context size.")
 @click.option("--json", "json_out", type=click.Path(path_type=Path, dir_okay=False),
               help="Write the report as JSON to this file ('-': print it instead of the summary).")

@@ -64,7 +64,10 @@ def check_logits(gguf_path: Path, reference_dir: Path, ids: list[int], n_ctx: in
         check = Check("logits", Status.FAIL, f"the text has token ids the GGUF's {n_vocab_gguf}-token vocabulary lacks")
         return LogitRun(check, np.zeros(0), {})
     reset_peak_rss()
-    candidate = llama_cpp_logits(gguf_path, ids, n_ctx=n_ctx)
+    try:
+        candidate = llama_cpp_logits(gguf_path, ids, n_ctx=n_ctx)
+    except (ValueError, RuntimeError) as e:  # llama-cpp-python's "Failed to load model from file"
+        return LogitRun(Check("logits", Status.FAIL, f"llama.cpp cannot run the GGUF ({e})"), np.zeros(0), {})
     rss = {"llama.cpp": peak_rss_mib()}
     reset_peak_rss()
     reference = hf_logits(reference_dir, ids, adapter)

@@ -73,6 +73,18 @@ def _first_difference(a: list[int], b: list[int]) -> int:
 def check_tokenization(gguf_path: Path, ref: Reference, user_text: str | None) -> Check:
     reference = reference_tokenizer(ref)
     texts = verify_texts(ref, user_text)
+    try:
+        mismatches = _mismatches(gguf_path, reference, texts)
+    except ValueError as e:  # llama-cpp-python: "Failed to load model from file"
+        return Check("tokenization", Status.FAIL, f"llama.cpp cannot load the GGUF's vocabulary ({e})")
+    problems = [_describe(name, m) for name, m in mismatches.items()]
+    summary = (f"{len(texts)} texts identical ({', '.join(texts)})" if not mismatches
+               else f"{len(mismatches)} of {len(texts)} texts differ: {', '.join(mismatches)}")
+    return Check("tokenization", Status.FAIL if mismatches else Status.PASS, summary, problems,
+                 {"texts": len(texts), "mismatches": mismatches})
+
+
+def _mismatches(gguf_path: Path, reference: Tokenize, texts: dict[str, str]) -> dict[str, dict[str, Any]]:
     mismatches: dict[str, dict[str, Any]] = {}
     with llama_cpp_tokenizer(gguf_path) as llama_cpp:
         for name, text in texts.items():
@@ -80,11 +92,7 @@ def check_tokenization(gguf_path: Path, ref: Reference, user_text: str | None) -
             if ours != theirs:
                 mismatches[name] = {"text": text, "llama_cpp": ours, "reference": theirs,
                                     "first_difference": _first_difference(ours, theirs)}
-    problems = [_describe(name, m) for name, m in mismatches.items()]
-    summary = (f"{len(texts)} texts identical ({', '.join(texts)})" if not mismatches
-               else f"{len(mismatches)} of {len(texts)} texts differ: {', '.join(mismatches)}")
-    return Check("tokenization", Status.FAIL if mismatches else Status.PASS, summary, problems,
-                 {"texts": len(texts), "mismatches": mismatches})
+    return mismatches
 
 
 def _describe(name: str, m: dict[str, Any]) -> str:

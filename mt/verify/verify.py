@@ -11,7 +11,7 @@ from mt.verify.corpus import CORPUS
 from mt.verify.logit_check import check_logits
 from mt.verify.metadata import check_metadata, check_vocabulary
 from mt.verify.reference import GGUFModel, Reference, open_gguf, open_reference
-from mt.verify.report import Check, Status, VerifyReport
+from mt.verify.report import Check, VerifyReport
 from mt.verify.template import check_chat_template, check_llama_cpp_chat
 from mt.verify.thresholds import file_type_name, thresholds_for
 from mt.verify.tokens import check_tokenization, reference_tokenizer

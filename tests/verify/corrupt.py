@@ -8,7 +8,7 @@ from typing import Any, Callable
 import numpy as np
 from gguf import GGUFReader, GGUFValueType, GGUFWriter
 
-TensorEdit = Callable[[str, np.ndarray], tuple[str, np.ndarray]]
+TensorEdit = Callable[[str, np.ndarray], tuple[str | None, np.ndarray]]  # a None name drops the tensor
 _DROP = object()  # kv value that removes the key
 
 
@@ -33,6 +33,8 @@ def rewrite(src: Path, dst: Path, kv: dict[str, Any] | None = None, tensors: Ten
         name, data = t.name, np.array(t.data)
         if tensors is not None:
             name, data = tensors(name, data)
+        if name is None:
+            continue
         writer.add_tensor(name, data, raw_shape=data.shape, raw_dtype=t.tensor_type)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -66,4 +68,10 @@ def swap_items(i: int, j: int) -> Callable[[list[Any]], list[Any]]:
         values = list(values)
         values[i], values[j] = values[j], values[i]
         return values
+    return edit
+
+
+def drop_tensor(target: str) -> TensorEdit:
+    def edit(name: str, data: np.ndarray) -> tuple[str | None, np.ndarray]:
+        return (None if name == target else name), data
     return edit

@@ -173,3 +173,10 @@ def test_wrong_llama3_rope_factors_fail_metadata(llama3_dir, gguf_of, tmp_path):
     report = verify(bad, llama3_dir, FAST)
     assert "metadata" in failed(report), report.to_text()
     assert any("rope_freqs differs" in p for p in check(report, "metadata").problems)
+
+
+def test_gguf_llama_cpp_cannot_load_fails_logits(llama2_spm_dir, gguf_of, tmp_path):
+    bad = _corrupt(gguf_of("llama2_spm_dir", "f16"), tmp_path, tensors=corrupt.drop_tensor("blk.1.ffn_down.weight"))
+    report = verify(bad, llama2_spm_dir, FAST)
+    assert failed(report) == {"logits"}, report.to_text()
+    assert "llama.cpp cannot run the GGUF" in check(report, "logits").summary
