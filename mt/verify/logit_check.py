@@ -79,4 +79,5 @@ def check_logits(gguf_path: Path, reference_dir: Path, ids: list[int], n_ctx: in
                f"PPL {stats.ppl_gguf:.4g} vs {stats.ppl_reference:.4g} (Δ {stats.delta_ppl:+.3g})")
     if problems:
         summary = "; ".join(problems) + f" ({summary})"
-    return LogitRun(Check("logits", Status.FAIL if problems else Status.PASS, summary, problems, asdict(stats)), kld, rss)
+    data = asdict(stats) | {"kld_per_token": [round(float(x), 9) for x in kld]}
+    return LogitRun(Check("logits", Status.FAIL if problems else Status.PASS, summary, problems, data), kld, rss)

@@ -34,6 +34,8 @@ def test_pass_writes_json_and_markdown(llama2_spm_dir, llama2_f16, tmp_path):
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["passed"] is True and report["file_type"] == "F16"
     assert {c["name"]: c["status"] for c in report["checks"]}["tokenization"] == "pass"
+    logits = next(c for c in report["checks"] if c["name"] == "logits")["data"]
+    assert len(logits["kld_per_token"]) == 64 and max(logits["kld_per_token"]) == pytest.approx(logits["kld_max"], abs=1e-9)
     md = (tmp_path / "r.md").read_text()
     assert md.startswith("### GGUF verification: pass") and "| logits | pass |" in md
 
