@@ -149,8 +149,10 @@ def test_adapter_merged_gguf(llama2_spm_dir, tmp_path):
     import shutil
 
     import torch
-    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
+
+    pytest.importorskip("peft")  # not in the test extras yet (installed here); --adapter needs it
+    from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(0)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(llama2_spm_dir, dtype=torch.float32),
