@@ -106,6 +106,34 @@ def inspect(path: Path, as_json: bool) -> None:
 
 
 @main.command()
+@click.argument("gguf", type=click.Path(path_type=Path))
+@click.option("--reference", "reference", type=click.Path(path_type=Path), required=True,
+              help="The Hugging Face folder the GGUF was made from.")
+@click.option("--text", "text_file", type=click.Path(path_type=Path, dir_okay=False),
+              help="UTF-8 text to tokenize and run through both models (default: the built-in multilingual corpus).")
+@click.option("--max-tokens", type=click.IntRange(min=2), default=256, show_default=True, help="Tokens of text for the logits check (at most --ctx).")
+@click.option("--ctx", "n_ctx", type=click.IntRange(min=16), default=512, show_default=True, help="llama.cpp context size.")
+@click.option("--json", "json_out", type=click.Path(path_type=Path, dir_okay=False),
+              help="Write the report as JSON to this file ('-': print it instead of the summary).")
+@click.option("--markdown", "markdown_out", type=click.Path(path_type=Path, dir_okay=False),
+              help="Write the report as markdown (for a model card).")
+@click.option("--threshold-kld", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Mean KLD limit (default: per file type, see README).")
+@click.option("--adapter", type=click.Path(path_type=Path, file_okay=False),
+              help="PEFT adapter the GGUF was merged from: merged into the reference's forward.")
+@click.option("--force", is_flag=True, help="Overwrite existing report files.")
+def verify(gguf: Path, reference: Path, text_file: Path | None, max_tokens: int, n_ctx: int, json_out: Path | None,
+           markdown_out: Path | None, threshold_kld: float | None, adapter: Path | None, force: bool) -> None:
+    """Check GGUF against its source: metadata, vocabulary, tokenization, logits, chat template. Exit 0 pass, 1 fail."""
+    from mt.commands import verify_command
+
+    passed = run_reporting_errors(lambda: verify_command(
+        gguf, reference, text_file=text_file, max_tokens=max_tokens, n_ctx=n_ctx, json_out=json_out,
+        markdown_out=markdown_out, threshold_kld=threshold_kld, adapter=adapter, force=force))
+    sys.exit(0 if passed else 1)
+
+
+@main.command()
 @click.option("--workdir", type=click.Path(path_type=Path), default=None, help="Where to build (default: a temp folder).")
 def demo(workdir: Path | None) -> None:
     """Build a tiny model, convert it, run it in llama.cpp and compare with the source."""

@@ -127,3 +127,31 @@ class ProgressBar:
     def close(self) -> None:
         if self._bar is not None:
             self._bar.__exit__(None, None, None)
+
+
+def verify_command(gguf: Path, reference: Path, *, text_file: Path | None, max_tokens: int, n_ctx: int,
+                   json_out: Path | None, markdown_out: Path | None, threshold_kld: float | None,
+                   adapter: Path | None, force: bool) -> bool:
+    """Run every check, print the summary (or JSON with --json -), write the reports; returns the verdict."""
+    from mt.gguf_out import atomic_path, check_output
+    from mt.verify.verify import VerifyOptions, verify
+
+    files = {p: render for p, render in ((json_out, "to_json"), (markdown_out, "to_markdown")) if p and str(p) != "-"}
+    for path in files:
+        check_output(path, force)
+    text = _read_text(text_file) if text_file else None
+    report = verify(gguf, reference, VerifyOptions(text, max_tokens, n_ctx, threshold_kld, adapter))
+    click.echo(report.to_json() if str(json_out) == "-" else report.to_text())
+    for path, render in files.items():
+        with atomic_path(path) as tmp:
+            tmp.write_text(getattr(report, render)(), encoding="utf-8")
+    return report.passed
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise MtError(f"{path} is not UTF-8 text", "pass a UTF-8 text file to --text") from None
+    except OSError as e:
+        raise MtError(f"cannot read {path} ({e.strerror})", "check the --text path") from None

@@ -52,3 +52,7 @@ class GGUFError(MtError):
 
 class DeviceUnavailable(MtError):
     """The requested compute device (e.g. --device cuda) cannot be used here."""
+
+
+class VerifyError(MtError):
+    """A GGUF and a reference folder that cannot be compared at all (e.g. different architectures)."""

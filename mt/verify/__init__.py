@@ -1,1 +1,1 @@
-"""Planned: see the issues."""
+"""mt verify: a GGUF against its source folder (metadata, vocabulary, tokens, logits, chat template)."""

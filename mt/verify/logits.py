@@ -7,9 +7,10 @@ freed before the other loads, so only one copy of the model is in memory.
 from __future__ import annotations
 
 import gc
+import io
 import os
 import sys
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stderr
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -19,13 +20,14 @@ import numpy as np
 
 @contextmanager
 def native_stderr_silenced() -> Iterator[None]:
-    """llama.cpp logs from C (e.g. its n_ctx_train notice) even with verbose=False; send fd 2 to /dev/null."""
+    """llama.cpp logs (e.g. its n_ctx_train notice) even with verbose=False; send fd 2 and sys.stderr to nothing."""
     sys.stderr.flush()
     saved = os.dup(2)
     devnull = os.open(os.devnull, os.O_WRONLY)
     try:
         os.dup2(devnull, 2)
-        yield
+        with redirect_stderr(io.StringIO()):  # llama-cpp-python's log callback prints through sys.stderr
+            yield
     finally:
         os.dup2(saved, 2)
         os.close(saved)
@@ -59,8 +61,8 @@ def llama_cpp_tokenize(gguf_path: Path, text: str, add_special: bool = True, par
         llm.close()
 
 
-def hf_logits(folder: Path, ids: list[int]) -> np.ndarray:
-    """[len(ids), vocab] float32 logits of the checkpoint in transformers, in float32."""
+def hf_logits(folder: Path, ids: list[int], adapter: Path | None = None) -> np.ndarray:
+    """[len(ids), vocab] float32 logits of the checkpoint in transformers, in float32 (+ a PEFT adapter, merged)."""
     import torch
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
@@ -68,6 +70,10 @@ def hf_logits(folder: Path, ids: list[int]) -> np.ndarray:
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
     try:
         with torch.no_grad():
             out = model(torch.tensor([ids])).logits[0]

@@ -1,0 +1,28 @@
+"""Peak resident memory per phase (Linux: VmHWM, reset through /proc/self/clear_refs)."""
+
+from __future__ import annotations
+
+import resource
+from pathlib import Path
+
+_STATUS = Path("/proc/self/status")
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
+def reset_peak_rss() -> None:
+    """Start a new high-water mark; a no-op where the kernel does not allow it."""
+    try:
+        _CLEAR_REFS.write_text("5")
+    except OSError:
+        pass
+
+
+def peak_rss_mib() -> float:
+    """Peak RSS since the last reset (or since start where reset is not possible)."""
+    try:
+        for line in _STATUS.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
