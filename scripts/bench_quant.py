@@ -4,7 +4,7 @@ Converts the Llama-3.2-1B-shaped bf16 checkpoint of bench_convert.py to a BF16 G
 it with both tools at the same thread count for each type, printing wall time, peak RSS, the ratio
 and whether the files are byte-identical.
 
-    python scripts/bench_quant.py [--types q8_0,q4_k_m,q5_k_m,q6_k] [--threads 2] [--workdir DIR]
+    python scripts/bench_quant.py [--types q8_0,q4_k_m,q5_k_m,q6_k] [--threads 2] [--device auto|cpu|cuda] [--workdir DIR]
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ def main() -> None:
     parser.add_argument("--types", default="q8_0,q4_k_m")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--device", default="auto", help="mt quantize --device (auto|cpu|cuda)")
     args = parser.parse_args()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="mt-bench-"))
     src = work / "llama-3.2-1b-shaped"
@@ -47,7 +48,7 @@ def main() -> None:
         ref, ours = work / f"ref-{qtype}.gguf", work / f"mt-{qtype}.gguf"
         ref_t, ref_rss = timed([sys.executable, "-c", LLAMA_QUANTIZE, str(bf16), str(ref), qtype, str(args.threads)])
         mt_t, mt_rss = timed([sys.executable, "-m", "mt.cli", "quantize", str(bf16), str(ours), qtype,
-                              "--threads", str(args.threads), "--force", "--quiet"])
+                              "--threads", str(args.threads), "--device", args.device, "--force", "--quiet"])
         print(f"{qtype:<8} {'llama-quantize':<22} {ref_t:>8.1f} {ref_rss / 1e9:>8.2f} GB")
         print(f"{qtype:<8} {'mt quantize':<22} {mt_t:>8.1f} {mt_rss / 1e9:>8.2f} GB")
         print(f"{qtype:<8} ratio: mt runs at {ref_t / mt_t:.2f}x llama-quantize's speed, peak RSS {mt_rss / ref_rss:.2f}x; "

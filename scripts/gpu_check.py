@@ -37,6 +37,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from scripts.bench_convert import LAUNCHER  # noqa: E402  (a child's own peak RSS)
+
 KERNEL_TYPES = ("Q8_0", "Q4_K", "Q5_K", "Q6_K")
 FILE_TYPES = ("q4_k_m", "q8_0", "q5_k_m", "q6_k")
 VALUES_PER_TYPE = 1 << 22  # 16 MB of float32 per type
@@ -205,18 +207,6 @@ p = llama_cpp.llama_model_quantize_default_params()
 p.ftype = int(parse_file_type(sys.argv[3])); p.nthread = int(sys.argv[4])
 sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), p))
 """
-
-# started from this small launcher, so the child's peak RSS is its own (see scripts/bench_convert.py)
-LAUNCHER = """
-import os, subprocess, sys, time
-t = time.perf_counter()
-p = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-_, status, usage = os.wait4(p.pid, 0)
-print(time.perf_counter() - t, usage.ru_maxrss * 1024, status)
-if status:
-    sys.stderr.write(p.stderr.read().decode()[-3000:])
-"""
-
 
 def timed(cmd: list[str]) -> dict:
     proc = subprocess.run([sys.executable, "-c", LAUNCHER, *cmd], capture_output=True, text=True, timeout=STEP_TIMEOUT_S)

@@ -30,7 +30,8 @@ def set_threads(n: int) -> None:
     _POOL = ThreadPoolExecutor(max_workers=max(1, n))
 
 
-def _pool() -> ThreadPoolExecutor:
+def pool() -> ThreadPoolExecutor:
+    """The shared quantization thread pool (`set_threads` sizes it)."""
     if _POOL is None:
         set_threads(os.cpu_count() or 1)
     assert _POOL is not None
@@ -118,7 +119,7 @@ class QuantType:
 
         starts = range(0, blocks.shape[0], step)
         if len(starts) > 1:
-            list(_pool().map(run, starts))
+            list(pool().map(run, starts))
         elif starts:
             run(0)
         return out.reshape(*data.shape[:-1], data.shape[-1] // cls.block_size * cls.type_size)

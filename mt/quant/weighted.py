@@ -31,7 +31,7 @@ from mt.quant.kquants import (
     requantize_affine,
 )
 from mt.quant.legacy import QK, fp16_bytes, pack_high_bits, pack_nibbles
-from mt.quant.types import _pool, quant_type
+from mt.quant.types import pool, quant_type
 
 F32 = np.float32
 RowQuantizer = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (rows [R, n], weights [n]) -> bytes [R, row_size]
@@ -217,7 +217,7 @@ def quantize_weighted(ggml_type: T, data: np.ndarray, weights: np.ndarray,
 
     starts = range(0, rows.shape[0], step)
     if len(starts) > 1:
-        list(_pool().map(run, starts))
+        list(pool().map(run, starts))
     elif starts:
         run(0)
     return out.reshape(*data.shape[:-1], out.shape[1])
