@@ -136,10 +136,10 @@ def verify(gguf: Path, reference: Path, text_file: Path | None, max_tokens: int,
 @main.command()
 @click.option("--workdir", type=click.Path(path_type=Path), default=None, help="Where to build (default: a temp folder).")
 def demo(workdir: Path | None) -> None:
-    """Build a tiny model, convert it, run it in llama.cpp and compare with the source."""
+    """Build a tiny model, convert it, quantize it to Q4_K_M and verify both files against the source."""
     from mt.demo import run_demo
 
-    run_reporting_errors(lambda: run_demo(workdir))
+    sys.exit(0 if run_reporting_errors(lambda: run_demo(workdir)) else 1)
 
 
 if __name__ == "__main__":
