@@ -13,6 +13,7 @@ from mt.quant.weighted import quantize_weighted
 from tests.ggml_ref import ggml_quantize
 from tests.quant.test_compiled import heavy_tailed_rows
 from tests.quant.test_kquants import rows_for
+from tests.quant.test_legacy import edge_rows
 from tests.quant.test_weighted import imatrices
 
 COMPILED_WEIGHTED = [T.Q4_K, T.Q5_K, T.Q6_K]
@@ -64,3 +65,24 @@ def test_compiled_is_the_default_and_env_selects_numpy(monkeypatch):
     monkeypatch.setenv("MT_QUANT_BACKEND", "fortran")
     with pytest.raises(QuantizationError, match="not a quantization backend"):
         quantize_weighted(T.Q4_K, np.zeros((1, 256), np.float32), np.ones(256, np.float32))
+
+
+@pytest.mark.parametrize("ggml_type", COMPILED_WEIGHTED)
+@pytest.mark.parametrize("weights", ["chi2", "zeros", "tiny"])
+def test_non_finite_and_overflowing_rows_equal_ggml(ggml_type, weights):
+    """NaN, inf, ranges that overflow, subnormal scales: ggml's branches decide. (mt quantize refuses
+    NaN/Inf tensors; the kernels still follow ggml. The numpy references differ from ggml on two of
+    these rows for Q4_K/Q5_K, so only ggml is the oracle here.)"""
+    rng = np.random.default_rng(1)
+    edges = np.tile(edge_rows(), (1, 8))  # each 32-value edge case in all 8 sub-blocks
+    scaled = rng.standard_normal((6, 256)) * np.array([1e-30, 1e-20, 1e20, 1e30, 3e38, 1e-38])[:, None]
+    spiked = rng.standard_normal((4, 256))
+    spiked[0, 5], spiked[1, 0], spiked[2, 100], spiked[3] = np.nan, np.inf, -np.inf, np.nan
+    with np.errstate(over="ignore"):
+        rows = np.concatenate([edges, scaled, spiked]).astype(np.float32)
+    qw = imatrices(256, 2)[weights]
+    with np.errstate(all="ignore"):
+        ours = quantize_weighted(ggml_type, rows, qw, backend="compiled")
+        theirs = ggml_quantize(int(ggml_type), rows, qw)
+    bad = np.flatnonzero((ours != theirs).any(axis=1))
+    assert bad.size == 0, f"rows {bad.tolist()} differ from ggml"
