@@ -489,6 +489,211 @@ def q6_k_blocks(x: np.ndarray, out: np.ndarray) -> None:
             q6_k_superblock(x[b0 + b], out[b0 + b], L, st[Q_SCALE, lane], st[Q_L_ISCALE, lane], st[AMAX, lane])
 
 
+# ---------------------------------------------------------------- with an importance matrix
+#
+# quantize_row_q{4,5,6}_K_impl with quant_weights: the same lane kernels, fed the imatrix weights;
+# `qw` [R, 256] is the row's weights cut into super-blocks, and block b of `x` uses qw[b % R].
+
+
+@jit(inline="always")
+def get_scale_min_k4(j: int, q: np.ndarray) -> tuple[int, int]:
+    """The 6-bit scale and min of sub-block j as ggml reads them back from the 12 packed bytes."""
+    if j < 4:
+        return q[j] & 63, q[j + 4] & 63
+    return (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4), (q[j + 4] >> 4) | ((q[j] >> 6) << 4)
+
+
+@jit(inline="always")
+def pack_scale_min_k4(ls: np.ndarray, lm: np.ndarray, q: np.ndarray) -> None:
+    """Eight 8-bit levels into 12 bytes as ggml stores them (levels above 63 lose bits as in C)."""
+    for j in range(8):
+        if j < 4:
+            q[j] = ls[j]
+            q[j + 4] = lm[j]
+        else:
+            q[j + 4] = (ls[j] & 0xF) | ((lm[j] & 0xF) << 4)
+            q[j - 4] |= ((ls[j] >> 4) << 6) & 0xFF
+            q[j] |= ((lm[j] >> 4) << 6) & 0xFF
+
+
+@jit()
+def make_qp_quants(x: np.ndarray, w: np.ndarray, nmax: int, L: np.ndarray) -> float:
+    """ggml's make_qp_quants: x, w float32 [n] -> the scale; levels into L (uint8, a negative one wraps)."""
+    n = x.shape[0]
+    vmax = F32(0)
+    for i in range(n):
+        vmax = vmax if vmax > x[i] else x[i]
+    if vmax < GROUP_MAX_EPS:
+        for i in range(n):
+            L[i] = 0
+        return F32(0)
+    fmax = F32(nmax)
+    iscale = fmax / vmax
+    scale = F32(1) / iscale
+    best = F32(0)
+    for i in range(n):
+        L[i] = nearest_int(iscale * x[i]) & 0xFF
+        diff = x[i] - scale * F32(L[i])
+        best += w[i] * diff * diff
+    for step in range(-4, 5):
+        if step == 0:
+            continue
+        iscale_step = (F32(0.1) * F32(step) + fmax) / vmax
+        scale_step = F32(1) / iscale_step
+        mse = F32(0)
+        for i in range(n):
+            diff = x[i] - scale_step * F32(min(nmax, nearest_int(iscale_step * x[i])))
+            mse += w[i] * diff * diff
+        if mse < best:
+            best = mse
+            iscale = iscale_step
+    sumlx = F32(0)
+    suml2 = F32(0)
+    for i in range(n):
+        level = min(nmax, nearest_int(iscale * x[i]))
+        L[i] = level & 0xFF
+        sumlx += w[i] * x[i] * F32(level)  # the int level, not the wrapped byte
+        suml2 += w[i] * F32(level) * F32(level)
+    for _ in range(5):
+        changed = False
+        for i in range(n):
+            old = F32(L[i])
+            slx = sumlx - w[i] * x[i] * old
+            sl2 = suml2 - w[i] * old * old
+            if slx > F32(0) and sl2 > F32(0):
+                new_l = min(nmax, nearest_int(x[i] * sl2 / slx))
+                if new_l != L[i]:
+                    slx += w[i] * x[i] * F32(new_l)
+                    sl2 += w[i] * F32(new_l) * F32(new_l)
+                    if slx * slx * suml2 > sumlx * sumlx * sl2:
+                        L[i] = new_l & 0xFF
+                        sumlx = slx
+                        suml2 = sl2
+                        changed = True
+        if not changed:
+            break
+    return sumlx / suml2 if suml2 > F32(0) else F32(0)
+
+
+@jit()
+def weighted_affine_superblock(x: np.ndarray, y: np.ndarray, L: np.ndarray, scales: np.ndarray, mins: np.ndarray,
+                               sw: np.ndarray, l_iscale: np.ndarray, l_min: np.ndarray, ls: np.ndarray, lm: np.ndarray,
+                               nmax: int, clamp_levels: bool) -> None:
+    """The rest of quantize_row_q4_K_impl / q5_K_impl for one super-block x [256], given its 8 sub-block
+    scales, mins and weight sums: d, dmin and the 12 scale bytes into y[0:16], the quants into L [256]."""
+    d_block = make_qp_quants(scales, sw, 63, ls)
+    m_block = make_qp_quants(mins, sw, 63, lm)
+    if clamp_levels:  # Q5_K clamps to 63; Q4_K stores make_qp_quants' levels as they are
+        for j in range(8):
+            ls[j] = min(63, ls[j])
+            lm[j] = min(63, lm[j])
+    packed = y[4:16]
+    pack_scale_min_k4(ls, lm, packed)
+    d_bits = fp32_to_fp16(d_block)
+    dmin_bits = fp32_to_fp16(m_block)
+    put_fp16(y, 0, d_bits)
+    put_fp16(y, 2, dmin_bits)
+    d_all = fp16_to_fp32(d_bits)
+    dmin_all = fp16_to_fp32(dmin_bits)
+    for j in range(8):
+        sc, m = get_scale_min_k4(j, packed)
+        d = d_all * F32(sc)
+        sub = x[32 * j : 32 * j + 32]
+        out = L[32 * j : 32 * j + 32]
+        if d == F32(0):  # make_qkx3_quants' own L
+            for i in range(32):
+                out[i] = np.uint8(clampf(nearest_int_f32(l_iscale[j] * (sub[i] - l_min[j])), F32(0), F32(nmax)))
+            continue
+        dm = dmin_all * F32(m)
+        for i in range(32):
+            out[i] = np.uint8(clampf(nearest_int_f32((sub[i] + dm) / d), F32(0), F32(nmax)))
+
+
+@jit()
+def weighted_affine_k_blocks(x: np.ndarray, qw: np.ndarray, out: np.ndarray, nmax: int, clamp_levels: bool,
+                             five_bits: bool) -> None:
+    """Q4_K (nmax 15) or Q5_K (nmax 31, clamp_levels, five_bits) with an imatrix:
+    x float32 [N, 256], qw float32 [R, 256] -> out uint8 [N, 144 or 176]."""
+    lanes_max = 8 * GROUP
+    xt = np.empty((32, lanes_max), F32)
+    w = np.empty((32, lanes_max), F32)
+    laux = np.empty((32, lanes_max), F32)
+    st = np.empty((N_STATE, lanes_max), F32)
+    sw = np.empty(lanes_max, F32)
+    L = np.empty(QK_K, np.uint8)
+    ls = np.empty(8, np.uint8)
+    lm = np.empty(8, np.uint8)
+    n_qw = qw.shape[0]
+    for b0 in range(0, x.shape[0], GROUP):
+        n_sb = min(GROUP, x.shape[0] - b0)
+        lanes = 8 * n_sb
+        for b in range(n_sb):  # lane 8b + j = sub-block j of super-block b0 + b
+            xb = x[b0 + b]
+            qb = qw[(b0 + b) % n_qw]
+            sum_x2 = F32(0)
+            for i in range(QK_K):
+                sum_x2 += xb[i] * xb[i]
+            sigma2 = F32(2) * sum_x2 / F32(QK_K)
+            for j in range(8):
+                for i in range(32):
+                    v = xb[32 * j + i]
+                    xt[i, 8 * b + j] = v
+                    w[i, 8 * b + j] = qb[32 * j + i] * F32(np.sqrt(sigma2 + v * v))
+        for s in range(lanes):
+            sw[s] = F32(0)
+        for i in range(32):
+            for s in range(lanes):
+                sw[s] += w[i, s]
+        qkx2_lanes(xt, w, laux, st, lanes, nmax, -0.9, 0.05, 36)  # make_qkx3_quants with weights
+        for s in range(lanes):
+            st[VMIN, s] = -st[VMIN, s]  # the_min
+        for b in range(n_sb):
+            y = out[b0 + b]
+            lane = slice(8 * b, 8 * b + 8)
+            weighted_affine_superblock(x[b0 + b], y, L, st[SCALE, lane], st[VMIN, lane], sw[lane], st[L_ISCALE, lane],
+                                       st[L_MIN, lane], ls, lm, nmax, clamp_levels)
+            if five_bits:
+                pack_q5_k(L, y)
+            else:
+                pack_q4_k(L, y)
+
+
+@jit()
+def weighted_q6_k_blocks(x: np.ndarray, qw: np.ndarray, out: np.ndarray) -> None:
+    """quantize_row_q6_K_impl: make_qx_quants weighs by the imatrix alone. x [N, 256], qw [R, 256] -> out [N, 210]."""
+    lanes_max = 16 * GROUP
+    xt = np.empty((16, lanes_max), F32)
+    w = np.empty((16, lanes_max), F32)
+    wx = np.empty((16, lanes_max), F32)
+    st = np.empty((N_Q_STATE, lanes_max), F32)
+    L = np.empty(QK_K, np.uint8)
+    n_qw = qw.shape[0]
+    for b0 in range(0, x.shape[0], GROUP):
+        n_sb = min(GROUP, x.shape[0] - b0)
+        lanes = 16 * n_sb
+        for b in range(n_sb):  # lane 16b + j = sub-block j of super-block b0 + b
+            qb = qw[(b0 + b) % n_qw]
+            for j in range(16):
+                for i in range(16):
+                    v = x[b0 + b, 16 * j + i]
+                    q = qb[16 * j + i]
+                    xt[i, 16 * b + j] = v
+                    w[i, 16 * b + j] = q
+                    wx[i, 16 * b + j] = q * v
+        qx_lanes(xt, wx, w, st, lanes, 32)
+        for b in range(n_sb):
+            lane = slice(16 * b, 16 * b + 16)
+            q6_k_superblock(x[b0 + b], out[b0 + b], L, st[Q_SCALE, lane], st[Q_L_ISCALE, lane], st[AMAX, lane])
+
+
+def q4_k_weighted_blocks(x: np.ndarray, qw: np.ndarray, out: np.ndarray) -> None:
+    weighted_affine_k_blocks(x, qw, out, 15, False, False)
+
+
+def q5_k_weighted_blocks(x: np.ndarray, qw: np.ndarray, out: np.ndarray) -> None:
+    weighted_affine_k_blocks(x, qw, out, 31, True, True)
+
+
 # ---------------------------------------------------------------- Q8_0
 
 HALF_BELOW = F32(0.5 - 2.0**-25)  # the largest float32 below 0.5: x + copysign(it, x) truncated is roundf(x)
@@ -531,4 +736,12 @@ KERNELS: dict[str, Callable[[np.ndarray, np.ndarray], None]] = {
     "q4_k": q4_k_blocks,
     "q5_k": q5_k_blocks,
     "q6_k": q6_k_blocks,
+}
+
+
+# (x float32 [N, 256], qw float32 [R, 256] with N a multiple of R, out uint8 [N, type_size])
+WEIGHTED_KERNELS: dict[str, Callable[[np.ndarray, np.ndarray, np.ndarray], None]] = {
+    "q4_k": q4_k_weighted_blocks,
+    "q5_k": q5_k_weighted_blocks,
+    "q6_k": weighted_q6_k_blocks,
 }

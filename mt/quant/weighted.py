@@ -31,10 +31,11 @@ from mt.quant.kquants import (
     requantize_affine,
 )
 from mt.quant.legacy import QK, fp16_bytes, pack_high_bits, pack_nibbles
-from mt.quant.types import pool, quant_type
+from mt.quant.types import BACKEND_ENV, pool, quant_backend, quant_type
 
 F32 = np.float32
 RowQuantizer = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (rows [R, n], weights [n]) -> bytes [R, row_size]
+RowWriter = Callable[[np.ndarray, np.ndarray, np.ndarray], None]  # (rows [R, n], weights [n], out [R, row_size])
 
 
 def ordered_sum(t: np.ndarray) -> np.ndarray:
@@ -190,13 +191,44 @@ def uses_weights(ggml_type: T) -> bool:
     return ggml_type in WEIGHTED
 
 
+COMPILED_WEIGHTED = {T.Q4_K: "q4_k", T.Q5_K: "q5_k", T.Q6_K: "q6_k"}  # kernels in mt.quant.compiled
+
+
+def compiled_row_writer(name: str) -> RowWriter:
+    try:
+        from mt.quant.compiled import WEIGHTED_KERNELS
+    except ImportError as e:
+        raise QuantizationError(f"the compiled quantizers need numba ({e})",
+                                f"pip install numba==0.68.1, or set {BACKEND_ENV}=numpy") from None
+    kernel = WEIGHTED_KERNELS[name]
+
+    def write(rows: np.ndarray, qw: np.ndarray, out: np.ndarray) -> None:
+        kernel(rows.reshape(-1, QK_K), qw.reshape(-1, QK_K), out.reshape(rows.size // QK_K, -1))
+
+    return write
+
+
+def row_writer(ggml_type: T, backend: str | None = None) -> RowWriter:
+    """The compiled kernel where there is one and the backend is `compiled`, else the numpy reference."""
+    if ggml_type in COMPILED_WEIGHTED and quant_backend(backend) == "compiled":
+        return compiled_row_writer(COMPILED_WEIGHTED[ggml_type])
+    quantize_rows = WEIGHTED[ggml_type]
+
+    def write(rows: np.ndarray, qw: np.ndarray, out: np.ndarray) -> None:
+        out[...] = quantize_rows(rows, qw).reshape(out.shape)
+
+    return write
+
+
 def quantize_weighted(ggml_type: T, data: np.ndarray, weights: np.ndarray,
-                      to_f32: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
+                      to_f32: Callable[[np.ndarray], np.ndarray] | None = None, *,
+                      backend: str | None = None) -> np.ndarray:
     """ggml_quantize_chunk(type, data, ..., imatrix=weights): float32 (or storage for `to_f32`)
-    [rows, n] with weights [n] -> bytes [rows, row_size]. Whole rows per work item, on the thread pool."""
+    [rows, n] with weights [n] -> bytes [rows, row_size]. Whole rows per work item, on the thread pool.
+    `backend`: see `quant_backend`."""
     qt = quant_type(ggml_type)
     if ggml_type not in WEIGHTED:
-        return qt.quantize(data, to_f32)
+        return qt.quantize(data, to_f32, backend=backend)
     n = data.shape[-1]
     if not qt.row_fits(n):
         raise QuantizationError(f"row of {n} values is not a multiple of {qt.__name__}'s block of {qt.block_size}",
@@ -209,11 +241,11 @@ def quantize_weighted(ggml_type: T, data: np.ndarray, weights: np.ndarray,
     qw = np.ascontiguousarray(weights, dtype=np.float32)
     out = np.empty((rows.shape[0], n // qt.block_size * qt.type_size), dtype=np.uint8)
     step = max(1, K_CHUNK_VALUES // n)
-    quantize_rows = WEIGHTED[ggml_type]
+    write = row_writer(ggml_type, backend)
 
     def run(start: int) -> None:
-        chunk = rows[start : start + step]
-        out[start : start + step] = quantize_rows(convert(chunk), qw).reshape(chunk.shape[0], -1)
+        chunk = np.ascontiguousarray(convert(rows[start : start + step]), dtype=np.float32)
+        write(chunk, qw, out[start : start + step])
 
     starts = range(0, rows.shape[0], step)
     if len(starts) > 1:
