@@ -253,6 +253,21 @@ def qkx2_lanes(xt: np.ndarray, w: np.ndarray, laux: np.ndarray, st: np.ndarray, 
             scale[s] = F32(0)
 
 
+@jit(inline="always")
+def requantize_sub_block(x: np.ndarray, L: np.ndarray, j: int, d: np.float32, dm: np.float32,
+                         l_iscale: np.ndarray, l_min: np.ndarray, nmax: int) -> None:
+    """Sub-block j's levels L[32j:32j+32] from its fp16-rounded scale d and min dm, as ggml recomputes
+    them; where d rounds to 0 the scale search's own levels (iscale, min) stand."""
+    sub = x[32 * j : 32 * j + 32]
+    out = L[32 * j : 32 * j + 32]
+    if d == F32(0):
+        for i in range(32):
+            out[i] = np.uint8(clampf(nearest_int_f32(l_iscale[j] * (sub[i] - l_min[j])), F32(0), F32(nmax)))
+        return
+    for i in range(32):
+        out[i] = np.uint8(clampf(nearest_int_f32((sub[i] + dm) / d), F32(0), F32(nmax)))
+
+
 @jit()
 def affine_superblock(x: np.ndarray, y: np.ndarray, L: np.ndarray, scales: np.ndarray, mins: np.ndarray,
                       l_iscale: np.ndarray, l_min: np.ndarray, nmax: int) -> None:
@@ -284,16 +299,7 @@ def affine_superblock(x: np.ndarray, y: np.ndarray, L: np.ndarray, scales: np.nd
             packed[j + 4] = (ls & 0xF) | ((lm & 0xF) << 4)
             packed[j - 4] |= (ls >> 4) << 6
             packed[j] |= (lm >> 4) << 6
-        d = d_all * F32(ls)
-        sub = x[32 * j : 32 * j + 32]
-        out = L[32 * j : 32 * j + 32]
-        if d == F32(0):  # make_qkx2_quants' own L
-            for i in range(32):
-                out[i] = np.uint8(clampf(nearest_int_f32(l_iscale[j] * (sub[i] - l_min[j])), F32(0), F32(nmax)))
-            continue
-        dm = dmin_all * F32(lm)
-        for i in range(32):
-            out[i] = np.uint8(clampf(nearest_int_f32((sub[i] + dm) / d), F32(0), F32(nmax)))
+        requantize_sub_block(x, L, j, d_all * F32(ls), dmin_all * F32(lm), l_iscale, l_min, nmax)
 
 
 @jit()
@@ -597,16 +603,7 @@ def weighted_affine_superblock(x: np.ndarray, y: np.ndarray, L: np.ndarray, scal
     dmin_all = fp16_to_fp32(dmin_bits)
     for j in range(8):
         sc, m = get_scale_min_k4(j, packed)
-        d = d_all * F32(sc)
-        sub = x[32 * j : 32 * j + 32]
-        out = L[32 * j : 32 * j + 32]
-        if d == F32(0):  # make_qkx3_quants' own L
-            for i in range(32):
-                out[i] = np.uint8(clampf(nearest_int_f32(l_iscale[j] * (sub[i] - l_min[j])), F32(0), F32(nmax)))
-            continue
-        dm = dmin_all * F32(m)
-        for i in range(32):
-            out[i] = np.uint8(clampf(nearest_int_f32((sub[i] + dm) / d), F32(0), F32(nmax)))
+        requantize_sub_block(x, L, j, d_all * F32(sc), dmin_all * F32(m), l_iscale, l_min, nmax)
 
 
 @jit()
