@@ -46,6 +46,13 @@ class QuantizationError(MtError):
     """A tensor cannot be quantized (NaN/Inf, bad shape)."""
 
 
+class NonFiniteWeights(QuantizationError):
+    """A weight to quantize is NaN or Inf."""
+
+    def __init__(self, tensor: str) -> None:
+        super().__init__(f"tensor {tensor!r} holds NaN or Inf values", "fix the checkpoint; these weights cannot be quantized")
+
+
 class GGUFError(MtError):
     """A GGUF file cannot be read."""
 

@@ -61,19 +61,29 @@ def random_imatrix(shapes: dict[str, tuple[int, int]], seed: int = 0, chunk_size
 
 
 def write_gguf(raw: RawImatrix, path: Path, *, metadata: bool = True, counts_dtype: type = np.float32) -> Path:
+    tensors = {}
+    for name in sorted(raw.entries):
+        e = raw.entries[name]
+        tensors[f"{name}.in_sum2"] = e.sums.astype(np.float32)
+        tensors[f"{name}.counts"] = e.counts.astype(counts_dtype).reshape(-1, 1)
+    return write_gguf_tensors(path, tensors, raw.datasets if metadata else None, raw.chunk_count, raw.chunk_size)
+
+
+def write_gguf_tensors(path: Path, tensors: dict[str, np.ndarray], datasets: list[str] | None = None,
+                       chunk_count: int = 1, chunk_size: int = 512) -> Path:
+    """An imatrix GGUF as llama-imatrix lays it out, holding exactly `tensors`; no imatrix.* keys when
+    datasets is None."""
     import gguf
 
     w = gguf.GGUFWriter(path, arch="imatrix")
     w.kv_data[0].pop("general.architecture", None)  # llama-imatrix writes no architecture
     w.add_string("general.type", "imatrix")
-    if metadata:
-        w.add_array("imatrix.datasets", raw.datasets)
-        w.add_uint32("imatrix.chunk_count", raw.chunk_count)
-        w.add_uint32("imatrix.chunk_size", raw.chunk_size)
-    for name in sorted(raw.entries):
-        e = raw.entries[name]
-        w.add_tensor(f"{name}.in_sum2", e.sums.astype(np.float32))
-        w.add_tensor(f"{name}.counts", e.counts.astype(counts_dtype).reshape(-1, 1))
+    if datasets is not None:
+        w.add_array("imatrix.datasets", datasets)
+        w.add_uint32("imatrix.chunk_count", chunk_count)
+        w.add_uint32("imatrix.chunk_size", chunk_size)
+    for name, data in tensors.items():
+        w.add_tensor(name, data)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from gguf import GGMLQuantizationType as T
 
-from mt.errors import DeviceUnavailable, QuantizationError
+from mt.errors import DeviceUnavailable, NonFiniteWeights
 
 if TYPE_CHECKING:
     import torch
@@ -56,7 +56,7 @@ class GpuQuantizer:
             stop = min(n_rows, start + rows_per_slab)
             values = self._to_f32(flat[start * n_per_row : stop * n_per_row], storage)
             if tensor_name is not None and not bool(torch.isfinite(values).all()):
-                raise QuantizationError(f"tensor {tensor_name!r} holds NaN or Inf values", "fix the checkpoint; these weights cannot be quantized")
+                raise NonFiniteWeights(tensor_name)
             packed = self._kernels.quantize_blocks(values.view(-1, block_size), ggml_type)
             out[start:stop] = packed.view(stop - start, -1).cpu().numpy()
         return out

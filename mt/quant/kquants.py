@@ -174,20 +174,21 @@ def _dequantize_affine(blocks: np.ndarray, q: np.ndarray) -> np.ndarray:
 def q4_k_bytes(d: np.ndarray, dmin: np.ndarray, scales: np.ndarray, L: np.ndarray) -> np.ndarray:
     """block_q4_K: d, dmin (fp16), 12 scale bytes, then 4 groups of 64 where byte l holds L[l] (low
     nibble) and L[l + 32] (high nibble)."""
-    groups = L.reshape(-1, 4, 2, 32)
-    qs = (groups[:, :, 0, :] | (groups[:, :, 1, :] << 4)).reshape(-1, 128)
-    return np.concatenate([d.view(np.uint8).reshape(-1, 2), dmin.view(np.uint8).reshape(-1, 2), scales, qs], axis=1)
+    return np.concatenate([d.view(np.uint8).reshape(-1, 2), dmin.view(np.uint8).reshape(-1, 2), scales, low_nibbles(L)], axis=1)
+
+
+def low_nibbles(L: np.ndarray) -> np.ndarray:
+    """Q4_K/Q5_K's qs: 4 groups of 64 levels, byte l holding L[l]'s low nibble and L[l + 32]'s above it. -> [N, 128]"""
+    low = L.reshape(-1, 4, 2, 32) & 0xF
+    return (low[:, :, 0, :] | (low[:, :, 1, :] << 4)).reshape(-1, 128)
 
 
 def q5_k_bytes(d: np.ndarray, dmin: np.ndarray, scales: np.ndarray, L: np.ndarray) -> np.ndarray:
     """block_q5_K: as Q4_K's low nibbles, plus 32 bytes holding bit 4 of each quant."""
-    groups = L.reshape(-1, 4, 2, 32)
-    low = groups & 0xF
-    qs = (low[:, :, 0, :] | (low[:, :, 1, :] << 4)).reshape(-1, 128)
-    high = (groups >> 4).astype(np.uint8)  # [N, 4, 2, 32] bit 4 of each quant
+    high = (L.reshape(-1, 4, 2, 32) >> 4).astype(np.uint8)  # [N, 4, 2, 32] bit 4 of each quant
     shifts = (np.arange(8, dtype=np.uint8)).reshape(1, 4, 2, 1)
     qh = np.bitwise_or.reduce(high << shifts, axis=(1, 2)).astype(np.uint8)
-    return np.concatenate([d.view(np.uint8).reshape(-1, 2), dmin.view(np.uint8).reshape(-1, 2), scales, qh, qs], axis=1)
+    return np.concatenate([d.view(np.uint8).reshape(-1, 2), dmin.view(np.uint8).reshape(-1, 2), scales, qh, low_nibbles(L)], axis=1)
 
 
 class Q4_K(QuantType):

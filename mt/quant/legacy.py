@@ -47,6 +47,15 @@ def inverse(d: np.ndarray) -> np.ndarray:
         return np.where(d != 0, F32(1) / np.where(d != 0, d, F32(1)), F32(0)).astype(F32)
 
 
+def affine_levels(blocks: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Q4_1/Q5_1's d = (max - min) / nmax and (x - min) / d + 0.5 before the cast: [N, 32] -> ([N], [N], [N, 32])."""
+    vmin, vmax = block_min_max(blocks)
+    with np.errstate(over="ignore", invalid="ignore"):
+        d = (vmax - vmin) / F32(nmax)
+        shifted = (blocks - vmin[:, None]) * inverse(d)[:, None] + F32(0.5)
+    return d, vmin, shifted
+
+
 def truncate_to_int(x: np.ndarray) -> np.ndarray:
     """C's float -> integer cast as x86 does it (cvttss2si to int32, then keep the low byte)."""
     with np.errstate(invalid="ignore"):
@@ -109,10 +118,7 @@ class Q4_1(QuantType):
 
     @classmethod
     def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
-        vmin, vmax = block_min_max(blocks)
-        with np.errstate(over="ignore", invalid="ignore"):
-            d = (vmax - vmin) / F32(15)
-            shifted = (blocks - vmin[:, None]) * inverse(d)[:, None] + F32(0.5)
+        d, vmin, shifted = affine_levels(blocks, 15)
         q = np.minimum(truncate_to_int(shifted).view(np.int8), 15).view(np.uint8)  # MIN(15, (int8_t)(x + 0.5f))
         qs = q[:, : QK // 2] | (q[:, QK // 2 :] << 4)  # ggml stores the low quant unmasked
         return np.concatenate([fp16_bytes(d), fp16_bytes(vmin), qs], axis=1)
@@ -148,10 +154,7 @@ class Q5_1(QuantType):
 
     @classmethod
     def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
-        vmin, vmax = block_min_max(blocks)
-        with np.errstate(over="ignore", invalid="ignore"):
-            d = (vmax - vmin) / F32(31)
-            shifted = (blocks - vmin[:, None]) * inverse(d)[:, None] + F32(0.5)
+        d, vmin, shifted = affine_levels(blocks, 31)
         q = truncate_to_int(shifted)  # no clamp in ggml: (uint8_t)(x0 + 0.5f)
         return np.concatenate([fp16_bytes(d), fp16_bytes(vmin), pack_high_bits(q), pack_nibbles(q)], axis=1)
 

@@ -16,7 +16,7 @@ from gguf import GGMLQuantizationType as T
 from gguf import GGUFWriter, LlamaFileType
 
 from mt.convert.plan import Prefetcher, grouped
-from mt.errors import MtError
+from mt.errors import MtError, NonFiniteWeights
 from mt.gguf_in import GGUFHeader, TensorInfo, read_header
 from mt.gguf_out import FastArrayGGUFWriter, TensorStream, atomic_path, check_output
 from mt.quant.mix import FILE_TYPES, MixOptions, ModelFacts, TensorSpec, choose_types, llama_order
@@ -130,7 +130,7 @@ def tensor_chunks(header: GGUFHeader, info: TensorInfo, new_type: T, weights: np
                 else:
                     yield from _quantize_by_matrix(new_type, _finite_f32(values, info.type), start, rows_per_matrix, weights)
             except _NonFinite:
-                raise MtError(f"tensor {info.name!r} holds NaN or Inf values", "fix the checkpoint; these weights cannot be quantized") from None
+                raise NonFiniteWeights(info.name) from None
 
 
 def _quantize_by_matrix(new_type: T, values: np.ndarray, first_row: int, rows_per_matrix: int, weights: np.ndarray) -> Iterator[np.ndarray]:

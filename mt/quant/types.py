@@ -8,6 +8,7 @@ tests check the bytes of both against ggml itself.
 
 from __future__ import annotations
 
+import importlib
 import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, ClassVar
@@ -46,13 +47,23 @@ def quant_backend(backend: str | None = None) -> str:
     return name
 
 
-def compiled_kernel(name: str) -> BlockWriter:
+def compiled_kernel(name: str, table: str = "KERNELS") -> Callable[..., None]:
+    """A kernel of mt.quant.compiled by name, from its KERNELS (plain) or WEIGHTED_KERNELS (imatrix) table."""
     try:
-        from mt.quant.compiled import KERNELS
+        compiled = importlib.import_module("mt.quant.compiled")
     except ImportError as e:
         raise QuantizationError(f"the compiled quantizers need numba ({e})",
                                 f"pip install numba==0.68.1, or set {BACKEND_ENV}=numpy") from None
-    return KERNELS[name]
+    return getattr(compiled, table)[name]
+
+
+def run_chunked(n_items: int, step: int, run: Callable[[int], None]) -> None:
+    """run(start) for start = 0, step, 2·step … < n_items; on the thread pool when there are several."""
+    starts = range(0, n_items, step)
+    if len(starts) > 1:
+        list(pool().map(run, starts))
+    elif starts:
+        run(0)
 
 
 class QuantType:
@@ -68,6 +79,12 @@ class QuantType:
     @classmethod
     def row_fits(cls, n_per_row: int) -> bool:
         return n_per_row % cls.block_size == 0
+
+    @classmethod
+    def check_row(cls, n_per_row: int) -> None:
+        if not cls.row_fits(n_per_row):
+            raise QuantizationError(f"row of {n_per_row} values is not a multiple of {cls.__name__}'s block of {cls.block_size}",
+                                    "use a type whose block divides the row")
 
     @classmethod
     def nbytes(cls, shape: tuple[int, ...]) -> int:
@@ -103,11 +120,7 @@ class QuantType:
         in page faults than the arithmetic) run on a thread pool; numpy ufuncs and the compiled
         kernels release the GIL. `backend`: see `quant_backend`.
         """
-        if not cls.row_fits(data.shape[-1]):
-            raise QuantizationError(
-                f"row of {data.shape[-1]} values is not a multiple of {cls.__name__}'s block of {cls.block_size}",
-                "use a type whose block divides the row",
-            )
+        cls.check_row(data.shape[-1])
         write, chunk_values = cls.block_writer(backend)
         convert = to_f32 or (lambda a: a.astype(np.float32, copy=False))
         blocks = np.ascontiguousarray(data).reshape(-1, cls.block_size)
@@ -117,11 +130,7 @@ class QuantType:
         def run(start: int) -> None:
             write(np.ascontiguousarray(convert(blocks[start : start + step]), dtype=np.float32), out[start : start + step])
 
-        starts = range(0, blocks.shape[0], step)
-        if len(starts) > 1:
-            list(pool().map(run, starts))
-        elif starts:
-            run(0)
+        run_chunked(blocks.shape[0], step, run)
         return out.reshape(*data.shape[:-1], data.shape[-1] // cls.block_size * cls.type_size)
 
     @classmethod

@@ -31,7 +31,7 @@ from mt.quant.kquants import (
     requantize_affine,
 )
 from mt.quant.legacy import QK, fp16_bytes, pack_high_bits, pack_nibbles
-from mt.quant.types import BACKEND_ENV, pool, quant_backend, quant_type
+from mt.quant.types import compiled_kernel, quant_backend, quant_type, run_chunked
 
 F32 = np.float32
 RowQuantizer = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (rows [R, n], weights [n]) -> bytes [R, row_size]
@@ -195,12 +195,7 @@ COMPILED_WEIGHTED = {T.Q4_K: "q4_k", T.Q5_K: "q5_k", T.Q6_K: "q6_k"}  # kernels 
 
 
 def compiled_row_writer(name: str) -> RowWriter:
-    try:
-        from mt.quant.compiled import WEIGHTED_KERNELS
-    except ImportError as e:
-        raise QuantizationError(f"the compiled quantizers need numba ({e})",
-                                f"pip install numba==0.68.1, or set {BACKEND_ENV}=numpy") from None
-    kernel = WEIGHTED_KERNELS[name]
+    kernel = compiled_kernel(name, "WEIGHTED_KERNELS")
 
     def write(rows: np.ndarray, qw: np.ndarray, out: np.ndarray) -> None:
         kernel(rows.reshape(-1, QK_K), qw.reshape(-1, QK_K), out.reshape(rows.size // QK_K, -1))
@@ -230,9 +225,7 @@ def quantize_weighted(ggml_type: T, data: np.ndarray, weights: np.ndarray,
     if ggml_type not in WEIGHTED:
         return qt.quantize(data, to_f32, backend=backend)
     n = data.shape[-1]
-    if not qt.row_fits(n):
-        raise QuantizationError(f"row of {n} values is not a multiple of {qt.__name__}'s block of {qt.block_size}",
-                                "use a type whose block divides the row")
+    qt.check_row(n)
     if weights.shape != (n,):
         raise QuantizationError(f"{weights.shape[0]} importance weights for rows of {n} values",
                                 "use the imatrix computed for this model")
@@ -247,9 +240,5 @@ def quantize_weighted(ggml_type: T, data: np.ndarray, weights: np.ndarray,
         chunk = np.ascontiguousarray(convert(rows[start : start + step]), dtype=np.float32)
         write(chunk, qw, out[start : start + step])
 
-    starts = range(0, rows.shape[0], step)
-    if len(starts) > 1:
-        list(pool().map(run, starts))
-    elif starts:
-        run(0)
+    run_chunked(rows.shape[0], step, run)
     return out.reshape(*data.shape[:-1], out.shape[1])

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from mt.quant.imatrix import Imatrix, ImatrixError, load_imatrix, output_keys
-from tests.imatrix_files import random_imatrix, write_gguf, write_legacy
+from tests.imatrix_files import random_imatrix, write_gguf, write_gguf_tensors, write_legacy
 
 SHAPES = {"blk.0.ffn_up.weight": (1, 64), "blk.0.ffn_down.weight": (1, 128), "blk.0.ffn_up_exps.weight": (3, 32)}
 
@@ -110,18 +110,7 @@ def test_bad_gguf_counts_not_f32(tmp_path):
 
 
 def test_bad_gguf_sums_without_counts(tmp_path):
-    import gguf
-
-    path = tmp_path / "i.gguf"
-    w = gguf.GGUFWriter(path, arch="imatrix")
-    w.add_array("imatrix.datasets", ["d"])
-    w.add_uint32("imatrix.chunk_count", 1)
-    w.add_uint32("imatrix.chunk_size", 512)
-    w.add_tensor("w.in_sum2", np.ones((1, 32), np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    path = write_gguf_tensors(tmp_path / "i.gguf", {"w.in_sum2": np.ones((1, 32), np.float32)}, ["d"])
     with pytest.raises(ImatrixError, match="'w' has sums but no counts"):
         load_imatrix(path)
 
@@ -166,17 +155,6 @@ def test_bad_legacy_headers(tmp_path, content, match):
 
 
 def test_bad_gguf_without_entries(tmp_path):
-    import gguf
-
-    path = tmp_path / "i.gguf"
-    w = gguf.GGUFWriter(path, arch="imatrix")
-    w.add_array("imatrix.datasets", ["d"])
-    w.add_uint32("imatrix.chunk_count", 1)
-    w.add_uint32("imatrix.chunk_size", 512)
-    w.add_tensor("unrelated", np.ones(4, np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    path = write_gguf_tensors(tmp_path / "i.gguf", {"unrelated": np.ones(4, np.float32)}, ["d"])
     with pytest.raises(ImatrixError, match="no NAME.in_sum2"):
         load_imatrix(path)
