@@ -63,3 +63,7 @@ class DeviceUnavailable(MtError):
 
 class VerifyError(MtError):
     """A GGUF and a reference folder that cannot be compared at all (e.g. different architectures)."""
+
+
+class AdapterError(MtError):
+    """A PEFT adapter folder is missing, unsupported, or does not fit the base checkpoint."""

@@ -1,0 +1,215 @@
+"""A base checkpoint with an adapter merged in, tensor by tensor, as lazy tensors: nothing is computed
+until a writer (mt merge's safetensors shards or mt convert's GGUF) reads a slab of rows."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, replace
+from typing import Any, Callable
+
+import numpy as np
+
+from mt.convert.checkpoint import Checkpoint, LazyTensor
+from mt.convert.plan import to_f32
+from mt.errors import AdapterError
+from mt.io.safetensors import FLOAT_DTYPES, STORAGE_DTYPES
+from mt.merge.adapter import Adapter, LoraDelta
+from mt.quant.types import f32_to_bf16_bits
+
+DTYPES = {"f32": "F32", "f16": "F16", "bf16": "BF16"}
+EMBEDDING_NAMES = ("model.embed_tokens.weight", "transformer.wte.weight", "model.embed_in.weight")
+OUTPUT_NAME = "lm_head.weight"
+
+BaseWrapper = Callable[[str, LazyTensor], LazyTensor]
+
+
+@dataclass(frozen=True)
+class MergedTensor:
+    """`source` rows in float32, plus each LoRA delta (and lora_B bias), cast once to `dtype`."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    source: LazyTensor
+    deltas: tuple[LoraDelta, ...] = ()
+    bias_deltas: tuple[LoraDelta, ...] = ()
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * STORAGE_DTYPES[self.dtype].itemsize
+
+    def read_rows(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        rows = to_f32(self.source.read_rows(start, stop), self.source.dtype)
+        for delta in self.deltas:
+            rows = delta.apply(rows, start)
+        for delta in self.bias_deltas:
+            assert delta.bias is not None
+            rows = rows + delta.bias[start:start + len(rows)] * np.float32(delta.scale)
+        return self._cast(rows)
+
+    def read(self) -> np.ndarray:
+        return self.read_rows()
+
+    def _cast(self, rows: np.ndarray) -> np.ndarray:
+        if self.dtype == "BF16":
+            out = f32_to_bf16_bits(rows)
+            finite = np.isfinite(rows).all() and not (out & 0x7FFF == 0x7F80).any()
+        else:
+            out = rows.astype(STORAGE_DTYPES[self.dtype], copy=False)
+            finite = bool(np.isfinite(out).all())
+        if not finite:
+            raise AdapterError(
+                f"merging the adapter makes tensor {self.name!r} NaN or Inf" + (f" in {self.dtype}" if np.isfinite(rows).all() else ""),
+                "the adapter is broken or its update overflows this dtype; check the adapter, or merge with --dtype f32/bf16",
+            )
+        return out
+
+
+def merge_checkpoint(base: Checkpoint, adapter: Adapter, dtype: str | None = None,
+                     wrap_base: BaseWrapper | None = None) -> Checkpoint:
+    """`base` with `adapter` merged in. `dtype` (F32/F16/BF16) casts every float tensor; None keeps each
+    tensor's own dtype. `wrap_base` may replace a base tensor before merging (QLoRA's dequantized base)."""
+    _check_architecture(base, adapter)
+    base = _untie_if_replaced(base, adapter)
+    deltas, bias_deltas, replacements = _retarget_tied(base, adapter)
+    _check_targets(base, deltas, bias_deltas, replacements)
+    vocab = _new_vocab_size(base, replacements)
+    tensors: dict[str, LazyTensor] = {}
+    for name, ref in base.tensors.items():
+        source = replacements.get(name, ref)
+        if wrap_base is not None and name not in replacements:
+            source = wrap_base(name, source)
+        out_dtype = dtype if dtype is not None and ref.dtype in FLOAT_DTYPES else ref.dtype
+        changed = name in deltas or name in bias_deltas or source is not ref or out_dtype != ref.dtype
+        tensors[name] = MergedTensor(name, out_dtype, source.shape, source, tuple(deltas.get(name, ())),
+                                     tuple(bias_deltas.get(name, ()))) if changed else ref
+    return replace(base, config=merged_config(base.config, vocab, dtype), tensors=tensors)
+
+
+def merged_config(config: dict[str, Any], vocab_size: int | None, dtype: str | None) -> dict[str, Any]:
+    config = copy.deepcopy(config)
+    if vocab_size is not None:
+        holder = config if "vocab_size" in config or "text_config" not in config else config["text_config"]
+        holder["vocab_size"] = vocab_size
+    if dtype is not None:
+        torch_name = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}[dtype]
+        keys = [k for k in ("dtype", "torch_dtype") if k in config] or ["dtype"]
+        for key in keys:
+            config[key] = torch_name
+    return config
+
+
+def _check_architecture(base: Checkpoint, adapter: Adapter) -> None:
+    wanted = adapter.config.base_model_class
+    if wanted and wanted != base.architecture:
+        raise AdapterError(
+            f"the adapter was trained on a {wanted} but {base.folder} is a {base.architecture}",
+            "pass the base checkpoint the adapter was trained on",
+        )
+
+
+Targets = tuple[dict[str, list[LoraDelta]], dict[str, list[LoraDelta]], dict[str, LazyTensor]]
+
+
+def _retarget_tied(base: Checkpoint, adapter: Adapter) -> Targets:
+    """With tied embeddings the checkpoint stores one tensor for the input embedding and lm_head, and peft merges
+    an lm_head update into that shared weight; so lm_head's deltas land on the embedding tensor."""
+    tied_to = _tied_embedding(base)
+
+    def target(name: str) -> str:
+        return tied_to if tied_to is not None and name == OUTPUT_NAME else name
+
+    deltas: dict[str, list[LoraDelta]] = {}
+    bias_deltas: dict[str, list[LoraDelta]] = {}
+    for name, delta in adapter.deltas.items():
+        deltas.setdefault(target(name), []).append(delta)
+    for name, delta in adapter.bias_deltas.items():
+        bias_deltas.setdefault(target(name), []).append(delta)
+    replacements: dict[str, LazyTensor] = {}
+    for name, ref in adapter.replacements.items():
+        if target(name) in replacements and name == OUTPUT_NAME:
+            continue  # the tied pair saved twice: the embedding's copy wins
+        replacements[target(name)] = ref
+    return deltas, bias_deltas, replacements
+
+
+def _untie_if_replaced(base: Checkpoint, adapter: Adapter) -> Checkpoint:
+    """A tied base whose adapter saves a whole lm_head of its own (modules_to_save) gets an lm_head tensor and
+    tie_word_embeddings false; peft's merged save_pretrained would drop that lm_head again."""
+    embedding = _tied_embedding(base)
+    if embedding is None or OUTPUT_NAME not in adapter.replacements:
+        return base
+    config = {**base.config, "tie_word_embeddings": False}
+    return replace(base, config=config, tensors={**base.tensors, OUTPUT_NAME: base.tensors[embedding]})
+
+
+def _tied_embedding(base: Checkpoint) -> str | None:
+    if OUTPUT_NAME in base.tensors:
+        return None
+    return next((n for n in EMBEDDING_NAMES if n in base.tensors), None)
+
+
+def _check_targets(base: Checkpoint, deltas: dict[str, list[LoraDelta]], bias_deltas: dict[str, list[LoraDelta]],
+                   replacements: dict[str, LazyTensor]) -> None:
+    for name in [*deltas, *bias_deltas, *replacements]:
+        if name not in base.tensors:
+            module = name.rsplit(".", 1)[0]
+            raise AdapterError(
+                f"the adapter changes {module}, which {base.folder.name} does not have",
+                "the adapter was made for another model; pass the base checkpoint it was trained on",
+            )
+    for name, items in deltas.items():
+        shape = tuple(replacements[name].shape if name in replacements else base.tensors[name].shape)
+        for delta in items:
+            if delta.weight_shape != shape:
+                raise AdapterError(
+                    f"the adapter's update for {name} is {list(delta.weight_shape)} but the tensor is {list(shape)}"
+                    + _resize_hint(base, delta, shape),
+                    "pass the base checkpoint the adapter was trained on",
+                )
+            if delta.magnitude is not None and delta.magnitude.shape != (shape[0],):
+                raise AdapterError(f"the adapter's DoRA magnitude for {name} has {delta.magnitude.size} entries, not {shape[0]}",
+                                   "pass the base checkpoint the adapter was trained on")
+    for name, items in bias_deltas.items():
+        for delta in items:
+            if delta.bias is not None and delta.bias.shape != tuple(base.tensors[name].shape):
+                raise AdapterError(f"the adapter's lora_B bias for {name} has {delta.bias.size} entries, not {base.tensors[name].shape}",
+                                   "pass the base checkpoint the adapter was trained on")
+
+
+def _resize_hint(base: Checkpoint, delta: LoraDelta, shape: tuple[int, ...]) -> str:
+    if delta.weight_shape[1:] == shape[1:] and shape[0] == _vocab_size(base.config):
+        return (f" (the adapter was trained on a vocabulary resized to {delta.weight_shape[0]} tokens, and does not"
+                " carry the resized embedding: save it with modules_to_save or save_embedding_layers=True)")
+    return ""
+
+
+def _vocab_size(config: dict[str, Any]) -> int | None:
+    size = config.get("vocab_size", (config.get("text_config") or {}).get("vocab_size"))
+    return int(size) if isinstance(size, int) else None
+
+
+def _new_vocab_size(base: Checkpoint, replacements: dict[str, LazyTensor]) -> int | None:
+    """The vocabulary size after replacements that resize it; every vocabulary-sized tensor must agree."""
+    old = _vocab_size(base.config)
+    resized: dict[str, int] = {}
+    for name, ref in replacements.items():
+        want = tuple(base.tensors[name].shape)
+        if tuple(ref.shape) == want:
+            continue
+        if old is None or len(want) != 2 or want[0] != old or tuple(ref.shape[1:]) != want[1:]:
+            raise AdapterError(f"the adapter's {name} is {list(ref.shape)} but the base's is {list(want)}",
+                               "pass the base checkpoint the adapter was trained on")
+        resized[name] = int(ref.shape[0])
+    if not resized:
+        return None
+    sizes = set(resized.values())
+    vocab_tensors = [n for n, t in base.tensors.items() if len(t.shape) == 2 and t.shape[0] == old]
+    missing = [n for n in vocab_tensors if n not in resized]
+    if len(sizes) > 1 or missing:
+        raise AdapterError(
+            f"the adapter resizes the vocabulary to {max(sizes)} tokens in {', '.join(sorted(resized))} but not in "
+            f"{', '.join(missing) or 'all of them alike'}",
+            "save every vocabulary-sized module (embed_tokens and lm_head) in the adapter: modules_to_save",
+        )
+    return sizes.pop()
