@@ -18,6 +18,11 @@ DEVICE_OPTION = click.option(
     "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
     help="Where Q8_0/Q4_K/Q5_K/Q6_K are computed: auto uses a CUDA GPU when torch and triton can, else the CPU.")
 
+DEQUANTIZED_BASE_OPTION = click.option(
+    "--dequantized-base", is_flag=True,
+    help="QLoRA: merge onto the base as bitsandbytes' NF4 round trip gives it (what the adapter was trained against), "
+         "not onto the 16-bit weights.")
+
 
 def _fail(message: str, code: int) -> None:
     click.echo(f"mt: error: {message}", err=True)
@@ -54,12 +59,16 @@ def main() -> None:
 @click.option("--vocab-only", is_flag=True, help="Write only the tokenizer and metadata.")
 @click.option("--dry-run", is_flag=True, help="Print the tensor plan without reading tensor data.")
 @click.option("--allow-pickle", is_flag=True, help="Load pytorch_model*.bin with torch.load(weights_only=True).")
+@click.option("--adapter", type=click.Path(path_type=Path), default=None,
+              help="PEFT LoRA adapter folder to merge in on the fly (same tensors as converting mt merge's output).")
+@DEQUANTIZED_BASE_OPTION
 @click.option("--threads", type=int, default=None, help="Worker threads for quantization (default: all cores).")
 @DEVICE_OPTION
 @click.option("--quiet", is_flag=True, help="No progress bar or summary.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def convert(src: Path, out: Path | None, outtype: str, force: bool, vocab_only: bool, dry_run: bool,
-            allow_pickle: bool, threads: int | None, device: str, quiet: bool, as_json: bool) -> None:
+            allow_pickle: bool, adapter: Path | None, dequantized_base: bool, threads: int | None, device: str,
+            quiet: bool, as_json: bool) -> None:
     """Convert the checkpoint folder SRC to a GGUF file."""
     from mt.commands import convert_command
 
@@ -67,7 +76,28 @@ def convert(src: Path, out: Path | None, outtype: str, force: bool, vocab_only: 
         raise click.UsageError("-o/--output is required (unless --dry-run)")
     run_reporting_errors(lambda: convert_command(src, out, outtype, force=force, vocab_only=vocab_only, dry_run=dry_run,
                                                  allow_pickle=allow_pickle, threads=threads, device=device, quiet=quiet,
-                                                 as_json=as_json))
+                                                 as_json=as_json, adapter=adapter, dequantized_base=dequantized_base))
+
+
+@main.command()
+@click.argument("base", type=click.Path(path_type=Path))
+@click.argument("adapter", type=click.Path(path_type=Path))
+@click.option("-o", "--output", "out", type=click.Path(path_type=Path), required=True, help="Folder to write.")
+@click.option("--dtype", type=click.Choice(["bf16", "f16", "f32"]), default=None,
+              help="Output dtype (default: each tensor keeps the base's dtype). The merge itself runs in float32.")
+@click.option("--max-shard-size", default="5GB", show_default=True, help="Largest safetensors shard, e.g. 5GB, 500MB, 2GiB.")
+@DEQUANTIZED_BASE_OPTION
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--quiet", is_flag=True, help="No progress bar or summary.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def merge(base: Path, adapter: Path, out: Path, dtype: str | None, max_shard_size: str, dequantized_base: bool,
+          force: bool, quiet: bool, as_json: bool) -> None:
+    """Merge the PEFT LoRA adapter ADAPTER into the checkpoint BASE: a Hugging Face folder transformers loads."""
+    from mt.commands import merge_command
+
+    run_reporting_errors(lambda: merge_command(base, adapter, out, dtype=dtype, max_shard_size=max_shard_size,
+                                               dequantized_base=dequantized_base, force=force, quiet=quiet,
+                                               as_json=as_json))
 
 
 @main.command()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from contextlib import ExitStack
 import sys
 import time
 from pathlib import Path
@@ -43,11 +44,13 @@ def print_plan(plan: TensorPlan) -> None:
 
 
 def convert_command(src: Path, out: Path | None, outtype: str, *, force: bool, vocab_only: bool, dry_run: bool,
-                    allow_pickle: bool, threads: int | None, quiet: bool, as_json: bool, device: str = "auto") -> None:
+                    allow_pickle: bool, threads: int | None, quiet: bool, as_json: bool, device: str = "auto",
+                    adapter: Path | None = None, dequantized_base: bool = False) -> None:
     if threads:
         set_threads(threads)
     if dry_run:
-        _, arch, plan = load(src, outtype, allow_pickle)
+        with ExitStack() as stack:
+            _, arch, plan = load(src, outtype, allow_pickle, adapter, dequantized_base, stack)
         if as_json:
             click.echo(json.dumps({"arch": arch.gguf_arch, "file_type": plan.file_type.name,
                                    "tensor_bytes": plan.nbytes, "tensors": plan_rows(plan)}, indent=2))
@@ -60,7 +63,8 @@ def convert_command(src: Path, out: Path | None, outtype: str, *, force: bool, v
     bar = ProgressBar() if show_bar else None
     try:
         result = convert(src, out, outtype, force=force, vocab_only=vocab_only, allow_pickle=allow_pickle,
-                         progress=bar.update if bar else None, device=device)
+                         progress=bar.update if bar else None, device=device, adapter=adapter,
+                         dequantized_base=dequantized_base)
     finally:
         if bar:
             bar.close()
@@ -110,6 +114,27 @@ def quantize_command(src: Path, out: Path, file_type: str, *, pure: bool, output
         mix = ", ".join(f"{n} {name}" for name, n in sorted(counts.items()))
         click.echo(f"wrote {out}: {result.file_type.name}, {format_bytes(out.stat().st_size)} in "
                    f"{time.perf_counter() - start:.1f} s ({mix})")
+
+
+def merge_command(base: Path, adapter: Path, out: Path, *, dtype: str | None, max_shard_size: str,
+                  dequantized_base: bool, force: bool, quiet: bool, as_json: bool) -> None:
+    from mt.merge.merge import merge
+
+    bar = ProgressBar() if not quiet and not as_json and sys.stderr.isatty() else None
+    start = time.perf_counter()
+    try:
+        result = merge(base, adapter, out, dtype=dtype, max_shard_size=max_shard_size, force=force,
+                       dequantized_base=dequantized_base, progress=bar.update if bar else None)
+    finally:
+        if bar:
+            bar.close()
+    elapsed = time.perf_counter() - start
+    if as_json:
+        click.echo(json.dumps({"output": str(out), "tensors": result.tensors, "merged": result.merged,
+                               "bytes": result.nbytes, "shards": result.shards, "seconds": round(elapsed, 3)}))
+    elif not quiet:
+        click.echo(f"wrote {out}: {result.tensors} tensors ({result.merged} changed by the adapter), "
+                   f"{format_bytes(result.nbytes)} in {result.shards} shard(s), {elapsed:.1f} s")
 
 
 class ProgressBar:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -86,8 +87,17 @@ def _plan_uses_gpu_types(plan: TensorPlan) -> bool:
     return any(e.qtype in GPU_TYPES for e in plan.entries)
 
 
-def load(src: Path, outtype: str, allow_pickle: bool = False) -> tuple[Checkpoint, Architecture, TensorPlan]:
-    ckpt = open_checkpoint(src, allow_pickle=allow_pickle)
+def load(src: Path, outtype: str, allow_pickle: bool = False, adapter: Path | None = None,
+         dequantized_base: bool = False, stack: ExitStack | None = None) -> tuple[Checkpoint, Architecture, TensorPlan]:
+    """The source (with `adapter` merged in on the fly; its temporary folder lives as long as `stack`), its
+    architecture and the tensor plan."""
+    if adapter is not None:
+        from mt.merge.source import merged_source
+
+        assert stack is not None, "an adapter needs a stack to hold its temporary folder"
+        ckpt = merged_source(src, adapter, stack, dequantized_base=dequantized_base, allow_pickle=allow_pickle)
+    else:
+        ckpt = open_checkpoint(src, allow_pickle=allow_pickle)
     arch = load_architecture(ckpt.architecture, ckpt.config)
     return ckpt, arch, build_plan(ckpt, arch, outtype)
 
@@ -102,9 +112,17 @@ def convert(
     allow_pickle: bool = False,
     progress: Progress | None = None,
     device: str = "auto",
+    adapter: Path | None = None,
+    dequantized_base: bool = False,
 ) -> ConvertResult:
-    ckpt, arch, plan = load(src, outtype, allow_pickle)
-    check_output(out, force)
+    with ExitStack() as stack:
+        ckpt, arch, plan = load(src, outtype, allow_pickle, adapter, dequantized_base, stack)
+        check_output(out, force)
+        return _convert(ckpt, arch, plan, out, vocab_only, progress, device)
+
+
+def _convert(ckpt: Checkpoint, arch: Architecture, plan: TensorPlan, out: Path, vocab_only: bool,
+             progress: Progress | None, device: str) -> ConvertResult:
     gpu = select_device(device) if not vocab_only and (device == "cuda" or _plan_uses_gpu_types(plan)) else None
     producer = None if vocab_only else start_producing(plan, ckpt.config, gpu=gpu)
     written = 0
