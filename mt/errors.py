@@ -63,3 +63,7 @@ class DeviceUnavailable(MtError):
 
 class VerifyError(MtError):
     """A GGUF and a reference folder that cannot be compared at all (e.g. different architectures)."""
+
+
+class TensorWriteError(MtError):
+    """Tensors handed to a writer do not match what it planned (names, order, dtype, byte count)."""
