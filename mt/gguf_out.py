@@ -9,14 +9,13 @@ from __future__ import annotations
 import errno
 import os
 import struct
-from contextlib import contextmanager
-from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
 import numpy as np
 from gguf import GGUFEndian, GGUFValueType, GGUFWriter
 
-from mt.errors import MtError, OutputExists
+from mt.errors import MtError
+from mt.io.atomic import atomic_path, check_output  # noqa: F401  (re-exported: convert, quantize, commands use them from here)
 from mt.io.safetensors import FileSpan
 
 
@@ -42,29 +41,6 @@ class FastArrayGGUFWriter(GGUFWriter):
         if (fmt := self._simple_value_packing.get(ltype)) is not None:
             return head + np.asarray(val, dtype=np.dtype("<" + fmt)).tobytes()
         return super()._pack_val(val, vtype, add_vtype, sub_type)
-
-
-def check_output(path: Path, force: bool) -> None:
-    if path.exists() and not force:
-        raise OutputExists(f"{path} exists", "pass --force to overwrite it")
-    if not path.parent.is_dir():
-        raise MtError(f"output folder {path.parent} does not exist", "create it first")
-
-
-@contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary path in the target folder; rename it over `path` on success, delete it otherwise."""
-    tmp = path.with_name(f".{path.name}.mt-partial-{os.getpid()}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except OSError as e:
-        if e.errno == errno.ENOSPC:
-            raise MtError(f"disk full while writing {path}", "free space or write to another disk") from None
-        raise
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def release_freed_memory() -> None:

@@ -1,0 +1,86 @@
+"""Atomic outputs: a file or a folder is written under a temporary name beside its target and moved
+into place only when complete, so a reader never sees half of it and a failure leaves nothing behind."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from mt.errors import MtError, OutputExists
+
+
+def check_output(path: Path, force: bool) -> None:
+    if path.exists() and not force:
+        raise OutputExists(f"{path} exists", "pass --force to overwrite it")
+    if not path.parent.is_dir():
+        raise MtError(f"output folder {path.parent} does not exist", "create it first")
+
+
+def partial_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.mt-partial-{os.getpid()}")
+
+
+@contextmanager
+def disk_full_is_an_error(path: Path) -> Iterator[None]:
+    try:
+        yield
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise MtError(f"disk full while writing {path}", "free space or write to another disk") from None
+        raise
+
+
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary path in the target folder; rename it over `path` on success, delete it otherwise."""
+    tmp = partial_path(path)
+    try:
+        with disk_full_is_an_error(path):
+            yield tmp
+            os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+@contextmanager
+def atomic_dir(path: Path) -> Iterator[Path]:
+    """Yield a fresh temporary folder beside `path`; move it to `path` on success (replacing what was
+    there, which only then is deleted), delete it otherwise."""
+    tmp = partial_path(path)
+    remove_path(tmp)  # left by a dead process that had our pid
+    tmp.mkdir()
+    try:
+        with disk_full_is_an_error(path):
+            yield tmp
+            _move_over(tmp, path)
+    finally:
+        remove_path(tmp)
+
+
+def _move_over(src: Path, dst: Path) -> None:
+    """rename(2) cannot replace a non-empty folder: move the old one aside first, back on failure."""
+    if not dst.exists() and not dst.is_symlink():
+        os.rename(src, dst)
+        return
+    old = dst.with_name(f".{dst.name}.mt-old-{os.getpid()}")
+    remove_path(old)
+    os.rename(dst, old)
+    try:
+        os.rename(src, dst)
+    except BaseException:
+        os.rename(old, dst)
+        raise
+    remove_path(old)
+
+
+def remove_path(path: Path) -> None:
+    """Delete a file, link or folder tree if it exists (a link is removed, never followed)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
