@@ -73,11 +73,11 @@ def write_shard(path: Path, names: list[str], shapes: dict[str, tuple[int, ...]]
             f.write(random_bf16(rng, int(np.prod(shapes[name]))).tobytes())
 
 
-def build_checkpoint(folder: Path) -> Path:
+def build_checkpoint(folder: Path, config: dict = LLAMA_32_1B) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     write_llama3_tokenizer(folder)
-    (folder / "config.json").write_text(json.dumps(LLAMA_32_1B, indent=2))
-    shapes = tensor_shapes(LLAMA_32_1B)
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    shapes = tensor_shapes(config)
     names = sorted(shapes)
     half = len(names) // 2
     parts = {"model-00001-of-00002.safetensors": names[:half], "model-00002-of-00002.safetensors": names[half:]}
