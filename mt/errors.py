@@ -67,5 +67,7 @@ class VerifyError(MtError):
 
 class AdapterError(MtError):
     """A PEFT adapter folder is missing, unsupported, or does not fit the base checkpoint."""
+
+
 class TensorWriteError(MtError):
     """Tensors handed to a writer do not match what it planned (names, order, dtype, byte count)."""

@@ -112,6 +112,7 @@ class Adapter:
     deltas: dict[str, LoraDelta]  # base weight name (module + ".weight") -> delta
     bias_deltas: dict[str, LoraDelta]  # base bias name -> the delta carrying lora_B.bias
     replacements: dict[str, TensorRef]  # base tensor name -> the tensor saved in the adapter
+    trained_modules: set[str]  # replacements that are trained copies (modules_to_save), not the base layer saved again
     tokenizer_files: list[Path] = field(default_factory=list)
 
     @property
@@ -132,10 +133,10 @@ def open_adapter(folder: Path) -> Adapter:
             )
         raise AdapterError(f"no {WEIGHTS_NAME} in {folder}", "point at a PEFT adapter folder (adapter_config.json + adapter_model.safetensors)")
     refs, _ = read_header(weights)
-    deltas, replacements = _parse_weights(refs, config, weights.name)
+    deltas, replacements, trained = _parse_weights(refs, config, weights.name)
     bias_deltas = {d.module + ".bias": d for d in deltas.values() if d.bias is not None}
     tokenizer = [folder / n for n in TOKENIZER_FILES if (folder / n).is_file()]
-    return Adapter(folder, config, deltas, bias_deltas, replacements, tokenizer)
+    return Adapter(folder, config, deltas, bias_deltas, replacements, trained, tokenizer)
 
 
 def read_lora_config(folder: Path) -> LoraConfig:
@@ -173,9 +174,11 @@ def read_lora_config(folder: Path) -> LoraConfig:
     )
 
 
-def _parse_weights(refs: dict[str, TensorRef], config: LoraConfig, file: str) -> tuple[dict[str, LoraDelta], dict[str, TensorRef]]:
+def _parse_weights(refs: dict[str, TensorRef], config: LoraConfig, file: str
+                   ) -> tuple[dict[str, LoraDelta], dict[str, TensorRef], set[str]]:
     parts: dict[str, dict[str, np.ndarray]] = {}
     replacements: dict[str, TensorRef] = {}
+    trained: set[str] = set()
     for key, ref in refs.items():
         if not key.startswith(PREFIX):
             raise AdapterError(f"{file} holds {key!r}, not under {PREFIX!r}", "save the adapter with peft's save_pretrained")
@@ -190,10 +193,12 @@ def _parse_weights(refs: dict[str, TensorRef], config: LoraConfig, file: str) ->
             target = name.replace(".base_layer.", ".").replace(".modules_to_save.", ".")
             if not wrapped or target not in replacements:
                 replacements[target] = ref
+            if ".base_layer." not in name:
+                trained.add(target)
     deltas = {module + ".weight": _delta(module, p, config, file) for module, p in parts.items()}
     if not deltas and not replacements:
         raise AdapterError(f"{file} holds no LoRA weights", "the adapter was saved empty; save it again after training")
-    return deltas, replacements
+    return deltas, replacements, trained
 
 
 def _split_lora_key(name: str) -> tuple[str, str | None]:

@@ -121,7 +121,8 @@ def _retarget_tied(base: Checkpoint, adapter: Adapter) -> Targets:
 
     deltas: dict[str, list[LoraDelta]] = {}
     bias_deltas: dict[str, list[LoraDelta]] = {}
-    for name, delta in adapter.deltas.items():
+    # peft merges modules in the model's order, so the embedding's own delta goes before a tied lm_head's
+    for name, delta in sorted(adapter.deltas.items(), key=lambda item: item[0] == OUTPUT_NAME):
         deltas.setdefault(target(name), []).append(delta)
     for name, delta in adapter.bias_deltas.items():
         bias_deltas.setdefault(target(name), []).append(delta)
@@ -137,7 +138,7 @@ def _untie_if_replaced(base: Checkpoint, adapter: Adapter) -> Checkpoint:
     """A tied base whose adapter saves a whole lm_head of its own (modules_to_save) gets an lm_head tensor and
     tie_word_embeddings false; peft's merged save_pretrained would drop that lm_head again."""
     embedding = _tied_embedding(base)
-    if embedding is None or OUTPUT_NAME not in adapter.replacements:
+    if embedding is None or OUTPUT_NAME not in adapter.trained_modules:
         return base
     config = {**base.config, "tie_word_embeddings": False}
     return replace(base, config=config, tensors={**base.tensors, OUTPUT_NAME: base.tensors[embedding]})
@@ -151,7 +152,11 @@ def _tied_embedding(base: Checkpoint) -> str | None:
 
 def _check_targets(base: Checkpoint, deltas: dict[str, list[LoraDelta]], bias_deltas: dict[str, list[LoraDelta]],
                    replacements: dict[str, LazyTensor]) -> None:
-    for name in [*deltas, *bias_deltas, *replacements]:
+    for name in bias_deltas:
+        if name not in base.tensors:
+            raise AdapterError(f"the adapter trains a bias for {name.rsplit('.', 1)[0]} (lora_bias) but the base layer has none",
+                               "pass the base checkpoint the adapter was trained on")
+    for name in [*deltas, *replacements]:
         if name not in base.tensors:
             module = name.rsplit(".", 1)[0]
             raise AdapterError(

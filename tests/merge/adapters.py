@@ -416,3 +416,13 @@ def build_foreign_arch_adapter(foreign_base_dir: Path, out_dir: Path) -> Path:
     peft itself loads and merges it into Llama without complaint: only the metadata tells.
     """
     return build_adapter(foreign_base_dir, out_dir, AdapterSpec(task_type=None))
+
+
+ALL_SPECS: dict[str, AdapterSpec] = {**SPECS, **TIED_SPECS}
+# The fixture (tests/conftest.py) of the base each adapter is built for: the resized ones need a base whose vocab
+# the tokenizer fills (Llama-2 SPM, 32000), lora_bias needs q/k/v biases (Qwen2), the tied ones a tied base (Llama-3).
+UNTIED_F32 = "llama3_f32_untied_dir"
+BASES: dict[str, str] = {
+    "resized_saved": "llama2_spm_dir", "resized_targeted": "llama2_spm_dir", "resized_auto": "llama2_spm_dir",
+    "lora_bias": "qwen2_dir", **{name: "llama3_dir" for name in TIED_SPECS},
+}

@@ -12,16 +12,8 @@ import torch
 from peft import PeftModel
 
 from tests.merge import adapters
-from tests.merge.adapters import PEFT_PREFIX, AdapterSpec, lora_scaling
-
-ALL_SPECS: dict[str, AdapterSpec] = {**adapters.SPECS, **adapters.TIED_SPECS}
-UNTIED_F32 = "llama3_f32_untied_dir"
-# The base each adapter is built for: the resized ones need a base whose vocab the tokenizer fills
-# (Llama-2 SPM, 32000), lora_bias needs q/k/v biases (Qwen2), the tied ones a tied base (Llama-3).
-BASES: dict[str, str] = {
-    "resized_saved": "llama2_spm_dir", "resized_targeted": "llama2_spm_dir", "resized_auto": "llama2_spm_dir",
-    "lora_bias": "qwen2_dir", **{name: "llama3_dir" for name in adapters.TIED_SPECS},
-}
+from tests.merge.adapters import ALL_SPECS, PEFT_PREFIX, lora_scaling
+from tests.merge.conftest import base_for as _base
 
 Q0 = "model.layers.0.self_attn.q_proj"
 EMBED, LM_HEAD = "model.embed_tokens", "lm_head"
@@ -66,26 +58,8 @@ EXPECT: dict[str, Expect] = {
 }
 
 
-def _base(request: pytest.FixtureRequest, name: str) -> Path:
-    return request.getfixturevalue(BASES.get(name, UNTIED_F32))
-
-
 def _base_state(base: Path) -> dict[str, torch.Tensor]:
     return adapters.unaliased(adapters.load_base(base, torch.float32).state_dict())
-
-
-@pytest.fixture(scope="module")
-def built(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
-    """Each named adapter built once for this module, on its base."""
-    cache: dict[str, Path] = {}
-
-    def get(name: str) -> Path:
-        if name not in cache:
-            out = tmp_path_factory.mktemp(name)
-            cache[name] = adapters.build_adapter(_base(request, name), out, ALL_SPECS[name])
-        return cache[name]
-
-    return get
 
 
 def test_every_spec_has_expectations() -> None:
