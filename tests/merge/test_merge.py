@@ -139,7 +139,7 @@ def test_merge_streams_rows_without_reading_whole_tensors(built: Callable[[str],
     assert all(torch.equal(small[k], default[k]) for k in default)
     monkeypatch.setattr(merge_module, "SLAB_BYTES", 4096)
     slabs = [list(merge_module.row_slabs(t)) for t in _merged_tensors(llama3_f32_untied_dir, built("dora"))]
-    assert min(len(s) for s in slabs) >= 4  # every matrix arrived in pieces
+    assert min(len(s) for s in slabs) >= 2  # every matrix (8 KiB and up) arrived in pieces
     assert max(s[0].nbytes for s in slabs) <= 4096 * 2
 
 
