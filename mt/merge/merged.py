@@ -55,7 +55,8 @@ class MergedTensor:
             out = f32_to_bf16_bits(rows)
             finite = np.isfinite(rows).all() and not (out & 0x7FFF == 0x7F80).any()
         else:
-            out = rows.astype(STORAGE_DTYPES[self.dtype], copy=False)
+            with np.errstate(over="ignore"):  # an overflow is reported below, naming the tensor
+                out = rows.astype(STORAGE_DTYPES[self.dtype], copy=False)
             finite = bool(np.isfinite(out).all())
         if not finite:
             raise AdapterError(

@@ -1,0 +1,113 @@
+"""Every adapter mt must refuse: one line naming the problem and the fix, exit 1, no output left behind."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from mt.cli import main
+from tests.merge import adapters
+
+# kind -> (extra mt merge options, words the one-line error must hold)
+BAD: dict[str, tuple[list[str], tuple[str, ...]]] = {
+    "shape_mismatch": ([], ("model.layers.0.self_attn.q_proj.weight", "[96, 96]", "[64, 64]")),
+    "missing_module": ([], (adapters.MISSING_MODULE, "another model")),
+    "lora_bias_without_base_bias": ([], ("lora_bias", "has none")),
+    "ia3": ([], ("'IA3'", "LoRA adapters")),
+    "prompt_tuning": ([], ("'PROMPT_TUNING'", "LoRA adapters")),
+    "no_weights": ([], ("no adapter_model.safetensors",)),
+    "no_config": ([], ("no adapter_config.json",)),
+    "pickle_only": ([], ("adapter_model.bin", "pickle", "safetensors")),
+    "overflow_f16": (["--dtype", "f16"], (adapters.OVERFLOW_TENSOR, "NaN or Inf in F16", "--dtype f32/bf16")),
+    "nan": ([], (adapters.NAN_TENSOR, "NaN or Inf")),
+}
+
+
+@pytest.fixture(scope="module")
+def bad(llama3_f32_untied_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    cache: dict[str, Path] = {}
+
+    def get(kind: str) -> Path:
+        if kind not in cache:
+            cache[kind] = adapters.build_bad_adapter(kind, llama3_f32_untied_dir, tmp_path_factory.mktemp(kind))
+        return cache[kind]
+
+    return get
+
+
+def assert_refused(args: list[str], words: tuple[str, ...], out: Path) -> None:
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mt: error: "), result.output
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+    assert not out.exists()
+    assert not [p for p in out.parent.iterdir() if "mt-partial" in p.name]
+
+
+@pytest.mark.parametrize("kind", list(BAD))
+def test_merge_refuses(kind: str, bad: Callable[[str], Path], llama3_f32_untied_dir: Path, tmp_path: Path) -> None:
+    options, words = BAD[kind]
+    out = tmp_path / "merged"
+    assert_refused(["merge", str(llama3_f32_untied_dir), str(bad(kind)), "-o", str(out), *options], words, out)
+
+
+@pytest.mark.parametrize("kind", ["shape_mismatch", "nan", "ia3"])
+def test_convert_with_adapter_refuses(kind: str, bad: Callable[[str], Path], llama3_f32_untied_dir: Path,
+                                      tmp_path: Path) -> None:
+    out = tmp_path / "model.gguf"
+    assert_refused(["convert", str(llama3_f32_untied_dir), "--adapter", str(bad(kind)), "-o", str(out),
+                    "--outtype", "q8_0"], BAD[kind][1], out)
+
+
+def test_overflowing_adapter_merges_in_bf16(bad: Callable[[str], Path], llama3_f32_untied_dir: Path, tmp_path: Path) -> None:
+    """The f16 overflow is about the dtype, not the adapter: bf16 holds it."""
+    result = CliRunner().invoke(main, ["merge", str(llama3_f32_untied_dir), str(bad("overflow_f16")), "-o",
+                                       str(tmp_path / "m"), "--dtype", "bf16", "--quiet"])
+    assert result.exit_code == 0, result.output
+
+
+def test_adapter_for_another_architecture(qwen2_dir: Path, llama3_f32_untied_dir: Path, tmp_path: Path) -> None:
+    adapter = adapters.build_foreign_arch_adapter(qwen2_dir, tmp_path / "qwen_adapter")
+    out = tmp_path / "merged"
+    assert_refused(["merge", str(llama3_f32_untied_dir), str(adapter), "-o", str(out)],
+                   ("Qwen2ForCausalLM", "LlamaForCausalLM"), out)
+
+
+def test_dora_on_an_embedding_is_refused(built: Callable[[str], Path], llama3_f32_untied_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "merged"
+    assert_refused(["merge", str(llama3_f32_untied_dir), str(built("dora_embed_lm_head")), "-o", str(out)],
+                   ("model.embed_tokens", "DoRA embedding"), out)
+
+
+def test_missing_adapter_folder(llama3_f32_untied_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "merged"
+    assert_refused(["merge", str(llama3_f32_untied_dir), str(tmp_path / "nope"), "-o", str(out)], ("not a folder",), out)
+
+
+def test_resized_embedding_lora_without_the_resized_rows(built: Callable[[str], Path], llama2_spm_dir: Path,
+                                                         tmp_path: Path) -> None:
+    """An embed_tokens LoRA trained on a resized vocabulary, with the saved (resized) base layers stripped."""
+    from safetensors.torch import load_file, save_file
+    import shutil
+
+    adapter = tmp_path / "stripped"
+    shutil.copytree(built("resized_targeted"), adapter)
+    tensors = {k: v for k, v in load_file(adapter / "adapter_model.safetensors").items() if "base_layer" not in k}
+    save_file(tensors, adapter / "adapter_model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "merged"
+    assert_refused(["merge", str(llama2_spm_dir), str(adapter), "-o", str(out)],
+                   ("resized to 32003", "modules_to_save"), out)
+
+
+def test_existing_output_needs_force(built: Callable[[str], Path], llama3_f32_untied_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    result = CliRunner().invoke(main, ["merge", str(llama3_f32_untied_dir), str(built("plain")), "-o", str(out)])
+    assert result.exit_code == 1 and "--force" in result.output
+    assert (out / "keep.txt").read_text() == "mine"
