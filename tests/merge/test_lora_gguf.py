@@ -344,6 +344,15 @@ def test_missing_target_module_refused(llama2_spm_dir, tmp_path):
                          "model.layers.7.self_attn.q_proj", "does not have")
 
 
+def test_resized_vocabulary_refused(llama2_spm_dir, tmp_path):
+    """Added tokens: embed_tokens and lm_head saved whole with 32001 rows; the base GGUF has 32000."""
+    resized = {f"base_model.model.{m}.weight": np.zeros((32001, 64))  # how peft saves modules_to_save
+               for m in ("model.embed_tokens", "lm_head")}
+    adapter = _hand_adapter(tmp_path / "adapter", {**_pair("model.layers.0.self_attn.q_proj", 64, 64), **resized})
+    assert_clean_failure(run_cli(adapter, llama2_spm_dir, tmp_path / "o.gguf"), tmp_path / "o.gguf",
+                         "[32001, 64]", "resized vocabulary", "mt merge")
+
+
 def test_other_architecture_refused(llama2_spm_dir, tmp_path):
     adapter = _hand_adapter(tmp_path / "adapter", _pair("model.layers.0.self_attn.q_proj", 64, 64),
                             auto_mapping={"base_model_class": "Qwen2ForCausalLM"})
