@@ -100,6 +100,22 @@ def merge(base: Path, adapter: Path, out: Path, dtype: str | None, max_shard_siz
                                                as_json=as_json))
 
 
+@main.command("convert-lora")
+@click.argument("adapter", type=click.Path(path_type=Path))
+@click.option("--base", "base", type=click.Path(path_type=Path), required=True,
+              help="The Hugging Face checkpoint folder the adapter was trained on (its GGUF is what llama.cpp runs).")
+@click.option("-o", "--output", "out", type=click.Path(path_type=Path), required=True, help="GGUF adapter file to write.")
+@click.option("--outtype", type=click.Choice(["f32", "f16", "bf16", "q8_0"]), default="f32", show_default=True)
+@click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
+@click.option("--quiet", is_flag=True, help="No summary.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def convert_lora(adapter: Path, base: Path, out: Path, outtype: str, force: bool, quiet: bool, as_json: bool) -> None:
+    """Write the PEFT LoRA folder ADAPTER as a GGUF LoRA adapter for llama.cpp (llama-cli --lora OUT)."""
+    from mt.commands import convert_lora_command
+
+    run_reporting_errors(lambda: convert_lora_command(adapter, base, out, outtype, force=force, quiet=quiet, as_json=as_json))
+
+
 @main.command()
 @click.argument("src", type=click.Path(path_type=Path))
 @click.argument("out", type=click.Path(path_type=Path))

@@ -80,6 +80,24 @@ def convert_command(src: Path, out: Path | None, outtype: str, *, force: bool, v
                    f"{format_bytes(summary['bytes'])} in {elapsed:.1f} s (tokenizer {summary['tokenizer']}/{summary['pre_tokenizer']})")
 
 
+def convert_lora_command(adapter: Path, base: Path, out: Path, outtype: str, *, force: bool, quiet: bool,
+                         as_json: bool) -> None:
+    from mt.merge.lora_gguf import convert_lora
+
+    start = time.perf_counter()
+    result = convert_lora(adapter, base, out, outtype, force=force)
+    types = Counter(t.qtype.name for t in result.tensors)
+    summary = {"output": str(result.output), "arch": result.arch, "alpha": result.alpha,
+               "pairs": len(result.tensors) // 2, "types": dict(sorted(types.items())),
+               "bytes": result.output.stat().st_size, "seconds": round(time.perf_counter() - start, 3)}
+    if as_json:
+        click.echo(json.dumps(summary))
+    elif not quiet:
+        mix = ", ".join(f"{n} {name}" for name, n in summary["types"].items())
+        click.echo(f"wrote {out}: {result.arch} LoRA adapter, alpha {result.alpha:g}, {summary['pairs']} lora_a/lora_b pairs "
+                   f"({mix}), {format_bytes(summary['bytes'])} in {summary['seconds']:.1f} s")
+
+
 def tensor_type_option(name: str | None) -> "GGMLQuantizationType | None":
     from gguf import GGMLQuantizationType
 

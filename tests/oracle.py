@@ -22,7 +22,7 @@ _WANTED_PREFIXES = (
     f"{_VENDOR}/models/ggml-vocab-",
     f"{_VENDOR}/models/templates/",
 )
-_WANTED_FILES = (f"{_VENDOR}/convert_hf_to_gguf.py",)
+_WANTED_FILES = (f"{_VENDOR}/convert_hf_to_gguf.py", f"{_VENDOR}/convert_lora_to_gguf.py")
 _VOCAB_TEST_SEP = "\n__ggml_vocab_test__\n"
 
 
@@ -98,6 +98,29 @@ def run_converter(src: Path, out: Path, outtype: str, extra_args: Sequence[str] 
         raise RuntimeError(
             f"convert_hf_to_gguf.py failed (rc={proc.returncode}): {' '.join(cmd)}\n{proc.stderr}"
         )
+
+
+def lora_converter() -> Path:
+    """convert_lora_to_gguf.py; a cache made before it was wanted gets it from the sdist now."""
+    path = sdist_dir() / "convert_lora_to_gguf.py"
+    if not path.is_file():
+        with tempfile.TemporaryDirectory(dir=cache_root(), prefix=".tmp-sdist-") as tmp:
+            work = Path(tmp)
+            _extract_wanted(_fetch_tarball(work), work / "x")
+            os.replace(work / "x" / _SDIST_NAME / _VENDOR / path.name, path)
+    return path
+
+
+def run_lora_converter(adapter: Path, base: Path, out: Path, outtype: str) -> None:
+    """Run llama.cpp's convert_lora_to_gguf.py on a PEFT adapter folder, with the base's config from `base`."""
+    script = lora_converter()
+    cmd = [
+        sys.executable, str(script), str(Path(adapter).resolve()), "--base", str(Path(base).resolve()),
+        "--outfile", str(Path(out).resolve()), "--outtype", outtype,
+    ]
+    proc = subprocess.run(cmd, cwd=script.parent, env=_converter_env(), capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"convert_lora_to_gguf.py failed (rc={proc.returncode}): {' '.join(cmd)}\n{proc.stderr}")
 
 
 def vocab_gguf(name: str) -> Path:

@@ -51,12 +51,13 @@ def prepare_writer(ckpt: Checkpoint, arch: Architecture, plan: TensorPlan, vocab
     return w, vocab
 
 
-def write_general_metadata(w: GGUFWriter, folder: Path) -> None:
-    """general.name, size label, license, sampling defaults … from the model card and config, via gguf-py."""
+def write_general_metadata(w: GGUFWriter, folder: Path, fallback_name: str | None = None) -> None:
+    """general.name, size label, license, sampling defaults … from the model card and config, via gguf-py.
+    Without a name there, `fallback_name` (default: the folder's name)."""
     total, shared, expert, expert_count = w.get_total_parameter_count()
     meta = gguf.Metadata.load(None, folder, None, total)
     if meta.name is None:
-        meta.name = folder.resolve().name
+        meta.name = fallback_name if fallback_name is not None else folder.resolve().name
     if meta.size_label is None and total > 0:
         meta.size_label = gguf.size_label(total, shared, expert, expert_count)
     meta.set_gguf_meta_model(w)

@@ -87,6 +87,16 @@ def merge_checkpoint(base: Checkpoint, adapter: Adapter, dtype: str | None = Non
     return replace(base, config=merged_config(base.config, vocab, dtype), tensors=tensors)
 
 
+def check_fits(base: Checkpoint, adapter: Adapter) -> None:
+    """The checks merge_checkpoint makes before it merges: architecture, target modules and their shapes,
+    vocabulary resizes. For callers that use the adapter without merging it (mt convert-lora)."""
+    _check_architecture(base, adapter)
+    base = _untie_if_replaced(base, adapter)
+    deltas, bias_deltas, replacements = _retarget_tied(base, adapter)
+    _check_targets(base, deltas, bias_deltas, replacements)
+    _new_vocab_size(base, replacements)
+
+
 def merged_config(config: dict[str, Any], vocab_size: int | None, dtype: str | None) -> dict[str, Any]:
     config = copy.deepcopy(config)
     if vocab_size is not None:

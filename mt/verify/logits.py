@@ -34,12 +34,13 @@ def native_stderr_silenced() -> Iterator[None]:
         os.close(devnull)
 
 
-def llama_cpp_logits(gguf_path: Path, ids: list[int], n_ctx: int = 512) -> np.ndarray:
-    """[len(ids), n_vocab] float32 logits of the GGUF in llama.cpp."""
+def llama_cpp_logits(gguf_path: Path, ids: list[int], n_ctx: int = 512, lora: Path | None = None) -> np.ndarray:
+    """[len(ids), n_vocab] float32 logits of the GGUF in llama.cpp (with a GGUF LoRA adapter applied, scale 1)."""
     from llama_cpp import Llama
 
     with native_stderr_silenced():
-        llm = Llama(model_path=str(gguf_path), n_ctx=max(n_ctx, len(ids) + 8), logits_all=True, verbose=False, n_threads=2)
+        llm = Llama(model_path=str(gguf_path), n_ctx=max(n_ctx, len(ids) + 8), logits_all=True, verbose=False, n_threads=2,
+                    lora_path=str(lora) if lora is not None else None)
     try:
         with native_stderr_silenced():
             llm.eval(ids)
