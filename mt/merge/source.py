@@ -38,13 +38,11 @@ def open_merged(base_dir: Path, adapter_dir: Path, dtype: str | None = None, deq
                 allow_pickle: bool = False) -> tuple[Checkpoint, Checkpoint, Adapter]:
     """(merged, base, adapter): the base with the adapter merged in lazily; `dtype` is f32/f16/bf16 or None
     (each tensor keeps its own)."""
+    from mt.merge.qlora import merge_base
+
     base = open_checkpoint(base_dir, allow_pickle=allow_pickle)
     adapter = open_adapter(adapter_dir)
-    wrap = None
-    if dequantized_base:
-        from mt.merge.qlora import dequantized_base as nf4_base
-
-        wrap = nf4_base(base)
+    base, wrap = merge_base(base, dequantized_base)
     return merge_checkpoint(base, adapter, DTYPES[dtype] if dtype else None, wrap), base, adapter
 
 
