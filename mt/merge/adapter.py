@@ -54,6 +54,7 @@ class LoraConfig:
     modules_to_save: tuple[str, ...]
     base_model_class: str | None
     base_model_name: str | None
+    activated: bool = False  # aLoRA: applies only after its invocation tokens
 
     def scaling(self, module: str, rank: int) -> float:
         """peft's `lora_alpha / r` (rsLoRA: `/ sqrt(r)`), with alpha_pattern matched as peft matches it."""
@@ -171,6 +172,7 @@ def read_lora_config(folder: Path) -> LoraConfig:
         modules_to_save=tuple(raw.get("modules_to_save") or ()),
         base_model_class=auto.get("base_model_class") if isinstance(auto, dict) else None,
         base_model_name=raw.get("base_model_name_or_path"),
+        activated=bool(raw.get("alora_invocation_tokens") or raw.get("invocation_string")),
     )
 
 

@@ -70,11 +70,11 @@ def merge_checkpoint(base: Checkpoint, adapter: Adapter, dtype: str | None = Non
                      wrap_base: BaseWrapper | None = None) -> Checkpoint:
     """`base` with `adapter` merged in. `dtype` (F32/F16/BF16) casts every float tensor; None keeps each
     tensor's own dtype. `wrap_base` may replace a base tensor before merging (QLoRA's dequantized base)."""
-    _check_architecture(base, adapter)
-    base = _untie_if_replaced(base, adapter)
-    deltas, bias_deltas, replacements = _retarget_tied(base, adapter)
-    _check_targets(base, deltas, bias_deltas, replacements)
-    vocab = _new_vocab_size(base, replacements)
+    if adapter.config.activated:
+        raise AdapterError("the adapter is an activated LoRA (alora_invocation_tokens): it acts only after its "
+                           "invocation tokens, which a merged weight cannot do",
+                           "convert it with mt convert-lora and load it in llama.cpp beside the base")
+    base, (deltas, bias_deltas, replacements), vocab = _fit(base, adapter)
     tensors: dict[str, LazyTensor] = {}
     for name, ref in base.tensors.items():
         source = replacements.get(name, ref)
@@ -90,11 +90,17 @@ def merge_checkpoint(base: Checkpoint, adapter: Adapter, dtype: str | None = Non
 def check_fits(base: Checkpoint, adapter: Adapter) -> None:
     """The checks merge_checkpoint makes before it merges: architecture, target modules and their shapes,
     vocabulary resizes. For callers that use the adapter without merging it (mt convert-lora)."""
+    _fit(base, adapter)
+
+
+def _fit(base: Checkpoint, adapter: Adapter) -> tuple[Checkpoint, Targets, int | None]:
+    """(the base as merged: untied where the adapter trains its own lm_head, the adapter's tensors by the base
+    tensor they change, the new vocabulary size or None), after checking the adapter fits the base."""
     _check_architecture(base, adapter)
     base = _untie_if_replaced(base, adapter)
-    deltas, bias_deltas, replacements = _retarget_tied(base, adapter)
-    _check_targets(base, deltas, bias_deltas, replacements)
-    _new_vocab_size(base, replacements)
+    targets = _retarget_tied(base, adapter)
+    _check_targets(base, *targets)
+    return base, targets, _new_vocab_size(base, targets[2])
 
 
 def merged_config(config: dict[str, Any], vocab_size: int | None, dtype: str | None) -> dict[str, Any]:

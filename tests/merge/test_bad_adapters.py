@@ -111,3 +111,16 @@ def test_existing_output_needs_force(built: Callable[[str], Path], llama3_f32_un
     result = CliRunner().invoke(main, ["merge", str(llama3_f32_untied_dir), str(built("plain")), "-o", str(out)])
     assert result.exit_code == 1 and "--force" in result.output
     assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_activated_lora_is_not_merged(built: Callable[[str], Path], llama3_f32_untied_dir: Path, tmp_path: Path) -> None:
+    """An aLoRA acts only after its invocation tokens; merged into the weights it would act everywhere."""
+    import json
+    import shutil
+
+    adapter = tmp_path / "alora"
+    shutil.copytree(built("plain"), adapter)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "alora_invocation_tokens": [5, 9]}))
+    out = tmp_path / "merged"
+    assert_refused(["merge", str(llama3_f32_untied_dir), str(adapter), "-o", str(out)], ("activated LoRA", "convert-lora"), out)
