@@ -173,7 +173,8 @@ def f32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
     """ggml_compute_fp32_to_bf16: NaN made quiet, then round to nearest even."""
     n = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
     n = np.where((n & 0x7FFFFFFF) > 0x7F800000, (n & np.uint32(0xFFFF0000)) | np.uint32(64 << 16), n)
-    return ((n.astype(np.uint64) + (0x7FFF + ((n >> 16) & 1))) >> 16).astype(np.uint16)
+    # uint32 cannot wrap: the largest sum is -inf's 0xff800000 + 0x8000 (NaNs were cleared to 0x..ff0000 | 0x400000)
+    return ((n + (np.uint32(0x7FFF) + ((n >> 16) & 1))) >> 16).astype(np.uint16)
 
 
 def bf16_bits_to_f32(bits: np.ndarray) -> np.ndarray:
