@@ -24,6 +24,13 @@ if TYPE_CHECKING:
 
 SLAB_BYTES = 16 << 20
 
+
+def row_ranges(n_rows: int, row_bytes: int, budget: int = SLAB_BYTES) -> Iterator[tuple[int, int]]:
+    """[start, stop) row ranges of about `budget` bytes (at least one row each) covering `n_rows` rows."""
+    step = max(1, budget // max(1, row_bytes))
+    for start in range(0, n_rows, step):
+        yield start, min(start + step, n_rows)
+
 OUTTYPES: dict[str, tuple[LlamaFileType, T]] = {
     "f32": (LlamaFileType.ALL_F32, T.F32),
     "f16": (LlamaFileType.MOSTLY_F16, T.F16),
@@ -241,9 +248,6 @@ def produce(entry: PlanEntry, config: dict, gpu: GpuQuantizer | None = None) -> 
             raw = entry.transform(raw, config)
         yield encode(raw, src.dtype, entry.qtype, gpu)
         return
-    row_bytes = max(1, src.nbytes // src.shape[0])
-    step = max(1, SLAB_BYTES // row_bytes)
-    for start in range(0, src.shape[0], step):
-        stop = min(start + step, src.shape[0])
+    for start, stop in row_ranges(src.shape[0], src.nbytes // src.shape[0]):
         span = _copyable_span(src, start, stop, entry.qtype)
         yield span if span is not None else encode(src.read_rows(start, stop), src.dtype, entry.qtype, gpu)

@@ -27,7 +27,7 @@ from mt.convert.arch import load_architecture
 from mt.convert.arch.base import Architecture
 from mt.convert.checkpoint import Checkpoint, LazyTensor, open_checkpoint
 from mt.convert.convert import write_general_metadata
-from mt.convert.plan import encode, to_f32
+from mt.convert.plan import encode, row_ranges, to_f32
 from mt.errors import AdapterError, UnknownTensor
 from mt.gguf_out import FastArrayGGUFWriter, TensorStream, atomic_path, check_output
 from mt.merge.adapter import CONFIG_NAME, PREFIX, Adapter, LoraDelta, open_adapter
@@ -157,9 +157,7 @@ def _check_same_as_base(name: str, saved: LazyTensor, base: Checkpoint) -> None:
         raise AdapterError(f"the adapter saves {module} as {list(saved.shape)} but the base's is {list(ref.shape)} "
                            "(a resized vocabulary); a llama.cpp LoRA adapter cannot resize the base", MERGE_INSTEAD)
     rows = ref.shape[0] if ref.shape else 1
-    step = max(1, COMPARE_BYTES // max(1, ref.nbytes // rows))
-    for start in range(0, rows, step):
-        stop = min(start + step, rows) if ref.shape else None
+    for start, stop in row_ranges(rows, ref.nbytes // rows, COMPARE_BYTES):
         if not np.array_equal(to_f32(saved.read_rows(start, stop), saved.dtype), to_f32(ref.read_rows(start, stop), ref.dtype),
                               equal_nan=True):
             raise AdapterError(f"the adapter saves a {module} of its own (modules_to_save, or the layer it was trained on), "

@@ -9,7 +9,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from mt.convert.checkpoint import LazyTensor
-from mt.convert.plan import SLAB_BYTES
+from mt.convert.plan import SLAB_BYTES, row_ranges
 from mt.io.safetensors_out import SafetensorsFolderWriter, TensorSpec, parse_size
 from mt.merge.merged import MergedTensor
 from mt.merge.source import open_merged, side_files
@@ -52,9 +52,8 @@ def row_slabs(tensor: LazyTensor) -> Iterator[np.ndarray]:
         yield tensor.read()
         return
     rows = tensor.shape[0]
-    step = max(1, SLAB_BYTES // max(1, tensor.nbytes // max(1, rows)))
-    for start in range(0, rows, step):
-        yield tensor.read_rows(start, min(rows, start + step))
+    for start, stop in row_ranges(rows, tensor.nbytes // max(1, rows), SLAB_BYTES):
+        yield tensor.read_rows(start, stop)
 
 
 def _reporting(chunks: Iterator[np.ndarray], progress: Progress | None, total: int) -> Iterator[np.ndarray]:

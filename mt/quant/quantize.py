@@ -15,7 +15,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 from gguf import GGUFWriter, LlamaFileType
 
-from mt.convert.plan import Prefetcher, grouped
+from mt.convert.plan import Prefetcher, grouped, row_ranges
 from mt.errors import MtError, NonFiniteWeights
 from mt.gguf_in import GGUFHeader, TensorInfo, read_header
 from mt.gguf_out import FastArrayGGUFWriter, TensorStream, atomic_path, check_output
@@ -111,10 +111,9 @@ def tensor_chunks(header: GGUFHeader, info: TensorInfo, new_type: T, weights: np
     n_rows = info.n_elements // info.shape[0]
     rows_per_matrix = info.shape[1] if len(info.shape) > 1 else 1
     row_bytes = info.nbytes // max(1, n_rows)
-    step = max(1, ROWS_PER_STEP_BYTES // max(1, row_bytes))
     with open(header.path, "rb") as f:
-        for start in range(0, n_rows, step):
-            count = min(step, n_rows - start)
+        for start, stop in row_ranges(n_rows, row_bytes, ROWS_PER_STEP_BYTES):
+            count = stop - start
             f.seek(info.offset + start * row_bytes)
             raw = np.frombuffer(f.read(count * row_bytes), dtype=np.uint8)
             if new_type == info.type:
