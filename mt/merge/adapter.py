@@ -20,9 +20,9 @@ from typing import Any
 
 import numpy as np
 
+from mt.convert.plan import to_f32
 from mt.errors import AdapterError
 from mt.io.safetensors import TensorRef, read_header
-from mt.quant.types import bf16_bits_to_f32
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -49,12 +49,15 @@ class LoraConfig:
     alpha: float
     use_rslora: bool
     use_dora: bool
-    rank_pattern: dict[str, int]
     alpha_pattern: dict[str, float]
-    modules_to_save: tuple[str, ...]
     base_model_class: str | None
-    base_model_name: str | None
-    activated: bool = False  # aLoRA: applies only after its invocation tokens
+    # an activated LoRA (aLoRA) applies only after these tokens; as written in the config, checked where used
+    alora_invocation_tokens: object = None
+    invocation_string: object = None
+
+    @property
+    def activated(self) -> bool:
+        return bool(self.alora_invocation_tokens or self.invocation_string)
 
     def scaling(self, module: str, rank: int) -> float:
         """peft's `lora_alpha / r` (rsLoRA: `/ sqrt(r)`), with alpha_pattern matched as peft matches it."""
@@ -116,11 +119,6 @@ class Adapter:
     trained_modules: set[str]  # replacements that are trained copies (modules_to_save), not the base layer saved again
     tokenizer_files: list[Path] = field(default_factory=list)
 
-    @property
-    def nbytes(self) -> int:
-        arrays = [x for d in self.deltas.values() for x in (d.a, d.b, d.magnitude, d.bias) if x is not None]
-        return sum(x.nbytes for x in arrays) + sum(r.nbytes for r in self.replacements.values())
-
 
 def open_adapter(folder: Path) -> Adapter:
     folder = Path(folder)
@@ -168,11 +166,9 @@ def read_lora_config(folder: Path) -> LoraConfig:
     auto = raw.get("auto_mapping") or {}
     return LoraConfig(
         r=r, alpha=alpha, use_rslora=bool(raw.get("use_rslora")), use_dora=bool(raw.get("use_dora")),
-        rank_pattern=dict(raw.get("rank_pattern") or {}), alpha_pattern=dict(raw.get("alpha_pattern") or {}),
-        modules_to_save=tuple(raw.get("modules_to_save") or ()),
+        alpha_pattern=dict(raw.get("alpha_pattern") or {}),
         base_model_class=auto.get("base_model_class") if isinstance(auto, dict) else None,
-        base_model_name=raw.get("base_model_name_or_path"),
-        activated=bool(raw.get("alora_invocation_tokens") or raw.get("invocation_string")),
+        alora_invocation_tokens=raw.get("alora_invocation_tokens"), invocation_string=raw.get("invocation_string"),
     )
 
 
@@ -228,9 +224,6 @@ def _delta(module: str, parts: dict[str, np.ndarray], config: LoraConfig, file: 
 
 
 def _read_f32(ref: TensorRef) -> np.ndarray:
-    raw = ref.read()
-    if ref.dtype == "BF16":
-        return bf16_bits_to_f32(raw)
-    if ref.dtype not in ("F32", "F16", "F64"):
+    if ref.dtype not in ("F32", "F16", "BF16", "F64"):
         raise AdapterError(f"adapter tensor {ref.name!r} has dtype {ref.dtype}", "LoRA weights must be float")
-    return raw.astype(np.float32)
+    return to_f32(ref.read(), ref.dtype)

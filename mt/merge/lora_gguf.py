@@ -15,7 +15,6 @@ convert_lora_to_gguf.py writes it:
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,8 +29,8 @@ from mt.convert.convert import write_general_metadata
 from mt.convert.plan import encode, row_ranges, to_f32
 from mt.errors import AdapterError, UnknownTensor
 from mt.gguf_out import FastArrayGGUFWriter, TensorStream, atomic_path, check_output
-from mt.merge.adapter import CONFIG_NAME, PREFIX, Adapter, LoraDelta, open_adapter
-from mt.merge.merged import EMBEDDING_NAMES, OUTPUT_NAME, check_fits
+from mt.merge.adapter import CONFIG_NAME, PREFIX, Adapter, LoraConfig, LoraDelta, open_adapter
+from mt.merge.merged import OUTPUT_NAME, check_fits, tied_embedding
 from mt.quant.types import quant_type
 
 OUTTYPES: dict[str, T] = {"f32": T.F32, "f16": T.F16, "bf16": T.BF16, "q8_0": T.Q8_0}
@@ -150,7 +149,7 @@ def _maps_to(arch: Architecture, hf_name: str, gguf_name: str) -> bool:
 def _check_same_as_base(name: str, saved: LazyTensor, base: Checkpoint) -> None:
     """A tensor the adapter saves whole (modules_to_save, or the base layer peft saves beside an embedding LoRA)
     is fine when it is the base's own tensor; a llama.cpp adapter has no way to replace a base tensor."""
-    ref = base.tensors.get(name if name in base.tensors else _tied_source(base, name))
+    ref = base.tensors.get(tied_embedding(base) or name if name == OUTPUT_NAME else name)
     module = name.rsplit(".", 1)[0]
     assert ref is not None  # check_fits found every saved tensor in the base
     if tuple(saved.shape) != tuple(ref.shape):
@@ -162,12 +161,6 @@ def _check_same_as_base(name: str, saved: LazyTensor, base: Checkpoint) -> None:
                               equal_nan=True):
             raise AdapterError(f"the adapter saves a {module} of its own (modules_to_save, or the layer it was trained on), "
                                "which differs from the base's; a llama.cpp LoRA adapter carries only low-rank pairs", MERGE_INSTEAD)
-
-
-def _tied_source(base: Checkpoint, name: str) -> str:
-    if name != OUTPUT_NAME:
-        return name
-    return next((n for n in EMBEDDING_NAMES if n in base.tensors), name)
 
 
 # ---------------------------------------------------------------- the tensors
@@ -246,17 +239,16 @@ def _writer(adapter: Adapter, base: Checkpoint, arch: Architecture, tensors: lis
     w.add_string(gguf.Keys.Adapter.TYPE, "lora")
     write_general_metadata(w, adapter.folder, fallback_name=base.folder.resolve().name)
     w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, adapter.config.alpha)
-    if tokens := alora_invocation_tokens(adapter.folder):
+    if tokens := alora_invocation_tokens(adapter.config):
         w.add_key_value(gguf.Keys.Adapter.ALORA_INVOCATION_TOKENS, tokens, gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.UINT32)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     return w
 
 
-def alora_invocation_tokens(folder: Path) -> list[int]:
+def alora_invocation_tokens(config: LoraConfig) -> list[int]:
     """An activated LoRA's (aLoRA) invocation token ids, which llama.cpp reads from adapter.alora.invocation_tokens."""
-    raw = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
-    tokens = raw.get(ALORA_TOKENS_KEY)
-    if not tokens and raw.get("invocation_string"):
+    tokens = config.alora_invocation_tokens
+    if not tokens and config.invocation_string:
         raise AdapterError("the adapter is an activated LoRA given by invocation_string only",
                            f"add its token ids as {ALORA_TOKENS_KEY} to {CONFIG_NAME}")
     if tokens and not (isinstance(tokens, list) and all(isinstance(t, int) and 0 <= t < 2**32 for t in tokens)):

@@ -131,7 +131,7 @@ Targets = tuple[dict[str, list[LoraDelta]], dict[str, list[LoraDelta]], dict[str
 def _retarget_tied(base: Checkpoint, adapter: Adapter) -> Targets:
     """With tied embeddings the checkpoint stores one tensor for the input embedding and lm_head, and peft merges
     an lm_head update into that shared weight; so lm_head's deltas land on the embedding tensor."""
-    tied_to = _tied_embedding(base)
+    tied_to = tied_embedding(base)
 
     def target(name: str) -> str:
         return tied_to if tied_to is not None and name == OUTPUT_NAME else name
@@ -154,14 +154,15 @@ def _retarget_tied(base: Checkpoint, adapter: Adapter) -> Targets:
 def _untie_if_replaced(base: Checkpoint, adapter: Adapter) -> Checkpoint:
     """A tied base whose adapter saves a whole lm_head of its own (modules_to_save) gets an lm_head tensor and
     tie_word_embeddings false; peft's merged save_pretrained would drop that lm_head again."""
-    embedding = _tied_embedding(base)
+    embedding = tied_embedding(base)
     if embedding is None or OUTPUT_NAME not in adapter.trained_modules:
         return base
     config = {**base.config, "tie_word_embeddings": False}
     return replace(base, config=config, tensors={**base.tensors, OUTPUT_NAME: base.tensors[embedding]})
 
 
-def _tied_embedding(base: Checkpoint) -> str | None:
+def tied_embedding(base: Checkpoint) -> str | None:
+    """The input embedding's tensor name when the checkpoint stores no lm_head.weight (tied embeddings), else None."""
     if OUTPUT_NAME in base.tensors:
         return None
     return next((n for n in EMBEDDING_NAMES if n in base.tensors), None)
