@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from mt.quant.types import QuantType
+from mt.quant.types import QuantType, fp16_field
 
 QK_K = 256
 # the K-quant loops cost per numpy call, not per value: larger work items (measured: 2M values
@@ -164,8 +164,8 @@ def requantize_affine(blocks: np.ndarray, d: np.ndarray, dmin: np.ndarray, packe
 
 def _dequantize_affine(blocks: np.ndarray, q: np.ndarray) -> np.ndarray:
     """Q4_K/Q5_K: d·scale·q − dmin·min per sub-block; q [N, 4, 2, 32] in sub-block order."""
-    d = blocks[:, 0:2].copy().view(np.float16).astype(F32)
-    dmin = blocks[:, 2:4].copy().view(np.float16).astype(F32)
+    d = fp16_field(blocks, 0)
+    dmin = fp16_field(blocks, 2)
     sc, m = unpack_scale_min_k4(blocks[:, 4:16])
     values = (d * sc.astype(F32))[:, :, None] * q.reshape(-1, 8, 32).astype(F32) - (dmin * m.astype(F32))[:, :, None]
     return values.reshape(-1, 256)
@@ -325,7 +325,7 @@ class Q6_K(QuantType):
         ql = blocks[:, :128].reshape(n_blocks, 2, 64)
         qh = blocks[:, 128:192].reshape(n_blocks, 2, 32)
         scales = blocks[:, 192:208].view(np.int8).astype(F32)
-        d = blocks[:, 208:210].copy().view(np.float16).astype(F32).reshape(-1)
+        d = fp16_field(blocks, 208).reshape(-1)
         rows = [
             (ql[:, :, :32] & 0xF) | ((qh & 3) << 4),
             (ql[:, :, 32:] & 0xF) | (((qh >> 2) & 3) << 4),

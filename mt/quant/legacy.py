@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from mt.quant.types import QuantType
+from mt.quant.types import QuantType, fp16_field
 
 QK = 32
 F32 = np.float32
@@ -106,7 +106,7 @@ class Q4_0(QuantType):
 
     @classmethod
     def dequantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
-        d = blocks[:, 0:2].copy().view(np.float16).astype(F32)
+        d = fp16_field(blocks, 0)
         q = unpack_nibbles(blocks[:, 2:]).astype(np.int8) - 8
         return q.astype(F32) * d
 
@@ -125,8 +125,8 @@ class Q4_1(QuantType):
 
     @classmethod
     def dequantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
-        d = blocks[:, 0:2].copy().view(np.float16).astype(F32)
-        m = blocks[:, 2:4].copy().view(np.float16).astype(F32)
+        d = fp16_field(blocks, 0)
+        m = fp16_field(blocks, 2)
         return unpack_nibbles(blocks[:, 4:]).astype(F32) * d + m
 
 
@@ -142,7 +142,7 @@ class Q5_0(QuantType):
 
     @classmethod
     def dequantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
-        d = blocks[:, 0:2].copy().view(np.float16).astype(F32)
+        d = fp16_field(blocks, 0)
         q = (unpack_nibbles(blocks[:, 6:]) | unpack_high_bits(blocks[:, 2:6])).astype(np.int8) - 16
         return q.astype(F32) * d
 
@@ -160,7 +160,7 @@ class Q5_1(QuantType):
 
     @classmethod
     def dequantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
-        d = blocks[:, 0:2].copy().view(np.float16).astype(F32)
-        m = blocks[:, 2:4].copy().view(np.float16).astype(F32)
+        d = fp16_field(blocks, 0)
+        m = fp16_field(blocks, 2)
         q = unpack_nibbles(blocks[:, 8:]) | unpack_high_bits(blocks[:, 4:8])
         return q.astype(F32) * d + m

@@ -169,6 +169,11 @@ class F16(QuantType):
         return blocks.view(np.float16).astype(np.float32)
 
 
+def fp16_field(blocks: np.ndarray, start: int) -> np.ndarray:
+    """The fp16 scale stored at bytes [start, start + 2) of each block: uint8 [N, size] -> float32 [N, 1]."""
+    return blocks[:, start:start + 2].copy().view(np.float16).astype(np.float32)
+
+
 def f32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
     """ggml_compute_fp32_to_bf16: NaN made quiet, then round to nearest even."""
     n = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
@@ -236,7 +241,7 @@ class Q8_0(QuantType):
 
     @classmethod
     def dequantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
-        d = blocks[:, :2].copy().view(np.float16).astype(np.float32)
+        d = fp16_field(blocks, 0)
         return blocks[:, 2:].view(np.int8).astype(np.float32) * d
 
 
