@@ -156,15 +156,19 @@ class PickledTensor:
     source: Any
 
     def read_rows(self, start: int = 0, stop: int | None = None) -> np.ndarray:
-        import torch
-
-        t = self.source[start:stop] if self.shape else self.source
-        if t.dtype == torch.bfloat16:
-            return t.contiguous().view(torch.int16).numpy().view(np.uint16)
-        return t.contiguous().numpy()
+        return torch_to_storage(self.source[start:stop] if self.shape else self.source)
 
     def read(self) -> np.ndarray:
         return self.read_rows()
+
+
+def torch_to_storage(t: Any) -> np.ndarray:
+    """A CPU torch tensor as numpy in safetensors' storage form (bfloat16 as its uint16 bits)."""
+    import torch
+
+    if t.dtype == torch.bfloat16:
+        return t.contiguous().view(torch.int16).numpy().view(np.uint16)
+    return t.contiguous().numpy()
 
 
 _TORCH_TO_ST = {"torch.float32": "F32", "torch.float16": "F16", "torch.bfloat16": "BF16"}

@@ -27,7 +27,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from mt.convert.checkpoint import Checkpoint, LazyTensor
+from mt.convert.checkpoint import Checkpoint, LazyTensor, torch_to_storage
 from mt.errors import AdapterError, CheckpointError, DeviceUnavailable
 from mt.io.safetensors import FLOAT_DTYPES, STORAGE_DTYPES
 from mt.merge.merged import BaseWrapper
@@ -224,7 +224,7 @@ class Dequantized4bit:
             raise IndexError(f"rows [{start}, {stop}) of {self.name}, which has {self.shape[0]}")
         row = math.prod(self.shape[1:])
         values = _dequantize_range(self.cache.get(self.name, self.load), start * row, stop * row)
-        return _to_numpy(values, self.dtype).reshape((stop - start,) + self.shape[1:])
+        return torch_to_storage(values).reshape((stop - start,) + self.shape[1:])
 
     def read(self) -> np.ndarray:
         return self.read_rows()
@@ -290,14 +290,6 @@ def _to_torch(raw: np.ndarray, dtype: str) -> Any:
     if dtype == "BF16":
         return torch.from_numpy(raw.view(np.int16)).view(torch.bfloat16)
     return torch.from_numpy(raw)
-
-
-def _to_numpy(values: Any, dtype: str) -> np.ndarray:
-    import torch
-
-    if dtype == "BF16":
-        return values.contiguous().view(torch.int16).numpy().view(np.uint16)
-    return values.contiguous().numpy()
 
 
 def _bnb() -> tuple[Any, Any]:
