@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from mt.errors import MtError
+from mt.convert.arch import MODULES, load_architecture, supported
+from mt.convert.arch.base import Architecture
+from mt.errors import MtError, UnknownTensor
 
 
 def _show(value: Any) -> Any:
@@ -38,25 +41,72 @@ def inspect_gguf(path: Path) -> dict[str, Any]:
     return {"kind": "gguf", "path": str(path), "metadata": metadata, "tensors": tensors, "text": "\n".join(lines)}
 
 
+SKIPPED_SUFFIXES = (".attention.masked_bias", ".attention.bias", ".rotary_emb.inv_freq")
+
+
+def _layer_pattern(gguf_name: str) -> str:
+    return re.sub(r"^blk\.\d+\.", "blk.*.", gguf_name)
+
+
+def recognise(arch: Architecture, names: list[str]) -> dict[str, Any]:
+    """What the architecture's name table makes of each checkpoint tensor: GGUF roles (with counts), dropped, unknown."""
+    roles: dict[str, int] = {}
+    dropped: list[str] = []
+    unknown: list[str] = []
+    for name in names:
+        if name.endswith(SKIPPED_SUFFIXES) or arch.names.is_dropped(name):
+            dropped.append(name)
+            continue
+        try:
+            role = _layer_pattern(arch.names.map(name))
+        except UnknownTensor:
+            unknown.append(name)
+            continue
+        roles[role] = roles.get(role, 0) + 1
+    return {"roles": roles, "dropped": dropped, "unknown": unknown}
+
+
+def _recognition_lines(found: dict[str, Any]) -> list[str]:
+    roles = found["roles"]
+    lines = [f"  recognised: {len(roles)} GGUF tensor roles"]
+    lines += [f"    {role}" + (f" x{count}" if count > 1 else "") for role, count in roles.items()]
+    if found["dropped"]:
+        lines.append(f"  dropped (not data): {len(found['dropped'])} tensors, e.g. {found['dropped'][0]}")
+    if found["unknown"]:
+        shown = ", ".join(found["unknown"][:5]) + (" ..." if len(found["unknown"]) > 5 else "")
+        lines.append(f"  NOT recognised ({len(found['unknown'])}; mt convert stops at these): {shown}")
+    return lines
+
+
+def _family_line(path: Path, hf_arch: str, family: str | None, gguf_arch: str | None) -> str:
+    if family is None:
+        return f"{path}: {hf_arch} (not supported by mt; mt converts {', '.join(supported())})"
+    return f"{path}: {hf_arch} (mt module {family}, GGUF architecture {gguf_arch})"
+
+
 def inspect_folder(path: Path) -> dict[str, Any]:
-    from mt.convert.arch import MODULES
     from mt.convert.checkpoint import open_checkpoint
 
     ckpt = open_checkpoint(path)
     hf_arch = ckpt.architecture
     family = MODULES.get(hf_arch)
+    arch = load_architecture(hf_arch, ckpt.config) if family else None
     tensors = [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape), "bytes": t.nbytes} for t in ckpt.tensors.values()]
     n_params = sum(int(np.prod(t["shape"])) for t in tensors)
-    lines = [f"{path}: {hf_arch} ({'mt module ' + family if family else 'not supported by mt'}), "
-             f"{len(tensors)} tensors in {len(ckpt.files)} file(s), {n_params:,} parameters"]
+    lines = [_family_line(path, hf_arch, family, arch.gguf_arch if arch else None),
+             f"  {len(tensors)} tensors in {len(ckpt.files)} file(s), {n_params:,} parameters"]
     for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                 "intermediate_size", "vocab_size", "max_position_embeddings", "rope_theta", "tie_word_embeddings"):
         if key in ckpt.config:
             lines.append(f"  {key} = {ckpt.config[key]}")
     tok_files = [n for n in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "chat_template.jinja") if ckpt.has_file(n)]
     lines.append(f"  tokenizer files: {', '.join(tok_files) or 'none'}")
-    return {"kind": "checkpoint", "path": str(path), "architecture": hf_arch, "family": family, "config": ckpt.config,
-            "tensors": tensors, "parameters": n_params, "text": "\n".join(lines)}
+    found = recognise(arch, list(ckpt.tensors)) if arch else None
+    if found is not None:
+        lines += _recognition_lines(found)
+    return {"kind": "checkpoint", "path": str(path), "architecture": hf_arch, "family": family,
+            "gguf_architecture": arch.gguf_arch if arch else None, "supported": supported(), "recognised": found,
+            "config": ckpt.config, "tensors": tensors, "parameters": n_params, "text": "\n".join(lines)}
 
 
 def inspect_path(path: Path) -> dict[str, Any]:

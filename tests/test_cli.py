@@ -1,6 +1,7 @@
 """The CLI surface: dry-run plan, inspect of files and folders, JSON output."""
 
 import json
+from pathlib import Path
 
 from click.testing import CliRunner
 
@@ -46,7 +47,7 @@ def test_convert_json_and_inspect(llama3_dir, tmp_path):
 def test_inspect_folder_names_family(qwen2_dir):
     result = CliRunner().invoke(main, ["inspect", str(qwen2_dir)])
     assert result.exit_code == 0
-    assert "Qwen2ForCausalLM (mt module qwen2)" in result.output and "tokenizer.json" in result.output
+    assert "Qwen2ForCausalLM (mt module qwen2, GGUF architecture qwen2)" in result.output and "tokenizer.json" in result.output
 
 
 def test_inspect_missing_and_not_gguf(tmp_path):
@@ -54,3 +55,46 @@ def test_inspect_missing_and_not_gguf(tmp_path):
     (tmp_path / "x.gguf").write_bytes(b"NOPE" + bytes(20))
     result = CliRunner().invoke(main, ["inspect", str(tmp_path / "x.gguf")])
     assert result.exit_code == 1 and "not a GGUF file" in result.output
+
+
+def test_inspect_folder_lists_recognised_roles(qwen2_dir):
+    report = json.loads(CliRunner().invoke(main, ["inspect", str(qwen2_dir), "--json"]).output)
+    assert report["family"] == "qwen2" and report["gguf_architecture"] == "qwen2"
+    roles = report["recognised"]["roles"]
+    assert roles["blk.*.attn_q.bias"] == 2 and roles["token_embd.weight"] == 1
+    assert report["recognised"]["unknown"] == []
+
+
+def _copy_with(src: Path, dst: Path, config_changes: dict, extra_tensor: str | None = None) -> Path:
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    (dst / "config.json").write_text(json.dumps({**cfg, **config_changes}))
+    if extra_tensor is not None:
+        tensors = load_file(dst / "model.safetensors")
+        tensors[extra_tensor] = torch.zeros(4, dtype=torch.bfloat16)
+        save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst
+
+
+def test_inspect_names_unknown_tensors(qwen2_dir, tmp_path):
+    src = _copy_with(qwen2_dir, tmp_path / "m", {}, extra_tensor="model.layers.0.self_attn.mystery.weight")
+    result = CliRunner().invoke(main, ["inspect", str(src)])
+    assert result.exit_code == 0
+    assert "NOT recognised (1; mt convert stops at these): model.layers.0.self_attn.mystery.weight" in result.output
+
+
+def test_unsupported_architecture_lists_supported(qwen2_dir, tmp_path):
+    from mt.convert.arch import supported
+
+    src = _copy_with(qwen2_dir, tmp_path / "m", {"architectures": ["FooForCausalLM"]})
+    shown = CliRunner().invoke(main, ["inspect", str(src)]).output
+    assert "FooForCausalLM (not supported by mt; mt converts " + ", ".join(supported()) in shown
+    result = CliRunner().invoke(main, ["convert", str(src), "-o", str(tmp_path / "x.gguf")])
+    assert result.exit_code == 1 and not (tmp_path / "x.gguf").exists()
+    assert "'FooForCausalLM' is not supported" in result.output and ", ".join(supported()) in result.output
+    assert len(result.output.strip().splitlines()) == 1
