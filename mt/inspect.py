@@ -33,12 +33,13 @@ def inspect_gguf(path: Path) -> dict[str, Any]:
     ]
     total_bytes = sum(t.nbytes for t in header.tensors)
     total_elems = sum(t.n_elements for t in header.tensors)
-    lines = [f"{path}: GGUF v{header.version}, {len(metadata)} keys, {len(tensors)} tensors, {total_elems:,} weights, "
+    gguf_arch = header.kv.get("general.architecture", (None, "unknown"))[1]
+    lines = [f"{path}: GGUF v{header.version}, architecture {gguf_arch}, {len(metadata)} keys, {len(tensors)} tensors, {total_elems:,} weights, "
              f"{total_bytes:,} bytes of tensor data, {8 * total_bytes / max(1, total_elems):.2f} bits per weight"]
     lines += [f"  {k} = {v}" for k, v in metadata.items()]
     width = max((len(t["name"]) for t in tensors), default=10)
     lines += [f"  {t['name']:<{width}} {t['type']:<6} {str(t['shape']):<20} {t['bytes']:>12,}  {t['bpw']:.2f} bpw" for t in tensors]
-    return {"kind": "gguf", "path": str(path), "metadata": metadata, "tensors": tensors, "text": "\n".join(lines)}
+    return {"kind": "gguf", "path": str(path), "architecture": gguf_arch, "metadata": metadata, "tensors": tensors, "text": "\n".join(lines)}
 
 
 SKIPPED_SUFFIXES = (".attention.masked_bias", ".attention.bias", ".rotary_emb.inv_freq")

@@ -42,6 +42,7 @@ def test_convert_json_and_inspect(llama3_dir, tmp_path):
     assert by_name["blk.0.ffn_up.weight"]["type"] == "Q8_0" and by_name["blk.0.ffn_up.weight"]["bpw"] == 8.5
     text = CliRunner().invoke(main, ["inspect", str(out)]).output
     assert "bits per weight" in text and "tokenizer.ggml.pre = llama-bpe" in text
+    assert "GGUF v3, architecture llama," in text
 
 
 def test_inspect_folder_names_family(qwen2_dir):
