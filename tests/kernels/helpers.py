@@ -1,0 +1,29 @@
+"""Comparison helpers shared by the kernel tests: tolerance per dtype, forward + gradients of two callables."""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str) -> None:
+    """|a - e| <= tol * (1 + |e|) elementwise (relative for large values, absolute near zero)."""
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype, what
+    tol = TOLERANCE[dtype]
+    a, e = actual.double(), expected.double()
+    excess = (a - e).abs() - tol * (1 + e.abs())
+    worst = excess.max().item() if excess.numel() else 0.0
+    assert worst <= 0, f"{what}: max |diff| {(a - e).abs().max().item():.3g} over tolerance {tol} ({dtype})"
+
+
+def forward_and_grads(fn: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor], upstream: torch.Tensor | None,
+                      grad_of: Sequence[int]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """fn(*fresh copies of inputs), then the gradients of sum(out * upstream) for the inputs listed in grad_of."""
+    leaves = [t.detach().clone().requires_grad_(i in grad_of) for i, t in enumerate(inputs)]
+    out = fn(*leaves)
+    loss = out.float().sum() if upstream is None else (out.float() * upstream.float()).sum()
+    loss.backward()
+    return out.detach(), [leaves[i].grad for i in grad_of]
