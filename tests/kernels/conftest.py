@@ -46,3 +46,26 @@ def kernels() -> InterpretedKernels:
             os.environ["TRITON_INTERPRET"] = saved
         for name in names:
             sys.modules.pop(name, None)  # a later import decorates for the real device again
+
+
+@pytest.fixture
+def device_kernels(kernels):
+    """`device_kernels("rope")`: the module decorated for a real device (TRITON_INTERPRET unset while it is
+    imported): CPU tensors then take the PyTorch path. Taken after `kernels`, and dropped again afterwards."""
+    loaded = []
+
+    def load(name: str) -> ModuleType:
+        module_name = f"mt.kernels.{name}"
+        saved = os.environ.pop("TRITON_INTERPRET", None)
+        try:
+            sys.modules.pop(module_name, None)
+            module = importlib.import_module(module_name)
+        finally:
+            if saved is not None:
+                os.environ["TRITON_INTERPRET"] = saved
+        loaded.append(module_name)
+        return module
+
+    yield load
+    for module_name in loaded:
+        sys.modules.pop(module_name, None)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from mt.kernels._triton import is_interpreted
 from mt.kernels.errors import KernelInputError
 from mt.kernels.rope import rope_reference
 from tests.kernels.helpers import assert_close
@@ -90,8 +91,10 @@ def test_reference_equals_transformers_apply_rotary_pos_emb():
     assert torch.equal(ours[0], theirs[0]) and torch.equal(ours[1], theirs[1])
 
 
-def test_cpu_without_interpreter_takes_the_reference_path_in_place():
-    from mt.kernels.rope import apply_rope_  # decorated for the real device: the CPU tensors go to the reference
+def test_cpu_without_interpreter_takes_the_reference_path_in_place(device_kernels):
+    module = device_kernels("rope")  # decorated for a real device: CPU tensors take the reference
+    assert not is_interpreted(module._rope_rotate)
+    apply_rope_ = module.apply_rope_
 
     q, k = qk(1, 2, 1, 3, 64, torch.float32, seed=4)
     cos_t, sin_t = cos_sin_table(4, 64)
