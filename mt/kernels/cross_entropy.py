@@ -135,7 +135,8 @@ def _check(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chu
 
 
 def chunked_cross_entropy(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.Tensor,
-                          chunk: int = DEFAULT_CHUNK, ignore_index: int = -100, reduction: str = "mean") -> torch.Tensor:
+                          chunk: int = DEFAULT_CHUNK, ignore_index: int = -100,
+                          reduction: str = "mean") -> torch.Tensor:
     """The mean (or sum) cross-entropy of hidden @ lm_head_weight^T against labels, a float32 scalar, with
     gradients for hidden and lm_head_weight. Triton on CUDA (or interpreted), the same chunking in torch otherwise.
     As torch's cross_entropy, a mean over no counted token is NaN."""

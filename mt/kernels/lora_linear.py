@@ -57,8 +57,8 @@ def lora_linear_reference(x: torch.Tensor, base_weight: Any, lora_A: torch.Tenso
 def _matmul_lowrank(a_ptr, b_ptr, l_ptr, r_ptr, bias_ptr, c_ptr, M, N, rank,
                     stride_am, stride_ak, stride_bk, stride_bn, stride_lm, stride_lr, stride_rr, stride_rn,
                     stride_cm, stride_cn, K: tl.constexpr, HAS_LOWRANK: tl.constexpr, HAS_BIAS: tl.constexpr,
-                    PRECISION: tl.constexpr, DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr):
+                    PRECISION: tl.constexpr, DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr):
     """c[M, N] = a[M, K] @ b[K, N] (+ l[M, rank] @ r[rank, N]) (+ bias[N]), float32 accumulation, one store."""
     pid = tl.program_id(0)
     tiles_m = (M + BLOCK_M - 1) // BLOCK_M
@@ -117,8 +117,9 @@ def fused_matmul(a: torch.Tensor, b: torch.Tensor, low: torch.Tensor | None = No
     _matmul_lowrank[grid](a, b, low if has_lowrank else a, up if has_lowrank else a, bias if bias is not None else a,
                           c, M, N, rank, a.stride(0), a.stride(1), b.stride(0), b.stride(1), *low_strides, *up_strides,
                           c.stride(0), c.stride(1), K=K, HAS_LOWRANK=has_lowrank, HAS_BIAS=bias is not None,
-                          PRECISION=precision, DOT_F32=is_interpreted(_matmul_lowrank), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-                          BLOCK_R=max(16, next_power_of_2(rank)), GROUP_M=GROUP_M, num_warps=warps, num_stages=stages)
+                          PRECISION=precision, DOT_F32=is_interpreted(_matmul_lowrank), BLOCK_M=block_m,
+                          BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=max(16, next_power_of_2(rank)), GROUP_M=GROUP_M,
+                          num_warps=warps, num_stages=stages)
     return c
 
 
@@ -157,13 +158,17 @@ class LoRALinearFunction(torch.autograd.Function):
 
 
 def _check(x: torch.Tensor, w: Any, lora_A: torch.Tensor, lora_B: torch.Tensor, bias: torch.Tensor | None) -> None:
-    w_shape = tuple(w[1].shape if isinstance(w, tuple) else getattr(getattr(w, "quant_state", None), "shape", w.shape))
+    quant_state = w[1] if isinstance(w, tuple) else getattr(w, "quant_state", None)
+    w_shape = tuple(quant_state.shape if quant_state is not None else w.shape)
     out_features, in_features = w_shape
     rank = lora_A.shape[0]
-    if x.shape[-1] != in_features or tuple(lora_A.shape) != (rank, in_features) \
-            or tuple(lora_B.shape) != (out_features, rank) or (bias is not None and tuple(bias.shape) != (out_features,)):
+    expected = {"x": (x.shape[-1], in_features), "A": (tuple(lora_A.shape), (rank, in_features)),
+                "B": (tuple(lora_B.shape), (out_features, rank)),
+                "bias": (None if bias is None else tuple(bias.shape), None if bias is None else (out_features,))}
+    if any(got != want for got, want in expected.values()):
+        bias_shape = None if bias is None else tuple(bias.shape)
         raise KernelInputError(f"lora_linear: x {tuple(x.shape)}, W {w_shape}, A {tuple(lora_A.shape)}, "
-                               f"B {tuple(lora_B.shape)}, bias {None if bias is None else tuple(bias.shape)} do not fit "
+                               f"B {tuple(lora_B.shape)}, bias {bias_shape} do not fit "
                                "(x [..., in], W [out, in], A [r, in], B [out, r], bias [out])")
     for name, t in (("base weight", w), ("bias", bias)):
         if isinstance(t, torch.Tensor) and t.requires_grad:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from mt.kernels._triton import jit, next_power_of_2, tl, triton_runs
+from mt.kernels.errors import KernelInputError
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0) -> torch.Tensor:
@@ -108,6 +109,9 @@ class RMSNormFunction(torch.autograd.Function):
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0) -> torch.Tensor:
     """RMSNorm of x [..., hidden] with weight [hidden]; Triton on CUDA (or interpreted), the reference otherwise."""
+    if weight.shape != x.shape[-1:]:
+        raise KernelInputError(f"rms_norm: weight {tuple(weight.shape)} does not fit x {tuple(x.shape)} (weight is "
+                               "[hidden], x [..., hidden])")
     if triton_runs(_rms_norm_forward, x, weight):
         return RMSNormFunction.apply(x, weight, float(eps), float(offset))
     return rms_norm_reference(x, weight, eps, offset)

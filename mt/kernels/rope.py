@@ -108,9 +108,11 @@ def _check(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
         raise KernelInputError(f"rope: q {tuple(q.shape)} and k {tuple(k.shape)} must be [batch, heads, seq, head_dim]")
     batch, _, seq_len, head_dim = q.shape
     if (k.shape[0], k.shape[2], k.shape[3]) != (batch, seq_len, head_dim) or head_dim % 2:
-        raise KernelInputError(f"rope: q {tuple(q.shape)} and k {tuple(k.shape)} differ in batch, seq or an even head_dim")
+        raise KernelInputError(f"rope: q {tuple(q.shape)} and k {tuple(k.shape)} differ in batch, seq or an even "
+                               "head_dim")
     if cos.shape != sin.shape or cos.shape[-1] != head_dim:
-        raise KernelInputError(f"rope: cos {tuple(cos.shape)} and sin {tuple(sin.shape)} must end in head_dim {head_dim}")
+        raise KernelInputError(f"rope: cos {tuple(cos.shape)} and sin {tuple(sin.shape)} must end in head_dim "
+                               f"{head_dim}")
     if q.stride(-1) != 1 or k.stride(-1) != 1:
         raise KernelInputError("rope: q and k are rotated in place and need a unit stride on head_dim")
     if position_ids is None:

@@ -20,7 +20,8 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
     floor = e.pow(2).mean().sqrt().item() if sums else 1.0
     excess = (a - e).abs() - tol * (e.abs() + floor)
     worst = excess.max().item() if excess.numel() else 0.0
-    assert worst <= 0, f"{what}: max |diff| {(a - e).abs().max().item():.3g} over tolerance {tol} ({dtype}, floor {floor:.3g})"
+    diff = (a - e).abs().max().item()
+    assert worst <= 0, f"{what}: max |diff| {diff:.3g} over tolerance {tol} ({dtype}, floor {floor:.3g})"
 
 
 def forward_and_grads(fn: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor], upstream: torch.Tensor | None,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from mt.kernels.errors import KernelInputError
 from mt.kernels.rms_norm import rms_norm_reference
 from tests.kernels.helpers import assert_close, forward_and_grads
 
@@ -56,3 +57,14 @@ def test_non_contiguous_rows_and_frozen_weight(kernels):
     ref, (dx_ref,) = forward_and_grads(lambda x, w: rms_norm_reference(x, w, 1e-6), [x, weight], None, [0])
     assert_close(out, ref, torch.float32, "y")
     assert_close(dx, dx_ref, torch.float32, "dx")
+
+
+def test_weight_that_does_not_fit_is_refused(kernels):
+    with pytest.raises(KernelInputError, match=r"weight \(63,\) does not fit x \(4, 64\)"):
+        kernels.rms_norm.rms_norm(torch.ones(4, 64), torch.ones(63), 1e-6)
+
+
+def test_cpu_without_interpreter_is_the_reference(device_kernels):
+    module = device_kernels("rms_norm")  # decorated for a real device: CPU tensors take the reference
+    x, weight, _ = inputs((3, 40), torch.bfloat16, seed=6)
+    assert torch.equal(module.rms_norm(x, weight, 1e-6, 1.0), rms_norm_reference(x, weight, 1e-6, 1.0))

@@ -44,3 +44,9 @@ def test_extreme_gates_stay_finite(kernels):
 def test_shape_mismatch_is_refused(kernels):
     with pytest.raises(KernelInputError, match="must have one shape and dtype"):
         kernels.swiglu.swiglu(torch.ones(4, 8), torch.ones(4, 9))
+
+
+def test_cpu_without_interpreter_is_the_reference(device_kernels):
+    module = device_kernels("swiglu")  # decorated for a real device: CPU tensors take the reference
+    gate, up = torch.randn(5, 33), torch.randn(5, 33)
+    assert torch.equal(module.swiglu(gate, up), swiglu_reference(gate, up))
