@@ -7,6 +7,7 @@ scalars, dot operand shapes and dtypes) is accepted, with the signatures and con
 from __future__ import annotations
 
 import pytest
+import torch
 
 triton = pytest.importorskip("triton")
 
@@ -60,7 +61,7 @@ def test_swiglu_kernels_compile(device_kernels):
                                                      ("fp32", "fp32", "ieee"), ("fp32", "fp32", "tf32")])
 def test_lora_matmul_kernel_compiles(device_kernels, dtype, adapter, precision):
     m = device_kernels("lora_linear")
-    block_m, block_n, block_k, warps, stages = m.TILES[{"bf16": m.torch.bfloat16, "fp32": m.torch.float32}[dtype]]
+    block_m, block_n, block_k, warps, stages = m.TILES[{"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]]
     strides = ("stride_am", "stride_ak", "stride_bk", "stride_bn", "stride_lm", "stride_lr", "stride_rr", "stride_rn",
                "stride_cm", "stride_cn")
     compile_for_h100(m._matmul_lowrank, {"a_ptr": f"*{dtype}", "b_ptr": f"*{dtype}", "l_ptr": f"*{adapter}",

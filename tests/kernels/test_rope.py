@@ -121,3 +121,13 @@ def test_bad_inputs_are_refused(kernels, case, message):
         args = (q, k, cos_t[None, :2], sin_t[None, :2], None)
     with pytest.raises(KernelInputError, match=message):
         kernels.rope.apply_rope_(*args)
+
+
+def test_position_embeddings_shared_across_the_batch(kernels):
+    """cos/sin [1, seq, d] (transformers with position_ids [1, seq]) broadcast over a batch of 3."""
+    q0, k0 = qk(3, 2, 2, 5, 64, torch.float32, seed=8)
+    cos_t, sin_t = cos_sin_table(8, 64)
+    cos, sin = cos_t[None, 2:7], sin_t[None, 2:7]
+    fast = rotated_and_grads(lambda q, k: kernels.rope.apply_rope_(q, k, cos, sin), q0, k0, seed=3)
+    slow = rotated_and_grads(lambda q, k: rope_reference(q, k, cos, sin), q0, k0, seed=3)
+    assert_same_rotation(fast, slow, torch.float32)
