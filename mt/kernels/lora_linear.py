@@ -143,7 +143,8 @@ class LoRALinearFunction(torch.autograd.Function):
     def backward(ctx, dy: torch.Tensor):
         adapter_in, xa, lora_A, lora_B = ctx.saved_tensors
         dy = dy if dy.stride(-1) == 1 else dy.contiguous()
-        dy_b = (dy.to(lora_B.dtype) @ lora_B) * ctx.scaling  # [M, r]
+        dy_adapter = dy.to(lora_B.dtype)  # [M, out] in the adapter's dtype (a copy only when they differ)
+        dy_b = (dy_adapter @ lora_B) * ctx.scaling  # [M, r]
         need_x, need_x_lora, _, need_A, need_B, _, _ = ctx.needs_input_grad
         dx = dx_lora = None
         if need_x or need_x_lora:
@@ -153,7 +154,7 @@ class LoRALinearFunction(torch.autograd.Function):
             if ctx.has_dropout:
                 dx_lora = (dy_b @ lora_A).to(adapter_in.dtype)
         d_A = dy_b.t() @ adapter_in.to(lora_A.dtype) if need_A else None
-        d_B = (dy.to(lora_B.dtype).t() @ xa) * ctx.scaling if need_B else None
+        d_B = (dy_adapter.t() @ xa) * ctx.scaling if need_B else None
         return dx, dx_lora, None, d_A, d_B, None, None
 
 

@@ -125,3 +125,12 @@ def test_bad_shapes_and_a_trainable_base_are_refused(kernels):
         kernels.lora_linear.lora_linear(x[:, :50], w, a, b, 1.0)
     with pytest.raises(KernelInputError, match="base weight requires grad"):
         kernels.lora_linear.lora_linear(x, w.requires_grad_(), a, b, 1.0)
+
+
+def test_more_row_tiles_than_a_group(kernels, monkeypatch):
+    """16 x 32 tiles: 10 row tiles walk the 7 column tiles in groups of GROUP_M=8 and a remainder of 2."""
+    monkeypatch.setitem(kernels.lora_linear.TILES, torch.float32, (16, 32, 32, 4, 3))
+    x, w, a, b, bias_t, upstream = layer(torch.float32, torch.float32, seed=8, bias=True)
+    fast = run(kernels.lora_linear.lora_linear, x, w, a, b, upstream, scaling=1.0, bias=bias_t)
+    slow = run_reference(x, w, a, b, upstream, scaling=1.0, bias=bias_t)
+    assert_same(fast, slow, torch.float32)
