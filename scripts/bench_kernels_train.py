@@ -116,21 +116,28 @@ def cases(torch, batch: int, seq: int, dev: str = "cuda") -> dict[str, Case]:
     return table
 
 
-def run_once(torch, fn: Callable, inputs: list, grad_of: Sequence[int]) -> tuple[list, list]:
+def upstream_for(torch, outs: list) -> list:
+    """The gradient fed to the outputs' backward: the same random tensors for every path."""
+    torch.manual_seed(0)
+    return [torch.randn_like(o) if o.dim() else torch.ones_like(o) for o in outs]
+
+
+def run_once(torch, fn: Callable, inputs: list, grad_of: Sequence[int], upstream: list | None = None):
+    """(outputs, gradients of the grad_of inputs, the upstream gradient used)."""
     for i in grad_of:
         inputs[i].grad = None
     out = fn(*inputs)
     outs = list(out) if isinstance(out, (tuple, list)) else [out]
-    torch.manual_seed(0)
-    upstream = [torch.randn_like(o) if o.dim() else torch.ones_like(o) for o in outs]
+    upstream = upstream if upstream is not None else upstream_for(torch, outs)
     torch.autograd.backward(outs, upstream)
-    return [o.detach() for o in outs], [inputs[i].grad for i in grad_of]
+    return [o.detach() for o in outs], [inputs[i].grad for i in grad_of], upstream
 
 
 def time_ms(torch, fn: Callable, inputs: list, grad_of: Sequence[int], repeats: int) -> tuple[float, float]:
     """Median ms of forward + backward and the peak CUDA memory (GiB) above what the inputs hold."""
+    upstream = None
     for _ in range(3):
-        run_once(torch, fn, inputs, grad_of)
+        upstream = run_once(torch, fn, inputs, grad_of, upstream)[2]
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
@@ -138,7 +145,7 @@ def time_ms(torch, fn: Callable, inputs: list, grad_of: Sequence[int], repeats: 
     for _ in range(repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        run_once(torch, fn, inputs, grad_of)
+        run_once(torch, fn, inputs, grad_of, upstream)
         end.record()
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
