@@ -68,3 +68,14 @@ def test_cpu_without_interpreter_is_the_reference(device_kernels):
     module = device_kernels("rms_norm")  # decorated for a real device: CPU tensors take the reference
     x, weight, _ = inputs((3, 40), torch.bfloat16, seed=6)
     assert torch.equal(module.rms_norm(x, weight, 1e-6, 1.0), rms_norm_reference(x, weight, 1e-6, 1.0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_reference_with_offset_one_equals_transformers_gemma_rmsnorm(dtype):
+    """Gemma computes x * rstd * (1 + w) in float32 and rounds once, as the reference does: equal bits."""
+    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+
+    x, weight, _ = inputs((5, 48), dtype, seed=7)
+    module = GemmaRMSNorm(48, eps=1e-6).to(dtype)
+    module.weight.data.copy_(weight)
+    assert torch.equal(rms_norm_reference(x, weight, 1e-6, offset=1.0), module(x))
