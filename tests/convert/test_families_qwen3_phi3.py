@@ -344,3 +344,15 @@ def test_phi3_without_tokenizer_model_is_one_line(phi3_longrope_dir, tmp_path):
     (src / "tokenizer.model").unlink()
     out = tmp_path / "o.gguf"
     assert_clean_failure(run_convert(src, out), out, "tokenizer.model is missing")
+
+
+def test_qwen3_without_head_dim_takes_transformers_default(qwen3_dir, tmp_path):
+    """Qwen3Config's head_dim default is 128, not hidden / heads (16 here): the key_length llama.cpp needs."""
+    from transformers import AutoConfig
+
+    src = edited_copy(qwen3_dir, tmp_path / "src", lambda c: c.pop("head_dim"))
+    config = json.loads((src / "config.json").read_text())
+    w = GGUFWriter(None, "qwen3")
+    load_architecture("Qwen3ForCausalLM", config).write_hparams(w, 1)
+    written = {key: field.value for key, field in w.kv_data[0].items()}
+    assert written["qwen3.attention.key_length"] == written["qwen3.attention.value_length"] == AutoConfig.from_pretrained(src).head_dim

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from gguf import GGUFWriter
 
 from mt.convert.arch.base import NameTable
@@ -16,9 +18,16 @@ QWEN3_NAMES = {
 }
 
 
+# Qwen3Config's default (not hidden / heads): the converter reads config.json through transformers, which fills it in
+DEFAULT_HEAD_DIM = 128
+
+
 class Qwen3(Qwen2):
     gguf_arch = "qwen3"
     names = NameTable(QWEN3_NAMES, DROPPED)
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__({**config, "head_dim": config.get("head_dim") or DEFAULT_HEAD_DIM})
 
     def write_hparams(self, w: GGUFWriter, file_type: int) -> None:
         window = self.config.get("sliding_window") if self.config.get("use_sliding_window") else None
