@@ -356,3 +356,25 @@ def test_qwen3_without_head_dim_takes_transformers_default(qwen3_dir, tmp_path):
     load_architecture("Qwen3ForCausalLM", config).write_hparams(w, 1)
     written = {key: field.value for key, field in w.kv_data[0].items()}
     assert written["qwen3.attention.key_length"] == written["qwen3.attention.value_length"] == AutoConfig.from_pretrained(src).head_dim
+
+
+def test_phi3_named_otherwise_warns_and_llama_cpp_keeps_the_newlines(phi3_dir, vocab_llama, tmp_path, caplog):
+    """A Phi-3 whose general.name (here from the folder "tiny") lacks "phi3": llama.cpp no longer strips the
+    newline after <|user|>, <|end|>, <|assistant|>, so mt says so at convert time."""
+    from llama_cpp import Llama
+
+    def name_warnings(src: Path, out: Path) -> list[str]:
+        caplog.clear()
+        convert(src, out, "f16", vocab_only=True)
+        return [r.getMessage() for r in caplog.records if "does not contain 'phi3'" in r.getMessage()]
+
+    caplog.set_level(logging.WARNING)
+    assert name_warnings(phi3_dir, tmp_path / "phi3.gguf") == []
+    out = tmp_path / "v.gguf"
+    assert len(name_warnings(edited_copy(phi3_dir, tmp_path / "tiny", lambda c: None), out)) == 1
+    prompt = b"<s><|user|>\nHi there<|end|>\n<|assistant|>\n"
+    llm = Llama(model_path=str(out), vocab_only=True, verbose=False)
+    try:
+        assert llm.tokenize(prompt, add_bos=False, special=True) != vocab_llama("phi3_dir").tokenize(prompt, add_bos=False, special=True)
+    finally:
+        llm.close()

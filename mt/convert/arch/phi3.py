@@ -3,6 +3,7 @@ llama.cpp's converter keeps them; NeoX rope (no Q/K permutation); longrope writt
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ PHI3_NAMES = {
     "model.layers.{bid}.mlp.down_proj": "blk.{bid}.ffn_down",
 }
 DROPPED = ("model.layers.{bid}.self_attn.rotary_emb.inv_freq",)
+log = logging.getLogger(__name__)
 
 
 # Phi3Config's defaults: llama.cpp's converter reads config.json through transformers, which fills them in.
@@ -127,7 +129,20 @@ class Phi3(Architecture):
         tconfig = _read_json(tconfig_path) if tconfig_path.is_file() else {}
         if tconfig.get("tokenizer_class") == "GPT2Tokenizer":  # Phi-4
             return write_gpt2(folder, self.config, w)
+        warn_if_name_hides_phi3(w)
         return write_phi3_sentencepiece(folder, self.config, tconfig, w)
+
+
+def warn_if_name_hides_phi3(w: GGUFWriter) -> None:
+    """llama.cpp gives Phi-3's special tokens their rstrip only when general.name says phi3 / phi-3."""
+    field = w.kv_data[0].get("general.name")
+    name = str(field.value) if field is not None else ""
+    if not any(marker in name.lower() for marker in ("phi3", "phi-3")):
+        log.warning(
+            "mt: warning: general.name %r does not contain 'phi3' or 'phi-3', so llama.cpp keeps the whitespace after "
+            "Phi-3's special tokens (<|user|>, <|end|>, <|assistant|> ...) that transformers strips, and chat prompts "
+            "tokenize differently; name the folder (or the model card's model_name) with Phi-3 in it", name,
+        )
 
 
 def _load_sentencepiece(path: Path) -> Any:
