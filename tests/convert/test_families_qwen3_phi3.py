@@ -45,10 +45,11 @@ def converter_file(request, tmp_path_factory) -> Converted:
 
 
 @pytest.fixture(scope="module")
-def mt_vocab_file(request, tmp_path_factory) -> Converted:
+def mt_vocab_file(request, tmp_path_factory) -> Callable[[str], Path]:
+    """mt's vocab-only file for a fixture, made once per module."""
     made: dict[str, Path] = {}
 
-    def get(fixture: str, _: str = "") -> Path:
+    def get(fixture: str) -> Path:
         if fixture not in made:
             made[fixture] = tmp_path_factory.mktemp(f"vocab-{fixture}") / "vocab.gguf"
             convert(request.getfixturevalue(fixture), made[fixture], "f16", vocab_only=True)
