@@ -543,3 +543,159 @@ def build_qwen2(
     )
     write_qwen2_tokenizer(dir)
     return _finish(Qwen2ForCausalLM(config), dir, dtype=dtype, shards=shards, seed=seed)
+
+
+# ---------------------------------------------------------------- Qwen3, Phi-3, Mistral with a sliding window
+
+QWEN3_EXTRA_TOKENS: tuple[tuple[str, bool], ...] = (
+    ("<tool_response>", False), ("</tool_response>", False), ("<think>", False), ("</think>", False),
+)
+# Rows of 256 and 512 so that the K-quant mixes pick K types (rows of 64 all fall back), with matrices of
+# std 0.05 (0.1 at width 64) so that activations stay as large as in the narrow models.
+WIDE_HIDDEN = 256
+WIDE_INTERMEDIATE = 512
+WIDE_MATRIX_SCALE = 0.5
+
+
+def _finish_wide(model: PreTrainedModel, dir: Path, *, dtype: torch.dtype, seed: int) -> Path:
+    _init_model(model, seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.ndim >= 2:
+                param.mul_(WIDE_MATRIX_SCALE)
+    _save_model(model, dir, dtype, 1)
+    _hub_style_config(dir)
+    return dir
+
+
+def write_qwen3_tokenizer(dir: Path) -> None:
+    """Qwen3's tokenizer: Qwen2.5's plus <tool_response>, </tool_response>, <think>, </think>, and Qwen3's template."""
+    write_qwen2_tokenizer(dir)
+    tj = json.loads((dir / "tokenizer.json").read_text(encoding="utf-8"))
+    tc = json.loads((dir / "tokenizer_config.json").read_text(encoding="utf-8"))
+    first = max(t["id"] for t in tj["added_tokens"]) + 1
+    added = [AddedToken(first + k, text, special) for k, (text, special) in enumerate(QWEN3_EXTRA_TOKENS)]
+    tj["added_tokens"] += [_added_token_json(t) for t in added]
+    tc["added_tokens_decoder"].update(_added_tokens_decoder(added))
+    tc["chat_template"] = oracle.template("Qwen-Qwen3-0.6B")
+    _write_json(dir / "tokenizer.json", tj)
+    _write_json(dir / "tokenizer_config.json", tc)
+
+
+def build_qwen3(dir: Path, *, dtype: torch.dtype = torch.bfloat16, n_layers: int = 2, seed: int = 0) -> Path:
+    """Qwen3-0.6B-style checkpoint: q_norm/k_norm, no biases, head_dim × heads (128) != hidden (64), tied embeddings."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    dir = Path(dir)
+    dir.mkdir(parents=True, exist_ok=True)
+    config = Qwen3Config(
+        hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=n_layers,
+        num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, head_dim=32, vocab_size=QWEN2_VOCAB,
+        max_position_embeddings=40960, rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=True,
+        use_sliding_window=False, max_window_layers=28, attention_bias=False, initializer_range=INIT_RANGE,
+        bos_token_id=151643, eos_token_id=151645,
+    )
+    write_qwen3_tokenizer(dir)
+    return _finish(Qwen3ForCausalLM(config), dir, dtype=dtype, shards=1, seed=seed)
+
+
+# Phi-3's tokenizer_config: these added tokens have rstrip set (llama.cpp sets the same by the model's name).
+PHI3_ADDED: tuple[tuple[int, str, bool, bool], ...] = (  # id, content, special, rstrip
+    (0, "<unk>", True, False), (1, "<s>", True, False), (2, "</s>", False, True),
+    (32000, "<|endoftext|>", True, False), (32001, "<|assistant|>", True, True),
+    (32002, "<|placeholder1|>", True, True), (32003, "<|placeholder2|>", True, True),
+    (32004, "<|placeholder3|>", True, True), (32005, "<|placeholder4|>", True, True),
+    (32006, "<|system|>", True, True), (32007, "<|end|>", True, True),
+    (32008, "<|placeholder5|>", True, True), (32009, "<|placeholder6|>", True, True), (32010, "<|user|>", True, True),
+)
+PHI3_VOCAB = 32064
+
+
+def _phi3_added_json(tid: int, content: str, special: bool, rstrip: bool) -> dict[str, Any]:
+    return {**_added_token_json(AddedToken(tid, content, special)), "rstrip": rstrip}
+
+
+def write_phi3_tokenizer(dir: Path) -> None:
+    """Phi-3-mini's tokenizer: Llama-2's tokenizer.model plus <|endoftext|>, <|user|>, <|end|> … (ids 32000-32010)."""
+    vocab = read_gguf_vocab("llama-spm")
+    phi3 = read_gguf_fields(oracle.vocab_gguf("phi-3"))
+    model_file = dir / "tokenizer.model"
+    model_file.write_bytes(_sp_model_proto(vocab).SerializeToString())
+    check_sentencepiece(model_file)
+    tj = _llama2_tokenizer_json(vocab, [])
+    tj["added_tokens"] = [_phi3_added_json(*t) for t in PHI3_ADDED]
+    _write_json(dir / "tokenizer.json", tj)
+    decoder = {str(t[0]): {k: v for k, v in _phi3_added_json(*t).items() if k != "id"} for t in PHI3_ADDED}
+    _write_json(dir / "tokenizer_config.json", {
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "added_tokens_decoder": decoder,
+        "bos_token": "<s>",
+        "chat_template": phi3["tokenizer.chat_template"],
+        "clean_up_tokenization_spaces": False,
+        "eos_token": "<|endoftext|>",
+        "legacy": False,
+        "model_max_length": 4096,
+        "pad_token": "<|endoftext|>",
+        "padding_side": "left",
+        "sp_model_kwargs": {},
+        "tokenizer_class": "LlamaTokenizer",
+        "unk_token": "<unk>",
+        "use_default_system_prompt": False,
+    })
+    _write_json(dir / "special_tokens_map.json", {
+        "bos_token": "<s>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "unk_token": "<unk>",
+    })
+
+
+def longrope_factors(n: int) -> dict[str, list[float]]:
+    """Long/short factors shaped like Phi-3-mini-128k's (short from 1 to ~3, long from 1 to tens)."""
+    return {
+        "long_factor": [round(1.0 + 0.9 * k * k / n, 4) for k in range(n)],
+        "short_factor": [round(1.0 + 2.0 * k * k / (n * n), 4) for k in range(n)],
+    }
+
+
+def build_phi3(
+    dir: Path,
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    n_layers: int = 2,
+    seed: int = 0,
+    longrope: bool = False,
+) -> Path:
+    """Phi-3-mini-4k-style checkpoint (fused qkv_proj and gate_up_proj, sliding_window 2047 in a 4096 context);
+    `longrope`: Phi-3-mini-128k-style rope_scaling (long/short factors, original context 1024 of 4096 here)."""
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    dir = Path(dir)
+    dir.mkdir(parents=True, exist_ok=True)
+    head_dim = WIDE_HIDDEN // HEADS
+    rope = {"type": "longrope", **longrope_factors(head_dim // 2)} if longrope else None
+    config = Phi3Config(
+        hidden_size=WIDE_HIDDEN, intermediate_size=WIDE_INTERMEDIATE, num_hidden_layers=n_layers,
+        num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, vocab_size=PHI3_VOCAB,
+        max_position_embeddings=4096, original_max_position_embeddings=1024 if longrope else 4096,
+        rope_theta=10000.0, rope_scaling=rope, sliding_window=262144 if longrope else 2047, rms_norm_eps=1e-5,
+        tie_word_embeddings=False, initializer_range=INIT_RANGE, bos_token_id=1, eos_token_id=32000, pad_token_id=32000,
+    )
+    write_phi3_tokenizer(dir)
+    _finish_wide(Phi3ForCausalLM(config), dir, dtype=dtype, seed=seed)
+    if longrope:  # as Phi-3-mini-128k's config.json spells it
+        path = dir / "config.json"
+        cfg = json.loads(path.read_text())
+        cfg["rope_scaling"] = {"type": "longrope", **longrope_factors(head_dim // 2)}
+        _write_json(path, cfg)
+    return dir
+
+
+def build_mistral_sliding(dir: Path, *, sliding_window: int, dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> Path:
+    """Mistral-7B-v0.1-style checkpoint whose sliding window (`sliding_window`) is shorter than its context (2048)."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    dir = Path(dir)
+    dir.mkdir(parents=True, exist_ok=True)
+    config = MistralConfig(**_common_dims(2), vocab_size=LLAMA2_VOCAB, rms_norm_eps=1e-5, rope_theta=10000.0,
+                           sliding_window=sliding_window, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    write_llama2_tokenizer(dir)
+    return _finish(MistralForCausalLM(config), dir, dtype=dtype, shards=1, seed=seed)

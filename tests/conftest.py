@@ -51,3 +51,25 @@ def llama3_f32_untied_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def llama2_256_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Rows of 256 and 512 (K-quant super-blocks fit), 8 layers so the attn_v/ffn_down layer rules vary."""
     return checkpoints.build_llama2_spm(tmp_path_factory.mktemp("llama2_256"), hidden_size=256, intermediate_size=512, n_layers=8)
+
+
+@pytest.fixture(scope="session")
+def qwen3_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return checkpoints.build_qwen3(tmp_path_factory.mktemp("qwen3"))
+
+
+@pytest.fixture(scope="session")
+def phi3_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Phi-3-mini-4k-style; the folder's name holds "phi3", which llama.cpp reads to set Phi-3's token attributes."""
+    return checkpoints.build_phi3(tmp_path_factory.mktemp("phi3"))
+
+
+@pytest.fixture(scope="session")
+def phi3_longrope_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return checkpoints.build_phi3(tmp_path_factory.mktemp("phi3_longrope"), longrope=True)
+
+
+@pytest.fixture(scope="session")
+def mistral_swa_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Mistral with a 32-token sliding window in a 2048-token context."""
+    return checkpoints.build_mistral_sliding(tmp_path_factory.mktemp("mistral_swa"), sliding_window=32)

@@ -40,6 +40,7 @@ def prepare_writer(ckpt: Checkpoint, arch: Architecture, plan: TensorPlan, vocab
     if not vocab_only:
         for e in plan.entries:
             w.add_tensor_info(e.name, e.shape, _INFO_DTYPE, e.nbytes, raw_dtype=e.qtype)
+        arch.write_tensor_pass_keys(w)
     w.add_type(gguf.GGUFType.MODEL)
     write_general_metadata(w, ckpt.folder)
     arch.write_hparams(w, int(LlamaFileType.ALL_F32 if plan.llama_quantize_layout else plan.file_type))

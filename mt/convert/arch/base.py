@@ -83,6 +83,10 @@ class Architecture:
     def extra_tensors(self) -> list[ExtraTensor]:
         return []
 
+    def write_tensor_pass_keys(self, w: GGUFWriter) -> None:
+        """Keys llama.cpp's converter adds while it generates the tensors, i.e. before general.type and the
+        hyperparameters (and not in a vocab-only file)."""
+
     vocab_loaders: ClassVar[tuple[str, ...]] = ("gpt2",)
 
     def write_vocab(self, folder: Path, w: GGUFWriter) -> VocabSummary:

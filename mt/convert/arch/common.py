@@ -96,3 +96,14 @@ def write_text_hparams(w: GGUFWriter, config: dict[str, Any], block_count: int, 
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
     w.add_file_type(file_type)
+
+
+def warn_if_window_ignored(config: dict[str, Any], window: int | None, family: str) -> None:
+    """llama.cpp runs `family` with full attention; say so when the checkpoint's sliding window is shorter than its context."""
+    context = find_key(config, ("max_position_embeddings", "n_ctx", "n_positions"))
+    if window is None or context is None or window <= 0 or window >= context:
+        return
+    log.warning(
+        "mt: warning: %s uses a sliding window of %d tokens but llama.cpp attends the full context; prompts longer "
+        "than %d tokens (of the %d it accepts) compute something else than transformers", family, window, window, context
+    )

@@ -1,10 +1,16 @@
-"""Mistral: the Llama layout; llama.cpp writes it as `llama` (sliding window is not stored)."""
+"""Mistral: the Llama layout; llama.cpp's converter writes it as `llama`, which has no sliding-window attention
+(`sliding_window` is not stored, and llama.cpp attends the full context)."""
 
+from gguf import GGUFWriter
+
+from mt.convert.arch.common import warn_if_window_ignored
 from mt.convert.arch.llama import Llama
 
 
 class Mistral(Llama):
-    pass
+    def write_hparams(self, w: GGUFWriter, file_type: int) -> None:
+        warn_if_window_ignored(self.config, self.config.get("sliding_window"), "Mistral")
+        super().write_hparams(w, file_type)
 
 
 ARCH = Mistral
