@@ -12,6 +12,8 @@ MODULES: dict[str, str] = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
+    "TadaForCausalLM": "tada",
+    "Decoder": "tada_codec",  # HumeAI/tada-codec's decoder subfolder (save_pretrained names its class, Decoder)
 }
 
 
