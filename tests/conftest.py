@@ -51,3 +51,15 @@ def llama3_f32_untied_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def llama2_256_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Rows of 256 and 512 (K-quant super-blocks fit), 8 layers so the attn_v/ffn_down layer rules vary."""
     return checkpoints.build_llama2_spm(tmp_path_factory.mktemp("llama2_256"), hidden_size=256, intermediate_size=512, n_layers=8)
+
+
+@pytest.fixture(scope="session")
+def tada_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tiny TadaForCausalLM (float32): Llama-3 backbone + TADA's acoustic modules (issue #6)."""
+    return checkpoints.build_tada(tmp_path_factory.mktemp("tada") / "tada-tiny")
+
+
+@pytest.fixture(scope="session")
+def tada_codec_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tiny tada-codec `decoder` folder with weight-norm parametrized convolutions."""
+    return checkpoints.build_tada_codec_decoder(tmp_path_factory.mktemp("tada_codec") / "decoder")
