@@ -55,11 +55,24 @@ def twin(tada_dir, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def q4_outputs(tada_dir, tmp_path_factory) -> tuple[Path, Path]:
-    out = tmp_path_factory.mktemp("q4") / "tada.gguf"
-    result = convert(tada_dir, out, "q4_k_m")
-    assert [c.path for c in result.companions] == [out.with_name("tada-acoustic.gguf")]
-    return out, out.with_name("tada-acoustic.gguf")
+def converted(tada_dir, tmp_path_factory):
+    """outtype -> (backbone GGUF, acoustic GGUF) of tada_dir, each converted once."""
+    made: dict[str, tuple[Path, Path]] = {}
+
+    def get(outtype: str) -> tuple[Path, Path]:
+        if outtype not in made:
+            out = tmp_path_factory.mktemp(outtype) / "tada.gguf"
+            result = convert(tada_dir, out, outtype)
+            assert [c.path for c in result.companions] == [out.with_name("tada-acoustic.gguf")]
+            made[outtype] = out, out.with_name("tada-acoustic.gguf")
+        return made[outtype]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def q4_outputs(converted) -> tuple[Path, Path]:
+    return converted("q4_k_m")
 
 
 # ---------------------------------------------------------------- the backbone
@@ -72,9 +85,8 @@ def test_backbone_q4_k_m_is_llama_cpp_converter_then_llama_quantize_of_the_plain
     assert q4_outputs[0].read_bytes() == ref.read_bytes()
 
 
-def test_backbone_logits_match_transformers_llama(twin, tada_dir, tmp_path):
-    out = tmp_path / "tada-f16.gguf"
-    convert(tada_dir, out, "f16")
+def test_backbone_logits_match_transformers_llama(twin, tada_dir, converted):
+    out, _ = converted("f16")
     from transformers import AutoTokenizer
 
     ids = AutoTokenizer.from_pretrained(tada_dir)(CORPUS["en"] + " " + CORPUS["de"])["input_ids"][:40]
@@ -146,10 +158,8 @@ def test_acoustic_metadata_is_the_tada_config(q4_outputs, tada_dir):
 
 
 @pytest.mark.parametrize("outtype", ["f32", "f16"])
-def test_head_on_tensors_read_back_matches_original(tada_dir, tmp_path, outtype):
-    out = tmp_path / "t.gguf"
-    convert(tada_dir, out, outtype)
-    tensors, _ = read_companion(tmp_path / "t-acoustic.gguf")
+def test_head_on_tensors_read_back_matches_original(tada_dir, converted, outtype):
+    tensors, _ = read_companion(converted(outtype)[1])
     config = json.loads((tada_dir / "config.json").read_text())
     original = checkpoints.tada_acoustic_module(tada_dir)
     got = run_reference(module_from_gguf(config, tensors), config)
