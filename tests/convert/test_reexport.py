@@ -90,3 +90,11 @@ def test_f16_overflow_is_named(tmp_path):
     result = reexport(src, tmp_path / "out", "f16")
     assert result.exit_code == 1 and "big.weight" in result.output and "bf16" in result.output, result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_non_float_tensors_are_refused_naming_one(tada_codec_dir, tmp_path):
+    result = reexport(tada_codec_dir, tmp_path / "out", "f16")
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 1 and len(lines) == 1, result.output
+    assert "_precomputed_mask" in lines[0] and "BOOL" in lines[0]
+    assert not (tmp_path / "out").exists()

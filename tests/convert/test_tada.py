@@ -215,9 +215,12 @@ def test_existing_companion_is_refused_before_anything_is_written(tada_dir, tmp_
     assert_one_line_error(result, "m-acoustic.gguf exists", "--force")
     assert not (tmp_path / "m.gguf").exists()
     assert (tmp_path / "m-acoustic.gguf").read_bytes() == b"keep"
-    result = run_cli(tada_dir, tmp_path / "m.gguf", "--force")
+    result = run_cli(tada_dir, tmp_path / "m.gguf", "--force", "--json")
     assert result.exit_code == 0, result.output
     assert (tmp_path / "m-acoustic.gguf").read_bytes()[:4] == b"GGUF"
+    (companion,) = json.loads(result.output)["companions"]
+    assert companion["output"] == str(tmp_path / "m-acoustic.gguf") and companion["arch"] == "tada"
+    assert companion["bytes"] == (tmp_path / "m-acoustic.gguf").stat().st_size
 
 
 def test_failing_companion_leaves_neither_file(tada_dir, tmp_path, monkeypatch):
@@ -275,3 +278,13 @@ def test_dry_run_lists_the_companion(tada_dir):
     assert companion["suffix"] == "-acoustic" and companion["arch"] == "tada"
     assert {t["type"] for t in companion["tensors"]} == {"F16", "F32"}
     assert "prediction_head.final_layer.linear.weight" in {t["name"] for t in companion["tensors"]}
+
+
+def test_companion_names_over_the_gguf_limit_are_refused():
+    from mt.convert.arch.base import Companion, NameTable
+    from mt.errors import MtError
+
+    long_stem = "prediction_head." + "x" * 60
+    companion = Companion("-a", ("prediction_head.",), "tada", NameTable({long_stem: long_stem}), lambda w, c: None)
+    with pytest.raises(MtError, match="63 bytes"):
+        companion.tensor_name(long_stem + ".weight")

@@ -117,3 +117,14 @@ def test_config_that_disagrees_with_the_tensors_is_refused(tada_codec_dir, tmp_p
     (src / "config.json").write_text(json.dumps(config))
     result = CliRunner().invoke(main, ["convert", str(src), "-o", str(tmp_path / "c.gguf")])
     assert result.exit_code == 1 and "hidden_dim" in result.output, result.output
+
+
+def test_norm_that_does_not_fit_its_direction_is_refused(tada_codec_dir, tmp_path):
+    src = Path(shutil.copytree(tada_codec_dir, tmp_path / "decoder"))
+    state = load_file(str(src / "model.safetensors"))
+    name = f"wav_decoder.model.0{WN}0"
+    state[name] = torch.ones(state[name].shape[0], 2, 1)
+    save_file(state, str(src / "model.safetensors"), metadata={"format": "pt"})
+    result = CliRunner().invoke(main, ["convert", str(src), "-o", str(tmp_path / "c.gguf")])
+    assert result.exit_code == 1 and name in result.output and "dim=0" in result.output, result.output
+    assert not (tmp_path / "c.gguf").exists()
