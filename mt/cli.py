@@ -53,8 +53,11 @@ def main() -> None:
 
 @main.command()
 @click.argument("src", type=click.Path(path_type=Path))
-@click.option("-o", "--output", "out", type=click.Path(path_type=Path), help="GGUF file to write.")
+@click.option("-o", "--output", "out", type=click.Path(path_type=Path),
+              help="GGUF file to write (with --format safetensors: the folder).")
 @click.option("--outtype", type=click.Choice(OUTTYPE_CHOICES), default="auto", show_default=True)
+@click.option("--format", "out_format", type=click.Choice(["gguf", "safetensors"]), default="gguf", show_default=True,
+              help="safetensors: re-export the checkpoint as a Hugging Face folder, every tensor cast to --outtype bf16/f16/f32.")
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
 @click.option("--vocab-only", is_flag=True, help="Write only the tokenizer and metadata.")
 @click.option("--dry-run", is_flag=True, help="Print the tensor plan without reading tensor data.")
@@ -66,14 +69,21 @@ def main() -> None:
 @DEVICE_OPTION
 @click.option("--quiet", is_flag=True, help="No progress bar or summary.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def convert(src: Path, out: Path | None, outtype: str, force: bool, vocab_only: bool, dry_run: bool,
+def convert(src: Path, out: Path | None, outtype: str, out_format: str, force: bool, vocab_only: bool, dry_run: bool,
             allow_pickle: bool, adapter: Path | None, dequantized_base: bool, threads: int | None, device: str,
             quiet: bool, as_json: bool) -> None:
-    """Convert the checkpoint folder SRC to a GGUF file."""
-    from mt.commands import convert_command
+    """Convert the checkpoint folder SRC to a GGUF file (or, with --format safetensors, a smaller safetensors folder)."""
+    from mt.commands import convert_command, reexport_command
 
     if out is None and not dry_run:
         raise click.UsageError("-o/--output is required (unless --dry-run)")
+    if out_format == "safetensors":
+        if vocab_only or dry_run:
+            raise click.UsageError("--vocab-only and --dry-run apply to GGUF output only")
+        assert out is not None
+        run_reporting_errors(lambda: reexport_command(src, out, outtype, force=force, allow_pickle=allow_pickle, quiet=quiet,
+                                                      as_json=as_json, adapter=adapter, dequantized_base=dequantized_base))
+        return
     run_reporting_errors(lambda: convert_command(src, out, outtype, force=force, vocab_only=vocab_only, dry_run=dry_run,
                                                  allow_pickle=allow_pickle, threads=threads, device=device, quiet=quiet,
                                                  as_json=as_json, adapter=adapter, dequantized_base=dequantized_base))

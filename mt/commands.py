@@ -13,7 +13,7 @@ import click
 
 from mt.convert.convert import convert, load
 from mt.errors import MtError
-from mt.convert.plan import TensorPlan
+from mt.convert.plan import TensorPlan, companion_plans
 from mt.quant.types import set_threads
 
 
@@ -50,12 +50,19 @@ def convert_command(src: Path, out: Path | None, outtype: str, *, force: bool, v
         set_threads(threads)
     if dry_run:
         with ExitStack() as stack:
-            _, arch, plan = load(src, outtype, allow_pickle, adapter, dequantized_base, stack)
+            ckpt, arch, plan = load(src, outtype, allow_pickle, adapter, dequantized_base, stack)
+            companions = companion_plans(ckpt, arch, outtype)
         if as_json:
             click.echo(json.dumps({"arch": arch.gguf_arch, "file_type": plan.file_type.name,
-                                   "tensor_bytes": plan.nbytes, "tensors": plan_rows(plan)}, indent=2))
+                                   "tensor_bytes": plan.nbytes, "tensors": plan_rows(plan),
+                                   "companions": [{"suffix": c.suffix, "arch": c.gguf_arch, "file_type": p.file_type.name,
+                                                   "tensor_bytes": p.nbytes, "tensors": plan_rows(p)} for c, p in companions]},
+                              indent=2))
         else:
             print_plan(plan)
+            for companion, companion_plan in companions:
+                click.echo(f"companion {'<output stem>' + companion.suffix}.gguf ({companion.gguf_arch}):")
+                print_plan(companion_plan)
         return
     assert out is not None
     show_bar = not quiet and not as_json and sys.stderr.isatty()
@@ -72,12 +79,37 @@ def convert_command(src: Path, out: Path | None, outtype: str, *, force: bool, v
     summary = {"output": str(result.output), "arch": result.arch, "file_type": result.plan.file_type.name,
                "tensors": 0 if vocab_only else len(result.plan.entries), "bytes": result.output.stat().st_size,
                "seconds": round(elapsed, 3), "tokenizer": result.vocab.model if result.vocab else None,
-               "pre_tokenizer": result.vocab.pre if result.vocab else None}
+               "pre_tokenizer": result.vocab.pre if result.vocab else None,
+               "companions": [{"output": str(c.path), "arch": c.companion.gguf_arch, "tensors": len(c.plan.entries),
+                               "bytes": c.path.stat().st_size} for c in result.companions]}
     if as_json:
         click.echo(json.dumps(summary))
     elif not quiet:
         click.echo(f"wrote {summary['output']}: {summary['arch']} {summary['file_type']}, {summary['tensors']} tensors, "
                    f"{format_bytes(summary['bytes'])} in {elapsed:.1f} s (tokenizer {summary['tokenizer']}/{summary['pre_tokenizer']})")
+        for c in summary["companions"]:
+            click.echo(f"wrote {c['output']}: {c['arch']}, {c['tensors']} tensors, {format_bytes(c['bytes'])}")
+
+
+def reexport_command(src: Path, out: Path, outtype: str, *, force: bool, allow_pickle: bool, quiet: bool, as_json: bool,
+                     adapter: Path | None = None, dequantized_base: bool = False) -> None:
+    from mt.convert.reexport import reexport
+
+    bar = ProgressBar() if not quiet and not as_json and sys.stderr.isatty() else None
+    start = time.perf_counter()
+    try:
+        result = reexport(src, out, outtype, force=force, allow_pickle=allow_pickle, adapter=adapter,
+                          dequantized_base=dequantized_base, progress=bar.update if bar else None)
+    finally:
+        if bar:
+            bar.close()
+    elapsed = time.perf_counter() - start
+    if as_json:
+        click.echo(json.dumps({"output": str(out), "dtype": result.dtype, "tensors": result.tensors, "bytes": result.nbytes,
+                               "shards": result.shards, "seconds": round(elapsed, 3)}))
+    elif not quiet:
+        click.echo(f"wrote {out}: {result.tensors} tensors as {result.dtype}, {format_bytes(result.nbytes)} in "
+                   f"{result.shards} shard(s), {elapsed:.1f} s")
 
 
 def convert_lora_command(adapter: Path, base: Path, out: Path, outtype: str, *, force: bool, quiet: bool,

@@ -34,6 +34,10 @@ class UnknownTensor(MtError):
     """A checkpoint tensor that the architecture's name table does not cover."""
 
 
+class MissingTensor(CheckpointError):
+    """A tensor the model needs (e.g. one half of a weight-norm pair) is not in the checkpoint."""
+
+
 class TokenizerError(MtError):
     """The tokenizer files are missing or not understood."""
 

@@ -699,3 +699,80 @@ def build_mistral_sliding(dir: Path, *, sliding_window: int, dtype: torch.dtype 
                            sliding_window=sliding_window, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
     write_llama2_tokenizer(dir)
     return _finish(MistralForCausalLM(config), dir, dtype=dtype, shards=1, seed=seed)
+
+
+# ---------------------------------------------------------------- Hume's TADA (issue #6)
+
+TADA_DIMS = {"acoustic_dim": 16, "num_time_classes": 64, "head_layers": 2, "head_ffn_ratio": 3.0}
+TADA_EXTRA_CONFIG = {  # TadaConfig's other keys, with HumeAI's defaults
+    "shift_acoustic": 5, "context_window": 8, "acoustic_mean": 0.0, "acoustic_std": 1.5, "latent_dropout": 0.0,
+    "add_semantic_to_condition": 0.0, "acoustic_from_nth_hidden_state": -1, "dist_type": "fixed",
+    "diffusion_head_type": "vibevoice", "tokenizer_name": "meta-llama/Llama-3.2-1B",
+}
+TADA_CODEC_DIMS = {"embed_dim": 16, "hidden_dim": 32, "num_attn_layers": 2, "num_attn_heads": 4,
+                   "attn_dim_feedforward": 64, "wav_decoder_channels": 64, "strides": [2, 3, 2, 2]}
+
+
+def _random_params(module: torch.nn.Module, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, param in sorted(module.named_parameters()):
+            param.copy_(INIT_RANGE * torch.randn(param.shape, generator=gen))
+
+
+def _save_state(state: dict[str, torch.Tensor], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path), metadata={"format": "pt"})
+
+
+def build_tada(dir: Path, *, dtype: torch.dtype = torch.float32, bottleneck_dim: int | None = None, seed: int = 0) -> Path:
+    """A tiny TadaForCausalLM: the Llama-3 backbone of build_llama3 plus TADA's acoustic modules, with the real
+    tensor names and config keys (HumeAI tada/modules/tada.py)."""
+    from tests.tada_reference import TadaAcoustic
+
+    dir = build_llama3(dir, dtype=dtype, seed=seed)
+    config = json.loads((dir / "config.json").read_text())
+    acoustic = TadaAcoustic(HIDDEN, bottleneck_dim=bottleneck_dim, **TADA_DIMS)
+    _random_params(acoustic, seed + 1)
+    from safetensors.torch import load_file
+
+    state = load_file(str(dir / "model.safetensors"))
+    state.update({k: v.to(dtype) for k, v in acoustic.state_dict().items()})
+    _save_state(state, dir / "model.safetensors")
+    config.update(TADA_DIMS, **TADA_EXTRA_CONFIG, bottleneck_dim=bottleneck_dim, architectures=["TadaForCausalLM"])
+    _write_json(dir / "config.json", dict(sorted(config.items())))
+    return dir
+
+
+def tada_acoustic_module(dir: Path) -> "torch.nn.Module":
+    """The reference acoustic modules of a build_tada checkpoint, loaded with its tensors (as float32)."""
+    from safetensors.torch import load_file
+
+    from tests.tada_reference import TadaAcoustic
+
+    config = json.loads((dir / "config.json").read_text())
+    module = TadaAcoustic(config["hidden_size"], config["acoustic_dim"], config["num_time_classes"], config["head_layers"],
+                          config["head_ffn_ratio"], config.get("bottleneck_dim"))
+    state = {k: v.float() for k, v in load_file(str(dir / "model.safetensors")).items() if k in module.state_dict()}
+    module.load_state_dict(state, strict=True)
+    return module.eval()
+
+
+def build_tada_codec_decoder(dir: Path, *, dtype: torch.dtype = torch.float32, max_seq_len: int = 16, seed: int = 0) -> Path:
+    """A tiny HumeAI/tada-codec `decoder` folder: weight-norm parametrized convolutions (original0/original1),
+    Snake alphas, the rope_freqs and _precomputed_mask buffers, config.json as save_pretrained writes it."""
+    from tests.tada_reference import CodecDecoder
+
+    dir = Path(dir)
+    dir.mkdir(parents=True, exist_ok=True)
+    d = TADA_CODEC_DIMS
+    module = CodecDecoder(d["embed_dim"], d["hidden_dim"], d["num_attn_layers"], d["num_attn_heads"],
+                          d["attn_dim_feedforward"], d["wav_decoder_channels"], d["strides"], max_seq_len)
+    _random_params(module, seed)
+    state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in module.state_dict().items()}
+    _save_state(state, dir / "model.safetensors")
+    _write_json(dir / "config.json", {"architectures": ["Decoder"], "model_type": "", "torch_dtype": str(dtype).split(".")[1],
+                                      "transformers_version": "4.57.1", **d, "block_attention": "v2",
+                                      "attn_dropout": 0.1, "use_flash_attn": True})
+    return dir

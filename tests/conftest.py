@@ -73,3 +73,15 @@ def phi3_longrope_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def mistral_swa_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Mistral with a 32-token sliding window in a 2048-token context."""
     return checkpoints.build_mistral_sliding(tmp_path_factory.mktemp("mistral_swa"), sliding_window=32)
+
+
+@pytest.fixture(scope="session")
+def tada_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tiny TadaForCausalLM (float32): Llama-3 backbone + TADA's acoustic modules (issue #6)."""
+    return checkpoints.build_tada(tmp_path_factory.mktemp("tada") / "tada-tiny")
+
+
+@pytest.fixture(scope="session")
+def tada_codec_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tiny tada-codec `decoder` folder with weight-norm parametrized convolutions."""
+    return checkpoints.build_tada_codec_decoder(tmp_path_factory.mktemp("tada_codec") / "decoder")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -12,17 +12,28 @@ import numpy as np
 from gguf import GGUFWriter, LlamaFileType
 
 from mt.convert.arch import load_architecture
-from mt.convert.arch.base import Architecture
+from mt.convert.arch.base import Architecture, Companion
 from mt.convert.checkpoint import Checkpoint, open_checkpoint
-from mt.convert.plan import Prefetcher, TensorPlan, build_plan, by_entry, start_producing
+from mt.convert.plan import Prefetcher, TensorPlan, build_plan, by_entry, companion_plans, start_producing
 from mt.convert.special import read_tokenizer_json
 from mt.convert.vocab import VocabSummary
 from mt.io.safetensors import FileSpan
-from mt.gguf_out import FastArrayGGUFWriter, TensorStream, atomic_path, check_output
+from mt.errors import MtError
+from mt.gguf_out import FastArrayGGUFWriter, TensorStream, check_output
+from mt.io.atomic import atomic_paths
 from mt.quant.device import GPU_TYPES, select_device
 from mt.quant.quantize import put_quantization_keys_last
 
 Progress = Callable[[int, int], None]  # (bytes just written, total bytes)
+
+
+@dataclass
+class CompanionOutput:
+    """A companion GGUF of this conversion: where it goes and what it holds."""
+
+    companion: Companion
+    path: Path
+    plan: TensorPlan
 
 
 @dataclass
@@ -32,6 +43,7 @@ class ConvertResult:
     arch: str
     vocab: VocabSummary | None
     nbytes_written: int
+    companions: list[CompanionOutput] = field(default_factory=list)
 
 
 def prepare_writer(ckpt: Checkpoint, arch: Architecture, plan: TensorPlan, vocab_only: bool) -> tuple[GGUFWriter, VocabSummary]:
@@ -67,13 +79,16 @@ def write_general_metadata(w: GGUFWriter, folder: Path, fallback_name: str | Non
 _INFO_DTYPE = np.dtype(np.float32)  # gguf-py ignores it when raw_dtype is given
 
 
-def _write_tensors(w: GGUFWriter, plan: TensorPlan, producer: Prefetcher, progress: Progress | None) -> int:
+def _write_tensors(w: GGUFWriter, plan: TensorPlan, producer: Prefetcher, progress: Progress | None,
+                   total: int | None = None) -> int:
+    """`total`: the bytes of every file this conversion writes, for the progress bar (default: this plan's)."""
     w.write_ti_data_to_file()
     stream = TensorStream(w)
     written = 0
+    total = plan.nbytes if total is None else total
     for entry, chunks in by_entry(plan, producer):
         if progress is not None:
-            chunks = _reporting(chunks, lambda n: progress(n, plan.nbytes))
+            chunks = _reporting(chunks, lambda n: progress(n, total))
         written += stream.write_tensor(chunks, entry.nbytes)
     stream.finish()
     return written
@@ -119,26 +134,59 @@ def convert(
 ) -> ConvertResult:
     with ExitStack() as stack:
         ckpt, arch, plan = load(src, outtype, allow_pickle, adapter, dequantized_base, stack)
-        check_output(out, force)
-        return _convert(ckpt, arch, plan, out, vocab_only, progress, device)
+        companions = [] if vocab_only else companion_outputs(ckpt, arch, out, outtype)
+        for path in [out, *(c.path for c in companions)]:
+            check_output(path, force)
+        return _convert(ckpt, arch, plan, out, vocab_only, progress, device, companions)
+
+
+def companion_outputs(ckpt: Checkpoint, arch: Architecture, out: Path, outtype: str) -> list[CompanionOutput]:
+    outputs = [CompanionOutput(c, c.path_beside(out), plan) for c, plan in companion_plans(ckpt, arch, outtype)]
+    if any(c.path.resolve() == out.resolve() for c in outputs):
+        raise MtError(f"{out} is also the name of its companion file", "give the output another name, e.g. model.gguf")
+    return outputs
 
 
 def _convert(ckpt: Checkpoint, arch: Architecture, plan: TensorPlan, out: Path, vocab_only: bool,
-             progress: Progress | None, device: str) -> ConvertResult:
+             progress: Progress | None, device: str, companions: list[CompanionOutput] | None = None) -> ConvertResult:
+    companions = companions or []
     gpu = select_device(device) if not vocab_only and (device == "cuda" or _plan_uses_gpu_types(plan)) else None
     producer = None if vocab_only else start_producing(plan, ckpt.config, gpu=gpu)
+    total = plan.nbytes + sum(c.plan.nbytes for c in companions)
     written = 0
     try:
         w, vocab = prepare_writer(ckpt, arch, plan, vocab_only)
-        with atomic_path(out) as tmp:
+        with atomic_paths([out, *(c.path for c in companions)]) as (tmp, *companion_tmps):
             try:
                 w.write_header_to_file(path=tmp)
                 w.write_kv_data_to_file()
                 if producer is not None:
-                    written = _write_tensors(w, plan, producer, progress)
+                    written = _write_tensors(w, plan, producer, progress, total)
             finally:
                 w.close()
+            for c, companion_tmp in zip(companions, companion_tmps):
+                written += write_companion(ckpt, c, companion_tmp, progress, total)
     finally:
         if producer is not None:
             producer.close()
-    return ConvertResult(out, plan, arch.gguf_arch, vocab, written)
+    return ConvertResult(out, plan, arch.gguf_arch, vocab, written, companions)
+
+
+def write_companion(ckpt: Checkpoint, output: CompanionOutput, path: Path, progress: Progress | None, total: int) -> int:
+    """The companion GGUF: general metadata, the family's own keys under its arch name, its tensors."""
+    plan = output.plan
+    w = FastArrayGGUFWriter(path=None, arch=output.companion.gguf_arch)
+    for e in plan.entries:
+        w.add_tensor_info(e.name, e.shape, _INFO_DTYPE, e.nbytes, raw_dtype=e.qtype)
+    w.add_type(gguf.GGUFType.MODEL)
+    write_general_metadata(w, ckpt.folder)
+    w.add_file_type(int(plan.file_type))
+    output.companion.write_metadata(w, ckpt.config)
+    producer = start_producing(plan, ckpt.config)
+    try:
+        w.write_header_to_file(path=path)
+        w.write_kv_data_to_file()
+        return _write_tensors(w, plan, producer, progress, total)
+    finally:
+        producer.close()
+        w.close()

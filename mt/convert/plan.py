@@ -11,7 +11,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 from gguf import LlamaFileType
 
-from mt.convert.arch.base import Architecture, ExtraTensor, Transform
+from mt.convert.arch.base import Architecture, Companion, ExtraTensor, Transform
 from mt.convert.checkpoint import Checkpoint, LazyTensor
 from mt.errors import MtError
 from mt.io.safetensors import FileSpan
@@ -82,6 +82,7 @@ def resolve_outtype(outtype: str, ckpt: Checkpoint) -> tuple[LlamaFileType, T]:
 
 def build_plan(ckpt: Checkpoint, arch: Architecture, outtype: str) -> TensorPlan:
     """The converter's plan, or for a llama.cpp mix the plan llama-quantize makes from the F32 file."""
+    outtype = arch.check_outtype(outtype)
     if outtype in MIXES and outtype not in OUTTYPES:
         return mix_plan(_converter_plan(ckpt, arch, "f32"), MIXES[outtype], arch.block_count(), arch.gguf_arch)
     return _converter_plan(ckpt, arch, outtype)
@@ -108,17 +109,39 @@ def tensor_type(name: str, shape: tuple[int, ...], file_qtype: T) -> T:
 def _converter_plan(ckpt: Checkpoint, arch: Architecture, outtype: str) -> TensorPlan:
     file_type, file_qtype = resolve_outtype(outtype, ckpt)
     entries = [PlanEntry(x.name, x.shape, tensor_type(x.name, x.shape, file_qtype), extra=x) for x in arch.extra_tensors()]
-    for hf_name, ref in ckpt.tensors.items():
+    for hf_name, ref in arch.source_tensors(ckpt.tensors).items():
         if hf_name.endswith((".attention.masked_bias", ".attention.bias", ".rotary_emb.inv_freq")):
             continue
-        if arch.names.is_dropped(hf_name):
+        if arch.names.is_dropped(hf_name) or any(c.takes(hf_name) for c in arch.companions):
             continue
-        if ref.dtype not in ("F32", "F16", "BF16"):
-            raise MtError(f"tensor {hf_name!r} has dtype {ref.dtype}", "mt converts float checkpoints (F32/F16/BF16)")
+        _check_float(hf_name, ref)
         name = arch.names.map(hf_name)
         qtype = tensor_type(name, ref.shape, file_qtype)
         entries.append(PlanEntry(name, ref.shape, qtype, source=ref, transform=arch.transform_for(name)))
     return TensorPlan(file_type, entries)
+
+
+def _check_float(hf_name: str, ref: LazyTensor) -> None:
+    if ref.dtype not in ("F32", "F16", "BF16"):
+        raise MtError(f"tensor {hf_name!r} has dtype {ref.dtype}", "mt converts float checkpoints (F32/F16/BF16)")
+
+
+def companion_plans(ckpt: Checkpoint, arch: Architecture, outtype: str) -> list[tuple[Companion, TensorPlan]]:
+    """One plan per companion file of `arch`: its tensors in checkpoint order, never quantized."""
+    return [(c, companion_plan(ckpt, arch, c, outtype)) for c in arch.companions]
+
+
+def companion_plan(ckpt: Checkpoint, arch: Architecture, companion: Companion, outtype: str) -> TensorPlan:
+    """Weights of 2+ dims F16 (F32 when `outtype` is f32), everything else F32, whatever the main file's type."""
+    all_f32 = outtype == "f32"
+    entries = []
+    for hf_name, ref in arch.source_tensors(ckpt.tensors).items():
+        if not companion.takes(hf_name):
+            continue
+        _check_float(hf_name, ref)
+        qtype = T.F16 if len(ref.shape) >= 2 and not all_f32 else T.F32
+        entries.append(PlanEntry(companion.tensor_name(hf_name), ref.shape, qtype, source=ref))
+    return TensorPlan(LlamaFileType.ALL_F32 if all_f32 else LlamaFileType.MOSTLY_F16, entries)
 
 
 def to_f32(raw: np.ndarray, dtype: str) -> np.ndarray:

@@ -8,7 +8,7 @@ import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 from mt.errors import MtError, OutputExists
 
@@ -45,6 +45,36 @@ def atomic_path(path: Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+@contextmanager
+def atomic_paths(paths: Sequence[Path]) -> Iterator[list[Path]]:
+    """`atomic_path` for files that belong together (a GGUF and its companions): each is written to its
+    temporary path, and all are renamed into place only when every one is complete. A failed rename takes
+    back the files the earlier renames created, so no new file is left behind alone."""
+    tmps = [partial_path(p) for p in paths]
+    try:
+        with disk_full_is_an_error(paths[0]):
+            yield tmps
+            _replace_all(tmps, paths)
+    finally:
+        for tmp in tmps:
+            if tmp.exists():
+                tmp.unlink()
+
+
+def _replace_all(tmps: Sequence[Path], paths: Sequence[Path]) -> None:
+    created: list[Path] = []
+    try:
+        for tmp, path in zip(tmps, paths):
+            existed = path.exists()
+            os.replace(tmp, path)
+            if not existed:
+                created.append(path)
+    except BaseException:
+        for path in created:
+            path.unlink(missing_ok=True)
+        raise
 
 
 @contextmanager

@@ -19,16 +19,23 @@ SideFile = Path | bytes
 TEMPLATES_DIR = "additional_chat_templates"
 
 
+def folder_side_files(folder: Path) -> dict[str, SideFile]:
+    """Every top-level non-weight file of a checkpoint folder (config, tokenizer, generation config …) and its
+    additional chat templates."""
+    files: dict[str, SideFile] = {
+        p.name: p for p in sorted(folder.iterdir())
+        if p.is_file() and not p.name.startswith(".") and not p.name.endswith(WEIGHT_SUFFIXES) and p.name != INDEX_NAME
+    }
+    templates = folder / TEMPLATES_DIR
+    if templates.is_dir():
+        files.update({f"{TEMPLATES_DIR}/{p.name}": p for p in sorted(templates.glob("*.jinja"))})
+    return files
+
+
 def side_files(base: Checkpoint, merged_config: dict[str, Any], adapter: Adapter) -> dict[str, SideFile]:
     """Every top-level non-weight file of the base, the adapter's tokenizer files over them (a finetune that added
     tokens saves its tokenizer beside the adapter), and the merged config.json."""
-    files: dict[str, SideFile] = {
-        p.name: p for p in sorted(base.folder.iterdir())
-        if p.is_file() and not p.name.startswith(".") and not p.name.endswith(WEIGHT_SUFFIXES) and p.name != INDEX_NAME
-    }
-    templates = base.folder / TEMPLATES_DIR
-    if templates.is_dir():
-        files.update({f"{TEMPLATES_DIR}/{p.name}": p for p in sorted(templates.glob("*.jinja"))})
+    files = folder_side_files(base.folder)
     files.update({p.name: p for p in adapter.tokenizer_files})
     files["config.json"] = (json.dumps(merged_config, indent=2, sort_keys=True) + "\n").encode()
     return files

@@ -14,6 +14,8 @@ MODULES: dict[str, str] = {
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
     "Phi3ForCausalLM": "phi3",
+    "TadaForCausalLM": "tada",
+    "Decoder": "tada_codec",  # HumeAI/tada-codec's decoder subfolder (save_pretrained names its class, Decoder)
 }
 
 

@@ -5,13 +5,16 @@ from __future__ import annotations
 import re
 from pathlib import Path
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Iterable
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Mapping
 
 import numpy as np
 from gguf import GGUFWriter
 
 from mt.convert.vocab import VocabSummary, write_vocab
-from mt.errors import UnknownTensor
+from mt.errors import MtError, UnknownTensor
+
+if TYPE_CHECKING:
+    from mt.convert.checkpoint import LazyTensor
 
 # A transform takes the tensor (storage dtype, full) and the config and returns the new tensor.
 Transform = Callable[[np.ndarray, dict[str, Any]], np.ndarray]
@@ -60,6 +63,50 @@ class NameTable:
         )
 
 
+class KeptNames(NameTable):
+    """A table that keeps the HF names (for files only mt's own readers open): a name must fully match one of
+    `patterns` (regular expressions), else it is an unknown tensor."""
+
+    def __init__(self, patterns: Iterable[str], dropped: Iterable[str] = ()) -> None:
+        super().__init__({}, dropped)
+        self._kept = tuple(re.compile(p) for p in patterns)
+
+    def map(self, name: str) -> str:
+        if any(p.fullmatch(name) for p in self._kept):
+            return name
+        return super().map(name)
+
+
+GGUF_NAME_LIMIT = 63  # GGML_MAX_NAME - 1
+
+
+@dataclass(frozen=True)
+class Companion:
+    """A second GGUF written beside the main one, `<stem><suffix>.gguf`, for the tensors the main file's llama.cpp
+    architecture has no place for: those whose HF names start with one of `prefixes`. It keeps the HF names
+    (checked by `names`), stores weights of 2+ dims as F16 (F32 with --outtype f32) and the rest as F32, never
+    quantized, and carries the model's own hyperparameters (`write_metadata`) under its `gguf_arch`."""
+
+    suffix: str
+    prefixes: tuple[str, ...]
+    gguf_arch: str
+    names: NameTable
+    write_metadata: Callable[[GGUFWriter, dict[str, Any]], None]
+
+    def takes(self, hf_name: str) -> bool:
+        return hf_name.startswith(self.prefixes)
+
+    def path_beside(self, out: Path) -> Path:
+        return out.with_name(f"{out.stem}{self.suffix}{out.suffix or '.gguf'}")
+
+    def tensor_name(self, hf_name: str) -> str:
+        name = self.names.map(hf_name)
+        if len(name.encode()) > GGUF_NAME_LIMIT:
+            raise MtError(f"tensor name {name!r} is longer than GGUF's {GGUF_NAME_LIMIT} bytes",
+                          "this companion layout cannot hold it; please report it")
+        return name
+
+
 class Architecture:
     """One model family. Subclasses fill in the class attributes and may override the hooks."""
 
@@ -67,6 +114,11 @@ class Architecture:
     names: ClassVar[NameTable]
     # gguf-name suffix -> transform, applied to whole tensors (e.g. Q/K row permutation)
     transforms: ClassVar[dict[str, Transform]] = {}
+    # extra GGUF files beside the main one (tensors they take are left out of the main plan)
+    companions: ClassVar[tuple[Companion, ...]] = ()
+    # --outtype values this family accepts (None: all); "auto" resolves to `auto_outtype` when set
+    outtypes: ClassVar[tuple[str, ...] | None] = None
+    auto_outtype: ClassVar[str | None] = None
 
     def __init__(self, config: dict[str, Any]) -> None:
         self.config = config
@@ -87,7 +139,20 @@ class Architecture:
         """Keys llama.cpp's converter adds while it generates the tensors, i.e. before general.type and the
         hyperparameters (and not in a vocab-only file)."""
 
+    def source_tensors(self, tensors: Mapping[str, LazyTensor]) -> Mapping[str, LazyTensor]:
+        """The checkpoint's tensors as this family converts them (a hook to fold or leave out stored tensors)."""
+        return tensors
+
+    def check_outtype(self, outtype: str) -> str:
+        """`outtype` with "auto" resolved for this family, or a typed error when the family cannot take it."""
+        if outtype == "auto" and self.auto_outtype is not None:
+            return self.auto_outtype
+        if self.outtypes is not None and outtype not in (*self.outtypes, "auto"):
+            raise MtError(f"--outtype {outtype} does not apply to {self.gguf_arch} files",
+                          f"choose one of {', '.join(self.outtypes)}")
+        return outtype
+
     vocab_loaders: ClassVar[tuple[str, ...]] = ("gpt2",)
 
-    def write_vocab(self, folder: Path, w: GGUFWriter) -> VocabSummary:
+    def write_vocab(self, folder: Path, w: GGUFWriter) -> VocabSummary | None:
         return write_vocab(folder, self.config, w, self.vocab_loaders)

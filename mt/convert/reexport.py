@@ -1,0 +1,123 @@
+"""`mt convert --format safetensors`: any checkpoint mt opens, every tensor cast to one float dtype, written as a
+Hugging Face folder (shards, index, config.json with its dtype updated, tokenizer and other side files).
+
+For TADA this is the model card's fp16/bf16 deployment option (its int8 option is the Q8_0 GGUF)."""
+
+from __future__ import annotations
+
+import json
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from mt.convert.checkpoint import Checkpoint, LazyTensor, open_checkpoint
+from mt.convert.plan import to_f32
+from mt.errors import MtError
+from mt.io.safetensors import FLOAT_DTYPES, STORAGE_DTYPES
+from mt.io.safetensors_out import SafetensorsFolderWriter, TensorSpec, parse_size
+from mt.merge.merge import row_slabs
+from mt.merge.merged import merged_config
+from mt.merge.source import SideFile, folder_side_files
+from mt.quant.types import f32_to_bf16_bits
+
+SAFETENSORS_OUTTYPES = {"bf16": "BF16", "f16": "F16", "f32": "F32"}
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class ReexportResult:
+    output: Path
+    dtype: str
+    tensors: int
+    nbytes: int
+    shards: int
+
+
+@dataclass(frozen=True)
+class CastTensor:
+    """`source` cast to `dtype` (F32/F16/BF16) slab by slab, through float32 (BF16: round to nearest even)."""
+
+    name: str
+    dtype: str
+    source: LazyTensor
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.source.shape
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * STORAGE_DTYPES[self.dtype].itemsize
+
+    def read_rows(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        rows = self.source.read_rows(start, stop)
+        if self.source.dtype == self.dtype:
+            return rows
+        values = to_f32(rows, self.source.dtype)
+        if self.dtype == "BF16":
+            return f32_to_bf16_bits(values)
+        with np.errstate(over="ignore"):
+            out = values.astype(STORAGE_DTYPES[self.dtype])
+        if np.isinf(out).any() and np.isfinite(values).all():
+            raise MtError(f"tensor {self.name!r} holds values beyond float16's range (±65504)",
+                          "re-export with --outtype bf16 or f32")
+        return out
+
+    def read(self) -> np.ndarray:
+        return self.read_rows()
+
+
+def safetensors_dtype(outtype: str) -> str:
+    if outtype not in SAFETENSORS_OUTTYPES:
+        raise MtError(f"--outtype {outtype} is a GGUF type; --format safetensors writes plain float tensors",
+                      f"choose --outtype {', '.join(SAFETENSORS_OUTTYPES)} (for int8 write a GGUF with --outtype q8_0)")
+    return SAFETENSORS_OUTTYPES[outtype]
+
+
+def cast_tensors(ckpt: Checkpoint, dtype: str) -> dict[str, CastTensor]:
+    for name, ref in ckpt.tensors.items():
+        if ref.dtype not in FLOAT_DTYPES:
+            raise MtError(f"tensor {name!r} has dtype {ref.dtype}", "--format safetensors re-exports float checkpoints (F32/F16/BF16)")
+    return {name: CastTensor(name, dtype, ref) for name, ref in ckpt.tensors.items()}
+
+
+def reexport(src: Path, out: Path, outtype: str, *, force: bool = False, allow_pickle: bool = False,
+             adapter: Path | None = None, dequantized_base: bool = False, max_shard_size: str = "5GB",
+             progress: Progress | None = None) -> ReexportResult:
+    dtype = safetensors_dtype(outtype)
+    with ExitStack() as stack:
+        ckpt = _source(src, allow_pickle, adapter, dequantized_base, stack)
+        tensors = cast_tensors(ckpt, dtype)
+        specs = [TensorSpec(name, dtype, t.shape) for name, t in tensors.items()]
+        total = sum(s.nbytes for s in specs)
+        with SafetensorsFolderWriter(out, specs, parse_size(max_shard_size), force=force) as writer:
+            for name, data in _side_files(ckpt, dtype).items():
+                writer.add_file(name, data)
+            for name, tensor in tensors.items():
+                writer.write_tensor(name, _reporting(row_slabs(tensor), progress, total))
+            shards = len(writer.shards)
+    return ReexportResult(out, dtype, len(specs), total, shards)
+
+
+def _source(src: Path, allow_pickle: bool, adapter: Path | None, dequantized_base: bool, stack: ExitStack) -> Checkpoint:
+    if adapter is None:
+        return open_checkpoint(src, allow_pickle=allow_pickle)
+    from mt.merge.source import merged_source
+
+    return merged_source(src, adapter, stack, dequantized_base=dequantized_base, allow_pickle=allow_pickle)
+
+
+def _side_files(ckpt: Checkpoint, dtype: str) -> dict[str, SideFile]:
+    files = folder_side_files(ckpt.folder)
+    files["config.json"] = (json.dumps(merged_config(ckpt.config, None, dtype), indent=2, sort_keys=True) + "\n").encode()
+    return files
+
+
+def _reporting(chunks: Iterator[np.ndarray], progress: Progress | None, total: int) -> Iterator[np.ndarray]:
+    for chunk in chunks:
+        yield chunk
+        if progress is not None:
+            progress(chunk.nbytes, total)
