@@ -51,3 +51,13 @@ def llama3_f32_untied_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def llama2_256_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Rows of 256 and 512 (K-quant super-blocks fit), 8 layers so the attn_v/ffn_down layer rules vary."""
     return checkpoints.build_llama2_spm(tmp_path_factory.mktemp("llama2_256"), hidden_size=256, intermediate_size=512, n_layers=8)
+
+
+@pytest.fixture(scope="session")
+def gemma2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return checkpoints.build_gemma2(tmp_path_factory.mktemp("gemma2"))
+
+
+@pytest.fixture(scope="session")
+def gemma3_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return checkpoints.build_gemma3(tmp_path_factory.mktemp("gemma3"))
