@@ -58,7 +58,7 @@ def assert_same_file(ours: Path, ref: Path) -> None:
 
 @pytest.mark.parametrize("fixture, outtype", [
     ("gemma2_dir", "bf16"), ("gemma2_dir", "q8_0"), ("gemma2_dir", "f32"), ("gemma2_dir", "--vocab-only"),
-    ("gemma3_dir", "f16"), ("gemma3_dir", "q8_0"), ("gemma3_dir", "f32"), ("gemma3_dir", "--vocab-only"),
+    ("gemma3_dir", "f16"), ("gemma3_dir", "f32"),  # + q8_0 and vocab-only on variants below
 ])
 def test_same_file_as_llama_cpp_converter(request, converted, tmp_path, fixture, outtype):
     src = request.getfixturevalue(fixture)
@@ -69,7 +69,7 @@ def test_same_file_as_llama_cpp_converter(request, converted, tmp_path, fixture,
 
 
 def test_f16_source_norm_offset_added_in_f16(gemma3_dir, tmp_path):
-    """An f16 checkpoint: the converter adds Gemma's +1 in f16 (bf16 is widened to float32 first)."""
+    """An f16 checkpoint at q8_0: the converter adds Gemma's +1 in f16 (bf16 is widened to float32 first)."""
     import torch
     from safetensors.torch import load_file, save_file
 
@@ -77,8 +77,8 @@ def test_f16_source_norm_offset_added_in_f16(gemma3_dir, tmp_path):
     tensors = {k: v.to(torch.float16) for k, v in load_file(src / "model.safetensors").items()}
     save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
     ref, ours = tmp_path / "ref.gguf", tmp_path / "mt.gguf"
-    run_converter(src, ref, "f32")
-    convert(src, ours, "f32")
+    run_converter(src, ref, "q8_0")
+    convert(src, ours, "q8_0")
     assert_same_file(ours, ref)
 
 
@@ -148,7 +148,11 @@ def prompt_ids(folder: Path) -> list[int]:
 # config changes the reference must be sensitive to: each moves KL far above the limit
 CONTROLS = {
     "gemma2_dir": [{"sliding_window": 4096}, {"attn_logit_softcapping": None}, {"final_logit_softcapping": None}],
-    "gemma3_dir": [{"sliding_window": 4096}],
+    "gemma3_dir": [
+        {"sliding_window": 4096},
+        {"rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                             "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}},
+    ],
 }
 
 
@@ -190,3 +194,50 @@ def test_gemma2_without_softcapping_is_refused(gemma2_dir, tmp_path):
     assert result.exit_code == 1, result.output
     assert "attn_logit_softcapping" in result.output and len(result.output.strip().splitlines()) == 1
     assert not out.exists() and list(tmp_path.iterdir()) == [src]
+
+
+@pytest.mark.parametrize("fixture, change", [
+    ("gemma2_dir", {"layer_types": ["full_attention", "sliding_attention"]}),
+    ("gemma3_dir", {"layer_types": ["sliding_attention"] * 3 + ["full_attention"] * 3}),
+    ("gemma3_dir", {"layer_types": None, "sliding_window_pattern": 3}),
+])
+def test_layer_layout_llama_cpp_cannot_run_is_refused(request, tmp_path, fixture, change):
+    """llama.cpp fixes the local/global pattern (Gemma 2: every 2nd layer global, Gemma 3: every 6th)."""
+    src = Path(shutil.copytree(request.getfixturevalue(fixture), tmp_path / "src"))
+    config = {**json.loads((src / "config.json").read_text()), **change}
+    (src / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "out.gguf"
+    result = CliRunner().invoke(main, ["convert", str(src), "-o", str(out)])
+    assert result.exit_code == 1, result.output
+    assert "llama.cpp assumes" in result.output and len(result.output.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_gemma3_all_global_layers_write_no_sliding_window(gemma3_dir, tmp_path):
+    """sliding_window_pattern 1 (every layer global): the converter leaves the window out, and so does mt
+    (Gemma 3's vocab-only parity case)."""
+    src = Path(shutil.copytree(gemma3_dir, tmp_path / "src"))
+    config = {**json.loads((src / "config.json").read_text()), "sliding_window_pattern": 1}
+    config["layer_types"] = ["full_attention"] * config["num_hidden_layers"]
+    (src / "config.json").write_text(json.dumps(config))
+    ref, ours = tmp_path / "ref.gguf", tmp_path / "mt.gguf"
+    run_converter(src, ref, "f16", ["--vocab-only"])
+    convert(src, ours, "f16", vocab_only=True)
+    assert_same_file(ours, ref)
+    assert "gemma3.attention.sliding_window" not in read_gguf(ours).kv_dict()
+
+
+@pytest.mark.parametrize("rope_theta, passes", [(10000.0, True), (20000.0, False)])
+def test_mt_verify_metadata_takes_llama_cpp_default_rope_base(gemma2_dir, f16_gguf, tmp_path, rope_theta, passes):
+    """The converter writes no rope base for Gemma 2; llama.cpp then uses 10000, so mt verify compares that."""
+    from mt.verify.metadata import check_metadata
+    from mt.verify.reference import open_gguf, open_reference
+    from mt.verify.report import Status
+
+    src = Path(shutil.copytree(gemma2_dir, tmp_path / "src"))
+    config = {**json.loads((src / "config.json").read_text()), "rope_theta": rope_theta}
+    (src / "config.json").write_text(json.dumps(config))
+    gguf = open_gguf(f16_gguf("gemma2_dir"))
+    assert gguf.arch_value("rope.freq_base") is None
+    result = check_metadata(gguf, open_reference(src))
+    assert (result.status is Status.PASS) == passes, result.summary

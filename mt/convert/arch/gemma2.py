@@ -74,6 +74,26 @@ def require_softcaps(config: dict[str, Any]) -> None:
         )
 
 
+def llama_cpp_layer_types(n_layer: int, pattern: int) -> list[str]:
+    """llama.cpp's fixed layout (hparams.set_swa_pattern): the last layer of every `pattern` is global."""
+    return ["sliding_attention" if i % pattern < pattern - 1 else "full_attention" for i in range(n_layer)]
+
+
+def require_layer_types(config: dict[str, Any], n_layer: int, llama_cpp_pattern: int, hf_pattern: int) -> None:
+    """The converter writes no per-layer attention types, so llama.cpp assumes its own; refuse a config whose
+    layers (`layer_types`, else transformers' layout from `sliding_window_pattern`) differ from them rather than
+    write a file that computes another model."""
+    expected = llama_cpp_layer_types(n_layer, llama_cpp_pattern)
+    layer_types = config.get("layer_types") or llama_cpp_layer_types(
+        n_layer, config.get("sliding_window_pattern") or hf_pattern)
+    if list(layer_types) != expected:
+        raise UnsupportedArchitecture(
+            f"config.json's attention layers {list(layer_types)} differ from the layout llama.cpp assumes for "
+            f"{config.get('model_type', 'this model')} ({expected})",
+            "llama.cpp cannot run this attention layout; the checkpoint needs a llama.cpp that reads layer types",
+        )
+
+
 def write_gemma_vocab(arch: Architecture, folder: Path, w: GGUFWriter) -> VocabSummary:
     """SentencePiece vocabulary, then add_space_prefix false (Gemma's tokenizer.model adds no "▁")."""
     summary = Architecture.write_vocab(arch, folder, w)
@@ -92,6 +112,7 @@ class Gemma2(Architecture):
         default 10000 is Gemma 2's)."""
         c = with_defaults(self.config, DEFAULTS)
         require_softcaps(c)
+        require_layer_types(c, self.block_count(), 2, 2)
         w.add_context_length(c["max_position_embeddings"])
         w.add_embedding_length(c["hidden_size"])
         w.add_block_count(self.block_count())

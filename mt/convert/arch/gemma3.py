@@ -14,7 +14,7 @@ from gguf import GGUFWriter
 
 from mt.convert.arch.base import Architecture, NameTable
 from mt.convert.arch.common import write_text_hparams
-from mt.convert.arch.gemma2 import GEMMA_NAMES, NORM_OFFSET, with_defaults, write_gemma_vocab
+from mt.convert.arch.gemma2 import GEMMA_NAMES, NORM_OFFSET, require_layer_types, with_defaults, write_gemma_vocab
 from mt.convert.vocab import VocabSummary
 
 GEMMA3_NAMES = {
@@ -47,10 +47,12 @@ class Gemma3(Architecture):
     def write_hparams(self, w: GGUFWriter, file_type: int) -> None:
         """The common text keys, then Gemma3Model's (those it sets again keep their place)."""
         c = with_defaults(self.config, DEFAULTS)
+        global_only = c.get("sliding_window_pattern") == 1
+        require_layer_types(c, self.block_count(), 1 if global_only else 6, 6)
         write_text_hparams(w, c, self.block_count(), file_type)
         if c.get("final_logit_softcapping"):
             w.add_final_logit_softcapping(c["final_logit_softcapping"])
-        if c.get("sliding_window_pattern") != 1:
+        if not global_only:
             w.add_sliding_window(c["sliding_window"])
 
     def write_vocab(self, folder: Path, w: GGUFWriter) -> VocabSummary:
