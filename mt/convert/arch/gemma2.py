@@ -94,6 +94,22 @@ def require_layer_types(config: dict[str, Any], n_layer: int, llama_cpp_pattern:
         )
 
 
+def require_attention_scale(config: dict[str, Any], n_layer: int, layers_27b: int) -> None:
+    """llama.cpp scales queries by 1/sqrt(head_dim), or 1/sqrt(hidden/heads) for the 27B models (known by their
+    layer count), and ignores `query_pre_attn_scalar`; refuse a config that asks for another scale."""
+    scalar = config.get("query_pre_attn_scalar")
+    if n_layer == layers_27b:
+        expected = config["hidden_size"] // config["num_attention_heads"]
+    else:
+        expected = config["head_dim"]
+    if scalar is not None and scalar != expected:
+        raise UnsupportedArchitecture(
+            f"config.json's query_pre_attn_scalar is {scalar}, but llama.cpp scales attention by 1/sqrt({expected}) "
+            f"for a {n_layer}-layer {config.get('model_type', 'model')}",
+            "llama.cpp cannot run this attention scale; released Gemma checkpoints use the value llama.cpp assumes",
+        )
+
+
 def write_gemma_vocab(arch: Architecture, folder: Path, w: GGUFWriter) -> VocabSummary:
     """SentencePiece vocabulary, then add_space_prefix false (Gemma's tokenizer.model adds no "▁")."""
     summary = Architecture.write_vocab(arch, folder, w)
@@ -113,6 +129,7 @@ class Gemma2(Architecture):
         c = with_defaults(self.config, DEFAULTS)
         require_softcaps(c)
         require_layer_types(c, self.block_count(), 2, 2)
+        require_attention_scale(c, self.block_count(), 46)
         w.add_context_length(c["max_position_embeddings"])
         w.add_embedding_length(c["hidden_size"])
         w.add_block_count(self.block_count())

@@ -2,7 +2,7 @@
 rope base for the sliding-window layers and rope scaling on the global ones.
 
 llama.cpp takes the layer pattern from the model (every 6th layer global) and the attention scale from the head
-size; the converter writes neither `layer_types` nor `query_pre_attn_scalar`.
+size; the converter writes neither `layer_types` nor `query_pre_attn_scalar`, so configs that differ are refused.
 """
 
 from __future__ import annotations
@@ -14,7 +14,9 @@ from gguf import GGUFWriter
 
 from mt.convert.arch.base import Architecture, NameTable
 from mt.convert.arch.common import write_text_hparams
-from mt.convert.arch.gemma2 import GEMMA_NAMES, NORM_OFFSET, require_layer_types, with_defaults, write_gemma_vocab
+from mt.convert.arch.gemma2 import (
+    GEMMA_NAMES, NORM_OFFSET, require_attention_scale, require_layer_types, with_defaults, write_gemma_vocab,
+)
 from mt.convert.vocab import VocabSummary
 
 GEMMA3_NAMES = {
@@ -49,6 +51,7 @@ class Gemma3(Architecture):
         c = with_defaults(self.config, DEFAULTS)
         global_only = c.get("sliding_window_pattern") == 1
         require_layer_types(c, self.block_count(), 1 if global_only else 6, 6)
+        require_attention_scale(c, self.block_count(), 62)
         write_text_hparams(w, c, self.block_count(), file_type)
         if c.get("final_logit_softcapping"):
             w.add_final_logit_softcapping(c["final_logit_softcapping"])
