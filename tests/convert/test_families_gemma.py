@@ -2,7 +2,8 @@
 
 The tiny checkpoints (tests/checkpoints.py) use a sliding window of 16 and 48-token prompts, so the local layers
 really mask; Gemma 2's softcaps are low enough to bend its scores and logits. Each logits test also checks that
-the reference moves far away when the window or the softcaps are switched off, so the agreement is not vacuous.
+the reference moves far away when the window, the softcaps (Gemma 2) or the rope scaling of the global layer
+(Gemma 3) are switched off, so the agreement is not vacuous.
 """
 
 from __future__ import annotations
@@ -30,15 +31,13 @@ KLD_MAX_F16 = 1e-5
 
 @pytest.fixture(scope="module")
 def converted(request, tmp_path_factory):
-    """llama.cpp's converter output per (fixture, outtype), made once: '--vocab-only' as the outtype for that."""
+    """llama.cpp's converter output per (fixture, outtype), made once."""
     made: dict[tuple[str, str], Path] = {}
 
     def get(fixture: str, outtype: str) -> Path:
         if (fixture, outtype) not in made:
-            src = request.getfixturevalue(fixture)
-            out = tmp_path_factory.mktemp(f"ref-{fixture}") / f"{outtype.strip('-')}.gguf"
-            extra = ["--vocab-only"] if outtype == "--vocab-only" else []
-            run_converter(src, out, "f16" if extra else outtype, extra)
+            out = tmp_path_factory.mktemp(f"ref-{fixture}") / f"{outtype}.gguf"
+            run_converter(request.getfixturevalue(fixture), out, outtype)
             made[fixture, outtype] = out
         return made[fixture, outtype]
 
@@ -61,10 +60,8 @@ def assert_same_file(ours: Path, ref: Path) -> None:
     ("gemma3_dir", "f16"), ("gemma3_dir", "f32"),  # + q8_0 and vocab-only on variants below
 ])
 def test_same_file_as_llama_cpp_converter(request, converted, tmp_path, fixture, outtype):
-    src = request.getfixturevalue(fixture)
     ours = tmp_path / "mt.gguf"
-    vocab_only = outtype == "--vocab-only"
-    convert(src, ours, "f16" if vocab_only else outtype, vocab_only=vocab_only)
+    convert(request.getfixturevalue(fixture), ours, outtype)
     assert_same_file(ours, converted(fixture, outtype))
 
 
