@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 
 from mt.convert.arch import MODULES, load_architecture, supported
 from mt.convert.arch.base import Architecture
-from mt.errors import MtError, UnknownTensor
+from mt.errors import MtError
 
 
 def _show(value: Any) -> Any:
@@ -45,22 +45,31 @@ def inspect_gguf(path: Path) -> dict[str, Any]:
 SKIPPED_SUFFIXES = (".attention.masked_bias", ".attention.bias", ".rotary_emb.inv_freq")
 
 
-def _layer_pattern(gguf_name: str) -> str:
-    return re.sub(r"^blk\.\d+\.", "blk.*.", gguf_name)
+def _layer_pattern(name: str) -> str:
+    return re.sub(r"(^|\.)\d+\.", r"\1*.", name)
 
 
-def recognise(arch: Architecture, names: list[str]) -> dict[str, Any]:
-    """What the architecture's name table makes of each checkpoint tensor: GGUF roles (with counts), dropped, unknown."""
+def _role(arch: Architecture, name: str) -> str:
+    """`blk.*.attn_q.weight` for a main-file tensor, `-acoustic: prediction_head.layers.*.norm.weight` for a companion's."""
+    companion = next((c for c in arch.companions if c.takes(name)), None)
+    if companion is not None:
+        return f"{companion.suffix}: {_layer_pattern(companion.tensor_name(name))}"
+    return _layer_pattern(arch.names.map(name))
+
+
+def recognise(arch: Architecture, tensors: Mapping[str, Any]) -> dict[str, Any]:
+    """What the family makes of each checkpoint tensor: GGUF roles (with counts), dropped, unknown."""
+    kept = arch.source_tensors(tensors)
     roles: dict[str, int] = {}
-    dropped: list[str] = []
+    dropped = [name for name in tensors if name not in kept]
     unknown: list[str] = []
-    for name in names:
+    for name in kept:
         if name.endswith(SKIPPED_SUFFIXES) or arch.names.is_dropped(name):
             dropped.append(name)
             continue
         try:
-            role = _layer_pattern(arch.names.map(name))
-        except UnknownTensor:
+            role = _role(arch, name)
+        except MtError:
             unknown.append(name)
             continue
         roles[role] = roles.get(role, 0) + 1
@@ -72,7 +81,7 @@ def _recognition_lines(found: dict[str, Any]) -> list[str]:
     lines = [f"  recognised: {len(roles)} GGUF tensor roles"]
     lines += [f"    {role}" + (f" x{count}" if count > 1 else "") for role, count in roles.items()]
     if found["dropped"]:
-        lines.append(f"  dropped (not data): {len(found['dropped'])} tensors, e.g. {found['dropped'][0]}")
+        lines.append(f"  dropped, folded or left out: {len(found['dropped'])} tensors, e.g. {found['dropped'][0]}")
     if found["unknown"]:
         shown = ", ".join(found["unknown"][:5]) + (" ..." if len(found["unknown"]) > 5 else "")
         lines.append(f"  NOT recognised ({len(found['unknown'])}; mt convert stops at these): {shown}")
@@ -102,7 +111,7 @@ def inspect_folder(path: Path) -> dict[str, Any]:
             lines.append(f"  {key} = {ckpt.config[key]}")
     tok_files = [n for n in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "chat_template.jinja") if ckpt.has_file(n)]
     lines.append(f"  tokenizer files: {', '.join(tok_files) or 'none'}")
-    found = recognise(arch, list(ckpt.tensors)) if arch else None
+    found = recognise(arch, ckpt.tensors) if arch else None
     if found is not None:
         lines += _recognition_lines(found)
     return {"kind": "checkpoint", "path": str(path), "architecture": hf_arch, "family": family,

@@ -776,3 +776,185 @@ def build_tada_codec_decoder(dir: Path, *, dtype: torch.dtype = torch.float32, m
                                       "transformers_version": "4.57.1", **d, "block_attention": "v2",
                                       "attn_dropout": 0.1, "use_flash_attn": True})
     return dir
+
+
+# ---------------------------------------------------------------- gemma
+
+GEMMA_HIDDEN = 256
+GEMMA_HEAD_DIM = 64
+GEMMA_INTERMEDIATE = 512
+GEMMA_SLIDING_WINDOW = 16
+GEMMA_UNUSED = 99  # <unused0> … <unused98>, as in Gemma 3's tokenizer.model
+# Gemma 3's id layout: <pad> <eos> <bos> <unk> <mask> [@BOS@] <unused0..98> <start_of_turn> <end_of_turn>
+GEMMA_SPECIALS: tuple[tuple[str, int], ...] = (
+    ("<pad>", sp_pb2.ModelProto.SentencePiece.CONTROL),
+    ("<eos>", sp_pb2.ModelProto.SentencePiece.CONTROL),
+    ("<bos>", sp_pb2.ModelProto.SentencePiece.CONTROL),
+    ("<unk>", sp_pb2.ModelProto.SentencePiece.UNKNOWN),
+    ("<mask>", sp_pb2.ModelProto.SentencePiece.USER_DEFINED),
+    ("[@BOS@]", sp_pb2.ModelProto.SentencePiece.USER_DEFINED),
+    *((f"<unused{i}>", sp_pb2.ModelProto.SentencePiece.USER_DEFINED) for i in range(GEMMA_UNUSED)),
+    ("<start_of_turn>", sp_pb2.ModelProto.SentencePiece.USER_DEFINED),
+    ("<end_of_turn>", sp_pb2.ModelProto.SentencePiece.USER_DEFINED),
+    # Gemma's runs of newlines, spaces and tabs, whole pieces of their own
+    *(("\n" * n, sp_pb2.ModelProto.SentencePiece.USER_DEFINED) for n in range(1, 32)),
+    *(("\t" * n, sp_pb2.ModelProto.SentencePiece.USER_DEFINED) for n in range(1, 32)),
+)
+
+
+def gemma_vocab() -> GGUFVocab:
+    """Gemma's special-token layout over llama-spm's byte tokens and scored pieces (a real SentencePiece vocabulary).
+
+    Token types are GGUF's (1 normal, 2 unknown, 3 control, 4 user-defined, 6 byte), which equal SentencePiece's.
+    """
+    spm = read_gguf_vocab("llama-spm")
+    body = [i for i, kind in enumerate(spm.token_types) if kind in (1, 6)]  # byte tokens, then the scored pieces
+    return GGUFVocab(
+        tokens=[text for text, _ in GEMMA_SPECIALS] + [spm.tokens[i] for i in body],
+        token_types=[kind for _, kind in GEMMA_SPECIALS] + [spm.token_types[i] for i in body],
+        scores=[0.0] * len(GEMMA_SPECIALS) + [spm.scores[i] for i in body],
+        merges=[],
+    )
+
+
+
+
+def _gemma_sp_model(vocab: GGUFVocab) -> sp_pb2.ModelProto:
+    proto = _sp_model_proto(vocab)
+    ts = proto.trainer_spec
+    ts.unk_id, ts.bos_id, ts.eos_id, ts.pad_id = 3, 2, 1, 0
+    ts.unk_piece, ts.bos_piece, ts.eos_piece, ts.pad_piece = "<unk>", "<bos>", "<eos>", "<pad>"
+    proto.normalizer_spec.add_dummy_prefix = False  # Gemma's tokenizer.model adds no leading "▁"
+    ts.split_by_whitespace = False  # runs of spaces merge into "▁▁…" pieces
+    return proto
+
+
+def _gemma_tokenizer_json(vocab: GGUFVocab, added: list[AddedToken]) -> dict[str, Any]:
+    tj = _llama2_tokenizer_json(vocab, added)
+    tj["normalizer"] = {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}
+    tj["post_processor"] = _bos_template("<bos>", 2)
+    tj["decoder"]["decoders"] = tj["decoder"]["decoders"][:3]  # no Strip: no dummy prefix to take off
+    tj["model"]["unk_token"] = "<unk>"
+    tj["model"]["merges"] = _spm_merges_by_score(vocab)
+    return tj
+
+
+def _spm_merges_by_score(vocab: GGUFVocab) -> list[list[str]]:
+    """BPE merges ranked as SentencePiece applies them: the merged piece's score, highest first (then its id).
+
+    llama-spm's "▁▁…" pieces sit at low ids with the lowest scores, so the id order `_spm_merges` uses would
+    merge runs of spaces before SentencePiece does.
+    """
+    ids = {tok: i for i, tok in enumerate(vocab.tokens)}
+    merges: list[tuple[float, int, int, str, str]] = []
+    for i, (piece, kind) in enumerate(zip(vocab.tokens, vocab.token_types)):
+        if kind != _GGUF_NORMAL:
+            continue
+        for cut in range(1, len(piece)):
+            left, right = piece[:cut], piece[cut:]
+            if left in ids and right in ids:
+                merges.append((-vocab.scores[i], i, ids[left], left, right))
+    return [[left, right] for *_, left, right in sorted(merges)]
+
+
+def write_gemma_tokenizer(dir: Path) -> None:
+    """tokenizer.model + tokenizer.json + tokenizer_config.json laid out as Gemma 2/3 ship them (GemmaTokenizer)."""
+    vocab = gemma_vocab()
+    (dir / "tokenizer.model").write_bytes(_gemma_sp_model(vocab).SerializeToString())
+    added = [AddedToken(i, text, special=text.startswith(("<", "["))) for i, (text, _) in enumerate(GEMMA_SPECIALS)]
+    _write_json(dir / "tokenizer.json", _gemma_tokenizer_json(vocab, added))
+    _write_json(dir / "tokenizer_config.json", {
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "added_tokens_decoder": _added_tokens_decoder(added),
+        "additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"],
+        "bos_token": "<bos>",
+        "chat_template": oracle.template("google-gemma-2-2b-it"),
+        "clean_up_tokenization_spaces": False,
+        "eos_token": "<eos>",
+        "model_max_length": 1000000000000000019884624838656,
+        "pad_token": "<pad>",
+        "sp_model_kwargs": {},
+        "spaces_between_special_tokens": False,
+        "tokenizer_class": "GemmaTokenizer",
+        "unk_token": "<unk>",
+        "use_default_system_prompt": False,
+    })
+    _write_json(dir / "special_tokens_map.json", {
+        "additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"],
+        "bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>",
+    })
+
+
+def _gemma_dims(n_layers: int, vocab_size: int) -> dict[str, Any]:
+    """Rows of 256/512 so the K-quants apply; head_dim set apart from hidden/heads as Gemma does. llama.cpp
+    scales attention by 1/sqrt(head_dim) for these sizes, so query_pre_attn_scalar is head_dim (as in Gemma 2 2B/9B)."""
+    return {
+        "hidden_size": GEMMA_HIDDEN, "intermediate_size": GEMMA_INTERMEDIATE, "num_hidden_layers": n_layers,
+        "num_attention_heads": HEADS, "num_key_value_heads": KV_HEADS, "head_dim": GEMMA_HEAD_DIM,
+        "query_pre_attn_scalar": GEMMA_HEAD_DIM, "vocab_size": vocab_size, "max_position_embeddings": 8192,
+        "initializer_range": INIT_RANGE, "rms_norm_eps": 1e-6, "hidden_activation": "gelu_pytorch_tanh",
+        "sliding_window": GEMMA_SLIDING_WINDOW, "tie_word_embeddings": True,
+        "bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0,
+    }
+
+
+def _edit_config(dir: Path, edit: Any) -> None:
+    path = dir / "config.json"
+    cfg = json.loads(path.read_text())
+    edit(cfg)
+    _write_json(path, dict(sorted(cfg.items())))
+
+
+# Softcaps low enough that this tiny model's scores and logits reach tanh's bend (released: 50 and 30).
+GEMMA2_ATTN_SOFTCAP = 4.0
+GEMMA2_FINAL_SOFTCAP = 3.0
+
+
+def build_gemma2(dir: Path, *, dtype: torch.dtype = torch.bfloat16, n_layers: int = 2, seed: int = 0) -> Path:
+    """Gemma-2-style checkpoint: Gemma's SentencePiece layout, tied embeddings, softcapping, sliding window 16
+    on every other layer (layer 0 local, layer 1 global)."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    dir = Path(dir)
+    dir.mkdir(parents=True, exist_ok=True)
+    write_gemma_tokenizer(dir)
+    config = Gemma2Config(**_gemma_dims(n_layers, len(gemma_vocab().tokens)), rope_theta=10000.0,
+                          attn_logit_softcapping=GEMMA2_ATTN_SOFTCAP, final_logit_softcapping=GEMMA2_FINAL_SOFTCAP)
+    _finish(Gemma2ForCausalLM(config), dir, dtype=dtype, shards=1, seed=seed)
+    _edit_config(dir, lambda cfg: cfg.pop("layer_types", None))  # released Gemma 2 configs predate layer_types
+    return dir
+
+
+GEMMA3_ROPE_SCALING = {"factor": 8.0, "rope_type": "linear"}  # as Gemma 3 4B/12B/27B
+
+
+def _gemma3_hub_rope(cfg: dict[str, Any]) -> None:
+    """transformers 5 writes rope_parameters per layer type; released configs spell them as below."""
+    cfg.pop("rope_scaling", None)
+    rope = cfg.pop("rope_parameters")
+    cfg["rope_theta"] = rope["full_attention"]["rope_theta"]
+    cfg["rope_local_base_freq"] = rope["sliding_attention"]["rope_theta"]
+    scaling = {k: v for k, v in rope["full_attention"].items() if k != "rope_theta"}
+    cfg["rope_scaling"] = scaling if scaling.get("rope_type", "default") != "default" else None
+    cfg["sliding_window_pattern"] = 6
+    if "dtype" in cfg:
+        cfg["torch_dtype"] = cfg.pop("dtype")
+
+
+def build_gemma3(dir: Path, *, dtype: torch.dtype = torch.bfloat16, n_layers: int = 6, seed: int = 0) -> Path:
+    """Gemma-3-text-style checkpoint (Gemma3ForCausalLM): q/k norms, sliding window 16 on layers 0-4 and global
+    attention with linear rope scaling on layer 5 (llama.cpp's fixed pattern of 6), local rope base 10000."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    dir = Path(dir)
+    dir.mkdir(parents=True, exist_ok=True)
+    write_gemma_tokenizer(dir)
+    config = Gemma3TextConfig(**_gemma_dims(n_layers, len(gemma_vocab().tokens)), rope_theta=1_000_000.0,
+                              rope_local_base_freq=10000.0, rope_scaling=dict(GEMMA3_ROPE_SCALING),
+                              sliding_window_pattern=6, final_logit_softcapping=None, attn_logit_softcapping=None)
+    model = Gemma3ForCausalLM(config)
+    _init_model(model, seed)
+    _save_model(model, dir, dtype, 1)
+    _edit_config(dir, _gemma3_hub_rope)
+    return dir

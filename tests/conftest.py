@@ -85,3 +85,13 @@ def tada_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tada_codec_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Tiny tada-codec `decoder` folder with weight-norm parametrized convolutions."""
     return checkpoints.build_tada_codec_decoder(tmp_path_factory.mktemp("tada_codec") / "decoder")
+
+
+@pytest.fixture(scope="session")
+def gemma2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return checkpoints.build_gemma2(tmp_path_factory.mktemp("gemma2"))
+
+
+@pytest.fixture(scope="session")
+def gemma3_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return checkpoints.build_gemma3(tmp_path_factory.mktemp("gemma3"))

@@ -183,6 +183,7 @@ def encode(raw: np.ndarray, dtype: str, qtype: T, gpu: GpuQuantizer | None = Non
 
 
 Chunk = np.ndarray | FileSpan
+STORAGE_DTYPES = {np.dtype(np.uint16): "BF16", np.dtype(np.float16): "F16", np.dtype(np.float32): "F32"}
 
 
 def start_producing(plan: TensorPlan, config: dict, depth: int = 2, gpu: GpuQuantizer | None = None) -> "Prefetcher":
@@ -266,10 +267,11 @@ def produce(entry: PlanEntry, config: dict, gpu: GpuQuantizer | None = None) -> 
     src = entry.source
     assert src is not None
     if entry.transform is not None or len(src.shape) < 2:
-        raw = src.read()
+        raw, dtype = src.read(), src.dtype
         if entry.transform is not None:
             raw = entry.transform(raw, config)
-        yield encode(raw, src.dtype, entry.qtype, gpu)
+            dtype = STORAGE_DTYPES[raw.dtype]  # a transform may widen (e.g. bf16 -> float32, as the converter does)
+        yield encode(raw, dtype, entry.qtype, gpu)
         return
     for start, stop in row_ranges(src.shape[0], src.nbytes // src.shape[0]):
         span = _copyable_span(src, start, stop, entry.qtype)

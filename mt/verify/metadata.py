@@ -46,6 +46,11 @@ OPTIONAL_HPARAMS: dict[str, Callable[[dict[str, Any]], Any]] = {
 }
 
 
+# What llama.cpp uses when the GGUF leaves a key out (src/llama-model.cpp); e.g. the converter writes no rope
+# base for Gemma 2, whose 10000 is llama.cpp's default.
+LLAMA_CPP_DEFAULTS: dict[str, Any] = {"rope.freq_base": 10000.0}
+
+
 def _rope_scaling(config: dict[str, Any]) -> dict[str, Any] | None:
     scaling = config.get("rope_scaling") or config.get("rope_parameters") or None
     if not scaling or scaling.get("rope_type", scaling.get("type", "default")) == "default":
@@ -58,6 +63,8 @@ def check_metadata(gguf: GGUFModel, ref: Reference) -> Check:
     compared: dict[str, Any] = {}
     for suffix, expected_of in (HPARAMS | OPTIONAL_HPARAMS).items():
         expected, actual = expected_of(ref.config), gguf.arch_value(suffix)
+        if actual is None:
+            actual = LLAMA_CPP_DEFAULTS.get(suffix)
         if expected is None or (actual is None and suffix in OPTIONAL_HPARAMS):
             continue
         compared[suffix] = {"gguf": actual, "source": expected}

@@ -16,6 +16,8 @@ MODULES: dict[str, str] = {
     "Phi3ForCausalLM": "phi3",
     "TadaForCausalLM": "tada",
     "Decoder": "tada_codec",  # HumeAI/tada-codec's decoder subfolder (save_pretrained names its class, Decoder)
+    "Gemma2ForCausalLM": "gemma2",
+    "Gemma3ForCausalLM": "gemma3",
 }
 
 
