@@ -50,10 +50,11 @@ def _layer_pattern(name: str) -> str:
 
 
 def _role(arch: Architecture, name: str) -> str:
-    """`blk.*.attn_q.weight` for a main-file tensor, `-acoustic: prediction_head.layers.*.norm.weight` for a companion's."""
+    """`blk.*.attn_q.weight` for a main-file tensor, `companion -acoustic: prediction_head.layers.*.norm.weight`
+    for a companion file's."""
     companion = next((c for c in arch.companions if c.takes(name)), None)
     if companion is not None:
-        return f"{companion.suffix}: {_layer_pattern(companion.tensor_name(name))}"
+        return f"companion {companion.suffix}: {_layer_pattern(companion.tensor_name(name))}"
     return _layer_pattern(arch.names.map(name))
 
 
@@ -73,7 +74,8 @@ def recognise(arch: Architecture, tensors: Mapping[str, Any]) -> dict[str, Any]:
             unknown.append(name)
             continue
         roles[role] = roles.get(role, 0) + 1
-    return {"roles": roles, "dropped": dropped, "unknown": unknown}
+    ordered = dict(sorted(roles.items(), key=lambda kv: kv[0].startswith("companion ")))
+    return {"roles": ordered, "dropped": dropped, "unknown": unknown}
 
 
 def _recognition_lines(found: dict[str, Any]) -> list[str]:

@@ -99,3 +99,13 @@ def test_unsupported_architecture_lists_supported(qwen2_dir, tmp_path):
     assert result.exit_code == 1 and not (tmp_path / "x.gguf").exists()
     assert "'FooForCausalLM' is not supported" in result.output and ", ".join(supported()) in result.output
     assert len(result.output.strip().splitlines()) == 1
+
+
+def test_inspect_tada_lists_backbone_and_companion_roles(tada_dir):
+    report = json.loads(CliRunner().invoke(main, ["inspect", str(tada_dir), "--json"]).output)
+    assert report["family"] == "tada" and report["gguf_architecture"] == "llama"
+    roles = report["recognised"]["roles"]
+    assert roles["blk.*.attn_q.weight"] == 2
+    assert roles["companion -acoustic: prediction_head.layers.*.ffn.gate_proj.weight"] == 2
+    assert roles["companion -acoustic: acoustic_proj.weight"] == 1
+    assert report["recognised"]["unknown"] == []
