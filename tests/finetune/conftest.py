@@ -16,7 +16,7 @@ import torch
 
 from tests import checkpoints
 
-# one linear layer family, several row kinds; emb std 0.5 (not the converters' 0.1) so the tied, frozen
+# emb std 0.5 (not the converters' 0.1) so the tied, frozen
 # embeddings can give a trained answer a clear lead over 128k other tokens
 EMBED_STD = 0.5
 WEIGHT_STD = 0.1
@@ -44,19 +44,22 @@ def qwen2_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-def build_tiny_llama3(folder: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
-    """2 layers, hidden 64, GQA 4/2, tied embeddings, vocab 128256, float32 weights."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def build_tiny(folder: Path, tokenizer_dir: Path, family: str = "llama", seed: int = 0) -> Path:
+    """2 layers, hidden 64, GQA 4/2, tied embeddings, the tokenizer's full vocabulary, float32 weights."""
+    import transformers
 
     folder.mkdir(parents=True, exist_ok=True)
     for f in tokenizer_dir.iterdir():
         shutil.copy(f, folder / f.name)
-    config = LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
-                         num_hidden_layers=2, vocab_size=checkpoints.LLAMA3_VOCAB, tie_word_embeddings=True,
-                         rms_norm_eps=1e-5, rope_theta=500000.0, max_position_embeddings=2048,
-                         bos_token_id=128000, eos_token_id=128009)
+    vocab, extra = {
+        "llama": (checkpoints.LLAMA3_VOCAB, dict(rope_theta=500000.0, bos_token_id=128000, eos_token_id=128009)),
+        "qwen2": (checkpoints.QWEN2_VOCAB, dict(rope_theta=1000000.0, eos_token_id=151645, use_sliding_window=False)),
+    }[family]
+    config = getattr(transformers, f"{family.capitalize()}Config")(
+        hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128, num_hidden_layers=2,
+        vocab_size=vocab, tie_word_embeddings=True, rms_norm_eps=1e-5, max_position_embeddings=2048, **extra)
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    model = getattr(transformers, f"{family.capitalize()}ForCausalLM")(config)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if param.ndim == 2:
@@ -67,7 +70,12 @@ def build_tiny_llama3(folder: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_llama3(llama3_tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_llama3(tmp_path_factory.mktemp("tiny_llama3"), llama3_tokenizer_dir)
+    return build_tiny(tmp_path_factory.mktemp("tiny_llama3"), llama3_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2(qwen2_tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny(tmp_path_factory.mktemp("tiny_qwen2"), qwen2_tokenizer_dir, "qwen2")
 
 
 CAPITALS = (("France", "Paris"), ("Japan", "Tokyo"), ("Italy", "Rome"), ("Peru", "Lima"))

@@ -1,5 +1,6 @@
 """Proof that mt finetune learns: a tiny Llama with the real Llama-3 tokenizer learns four "capital of X" answers
-in a few dozen CPU steps, and the adapter merged into a GGUF by mt convert --adapter answers them in llama.cpp."""
+in a few dozen CPU steps, and llama.cpp answers them: the adapter merged into a GGUF by mt convert --adapter, and
+as a GGUF LoRA (mt convert-lora) on the base GGUF."""
 
 from __future__ import annotations
 
@@ -15,11 +16,12 @@ from tests.finetune.conftest import CAPITALS, capital_prompt
 STEPS = 30
 
 
-def greedy(gguf: Path, prompts: list[str]) -> list[tuple[str, str]]:
+def greedy(gguf: Path, prompts: list[str], lora: Path | None = None) -> list[tuple[str, str]]:
     """llama.cpp's greedy continuation of each prompt: (text, finish reason)."""
     import llama_cpp
 
-    llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=64, n_threads=1, verbose=False)
+    llm = llama_cpp.Llama(model_path=str(gguf), lora_path=str(lora) if lora else None, n_ctx=64, n_threads=1,
+                          verbose=False)
     try:
         outs = [llm.create_completion(p, max_tokens=6, temperature=0.0)["choices"][0] for p in prompts]
         return [(out["text"], out["finish_reason"]) for out in outs]
@@ -59,3 +61,9 @@ def test_finetune_learns_and_llama_cpp_answers(tiny_llama3: Path, capitals_data:
     assert greedy(merged, prompts) == [(f" {capital}", "stop") for _, capital in CAPITALS]  # the answer, then <|eot_id|>
     # the base model does not know them: the answers come from the adapter
     assert all(text != f" {capital}" for (text, _), (_, capital) in zip(greedy(base_gguf, prompts), CAPITALS))
+
+    # the same adapter as a llama.cpp LoRA on the base GGUF (mt convert-lora)
+    lora = tmp_path / "adapter.gguf"
+    run = CliRunner().invoke(main, ["convert-lora", str(adapter), "--base", str(tiny_llama3), "-o", str(lora), "--quiet"])
+    assert run.exit_code == 0, run.output
+    assert greedy(base_gguf, prompts, lora) == [(f" {capital}", "stop") for _, capital in CAPITALS]

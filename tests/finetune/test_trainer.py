@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM
 from mt.cli import main
 from mt.finetune.lora import LoraOptions
 from mt.finetune.trainer import OPTIMIZER_NAME, STATE_NAME, TrainOptions, finetune, lr_at
+from tests.finetune.conftest import write_jsonl
 
 PROMPT_IDS = torch.tensor([[128000, 48, 25, 6864, 315, 9822, 30, 362, 25]])  # "Q: capital of France? A:"
 
@@ -131,6 +132,17 @@ def test_no_packing_trains_too(tiny_llama3: Path, capitals_data: Path, tmp_path:
     # 8 rows of 10-11 tokens, 4 to a padded group of <= 48 tokens: 2 steps an epoch
     assert result.total_steps == 4 and result.tokens == 2 * result.data.tokens
     assert result.losses[-1] < result.losses[0]
+
+
+def test_every_row_kind_on_qwen2(tiny_qwen2: Path, tmp_path: Path) -> None:
+    """A Qwen2 base (q/k/v biases, its own chat template) trained on text, prompt/completion and messages rows."""
+    conversation = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello! How can I help?"}]
+    rows = [{"text": "Plain text to model."}, {"prompt": "2+2=", "completion": "4"}, {"messages": conversation}] * 2
+    data = write_jsonl(tmp_path / "mixed.jsonl", rows)
+    result = finetune(options(tiny_qwen2, data, tmp_path / "out", max_steps=None, epochs=2))
+    assert result.arch == "Qwen2ForCausalLM" and result.data.kinds == {"text": 2, "prompt": 2, "messages": 2}
+    assert result.total_steps == len(result.losses) >= 2 and all(math.isfinite(x) for x in result.losses)
+    assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["r"] == 4
 
 
 def test_schedule() -> None:
