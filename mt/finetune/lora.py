@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from mt.errors import AdapterError, CheckpointError, MtError
+from mt.errors import AdapterError, CheckpointError, MtError, TrainingError
 from mt.finetune.families import Family, resolve_targets
 
 DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
@@ -52,16 +52,19 @@ def load_base(base: Path, *, qlora: bool, dtype: torch.dtype, device: torch.devi
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # mt finetune shows its own progress
-    extra = {"quantization_config": bnb_config(dtype), "device_map": {"": device}} if qlora else {}
+    extra = {"quantization_config": bnb_config(dtype), "device_map": {"": str(device)}} if qlora else {}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, **extra)
+            if not qlora:
+                model.to(device)
+    except torch.OutOfMemoryError:
+        raise TrainingError(f"out of memory loading {base} on {device} in {str(dtype).removeprefix('torch.')}",
+                            "add --qlora, or pick a smaller --dtype") from None
     except (OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"transformers cannot load {base} ({str(e).splitlines()[0]})",
                               "check that the folder holds a complete checkpoint") from None
-    if not qlora:
-        model.to(device)
     model.config.use_cache = False
     return model
 

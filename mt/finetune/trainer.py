@@ -16,15 +16,17 @@ import importlib
 import json
 import math
 import random
+import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, TextIO
+from typing import Any, Callable, Iterator, TextIO
 
 import torch
 
-from mt.errors import MtError, TrainingError
-from mt.finetune.data import DataStats, load_samples
+from mt.errors import DeviceUnavailable, MtError, TrainingError
+from mt.finetune.data import DataStats, Sample, load_samples
 from mt.finetune.families import FAMILIES, Family, base_architecture
 from mt.finetune.lora import LoraOptions, add_lora, compute_dtype, load_base, load_lora, trainable_parameters
 from mt.finetune.packing import Batch, epoch_groups, make_batch
@@ -158,8 +160,6 @@ def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        from mt.errors import DeviceUnavailable
-
         raise DeviceUnavailable("--device cuda: torch sees no CUDA GPU", "use --device cpu or auto")
     return torch.device(name)
 
@@ -182,34 +182,68 @@ def apply_kernel_patches(model: Any, family: Family) -> list[str]:
     return importlib.import_module(family.kernel_patch).patch(model)
 
 
+@dataclass
+class Prepared:
+    """Everything decided before any weight is loaded: the base's family, the samples, the step plan."""
+
+    arch: str
+    tokenizer: Any
+    samples: list[Sample]
+    stats: DataStats
+    plan: StepPlan
+    total: int  # the run's last step
+    start: int  # steps already taken (--resume)
+
+
+@dataclass
+class Trainable:
+    model: Any
+    optimizer: torch.optim.Optimizer
+    params: list[torch.nn.Parameter]
+    device: torch.device
+
+
 def finetune(options: TrainOptions, on_step: Callable[[StepLog], None] | None = None,
              warn: Callable[[str], None] | None = None, loss_fn: LossFn = causal_lm_loss) -> FinetuneResult:
     """Train, save the adapter to options.output; `warn` hears about truncated/skipped rows before training."""
-    o = options
+    began = time.perf_counter()
+    prepared = prepare(options, warn)
+    trainable = build(options, prepared.arch)
+    losses, tokens = train(options, prepared, trainable, on_step, loss_fn)
+    save(trainable.model, trainable.optimizer, options, prepared.total)
+    return FinetuneResult(options.output, prepared.arch, prepared.total - prepared.start, prepared.total, losses,
+                          tokens, time.perf_counter() - began, sum(p.numel() for p in trainable.params),
+                          prepared.stats, trainable.model)
+
+
+def prepare(o: TrainOptions, warn: Callable[[str], None] | None) -> Prepared:
+    """Options, output paths, base architecture, resume state and data: every check that needs no weights."""
     check_options(o)
     check_output(o.output, o.force)
     if o.json_log is not None and str(o.json_log) != "-":
         check_output(o.json_log, o.force)
     arch = base_architecture(o.base)
-    resume = read_state(o.resume) if o.resume is not None else None
+    start = read_state(o.resume)["step"] if o.resume is not None else 0
     tokenizer = load_tokenizer(o.base)
     samples, stats = load_samples(o.data, tokenizer, o.max_seq_len)
     for message in stats.warnings(o.max_seq_len) if warn else ():
         warn(message)
     plan = StepPlan([len(s.input_ids) for s in samples], o)
     total = plan.total_steps()
-    start = resume["step"] if resume else 0
     if start >= total:
         raise TrainingError(f"the run in {o.resume} already took {start} steps, --max-steps/--epochs ask for {total}",
                             "raise --max-steps or --epochs to train further")
+    return Prepared(arch, tokenizer, samples, stats, plan, total, start)
 
+
+def build(o: TrainOptions, arch: str) -> Trainable:
+    """The base with LoRA (new, or the --resume adapter), kernels patched in where there are any, and AdamW."""
     if o.threads:
         torch.set_num_threads(o.threads)
     random.seed(o.seed)
     torch.manual_seed(o.seed)
     device = pick_device(o.device)
-    dtype = compute_dtype(o.dtype, device)
-    model = load_base(o.base, qlora=o.lora.qlora, dtype=dtype, device=device)
+    model = load_base(o.base, qlora=o.lora.qlora, dtype=compute_dtype(o.dtype, device), device=device)
     family = FAMILIES[arch]
     model = (load_lora(model, o.resume, o.lora.qlora, o.grad_checkpointing) if o.resume is not None
              else add_lora(model, o.lora, family, o.grad_checkpointing))
@@ -218,52 +252,52 @@ def finetune(options: TrainOptions, on_step: Callable[[StepLog], None] | None = 
     optimizer = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
     if o.resume is not None:
         load_optimizer(optimizer, o.resume)
+    return Trainable(model, optimizer, params, device)
 
+
+def train(o: TrainOptions, prepared: Prepared, t: Trainable, on_step: Callable[[StepLog], None] | None,
+          loss_fn: LossFn) -> tuple[list[float], int]:
+    """Steps prepared.start .. prepared.total - 1; returns each step's loss and the tokens seen."""
+    tokenizer, total = prepared.tokenizer, prepared.total
     warmup = o.warmup_steps if o.warmup_steps is not None else math.ceil(WARMUP_FRACTION * total)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     losses: list[float] = []
     tokens = 0
-    began = time.perf_counter()
-    model.train()
-    with _log_file(o.json_log) as log:
-        for step in range(start, total):
-            batch = make_batch(samples, plan.group(step), o.packing, pad_id)
+    t.model.train()
+    with open_json_log(o.json_log) as log:
+        for step in range(prepared.start, total):
+            batch = make_batch(prepared.samples, prepared.plan.group(step), o.packing, pad_id)
             lr = lr_at(step, total, warmup, o.lr, o.schedule)
-            t0 = time.perf_counter()
-            loss = train_step(model, optimizer, batch, lr, device, o, step, loss_fn, params)
-            entry = StepLog(step + 1, total, loss, lr, batch.tokens / max(time.perf_counter() - t0, 1e-9))
+            began = time.perf_counter()
+            loss = train_step(t, batch, lr, o, step, loss_fn)
+            entry = StepLog(step + 1, total, loss, lr, batch.tokens / max(time.perf_counter() - began, 1e-9))
             losses.append(loss)
             tokens += batch.tokens
             if log is not None:
                 print(entry.json_line(), file=log, flush=True)
             if on_step is not None:
                 on_step(entry)
-    model.eval()
-    save(model, optimizer, o, total)
-    return FinetuneResult(o.output, arch, total - start, total, losses, tokens, time.perf_counter() - began,
-                          sum(p.numel() for p in params), stats, model)
+    t.model.eval()
+    return losses, tokens
 
 
-def train_step(model: Any, optimizer: torch.optim.Optimizer, batch: Batch, lr: float, device: torch.device,
-               o: TrainOptions, step: int, loss_fn: LossFn, params: list[torch.nn.Parameter]) -> float:
-    for group in optimizer.param_groups:
+def train_step(t: Trainable, batch: Batch, lr: float, o: TrainOptions, step: int, loss_fn: LossFn) -> float:
+    for group in t.optimizer.param_groups:
         group["lr"] = lr
     try:
-        loss = loss_fn(model, batch, device)
+        loss = loss_fn(t.model, batch, t.device)
         loss.backward()
-    except torch.OutOfMemoryError:
-        raise _out_of_memory(o, device, step, batch) from None
-    except RuntimeError as e:
-        if "out of memory" in str(e) or "can't allocate memory" in str(e):
-            raise _out_of_memory(o, device, step, batch) from None
+    except RuntimeError as e:  # torch.OutOfMemoryError (CUDA) is one; the CPU allocator raises a plain RuntimeError
+        if isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e) or "can't allocate memory" in str(e):
+            raise _out_of_memory(o, t.device, step, batch) from None
         raise
     value = loss.item()
     if not math.isfinite(value):
         raise TrainingError(f"the loss is {value} at step {step + 1}", "lower --lr, or train in f32 (--dtype f32)")
     if o.max_grad_norm > 0:
-        torch.nn.utils.clip_grad_norm_(params, o.max_grad_norm)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+        torch.nn.utils.clip_grad_norm_(t.params, o.max_grad_norm)
+    t.optimizer.step()
+    t.optimizer.zero_grad(set_to_none=True)
     return value
 
 
@@ -274,25 +308,16 @@ def _out_of_memory(o: TrainOptions, device: torch.device, step: int, batch: Batc
         "lower --batch-tokens or --max-seq-len, or add --grad-checkpointing or --qlora")
 
 
-class _log_file:
+@contextmanager
+def open_json_log(path: Path | None) -> Iterator[TextIO | None]:
     """--json-log FILE (or '-' for stdout): one JSON object per step."""
-
-    def __init__(self, path: Path | None) -> None:
-        self.path, self.handle = path, None
-
-    def __enter__(self) -> TextIO | None:
-        if self.path is None:
-            return None
-        if str(self.path) == "-":
-            import sys
-
-            return sys.stdout
-        self.handle = self.path.open("w", encoding="utf-8")
-        return self.handle
-
-    def __exit__(self, *exc: object) -> None:
-        if self.handle is not None:
-            self.handle.close()
+    if path is None:
+        yield None
+    elif str(path) == "-":
+        yield sys.stdout
+    else:
+        with path.open("w", encoding="utf-8") as handle:
+            yield handle
 
 
 def save(model: Any, optimizer: torch.optim.Optimizer, o: TrainOptions, total: int) -> None:

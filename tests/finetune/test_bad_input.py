@@ -155,3 +155,15 @@ def test_resume_of_a_finished_run(tiny_llama3: Path, capitals_data: Path, tmp_pa
     assert CliRunner().invoke(main, finetune_args(tiny_llama3, capitals_data, first, "--quiet")).exit_code == 0
     assert_refused(finetune_args(tiny_llama3, capitals_data, tmp_path / "out", "--resume", str(first)),
                    ("already took 2 steps, --max-steps/--epochs ask for 2", "raise --max-steps"), tmp_path / "out")
+
+
+def test_out_of_memory_loading_the_base(tiny_llama3: Path, capitals_data: Path, tmp_path: Path,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    import transformers
+
+    def from_pretrained(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 16.00 GiB")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", from_pretrained)
+    assert_refused(finetune_args(tiny_llama3, capitals_data, tmp_path / "out"),
+                   (f"out of memory loading {tiny_llama3} on cpu in float32", "add --qlora"), tmp_path / "out")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -154,3 +153,16 @@ def test_schedule() -> None:
     assert 0 < lr_at(total - 1, total, warmup, peak, "cosine") < peak * 1e-3
     assert lr_at(warmup + 45, total, warmup, peak, "linear") == pytest.approx(peak / 2)
     assert lr_at(total - 1, total, 0, peak, "constant") == peak
+
+
+def test_progress_line_and_json_log_line(capsys: pytest.CaptureFixture[str]) -> None:
+    from mt.commands import TrainProgress
+    from mt.finetune.trainer import StepLog
+
+    entry = StepLog(step=5, total=20, loss=1.23456, lr=2e-4, tokens_per_s=1234.5)
+    assert json.loads(entry.json_line()) == {"step": 5, "loss": 1.23456, "lr": 2e-4, "tokens_per_s": 1234.5}
+    bar = TrainProgress()
+    bar.update(entry)
+    bar.close()
+    line = capsys.readouterr().err
+    assert "[######------------------] step 5/20  loss 1.2346  lr 2.00e-04  1,234 tok/s" in line
