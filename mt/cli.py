@@ -140,6 +140,9 @@ def convert_lora(adapter: Path, base: Path, out: Path, outtype: str, force: bool
 @click.option("--grad-checkpointing", is_flag=True, help="Recompute activations in the backward pass (less memory).")
 @click.option("--json-log", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help='One JSON line per step {"step","loss","lr","tokens_per_s"} to this file (- for stdout).')
+@click.option("--save-every", type=int, default=None, metavar="N",
+              help="Every N steps write a checkpoint --resume takes to OUT.checkpoints/step-N (the latest is kept; "
+                   "removed when the run completes).")
 @click.option("--resume", type=click.Path(path_type=Path, file_okay=False), default=None,
               help="Continue from an adapter folder mt finetune wrote (its weights, optimizer state and step count).")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -153,7 +156,8 @@ def convert_lora(adapter: Path, base: Path, out: Path, outtype: str, force: bool
 def finetune(base: Path, data: Path, out: Path, qlora: bool, lora_r: int, lora_alpha: float, lora_dropout: float,
              target: str, max_steps: int | None, epochs: int | None, lr: float, schedule: str, warmup_steps: int | None,
              batch_tokens: int, max_seq_len: int, packing: bool, grad_checkpointing: bool, json_log: Path | None,
-             resume: Path | None, seed: int, device: str, dtype: str, threads: int | None, force: bool, quiet: bool) -> None:
+             save_every: int | None, resume: Path | None, seed: int, device: str, dtype: str, threads: int | None,
+             force: bool, quiet: bool) -> None:
     """Train a LoRA (or QLoRA) adapter for the checkpoint BASE on --data; writes a PEFT adapter folder."""
     from mt.commands import finetune_command
     from mt.finetune.lora import LoraOptions
@@ -165,7 +169,8 @@ def finetune(base: Path, data: Path, out: Path, qlora: bool, lora_r: int, lora_a
     options = TrainOptions(base=base, data=data, output=out, lora=lora, max_steps=max_steps, epochs=epochs, lr=lr,
                            schedule=schedule, warmup_steps=warmup_steps, batch_tokens=batch_tokens,
                            max_seq_len=max_seq_len, packing=packing, grad_checkpointing=grad_checkpointing,
-                           seed=seed, device=device, dtype=dtype, threads=threads, json_log=json_log, resume=resume, force=force)
+                           seed=seed, device=device, dtype=dtype, threads=threads, json_log=json_log,
+                           save_every=save_every, resume=resume, force=force)
     run_reporting_errors(lambda: finetune_command(options, quiet=quiet))
 
 

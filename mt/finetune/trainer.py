@@ -1,7 +1,8 @@
 """`mt finetune`: LoRA/QLoRA on a causal LM, plain PyTorch + PEFT, one packed row of tokens per step.
 
 AdamW on the LoRA weights, linear warmup then cosine/linear decay (or constant), gradient clipping, a seed for
-the data order and the LoRA init. The output folder is what peft's save_pretrained writes (adapter_config.json,
+the data order and the LoRA init. --save-every N writes a resumable checkpoint to OUT.checkpoints/step-N (the
+latest kept, removed when the run completes). The output folder is what peft's save_pretrained writes (adapter_config.json,
 adapter_model.safetensors: PeftModel.from_pretrained, mt merge and mt convert --adapter read it) plus
 trainer_state.json and optimizer.pt (AdamW's moments and the RNG state) for --resume; written atomically.
 
@@ -30,7 +31,7 @@ from mt.finetune.data import DataStats, Sample, load_samples
 from mt.finetune.families import FAMILIES, Family, base_architecture
 from mt.finetune.lora import LoraOptions, add_lora, compute_dtype, load_base, load_lora, trainable_parameters
 from mt.finetune.packing import Batch, epoch_groups, make_batch
-from mt.io.atomic import atomic_dir, check_output
+from mt.io.atomic import atomic_dir, check_output, remove_path
 
 STATE_NAME = "trainer_state.json"
 OPTIMIZER_NAME = "optimizer.pt"
@@ -60,6 +61,7 @@ class TrainOptions:
     dtype: str = "auto"
     threads: int | None = None  # torch CPU threads (default: torch's choice)
     json_log: Path | None = None
+    save_every: int | None = None  # steps between checkpoints in OUT.checkpoints/
     resume: Path | None = None
     force: bool = False
 
@@ -141,7 +143,7 @@ class StepPlan:
 
 def check_options(o: TrainOptions) -> None:
     positive = {"--lora-r": o.lora.r, "--batch-tokens": o.batch_tokens, "--max-seq-len": o.max_seq_len,
-                "--max-steps": o.max_steps, "--epochs": o.epochs}
+                "--max-steps": o.max_steps, "--epochs": o.epochs, "--save-every": o.save_every}
     for name, value in positive.items():
         if value is not None and value < 1:
             raise TrainingError(f"{name} must be at least 1 (got {value})", f"pass a positive {name}")
@@ -210,7 +212,8 @@ def finetune(options: TrainOptions, on_step: Callable[[StepLog], None] | None = 
     prepared = prepare(options, warn)
     trainable = build(options, prepared.arch)
     losses, tokens = train(options, prepared, trainable, on_step, loss_fn)
-    save(trainable.model, trainable.optimizer, options, prepared.total)
+    save(trainable, options, prepared.total, options.output)
+    remove_path(checkpoints_dir(options.output))
     return FinetuneResult(options.output, prepared.arch, prepared.total - prepared.start, prepared.total, losses,
                           tokens, time.perf_counter() - began, sum(p.numel() for p in trainable.params),
                           prepared.stats, trainable.model)
@@ -277,6 +280,8 @@ def train(o: TrainOptions, prepared: Prepared, t: Trainable, on_step: Callable[[
                 print(entry.json_line(), file=log, flush=True)
             if on_step is not None:
                 on_step(entry)
+            if o.save_every and (step + 1) % o.save_every == 0 and step + 1 < total:
+                save_checkpoint(t, o, step + 1)
     t.model.eval()
     return losses, tokens
 
@@ -320,14 +325,28 @@ def open_json_log(path: Path | None) -> Iterator[TextIO | None]:
             yield handle
 
 
-def save(model: Any, optimizer: torch.optim.Optimizer, o: TrainOptions, total: int) -> None:
-    state = {"step": total, "seed": o.seed, "data": str(o.data), "packing": o.packing, "batch_tokens": o.batch_tokens,
-             "max_seq_len": o.max_seq_len, "lr": o.lr, "schedule": o.schedule, "qlora": o.lora.qlora,
-             "lora": asdict(o.lora)}
-    with atomic_dir(o.output) as tmp:
-        model.save_pretrained(tmp)
+def save(t: Trainable, o: TrainOptions, step: int, folder: Path) -> None:
+    """The adapter (peft's save_pretrained), the step count and the optimizer state, atomically into `folder`."""
+    state = {"step": step, "seed": o.seed, "data": str(o.data), "packing": o.packing, "batch_tokens": o.batch_tokens,
+             "max_seq_len": o.max_seq_len, "lr": o.lr, "schedule": o.schedule, "lora": asdict(o.lora)}
+    with atomic_dir(folder) as tmp:
+        t.model.save_pretrained(tmp)
         (tmp / STATE_NAME).write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
-        torch.save({"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state()}, tmp / OPTIMIZER_NAME)
+        torch.save({"optimizer": t.optimizer.state_dict(), "torch_rng": torch.get_rng_state()}, tmp / OPTIMIZER_NAME)
+
+
+def checkpoints_dir(output: Path) -> Path:
+    return output.with_name(output.name + ".checkpoints")
+
+
+def save_checkpoint(t: Trainable, o: TrainOptions, step: int) -> None:
+    """--save-every: OUT.checkpoints/step-NNNNNN, a folder --resume takes; only the latest is kept."""
+    folder = checkpoints_dir(o.output)
+    folder.mkdir(exist_ok=True)
+    save(t, o, step, folder / f"step-{step:06d}")
+    for old in folder.glob("step-*"):
+        if old.name != f"step-{step:06d}":
+            remove_path(old)
 
 
 def read_state(folder: Path) -> dict[str, Any]:

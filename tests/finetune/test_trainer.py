@@ -10,7 +10,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from mt.cli import main
 from mt.finetune.lora import LoraOptions
@@ -80,6 +80,35 @@ def test_resume_continues_exactly(tiny_llama3: Path, capitals_data: Path, tmp_pa
     assert want.keys() == got.keys()
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6)
+
+
+def test_a_crashed_run_resumes_from_its_checkpoint(tiny_llama3: Path, capitals_data: Path, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """--save-every: a run that dies at step 5 of 6 leaves OUT.checkpoints/step-000004 (step 2's was replaced) and no
+    OUT; resuming from it finishes the run as the uninterrupted one did (same cosine schedule: same total)."""
+    straight = finetune(options(tiny_llama3, capitals_data, tmp_path / "straight", max_steps=6))
+    out = tmp_path / "out"
+    original, calls = LlamaForCausalLM.forward, []
+
+    def dies_at_step_5(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            raise RuntimeError("killed")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(LlamaForCausalLM, "forward", dies_at_step_5)
+    with pytest.raises(RuntimeError, match="killed"):
+        finetune(options(tiny_llama3, capitals_data, out, max_steps=6, save_every=2))
+    monkeypatch.undo()
+    checkpoints = tmp_path / "out.checkpoints"
+    assert not out.exists() and [p.name for p in checkpoints.iterdir()] == ["step-000004"]
+
+    resumed = finetune(options(tiny_llama3, capitals_data, out, max_steps=6, resume=checkpoints / "step-000004"))
+    assert resumed.losses == pytest.approx(straight.losses[4:], rel=1e-5)
+    want, got = adapter_tensors(tmp_path / "straight"), adapter_tensors(out)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6)
+    assert not checkpoints.exists()  # removed once the run completed
 
 
 def test_gradient_checkpointing_computes_the_same_steps(tiny_llama3: Path, capitals_data: Path, tmp_path: Path) -> None:
