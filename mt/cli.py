@@ -122,8 +122,8 @@ def convert_lora(adapter: Path, base: Path, out: Path, outtype: str, force: bool
               help="JSONL: rows with 'text', 'messages' (chat template; loss on assistant turns) or 'prompt'+'completion'.")
 @click.option("-o", "--output", "out", type=click.Path(path_type=Path), required=True, help="Adapter folder to write (PEFT format).")
 @click.option("--qlora", is_flag=True, help="Train against the base quantized to NF4 by bitsandbytes.")
-@click.option("--lora-r", type=int, default=16, show_default=True)
-@click.option("--lora-alpha", type=float, default=32.0, show_default=True)
+@click.option("--lora-r", type=int, default=16, show_default=True, help="LoRA rank.")
+@click.option("--lora-alpha", type=float, default=32.0, show_default=True, help="LoRA scale numerator (scale = alpha / r).")
 @click.option("--lora-dropout", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True)
 @click.option("--target", default="all-linear", show_default=True,
               help="all-linear, or a comma list of q,k,v,o,gate,up,down (or full names like q_proj).")
@@ -132,7 +132,7 @@ def convert_lora(adapter: Path, base: Path, out: Path, outtype: str, force: bool
 @click.option("--lr", type=float, default=2e-4, show_default=True, help="Peak learning rate (AdamW).")
 @click.option("--schedule", type=click.Choice(["cosine", "linear", "constant"]), default="cosine", show_default=True,
               help="Decay after the warmup.")
-@click.option("--warmup-steps", type=click.IntRange(min=0), default=None, help="Linear warmup steps (default: 3%% of the steps).")
+@click.option("--warmup-steps", type=click.IntRange(min=0), default=None, help="Linear warmup steps (default: 3% of the steps).")
 @click.option("--batch-tokens", type=int, default=4096, show_default=True, help="Tokens per optimizer step (one packed row).")
 @click.option("--max-seq-len", type=int, default=2048, show_default=True, help="Longer rows are truncated (and counted).")
 @click.option("--packing/--no-packing", default=True, show_default=True,
@@ -145,8 +145,9 @@ def convert_lora(adapter: Path, base: Path, out: Path, outtype: str, force: bool
                    "removed when the run completes).")
 @click.option("--resume", type=click.Path(path_type=Path, file_okay=False), default=None,
               help="Continue from an adapter folder mt finetune wrote (its weights, optimizer state and step count).")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seeds the LoRA init and the data order.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="auto: a CUDA GPU when torch sees one.")
 @click.option("--dtype", type=click.Choice(["auto", "f32", "bf16", "f16"]), default="auto", show_default=True,
               help="Base weights and compute dtype (auto: bf16 on a GPU that has it, else f32).")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
