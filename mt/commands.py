@@ -209,8 +209,9 @@ def finetune_command(options: TrainOptions, *, quiet: bool) -> None:
 
     progress = TrainProgress() if not quiet and sys.stderr.isatty() else None
     warn = (lambda message: click.echo(f"mt: warning: {message}", err=True)) if not quiet else None
+    info = (lambda message: click.echo(message, err=True)) if not quiet else None
     try:
-        result = finetune(options, on_step=progress.update if progress else None, warn=warn)
+        result = finetune(options, on_step=progress.update if progress else None, warn=warn, info=info)
     finally:
         if progress:
             progress.close()
@@ -218,7 +219,7 @@ def finetune_command(options: TrainOptions, *, quiet: bool) -> None:
         first, last = result.losses[0], result.losses[-1]
         click.echo(f"wrote {result.output}: LoRA adapter for {result.arch}, {result.trainable:,} trained parameters, "
                    f"{result.steps} steps (to step {result.total_steps}), loss {first:.3f} -> {last:.3f}, "
-                   f"{result.tokens:,} tokens in {result.seconds:.1f} s ({result.tokens / max(result.seconds, 1e-9):.0f} tokens/s)")
+                   f"{result.tokens:,} tokens in {result.seconds:.1f} s of training ({result.tokens / max(result.seconds, 1e-9):.0f} tokens/s)")
 
 
 class TrainProgress:

@@ -87,7 +87,7 @@ class FinetuneResult:
     total_steps: int
     losses: list[float]
     tokens: int
-    seconds: float
+    seconds: float  # the training steps (and --save-every checkpoints), not loading
     trainable: int
     data: DataStats
     model: Any = field(repr=False, default=None)
@@ -206,17 +206,29 @@ class Trainable:
 
 
 def finetune(options: TrainOptions, on_step: Callable[[StepLog], None] | None = None,
-             warn: Callable[[str], None] | None = None, loss_fn: LossFn = causal_lm_loss) -> FinetuneResult:
-    """Train, save the adapter to options.output; `warn` hears about truncated/skipped rows before training."""
-    began = time.perf_counter()
+             warn: Callable[[str], None] | None = None, info: Callable[[str], None] | None = None,
+             loss_fn: LossFn = causal_lm_loss) -> FinetuneResult:
+    """Train, save the adapter to options.output. Before training, `warn` hears about truncated/skipped rows and
+    `info` gets one line describing the data and the plan."""
     prepared = prepare(options, warn)
+    if info is not None:
+        info(describe(prepared, options))
     trainable = build(options, prepared.arch)
+    began = time.perf_counter()
     losses, tokens = train(options, prepared, trainable, on_step, loss_fn)
+    seconds = time.perf_counter() - began
     save(trainable, options, prepared.total, options.output)
     remove_path(checkpoints_dir(options.output))
     return FinetuneResult(options.output, prepared.arch, prepared.total - prepared.start, prepared.total, losses,
-                          tokens, time.perf_counter() - began, sum(p.numel() for p in trainable.params),
+                          tokens, seconds, sum(p.numel() for p in trainable.params),
                           prepared.stats, trainable.model)
+
+
+def describe(p: Prepared, o: TrainOptions) -> str:
+    kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(p.stats.kinds.items()))
+    resumed = f", resuming after step {p.start}" if p.start else ""
+    return (f"data: {p.stats.rows} rows ({kinds}), {p.stats.tokens:,} tokens of which {p.stats.trained_tokens:,} "
+            f"trained; {p.total} steps of <= {o.batch_tokens} tokens ({'packed' if o.packing else 'padded'}){resumed}")
 
 
 def prepare(o: TrainOptions, warn: Callable[[str], None] | None) -> Prepared:

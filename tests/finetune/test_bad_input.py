@@ -25,8 +25,9 @@ def assert_refused(args: list[str], words: tuple[str, ...], out: Path, code: int
     result = CliRunner().invoke(main, args)
     assert result.exit_code == code, result.output
     lines = result.output.strip().splitlines()
-    if code == 1:
-        assert len(lines) == 1 and lines[0].startswith("mt: error: "), result.output
+    if code == 1:  # the error is one line, the last; before it only what a run prints as it goes (the data line)
+        assert lines[-1].startswith("mt: error: ") and "Traceback" not in result.output, result.output
+        assert len(lines) == 1 or (len(lines) == 2 and lines[0].startswith("data: ")), result.output
     for word in words:
         assert word in result.output, (word, result.output)
     assert not out.exists()

@@ -45,7 +45,8 @@ def test_finetune_learns_and_llama_cpp_answers(tiny_llama3: Path, capitals_data:
         "--lr", "1e-2", "--batch-tokens", "48", "--max-seq-len", "48", "--lora-r", "8", "--lora-alpha", "16",
         "--json-log", str(log), "--threads", "1"])
     assert run.exit_code == 0, run.output
-    assert f"{STEPS} steps" in run.output and str(adapter) in run.output
+    assert "data: 8 rows (8 prompt), " in run.output and f"; {STEPS} steps of <= 48 tokens (packed)" in run.output
+    assert f"{STEPS} steps (to step {STEPS})" in run.output and f"wrote {adapter}" in run.output
 
     entries = [json.loads(line) for line in log.read_text().splitlines()]
     assert [e["step"] for e in entries] == list(range(1, STEPS + 1))
