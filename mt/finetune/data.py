@@ -172,9 +172,13 @@ def tokenize(rendered: Rendered, tokenizer: Any) -> Sample:
     ids = list(encoded["input_ids"])
     labels = [t if _overlaps(start, end, rendered.spans) else IGNORE
               for t, (start, end) in zip(ids, encoded["offset_mapping"])]
-    if rendered.append_eos and tokenizer.eos_token_id is not None:
-        ids.append(tokenizer.eos_token_id)
-        labels.append(tokenizer.eos_token_id)
+    eos = tokenizer.eos_token_id
+    if rendered.append_eos and eos is not None:
+        if ids[-1] == eos:  # a tokenizer that adds EOS itself (add_eos_token=True): train that one
+            labels[-1] = eos
+        else:
+            ids.append(eos)
+            labels.append(eos)
     labels[0] = IGNORE
     return Sample(ids, labels)
 

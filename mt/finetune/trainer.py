@@ -1,10 +1,10 @@
 """`mt finetune`: LoRA/QLoRA on a causal LM, plain PyTorch + PEFT, one packed row of tokens per step.
 
 AdamW on the LoRA weights, linear warmup then cosine/linear decay (or constant), gradient clipping, a seed for
-the data order and the LoRA init. --save-every N writes a resumable checkpoint to OUT.checkpoints/step-N (the
-latest kept, removed when the run completes). The output folder is what peft's save_pretrained writes (adapter_config.json,
+the data order and the LoRA init. The output folder is what peft's save_pretrained writes (adapter_config.json,
 adapter_model.safetensors: PeftModel.from_pretrained, mt merge and mt convert --adapter read it) plus
 trainer_state.json and optimizer.pt (AdamW's moments and the RNG state) for --resume; written atomically.
+--save-every N writes the same to OUT.checkpoints/step-N (the latest kept, removed when the run completes).
 
 Seams for the Triton kernels (mt/kernels): `Family.kernel_patch` names a module whose patch(model) swaps layers
 in place after the LoRA wrap, and `loss_fn` (default: the model's own cross-entropy through `labels`) is where a

@@ -165,3 +165,18 @@ def test_messages_without_a_chat_template(llama3_tokenizer_dir: Path, tmp_path: 
     tokenizer = with_template(llama3_tokenizer_dir, None)
     with pytest.raises(DataError, match="needs a chat template"):
         load_samples(write_jsonl(tmp_path / "d.jsonl", [{"messages": CONVERSATION}]), tokenizer, 64)
+
+
+def test_eos_is_not_doubled_when_the_tokenizer_adds_it(llama3_tokenizer_dir: Path, tmp_path: Path) -> None:
+    from tokenizers.processors import TemplateProcessing
+
+    tokenizer = AutoTokenizer.from_pretrained(llama3_tokenizer_dir)
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    tokenizer.backend_tokenizer.post_processor = TemplateProcessing(
+        single=f"{tokenizer.bos_token} $A {tokenizer.eos_token}",
+        special_tokens=[(tokenizer.bos_token, bos), (tokenizer.eos_token, eos)])
+    plain = AutoTokenizer.from_pretrained(llama3_tokenizer_dir)
+    body = plain("Hello world", add_special_tokens=False)["input_ids"]
+    assert tokenizer("Hello world")["input_ids"] == [bos, *body, eos]  # the tokenizer now ends rows with EOS
+    sample = one_sample(tmp_path, {"text": "Hello world"}, tokenizer)
+    assert sample.input_ids == [bos, *body, eos] and sample.labels == [IGNORE, *body, eos]
