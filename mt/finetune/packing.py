@@ -2,8 +2,8 @@
 
 Packed: one row [1, T] per step holding several samples end to end, `position_ids` restarting at 0 for each
 sample and no attention mask. transformers (5.x, `masking_utils.find_packed_sequence_indices`) reads the restarts
-as sample boundaries and makes the sdpa/eager mask block-diagonal causal (flash-attention takes the same
-position ids as varlen boundaries), provided no KV cache is passed: the trainer calls the model with
+as sample boundaries and makes the sdpa/eager mask block-diagonal causal (its flash-attention path reads the same
+position ids as varlen boundaries; not tested here, there is no GPU in CI), provided no KV cache is passed: the trainer calls the model with
 use_cache=False (with a cache the detection is skipped and samples attend across each other; tests/finetune
 test_packing checks both). Rope positions restart with the position ids. Each sample's first label is -100
 (data.py), so no token is trained to predict the next sample's first token.

@@ -20,7 +20,7 @@ import random
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, TextIO
 
@@ -340,7 +340,7 @@ def open_json_log(path: Path | None) -> Iterator[TextIO | None]:
 def save(t: Trainable, o: TrainOptions, step: int, folder: Path) -> None:
     """The adapter (peft's save_pretrained), the step count and the optimizer state, atomically into `folder`."""
     state = {"step": step, "seed": o.seed, "data": str(o.data), "packing": o.packing, "batch_tokens": o.batch_tokens,
-             "max_seq_len": o.max_seq_len, "lr": o.lr, "schedule": o.schedule, "lora": asdict(o.lora)}
+             "max_seq_len": o.max_seq_len, "lr": o.lr, "schedule": o.schedule, "qlora": o.lora.qlora}
     with atomic_dir(folder) as tmp:
         t.model.save_pretrained(tmp)
         (tmp / STATE_NAME).write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
