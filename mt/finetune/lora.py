@@ -48,7 +48,6 @@ def bnb_config(dtype: torch.dtype) -> Any:
 def load_base(base: Path, *, qlora: bool, dtype: torch.dtype, device: torch.device) -> Any:
     """The base model in `dtype` on `device`; with qlora its decoder linears are NF4 (double quant, blocks of 64)."""
     from transformers import AutoModelForCausalLM
-
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # mt finetune shows its own progress

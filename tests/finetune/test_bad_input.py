@@ -168,3 +168,18 @@ def test_out_of_memory_loading_the_base(tiny_llama3: Path, capitals_data: Path, 
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", from_pretrained)
     assert_refused(finetune_args(tiny_llama3, capitals_data, tmp_path / "out"),
                    (f"out of memory loading {tiny_llama3} on cpu in float32", "add --qlora"), tmp_path / "out")
+
+
+def test_base_without_weights_or_tokenizer(tiny_llama3: Path, capitals_data: Path, tmp_path: Path) -> None:
+    import shutil
+
+    base = tmp_path / "no_weights"
+    base.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_llama3 / name, base / name)
+    assert_refused(finetune_args(base, capitals_data, tmp_path / "out"), (f"transformers cannot load {base}",),
+                   tmp_path / "out")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (base / name).unlink()
+    assert_refused(finetune_args(base, capitals_data, tmp_path / "out"), (f"cannot load the tokenizer of {base}",),
+                   tmp_path / "out")
