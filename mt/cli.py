@@ -127,6 +127,65 @@ def convert_lora(adapter: Path, base: Path, out: Path, outtype: str, force: bool
 
 
 @main.command()
+@click.argument("base", type=click.Path(path_type=Path))
+@click.option("--data", type=click.Path(path_type=Path, dir_okay=False), required=True,
+              help="JSONL: rows with 'text', 'messages' (chat template; loss on assistant turns) or 'prompt'+'completion'.")
+@click.option("-o", "--output", "out", type=click.Path(path_type=Path), required=True, help="Adapter folder to write (PEFT format).")
+@click.option("--qlora", is_flag=True, help="Train against the base quantized to NF4 by bitsandbytes.")
+@click.option("--lora-r", type=int, default=16, show_default=True, help="LoRA rank.")
+@click.option("--lora-alpha", type=float, default=32.0, show_default=True, help="LoRA scale numerator (scale = alpha / r).")
+@click.option("--lora-dropout", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True)
+@click.option("--target", default="all-linear", show_default=True,
+              help="all-linear, or a comma list of q,k,v,o,gate,up,down (or full names like q_proj).")
+@click.option("--max-steps", type=int, default=None, help="Optimizer steps (default: one epoch).")
+@click.option("--epochs", type=int, default=None, help="Passes over the data (instead of --max-steps).")
+@click.option("--lr", type=float, default=2e-4, show_default=True, help="Peak learning rate (AdamW).")
+@click.option("--schedule", type=click.Choice(["cosine", "linear", "constant"]), default="cosine", show_default=True,
+              help="Decay after the warmup.")
+@click.option("--warmup-steps", type=click.IntRange(min=0), default=None, help="Linear warmup steps (default: 3% of the steps).")
+@click.option("--batch-tokens", type=int, default=4096, show_default=True, help="Tokens per optimizer step (one packed row).")
+@click.option("--max-seq-len", type=int, default=2048, show_default=True, help="Longer rows are truncated (and counted).")
+@click.option("--packing/--no-packing", default=True, show_default=True,
+              help="Pack samples padding-free into one row (attention stays within each sample), or pad a batch.")
+@click.option("--grad-checkpointing", is_flag=True, help="Recompute activations in the backward pass (less memory).")
+@click.option("--json-log", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help='One JSON line per step {"step","loss","lr","tokens_per_s"} to this file (- for stdout).')
+@click.option("--save-every", type=int, default=None, metavar="N",
+              help="Every N steps write a checkpoint --resume takes to OUT.checkpoints/step-N (the latest is kept; "
+                   "removed when the run completes).")
+@click.option("--resume", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="Continue from an adapter folder mt finetune wrote (its weights, optimizer state and step count).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seeds the LoRA init and the data order.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="auto: a CUDA GPU when torch sees one.")
+@click.option("--dtype", type=click.Choice(["auto", "f32", "bf16", "f16"]), default="auto", show_default=True,
+              help="Base weights and compute dtype (auto: bf16 on a GPU that has it, else f32).")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="CPU threads for torch (default: torch's; 1 is fastest for tiny models on a busy machine).")
+@click.option("--force", is_flag=True, help="Replace OUT (and the --json-log file) if they exist.")
+@click.option("--quiet", is_flag=True, help="No progress bar or summary.")
+def finetune(base: Path, data: Path, out: Path, qlora: bool, lora_r: int, lora_alpha: float, lora_dropout: float,
+             target: str, max_steps: int | None, epochs: int | None, lr: float, schedule: str, warmup_steps: int | None,
+             batch_tokens: int, max_seq_len: int, packing: bool, grad_checkpointing: bool, json_log: Path | None,
+             save_every: int | None, resume: Path | None, seed: int, device: str, dtype: str, threads: int | None,
+             force: bool, quiet: bool) -> None:
+    """Train a LoRA (or QLoRA) adapter for the checkpoint BASE on --data; writes a PEFT adapter folder."""
+    from mt.commands import finetune_command
+    from mt.finetune.lora import LoraOptions
+    from mt.finetune.trainer import TrainOptions
+
+    if max_steps is not None and epochs is not None:
+        raise click.UsageError("pass --max-steps or --epochs, not both")
+    lora = LoraOptions(r=lora_r, alpha=lora_alpha, dropout=lora_dropout, target=target, qlora=qlora)
+    options = TrainOptions(base=base, data=data, output=out, lora=lora, max_steps=max_steps, epochs=epochs, lr=lr,
+                           schedule=schedule, warmup_steps=warmup_steps, batch_tokens=batch_tokens,
+                           max_seq_len=max_seq_len, packing=packing, grad_checkpointing=grad_checkpointing,
+                           seed=seed, device=device, dtype=dtype, threads=threads, json_log=json_log,
+                           save_every=save_every, resume=resume, force=force)
+    run_reporting_errors(lambda: finetune_command(options, quiet=quiet))
+
+
+@main.command()
 @click.argument("src", type=click.Path(path_type=Path))
 @click.argument("out", type=click.Path(path_type=Path))
 @click.argument("file_type")

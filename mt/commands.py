@@ -8,6 +8,7 @@ from contextlib import ExitStack
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
@@ -15,6 +16,9 @@ from mt.convert.convert import convert, load
 from mt.errors import MtError
 from mt.convert.plan import TensorPlan, companion_plans
 from mt.quant.types import set_threads
+
+if TYPE_CHECKING:
+    from mt.finetune.trainer import StepLog, TrainOptions
 
 
 def format_bytes(n: float) -> str:
@@ -230,3 +234,40 @@ def _read_text(path: Path) -> str:
         raise MtError(f"{path} is not UTF-8 text", "pass a UTF-8 text file to --text") from None
     except OSError as e:
         raise MtError(f"cannot read {path} ({e.strerror})", "check the --text path") from None
+
+
+def finetune_command(options: TrainOptions, *, quiet: bool) -> None:
+    from mt.finetune.trainer import finetune
+
+    progress = TrainProgress() if not quiet and sys.stderr.isatty() else None
+    warn = (lambda message: click.echo(f"mt: warning: {message}", err=True)) if not quiet else None
+    info = (lambda message: click.echo(message, err=True)) if not quiet else None
+    try:
+        result = finetune(options, on_step=progress.update if progress else None, warn=warn, info=info)
+    finally:
+        if progress:
+            progress.close()
+    if not quiet:
+        first, last = result.losses[0], result.losses[-1]
+        click.echo(f"wrote {result.output}: LoRA adapter for {result.arch}, {result.trainable:,} trained parameters, "
+                   f"{result.steps} steps (to step {result.total_steps}), loss {first:.3f} -> {last:.3f}, "
+                   f"{result.tokens:,} tokens in {result.seconds:.1f} s of training ({result.tokens / max(result.seconds, 1e-9):.0f} tokens/s)")
+
+
+class TrainProgress:
+    """One self-rewriting status line on stderr: step, loss, learning rate, tokens/s."""
+
+    def __init__(self) -> None:
+        self._width = 0
+
+    def update(self, log: StepLog) -> None:
+        bar_len = 24
+        filled = bar_len * log.step // max(log.total, 1)
+        line = (f"[{'#' * filled}{'-' * (bar_len - filled)}] step {log.step}/{log.total}  loss {log.loss:.4f}  "
+                f"lr {log.lr:.2e}  {log.tokens_per_s:,.0f} tok/s")
+        click.echo("\r" + line.ljust(self._width), err=True, nl=False)
+        self._width = len(line)
+
+    def close(self) -> None:
+        if self._width:
+            click.echo("", err=True)

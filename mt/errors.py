@@ -75,3 +75,11 @@ class AdapterError(MtError):
 
 class TensorWriteError(MtError):
     """Tensors handed to a writer do not match what it planned (names, order, dtype, byte count)."""
+
+
+class DataError(MtError):
+    """Training data that cannot be used: unreadable, malformed JSONL (with the line), no usable rows."""
+
+
+class TrainingError(MtError):
+    """Finetuning cannot go on: out of memory, a non-finite loss, options that contradict each other or a resume folder."""

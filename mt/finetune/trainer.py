@@ -1,0 +1,384 @@
+"""`mt finetune`: LoRA/QLoRA on a causal LM, plain PyTorch + PEFT, one packed row of tokens per step.
+
+AdamW on the LoRA weights, linear warmup then cosine/linear decay (or constant), gradient clipping, a seed for
+the data order and the LoRA init. The output folder is what peft's save_pretrained writes (adapter_config.json,
+adapter_model.safetensors: PeftModel.from_pretrained, mt merge and mt convert --adapter read it) plus
+trainer_state.json and optimizer.pt (AdamW's moments and the RNG state) for --resume; written atomically.
+--save-every N writes the same to OUT.checkpoints/step-N (the latest kept, removed when the run completes).
+
+Seams for the Triton kernels (mt/kernels): `Family.kernel_patch` names a module whose patch(model) swaps layers
+in place after the LoRA wrap, and `loss_fn` (default: the model's own cross-entropy through `labels`) is where a
+chunked cross-entropy that never builds the full logits plugs in.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import random
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, TextIO
+
+import torch
+
+from mt.errors import DeviceUnavailable, MtError, TrainingError
+from mt.finetune.data import DataStats, Sample, load_samples
+from mt.finetune.families import FAMILIES, Family, base_architecture
+from mt.finetune.lora import LoraOptions, add_lora, compute_dtype, load_base, load_lora, trainable_parameters
+from mt.finetune.packing import Batch, epoch_groups, make_batch
+from mt.io.atomic import atomic_dir, check_output, remove_path
+
+STATE_NAME = "trainer_state.json"
+OPTIMIZER_NAME = "optimizer.pt"
+SCHEDULES = ("cosine", "linear", "constant")
+WARMUP_FRACTION = 0.03
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    base: Path
+    data: Path
+    output: Path
+    lora: LoraOptions = LoraOptions()
+    max_steps: int | None = None
+    epochs: int | None = None  # default 1 when neither is given
+    lr: float = 2e-4
+    schedule: str = "cosine"
+    warmup_steps: int | None = None  # default: 3% of the steps
+    batch_tokens: int = 4096
+    max_seq_len: int = 2048
+    packing: bool = True
+    grad_checkpointing: bool = False
+    max_grad_norm: float = 1.0
+    weight_decay: float = 0.0
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "auto"
+    threads: int | None = None  # torch CPU threads (default: torch's choice)
+    json_log: Path | None = None
+    save_every: int | None = None  # steps between checkpoints in OUT.checkpoints/
+    resume: Path | None = None
+    force: bool = False
+
+
+@dataclass(frozen=True)
+class StepLog:
+    step: int  # 1-based, counted over the resumed run too
+    total: int
+    loss: float
+    lr: float
+    tokens_per_s: float
+
+    def json_line(self) -> str:
+        return json.dumps({"step": self.step, "loss": round(self.loss, 6), "lr": self.lr,
+                           "tokens_per_s": round(self.tokens_per_s, 1)})
+
+
+@dataclass
+class FinetuneResult:
+    output: Path
+    arch: str
+    steps: int  # taken in this run
+    total_steps: int
+    losses: list[float]
+    tokens: int
+    seconds: float  # the training steps (and --save-every checkpoints), not loading
+    trainable: int
+    data: DataStats
+    model: Any = field(repr=False, default=None)
+
+
+LossFn = Callable[[Any, Batch, torch.device], torch.Tensor]
+
+
+def causal_lm_loss(model: Any, batch: Batch, device: torch.device) -> torch.Tensor:
+    """Mean cross-entropy over the trained tokens. use_cache=False: with a cache transformers skips the packed
+    sequence detection and samples would attend to each other."""
+    return model(**batch.model_inputs(device), use_cache=False).loss
+
+
+def lr_at(step: int, total: int, warmup: int, peak: float, schedule: str) -> float:
+    """Learning rate of the 0-based `step`: linear warmup to `peak` over `warmup` steps, then the schedule."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    if schedule == "cosine":
+        return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
+    if schedule == "linear":
+        return peak * (1.0 - progress)
+    return peak
+
+
+class StepPlan:
+    """Which samples each global step trains on, epoch after epoch (repacked and reshuffled each epoch)."""
+
+    def __init__(self, lengths: list[int], options: TrainOptions) -> None:
+        self.lengths, self.options = lengths, options
+        self._epochs: list[list[list[int]]] = []
+
+    def epoch(self, e: int) -> list[list[int]]:
+        while len(self._epochs) <= e:
+            o = self.options
+            self._epochs.append(epoch_groups(self.lengths, o.batch_tokens, o.packing, o.seed, len(self._epochs)))
+        return self._epochs[e]
+
+    def total_steps(self) -> int:
+        o = self.options
+        if o.max_steps is not None:
+            return o.max_steps
+        return sum(len(self.epoch(e)) for e in range(o.epochs or 1))
+
+    def group(self, step: int) -> list[int]:
+        e = 0
+        while step >= len(self.epoch(e)):
+            step -= len(self.epoch(e))
+            e += 1
+        return self.epoch(e)[step]
+
+
+def check_options(o: TrainOptions) -> None:
+    positive = {"--lora-r": o.lora.r, "--batch-tokens": o.batch_tokens, "--max-seq-len": o.max_seq_len,
+                "--max-steps": o.max_steps, "--epochs": o.epochs, "--save-every": o.save_every}
+    for name, value in positive.items():
+        if value is not None and value < 1:
+            raise TrainingError(f"{name} must be at least 1 (got {value})", f"pass a positive {name}")
+    if o.max_steps is not None and o.epochs is not None:
+        raise TrainingError("--max-steps and --epochs both given", "pass one of them")
+    if o.packing and o.max_seq_len > o.batch_tokens:
+        raise TrainingError(f"--max-seq-len {o.max_seq_len} is longer than a packed row (--batch-tokens {o.batch_tokens})",
+                            "raise --batch-tokens or lower --max-seq-len")
+    if o.schedule not in SCHEDULES:
+        raise TrainingError(f"unknown schedule {o.schedule!r}", f"use one of {', '.join(SCHEDULES)}")
+    if not o.lr > 0:
+        raise TrainingError(f"--lr must be positive (got {o.lr})", "pass e.g. --lr 2e-4")
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise DeviceUnavailable("--device cuda: torch sees no CUDA GPU", "use --device cpu or auto")
+    return torch.device(name)
+
+
+def load_tokenizer(base: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(base)
+    except (OSError, ValueError, TypeError) as e:
+        raise MtError(f"cannot load the tokenizer of {base} ({str(e).splitlines()[0]})",
+                      "the base folder needs its tokenizer files (tokenizer.json / tokenizer_config.json)") from None
+
+
+def apply_kernel_patches(model: Any, family: Family) -> list[str]:
+    """The seam for mt/kernels: the family's patch module, when there is one, swaps layers in place and says
+    which. None yet: training runs on plain PyTorch + PEFT."""
+    if family.kernel_patch is None:
+        return []
+    return importlib.import_module(family.kernel_patch).patch(model)
+
+
+@dataclass
+class Prepared:
+    """Everything decided before any weight is loaded: the base's family, the samples, the step plan."""
+
+    arch: str
+    tokenizer: Any
+    samples: list[Sample]
+    stats: DataStats
+    plan: StepPlan
+    total: int  # the run's last step
+    start: int  # steps already taken (--resume)
+
+
+@dataclass
+class Trainable:
+    model: Any
+    optimizer: torch.optim.Optimizer
+    params: list[torch.nn.Parameter]
+    device: torch.device
+
+
+def finetune(options: TrainOptions, on_step: Callable[[StepLog], None] | None = None,
+             warn: Callable[[str], None] | None = None, info: Callable[[str], None] | None = None,
+             loss_fn: LossFn = causal_lm_loss) -> FinetuneResult:
+    """Train, save the adapter to options.output. Before training, `warn` hears about truncated/skipped rows and
+    `info` gets one line describing the data and the plan."""
+    prepared = prepare(options, warn)
+    if info is not None:
+        info(describe(prepared, options))
+    trainable = build(options, prepared.arch)
+    began = time.perf_counter()
+    losses, tokens = train(options, prepared, trainable, on_step, loss_fn)
+    seconds = time.perf_counter() - began
+    save(trainable, options, prepared.total, options.output)
+    remove_path(checkpoints_dir(options.output))
+    return FinetuneResult(options.output, prepared.arch, prepared.total - prepared.start, prepared.total, losses,
+                          tokens, seconds, sum(p.numel() for p in trainable.params),
+                          prepared.stats, trainable.model)
+
+
+def describe(p: Prepared, o: TrainOptions) -> str:
+    kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(p.stats.kinds.items()))
+    resumed = f", resuming after step {p.start}" if p.start else ""
+    return (f"data: {p.stats.rows} rows ({kinds}), {p.stats.tokens:,} tokens of which {p.stats.trained_tokens:,} "
+            f"trained; {p.total} steps of <= {o.batch_tokens} tokens ({'packed' if o.packing else 'padded'}){resumed}")
+
+
+def prepare(o: TrainOptions, warn: Callable[[str], None] | None) -> Prepared:
+    """Options, output paths, base architecture, resume state and data: every check that needs no weights."""
+    check_options(o)
+    check_output(o.output, o.force)
+    if o.json_log is not None and str(o.json_log) != "-":
+        check_output(o.json_log, o.force)
+    arch = base_architecture(o.base)
+    start = read_state(o.resume)["step"] if o.resume is not None else 0
+    tokenizer = load_tokenizer(o.base)
+    samples, stats = load_samples(o.data, tokenizer, o.max_seq_len)
+    for message in stats.warnings(o.max_seq_len) if warn else ():
+        warn(message)
+    plan = StepPlan([len(s.input_ids) for s in samples], o)
+    total = plan.total_steps()
+    if start >= total:
+        raise TrainingError(f"the run in {o.resume} already took {start} steps, --max-steps/--epochs ask for {total}",
+                            "raise --max-steps or --epochs to train further")
+    return Prepared(arch, tokenizer, samples, stats, plan, total, start)
+
+
+def build(o: TrainOptions, arch: str) -> Trainable:
+    """The base with LoRA (new, or the --resume adapter), kernels patched in where there are any, and AdamW."""
+    if o.threads:
+        torch.set_num_threads(o.threads)
+    random.seed(o.seed)
+    torch.manual_seed(o.seed)
+    device = pick_device(o.device)
+    model = load_base(o.base, qlora=o.lora.qlora, dtype=compute_dtype(o.dtype, device), device=device)
+    family = FAMILIES[arch]
+    model = (load_lora(model, o.resume, o.lora.qlora, o.grad_checkpointing) if o.resume is not None
+             else add_lora(model, o.lora, family, o.grad_checkpointing))
+    apply_kernel_patches(model, family)
+    params = [p for _, p in trainable_parameters(model)]
+    optimizer = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+    if o.resume is not None:
+        load_optimizer(optimizer, o.resume)
+    return Trainable(model, optimizer, params, device)
+
+
+def train(o: TrainOptions, prepared: Prepared, t: Trainable, on_step: Callable[[StepLog], None] | None,
+          loss_fn: LossFn) -> tuple[list[float], int]:
+    """Steps prepared.start .. prepared.total - 1; returns each step's loss and the tokens seen."""
+    tokenizer, total = prepared.tokenizer, prepared.total
+    warmup = o.warmup_steps if o.warmup_steps is not None else math.ceil(WARMUP_FRACTION * total)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    losses: list[float] = []
+    tokens = 0
+    t.model.train()
+    with open_json_log(o.json_log) as log:
+        for step in range(prepared.start, total):
+            batch = make_batch(prepared.samples, prepared.plan.group(step), o.packing, pad_id)
+            lr = lr_at(step, total, warmup, o.lr, o.schedule)
+            began = time.perf_counter()
+            loss = train_step(t, batch, lr, o, step, loss_fn)
+            entry = StepLog(step + 1, total, loss, lr, batch.tokens / max(time.perf_counter() - began, 1e-9))
+            losses.append(loss)
+            tokens += batch.tokens
+            if log is not None:
+                print(entry.json_line(), file=log, flush=True)
+            if on_step is not None:
+                on_step(entry)
+            if o.save_every and (step + 1) % o.save_every == 0 and step + 1 < total:
+                save_checkpoint(t, o, step + 1)
+    t.model.eval()
+    return losses, tokens
+
+
+def train_step(t: Trainable, batch: Batch, lr: float, o: TrainOptions, step: int, loss_fn: LossFn) -> float:
+    for group in t.optimizer.param_groups:
+        group["lr"] = lr
+    try:
+        loss = loss_fn(t.model, batch, t.device)
+        loss.backward()
+    except RuntimeError as e:  # torch.OutOfMemoryError (CUDA) is one; the CPU allocator raises a plain RuntimeError
+        if isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e) or "can't allocate memory" in str(e):
+            raise _out_of_memory(o, t.device, step, batch) from None
+        raise
+    value = loss.item()
+    if not math.isfinite(value):
+        raise TrainingError(f"the loss is {value} at step {step + 1}", "lower --lr, or train in f32 (--dtype f32)")
+    if o.max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(t.params, o.max_grad_norm)
+    t.optimizer.step()
+    t.optimizer.zero_grad(set_to_none=True)
+    return value
+
+
+def _out_of_memory(o: TrainOptions, device: torch.device, step: int, batch: Batch) -> TrainingError:
+    return TrainingError(
+        f"out of memory on {device} at step {step + 1} with a batch of {batch.tokens} tokens "
+        f"(--batch-tokens {o.batch_tokens}, --max-seq-len {o.max_seq_len})",
+        "lower --batch-tokens or --max-seq-len, or add --grad-checkpointing or --qlora")
+
+
+@contextmanager
+def open_json_log(path: Path | None) -> Iterator[TextIO | None]:
+    """--json-log FILE (or '-' for stdout): one JSON object per step."""
+    if path is None:
+        yield None
+    elif str(path) == "-":
+        yield sys.stdout
+    else:
+        with path.open("w", encoding="utf-8") as handle:
+            yield handle
+
+
+def save(t: Trainable, o: TrainOptions, step: int, folder: Path) -> None:
+    """The adapter (peft's save_pretrained), the step count and the optimizer state, atomically into `folder`."""
+    state = {"step": step, "seed": o.seed, "data": str(o.data), "packing": o.packing, "batch_tokens": o.batch_tokens,
+             "max_seq_len": o.max_seq_len, "lr": o.lr, "schedule": o.schedule, "qlora": o.lora.qlora}
+    with atomic_dir(folder) as tmp:
+        t.model.save_pretrained(tmp)
+        (tmp / STATE_NAME).write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
+        torch.save({"optimizer": t.optimizer.state_dict(), "torch_rng": torch.get_rng_state()}, tmp / OPTIMIZER_NAME)
+
+
+def checkpoints_dir(output: Path) -> Path:
+    return output.with_name(output.name + ".checkpoints")
+
+
+def save_checkpoint(t: Trainable, o: TrainOptions, step: int) -> None:
+    """--save-every: OUT.checkpoints/step-NNNNNN, a folder --resume takes; only the latest is kept."""
+    folder = checkpoints_dir(o.output)
+    folder.mkdir(exist_ok=True)
+    save(t, o, step, folder / f"step-{step:06d}")
+    for old in folder.glob("step-*"):
+        if old.name != f"step-{step:06d}":
+            remove_path(old)
+
+
+def read_state(folder: Path) -> dict[str, Any]:
+    path = folder / STATE_NAME
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise TrainingError(f"{folder} has no {STATE_NAME}", "--resume takes a folder mt finetune wrote") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise TrainingError(f"{path} is damaged", "resume from another folder") from None
+    if not isinstance(state.get("step"), int) or not (folder / OPTIMIZER_NAME).is_file():
+        raise TrainingError(f"{folder} lacks the step count or {OPTIMIZER_NAME}", "--resume takes a folder mt finetune wrote")
+    return state
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
+    saved = torch.load(folder / OPTIMIZER_NAME, weights_only=True)  # tensors and numbers only: no pickle code runs
+    try:
+        optimizer.load_state_dict(saved["optimizer"])
+    except (ValueError, KeyError) as e:
+        raise TrainingError(f"the optimizer state in {folder} does not fit this model ({e})",
+                            "resume with the base and LoRA settings of that run") from None
+    torch.set_rng_state(saved["torch_rng"])
