@@ -83,7 +83,7 @@ class Fallback:
 
 @dataclass
 class PatchReport:
-    arch: str | None
+    arch: str
     backend: str  # "triton", "torch" (the PyTorch paths), or "none" when nothing was patched
     patched: dict[str, list[str]] = field(default_factory=dict)  # kind -> module names
     fallbacks: list[Fallback] = field(default_factory=list)
@@ -163,7 +163,7 @@ def base_model(model: Any) -> nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def family_of(base: nn.Module) -> tuple[str | None, KernelFamily | None]:
+def family_of(base: nn.Module) -> tuple[str, KernelFamily | None]:
     """(architecture name, its kernel family or None): the class name first, then config.architectures[0]."""
     archs = getattr(getattr(base, "config", None), "architectures", None) or []
     for name in (type(base).__name__, archs[0] if archs else None):
@@ -303,10 +303,10 @@ def _lora_dense_forward(kernels: KernelSet) -> Callable[..., torch.Tensor]:
 
 
 def _lora_4bit_forward(kernels: KernelSet) -> Callable[..., torch.Tensor]:
+    from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
+
     def forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         base = self.get_base_layer()
-        from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
-
         fix_4bit_weight_quant_state_from_module(base)
         cpu_packed = getattr(base.weight.quant_state, "packing_format_for_cpu", False)  # bnb's CPU inference layout
         if args or kwargs or cpu_packed or _lora_state_unsupported(self) is not None:

@@ -5,8 +5,9 @@ peft): logits, loss, gradients of every LoRA A/B and of the hidden states enteri
 float32: relative (Frobenius) distance <= 1e-5. bf16: two bf16 implementations of a 2-layer model differ by a
 few % of the logits' norm from rounding alone (measured: transformers' own bf16 logits are about 1 % (Frobenius)
 and up to 6 % (largest element) from the float64 model's), so the patched bf16 values are held to the float64 model
-instead: no further from it than BF16_ERROR_RATIO x transformers' bf16 values are, and the loss within 1e-2. Each test also counts the kernels' autograd Functions called, so a
-patch that silently fell back to PyTorch cannot pass.
+instead: no further from it than BF16_ERROR_RATIO x transformers' bf16 values are, and the loss within 1e-2.
+The tests also count the calls that only the kernels' Triton paths make (kernel_calls), so a patch that silently
+fell back to PyTorch cannot pass.
 """
 
 from __future__ import annotations
@@ -283,6 +284,21 @@ def test_packed_row_gives_the_same_loss_patched_and_unpatched(arch: str) -> None
     assert distance(packed.detach(), total / counted) <= F32_TOLERANCE
 
 
+def test_gradient_checkpointing_recomputes_the_patched_layers(kernel_calls: dict[str, int]) -> None:
+    """mt finetune --grad-checkpointing: each decoder layer runs again in the backward, the in-place rope too."""
+    model = with_lora(tiny_model("Qwen3ForCausalLM", seed=28))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # transformers 5 renames it; peft and the trainer call this
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    ids, labels = token_batch(seed=29)
+    ref = run(model, hf_loss(ids, labels), hf_logits(ids))
+    patch_model(model, kernels="triton")
+    got = run(model, mt_loss(ids, labels, kernels="triton"), hf_logits(ids))
+    assert kernel_calls["rope"] == 3 * 2 * 2  # (forward, recomputed forward, logits forward) x 2 layers x (q, k)
+    assert_f32_equal(got, ref)
+
+
 # ---- the chunked loss against transformers' -------------------------------------------------------------------
 
 @pytest.mark.parametrize("kernels", ["triton", "torch"])
@@ -316,7 +332,7 @@ def test_chunked_loss_bf16_within_tolerance() -> None:
 
 def test_qlora_nf4_base_patched_equals_unpatched(tmp_path: Path, kernel_calls: dict[str, int]) -> None:
     pytest.importorskip("bitsandbytes")
-    tiny_model("LlamaForCausalLM", seed=10).save_pretrained(tmp_path)
+    tiny_model("Qwen2ForCausalLM", seed=10).save_pretrained(tmp_path)  # q, k, v with biases
     quantization = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                                    bnb_4bit_use_double_quant=True,
                                                    bnb_4bit_compute_dtype=torch.float32)
