@@ -82,14 +82,16 @@ class RMSNormFunction(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float) -> torch.Tensor:
         rows = _rows(x)
         n_rows, n_cols = rows.shape
-        y = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
+        # y is returned as allocated, not as a view made here: autograd forbids modifying in place a view made
+        # inside a Function (Qwen3 rotates a transposed view of its q_norm output in place)
+        y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
         rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
         block = next_power_of_2(n_cols)
-        _rms_norm_forward[(n_rows,)](rows, weight, y, rstd, n_cols, rows.stride(0), y.stride(0), eps, offset,
+        _rms_norm_forward[(n_rows,)](rows, weight, y, rstd, n_cols, rows.stride(0), n_cols, eps, offset,
                                      BLOCK=block, num_warps=_num_warps(block))
         ctx.save_for_backward(rows, weight, rstd)
         ctx.offset = offset
-        return y.view(x.shape)
+        return y
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):

@@ -78,24 +78,23 @@ def _launch(x: torch.Tensor, out: torch.Tensor, cos_rows: torch.Tensor, sin_rows
 
 
 class RopeFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q: torch.Tensor, k: torch.Tensor, cos_rows: torch.Tensor, sin_rows: torch.Tensor,
-                row_of_token: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        for x in (q, k):
-            _launch(x, x, cos_rows, sin_rows, row_of_token, backward=False)
-        ctx.mark_dirty(q, k)
-        ctx.save_for_backward(cos_rows, sin_rows, row_of_token)
-        return q, k
+    """Rotates one tensor in place. One tensor per Function: autograd refuses a Function that modifies a view in
+    place (attention's q is a transposed view of the projection) and returns more than one tensor."""
 
     @staticmethod
-    def backward(ctx, dq: torch.Tensor, dk: torch.Tensor):
+    def forward(ctx, x: torch.Tensor, cos_rows: torch.Tensor, sin_rows: torch.Tensor,
+                row_of_token: torch.Tensor) -> torch.Tensor:
+        _launch(x, x, cos_rows, sin_rows, row_of_token, backward=False)
+        ctx.mark_dirty(x)
+        ctx.save_for_backward(cos_rows, sin_rows, row_of_token)
+        return x
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
         cos_rows, sin_rows, row_of_token = ctx.saved_tensors
-        grads = []
-        for dy in (dq, dk):
-            dx = torch.empty_like(dy, memory_format=torch.contiguous_format)
-            _launch(_unit_last_stride(dy), dx, cos_rows, sin_rows, row_of_token, backward=True)
-            grads.append(dx)
-        return grads[0], grads[1], None, None, None
+        dx = torch.empty_like(dy, memory_format=torch.contiguous_format)
+        _launch(_unit_last_stride(dy), dx, cos_rows, sin_rows, row_of_token, backward=True)
+        return dx, None, None, None
 
 
 def _unit_last_stride(x: torch.Tensor) -> torch.Tensor:
@@ -153,4 +152,5 @@ def apply_rope_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.
     cos_rows, sin_rows = _unit_last_stride(cos_rows), _unit_last_stride(sin_rows)
     if sin_rows.stride(0) != cos_rows.stride(0):
         cos_rows, sin_rows = cos_rows.contiguous(), sin_rows.contiguous()
-    return RopeFunction.apply(q, k, cos_rows, sin_rows, row_of_token)
+    return (RopeFunction.apply(q, cos_rows, sin_rows, row_of_token),
+            RopeFunction.apply(k, cos_rows, sin_rows, row_of_token))

@@ -59,6 +59,24 @@ def test_non_contiguous_rows_and_frozen_weight(kernels):
     assert_close(dx, dx_ref, torch.float32, "dx")
 
 
+def test_output_view_can_be_rotated_in_place_with_gradients(kernels):
+    """Qwen3 normalizes q per head and rotates a transposed view of the result in place: the output must not be
+    a view made inside the autograd Function (autograd forbids modifying those in place)."""
+    x, weight, upstream = inputs((2, 5, 4, 32), torch.float32, seed=11)
+
+    def normed_then_doubled_in_place(norm):
+        leaf = x.clone().requires_grad_()
+        y = norm(leaf * 1, weight, 1e-6).transpose(1, 2)
+        y.mul_(2.0)
+        (y * upstream.transpose(1, 2)).sum().backward()
+        return y.detach(), leaf.grad
+
+    fast = normed_then_doubled_in_place(kernels.rms_norm.rms_norm)
+    slow = normed_then_doubled_in_place(rms_norm_reference)
+    assert_close(fast[0], slow[0], torch.float32, "y")
+    assert_close(fast[1], slow[1], torch.float32, "dx")
+
+
 def test_weight_that_does_not_fit_is_refused(kernels):
     with pytest.raises(KernelInputError, match=r"weight \(63,\) does not fit x \(4, 64\)"):
         kernels.rms_norm.rms_norm(torch.ones(4, 64), torch.ones(63), 1e-6)

@@ -80,6 +80,29 @@ def test_rotates_a_transposed_view_in_place(kernels):
     assert_close(proj_k.transpose(1, 2), expected_k, torch.float32, "k in place")
 
 
+def test_gradients_through_a_transposed_view_of_a_projection(kernels):
+    """As in attention during training: q, k are transposed views of projection outputs that need grad (autograd
+    refuses an in-place Function on a view that returns two tensors)."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 5, 32, generator=g, requires_grad=True)
+    w_q, w_k = torch.randn(4 * 16, 32, generator=g), torch.randn(2 * 16, 32, generator=g)
+    cos_t, sin_t = cos_sin_table(8, 16)
+    cos, sin = cos_t[None, :5], sin_t[None, :5]
+    upstream_q, upstream_k = torch.randn(2, 4, 5, 16, generator=g), torch.randn(2, 2, 5, 16, generator=g)
+
+    def rotated_grad(apply):
+        x.grad = None
+        q = (x @ w_q.t()).view(2, 5, 4, 16).transpose(1, 2)
+        k = (x @ w_k.t()).view(2, 5, 2, 16).transpose(1, 2)
+        q, k = apply(q, k, cos, sin)
+        ((q * upstream_q).sum() + (k * upstream_k).sum()).backward()
+        return q.detach(), k.detach(), x.grad.clone()
+
+    fast, slow = rotated_grad(kernels.rope.apply_rope_), rotated_grad(rope_reference)
+    for name, a, b in zip(("q", "k", "dx"), fast, slow):
+        assert_close(a, b, torch.float32, name)
+
+
 def test_reference_equals_transformers_apply_rotary_pos_emb():
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
