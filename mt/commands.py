@@ -8,7 +8,7 @@ from contextlib import ExitStack
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable, TypeVar
 
 import click
 
@@ -16,6 +16,8 @@ from mt.convert.convert import convert, load
 from mt.errors import MtError
 from mt.convert.plan import TensorPlan, companion_plans
 from mt.quant.types import set_threads
+
+T = TypeVar("T")
 
 if TYPE_CHECKING:
     from mt.finetune.trainer import StepLog, TrainOptions
@@ -47,6 +49,18 @@ def print_plan(plan: TensorPlan) -> None:
     click.echo(f"{len(plan.entries)} tensors, {format_bytes(plan.nbytes)} of tensor data, file type {plan.file_type.name}")
 
 
+def with_progress(show_bar: bool, run: Callable[[Callable[[int, int], None] | None], T]) -> tuple[T, float]:
+    """`run(progress)` with a progress bar on stderr when `show_bar`; its result and the seconds it took."""
+    bar = ProgressBar() if show_bar and sys.stderr.isatty() else None
+    start = time.perf_counter()
+    try:
+        result = run(bar.update if bar else None)
+    finally:
+        if bar:
+            bar.close()
+    return result, time.perf_counter() - start
+
+
 def convert_command(src: Path, out: Path | None, outtype: str, *, force: bool, vocab_only: bool, dry_run: bool,
                     allow_pickle: bool, threads: int | None, quiet: bool, as_json: bool, device: str = "auto",
                     adapter: Path | None = None, dequantized_base: bool = False) -> None:
@@ -69,17 +83,9 @@ def convert_command(src: Path, out: Path | None, outtype: str, *, force: bool, v
                 print_plan(companion_plan)
         return
     assert out is not None
-    show_bar = not quiet and not as_json and sys.stderr.isatty()
-    start = time.perf_counter()
-    bar = ProgressBar() if show_bar else None
-    try:
-        result = convert(src, out, outtype, force=force, vocab_only=vocab_only, allow_pickle=allow_pickle,
-                         progress=bar.update if bar else None, device=device, adapter=adapter,
-                         dequantized_base=dequantized_base)
-    finally:
-        if bar:
-            bar.close()
-    elapsed = time.perf_counter() - start
+    result, elapsed = with_progress(not quiet and not as_json, lambda progress: convert(
+        src, out, outtype, force=force, vocab_only=vocab_only, allow_pickle=allow_pickle, progress=progress,
+        device=device, adapter=adapter, dequantized_base=dequantized_base))
     summary = {"output": str(result.output), "arch": result.arch, "file_type": result.plan.file_type.name,
                "tensors": 0 if vocab_only else len(result.plan.entries), "bytes": result.output.stat().st_size,
                "seconds": round(elapsed, 3), "tokenizer": result.vocab.model if result.vocab else None,
@@ -99,15 +105,9 @@ def reexport_command(src: Path, out: Path, outtype: str, *, force: bool, allow_p
                      adapter: Path | None = None, dequantized_base: bool = False) -> None:
     from mt.convert.reexport import reexport
 
-    bar = ProgressBar() if not quiet and not as_json and sys.stderr.isatty() else None
-    start = time.perf_counter()
-    try:
-        result = reexport(src, out, outtype, force=force, allow_pickle=allow_pickle, adapter=adapter,
-                          dequantized_base=dequantized_base, progress=bar.update if bar else None)
-    finally:
-        if bar:
-            bar.close()
-    elapsed = time.perf_counter() - start
+    result, elapsed = with_progress(not quiet and not as_json, lambda progress: reexport(
+        src, out, outtype, force=force, allow_pickle=allow_pickle, adapter=adapter,
+        dequantized_base=dequantized_base, progress=progress))
     if as_json:
         click.echo(json.dumps({"output": str(out), "dtype": result.dtype, "tensors": result.tensors, "bytes": result.nbytes,
                                "shards": result.shards, "seconds": round(elapsed, 3)}))
@@ -155,34 +155,22 @@ def quantize_command(src: Path, out: Path, file_type: str, *, pure: bool, output
         set_threads(threads)
     options = MixOptions(pure=pure, output_tensor_type=tensor_type_option(output_tensor_type),
                          token_embedding_type=tensor_type_option(token_embedding_type))
-    bar = ProgressBar() if not quiet and sys.stderr.isatty() else None
-    start = time.perf_counter()
-    try:
-        result = quantize_gguf(src, out, file_type, options=options, force=force, progress=bar.update if bar else None,
-                               imatrix=imatrix, device=device)
-    finally:
-        if bar:
-            bar.close()
+    result, elapsed = with_progress(not quiet, lambda progress: quantize_gguf(
+        src, out, file_type, options=options, force=force, progress=progress, imatrix=imatrix, device=device))
     if not quiet:
         counts = Counter(t.name for t in result.types.values())
         mix = ", ".join(f"{n} {name}" for name, n in sorted(counts.items()))
         click.echo(f"wrote {out}: {result.file_type.name}, {format_bytes(out.stat().st_size)} in "
-                   f"{time.perf_counter() - start:.1f} s ({mix})")
+                   f"{elapsed:.1f} s ({mix})")
 
 
 def merge_command(base: Path, adapter: Path, out: Path, *, dtype: str | None, max_shard_size: str,
                   dequantized_base: bool, force: bool, quiet: bool, as_json: bool) -> None:
     from mt.merge.merge import merge
 
-    bar = ProgressBar() if not quiet and not as_json and sys.stderr.isatty() else None
-    start = time.perf_counter()
-    try:
-        result = merge(base, adapter, out, dtype=dtype, max_shard_size=max_shard_size, force=force,
-                       dequantized_base=dequantized_base, progress=bar.update if bar else None)
-    finally:
-        if bar:
-            bar.close()
-    elapsed = time.perf_counter() - start
+    result, elapsed = with_progress(not quiet and not as_json, lambda progress: merge(
+        base, adapter, out, dtype=dtype, max_shard_size=max_shard_size, force=force,
+        dequantized_base=dequantized_base, progress=progress))
     if as_json:
         click.echo(json.dumps({"output": str(out), "tensors": result.tensors, "merged": result.merged,
                                "bytes": result.nbytes, "shards": result.shards, "seconds": round(elapsed, 3)}))

@@ -314,17 +314,20 @@ def check_sentencepiece(model_file: Path, n: int = 12) -> None:
             raise AssertionError(f"spm mismatch for {text!r}: {got} != {expected}")
 
 
-def _spm_merges(vocab: GGUFVocab) -> list[list[str]]:
-    """BPE merges implied by a SentencePiece BPE vocab, ordered by the merged piece's rank."""
+def _spm_merges(vocab: GGUFVocab, by_score: bool = False) -> list[list[str]]:
+    """BPE merges implied by a SentencePiece BPE vocab, ordered by the merged piece's id, or with `by_score` as
+    SentencePiece applies them: the merged piece's score, highest first (then its id). llama-spm's "▁▁…" pieces sit
+    at low ids with the lowest scores, so the id order merges runs of spaces before SentencePiece does."""
     ids = {tok: i for i, tok in enumerate(vocab.tokens)}
-    merges: list[tuple[int, int, int, str, str]] = []
+    merges: list[tuple[Any, ...]] = []
     for i, (piece, kind) in enumerate(zip(vocab.tokens, vocab.token_types)):
         if kind != _GGUF_NORMAL:
             continue
+        rank = (-vocab.scores[i], i) if by_score else (i,)
         for cut in range(1, len(piece)):
             left, right = piece[:cut], piece[cut:]
             if left in ids and right in ids:
-                merges.append((i, ids[left], ids[right], left, right))
+                merges.append((*rank, ids[left], ids[right], left, right))
     return [[left, right] for *_, left, right in sorted(merges)]
 
 
@@ -835,26 +838,8 @@ def _gemma_tokenizer_json(vocab: GGUFVocab, added: list[AddedToken]) -> dict[str
     tj["post_processor"] = _bos_template("<bos>", 2)
     tj["decoder"]["decoders"] = tj["decoder"]["decoders"][:3]  # no Strip: no dummy prefix to take off
     tj["model"]["unk_token"] = "<unk>"
-    tj["model"]["merges"] = _spm_merges_by_score(vocab)
+    tj["model"]["merges"] = _spm_merges(vocab, by_score=True)
     return tj
-
-
-def _spm_merges_by_score(vocab: GGUFVocab) -> list[list[str]]:
-    """BPE merges ranked as SentencePiece applies them: the merged piece's score, highest first (then its id).
-
-    llama-spm's "▁▁…" pieces sit at low ids with the lowest scores, so the id order `_spm_merges` uses would
-    merge runs of spaces before SentencePiece does.
-    """
-    ids = {tok: i for i, tok in enumerate(vocab.tokens)}
-    merges: list[tuple[float, int, int, str, str]] = []
-    for i, (piece, kind) in enumerate(zip(vocab.tokens, vocab.token_types)):
-        if kind != _GGUF_NORMAL:
-            continue
-        for cut in range(1, len(piece)):
-            left, right = piece[:cut], piece[cut:]
-            if left in ids and right in ids:
-                merges.append((-vocab.scores[i], i, ids[left], left, right))
-    return [[left, right] for *_, left, right in sorted(merges)]
 
 
 def write_gemma_tokenizer(dir: Path) -> None:

@@ -84,7 +84,7 @@ class VocabSummary:
     n_tokens: int
 
 
-def _read_json(path: Path) -> Any:
+def read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -136,7 +136,7 @@ def write_gpt2(folder: Path, config: dict[str, Any], w: GGUFWriter) -> VocabSumm
     pre = detect_pre_tokenizer(folder, tokenizer, tj)
     added = tokenizer.get_added_tokens_decoder()
     added_by_content = {t.content for t in added.values()}
-    tconfig = _read_json(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").is_file() else {}
+    tconfig = read_json(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").is_file() else {}
     clean_up = bool(tconfig.get("clean_up_tokenization_spaces", False))
     reverse = {i: t for t, i in vocab.items()}
     tokens: list[str] = []
@@ -177,20 +177,9 @@ def write_sentencepiece(folder: Path, config: dict[str, Any], w: GGUFWriter) -> 
     except Exception as e:  # sentencepiece raises OSError/RuntimeError for a bad model
         raise TokenizerError(f"{folder / 'tokenizer.model'} cannot be loaded ({e})", "replace it with the model's own") from None
     vocab_size = config.get("vocab_size") or sp.vocab_size()
-    tokens = [f"[PAD{i}]".encode() for i in range(vocab_size)]
-    scores = [-10000.0] * vocab_size
-    types = [SPM_TYPES["unused"]] * vocab_size
-    for i in range(min(sp.vocab_size(), vocab_size)):
-        tokens[i] = sp.IdToPiece(i).encode("utf-8")
-        scores[i] = sp.GetScore(i)
-        types[i] = _spm_type(sp, i)
-    added_json = folder / "added_tokens.json"
-    if added_json.is_file():
-        for text, tid in _read_json(added_json).items():
-            if tid < vocab_size:
-                tokens[tid], scores[tid], types[tid] = text.encode("utf-8"), -1000.0, SPM_TYPES["user_defined"]
+    tokens, scores, types = spm_pieces(sp, folder, vocab_size)
     tconfig_path = folder / "tokenizer_config.json"
-    decoder = _read_json(tconfig_path).get("added_tokens_decoder", {}) if tconfig_path.is_file() else {}
+    decoder = read_json(tconfig_path).get("added_tokens_decoder", {}) if tconfig_path.is_file() else {}
     for tid_text, data in decoder.items():
         tid, text = int(tid_text), data["content"]
         if tid >= vocab_size:
@@ -201,6 +190,28 @@ def write_sentencepiece(folder: Path, config: dict[str, Any], w: GGUFWriter) -> 
             text = text.replace("\u2581", " ")
             types[tid] = SPM_TYPES["user_defined"]
         scores[tid], tokens[tid] = -1000.0, text.encode("utf-8")
+    return write_spm_arrays(folder, w, tokens, scores, types)
+
+
+def spm_pieces(sp: Any, folder: Path, vocab_size: int) -> tuple[list[bytes], list[float], list[int]]:
+    """Token bytes, scores and types for ids 0..vocab_size-1: the model's pieces, then added_tokens.json,
+    padding ids as [PADn] (unused)."""
+    tokens = [f"[PAD{i}]".encode() for i in range(vocab_size)]
+    scores = [-10000.0] * vocab_size
+    types = [SPM_TYPES["unused"]] * vocab_size
+    for i in range(min(sp.vocab_size(), vocab_size)):
+        tokens[i] = sp.IdToPiece(i).encode("utf-8")
+        scores[i] = sp.GetScore(i)
+        types[i] = _spm_type(sp, i)
+    added_json = folder / "added_tokens.json"
+    if added_json.is_file():
+        for text, tid in read_json(added_json).items():
+            if tid < vocab_size:
+                tokens[tid], scores[tid], types[tid] = text.encode("utf-8"), -1000.0, SPM_TYPES["user_defined"]
+    return tokens, scores, types
+
+
+def write_spm_arrays(folder: Path, w: GGUFWriter, tokens: list[bytes], scores: list[float], types: list[int]) -> VocabSummary:
     w.add_tokenizer_model("llama")
     w.add_tokenizer_pre("default")
     w.add_token_list(tokens)
@@ -229,7 +240,7 @@ def _is_byte_fallback_bpe(folder: Path) -> bool:
 
 def write_add_space_prefix(folder: Path, w: GGUFWriter) -> None:
     path = folder / "tokenizer_config.json"
-    if path.is_file() and (value := _read_json(path).get("add_prefix_space")) is not None:
+    if path.is_file() and (value := read_json(path).get("add_prefix_space")) is not None:
         w.add_add_space_prefix(value)
 
 

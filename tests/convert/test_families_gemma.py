@@ -21,7 +21,7 @@ from mt.convert.convert import convert
 from mt.quant.quantize import parse_file_type, quantize_gguf
 from mt.verify.corpus import CORPUS, with_special_tokens
 from mt.verify.logits import compare_logits, llama_cpp_logits
-from tests.gguf_compare import read_gguf
+from tests.gguf_compare import assert_same_file, read_gguf
 from tests.llama_quantize import llama_quantize
 from tests.oracle import run_converter
 
@@ -42,17 +42,6 @@ def converted(request, tmp_path_factory):
         return made[fixture, outtype]
 
     return get
-
-
-def assert_same_file(ours: Path, ref: Path) -> None:
-    if ours.read_bytes() == ref.read_bytes():
-        return
-    a, b = read_gguf(ours), read_gguf(ref)
-    assert a.kv == b.kv
-    assert [t[:3] for t in a.tensors] == [t[:3] for t in b.tensors]
-    for x, y in zip(a.tensors, b.tensors):
-        assert x[3] == y[3], f"{x[0]}: data differs"
-    pytest.fail("files differ outside metadata and tensor data")
 
 
 @pytest.mark.parametrize("fixture, outtype", [

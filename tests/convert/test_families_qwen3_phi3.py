@@ -23,7 +23,7 @@ from tests.convert.test_llama_cpp import hf_ids, sentencepiece_ids
 from tests.gguf_compare import read_gguf
 from tests.llama_quantize import llama_quantize
 from tests.oracle import run_converter, vocab_vectors
-from tests.quant.test_quantize import assert_same_file
+from tests.gguf_compare import assert_same_file
 
 Converted = Callable[[str, str], Path]
 

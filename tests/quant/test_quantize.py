@@ -8,7 +8,7 @@ from click.testing import CliRunner
 from mt.cli import main
 from mt.convert.convert import convert
 from mt.quant.quantize import parse_file_type, quantize_gguf
-from tests.gguf_compare import read_gguf
+from tests.gguf_compare import assert_same_file, read_gguf
 from tests.llama_quantize import llama_quantize
 
 K_MIXES = ["q4_k_m", "q5_k_m", "q4_k_s", "q5_k_s", "q6_k", "q8_0"]
@@ -19,17 +19,6 @@ def f32_gguf(llama2_256_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("f32") / "m-f32.gguf"
     convert(llama2_256_dir, out, "f32")
     return out
-
-
-def assert_same_file(ours: Path, ref: Path) -> None:
-    if ours.read_bytes() == ref.read_bytes():
-        return
-    a, b = read_gguf(ours), read_gguf(ref)
-    assert a.kv == b.kv
-    assert [t[:3] for t in a.tensors] == [t[:3] for t in b.tensors]
-    for x, y in zip(a.tensors, b.tensors):
-        assert x[3] == y[3], f"{x[0]}: data differs"
-    pytest.fail("files differ outside metadata and tensor data")
 
 
 @pytest.mark.parametrize("mix", K_MIXES + ["q4_0", "q5_0", "q5_1"])

@@ -16,7 +16,7 @@ from tests.ggml_ref import ggml_quantize
 from tests.gguf_compare import read_gguf
 from tests.imatrix_files import RawImatrix, random_imatrix, write_gguf, write_legacy
 from tests.llama_quantize import llama_quantize
-from tests.quant.test_quantize import assert_same_file
+from tests.gguf_compare import assert_same_file
 
 
 def model_imatrix(gguf_path: Path, seed: int = 0) -> RawImatrix:

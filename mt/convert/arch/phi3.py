@@ -13,8 +13,7 @@ from gguf import GGUFWriter
 
 from mt.convert.arch.base import Architecture, ExtraTensor, NameTable, find_key
 from mt.convert.arch.common import rope_parameters, warn_if_window_ignored
-from mt.convert.special import load_special_vocab
-from mt.convert.vocab import SPM_TYPES, VocabSummary, _read_json, _spm_type, write_gpt2
+from mt.convert.vocab import SPM_TYPES, VocabSummary, read_json, spm_pieces, write_gpt2, write_spm_arrays
 from mt.errors import CheckpointError, TokenizerError, UnsupportedArchitecture
 
 PHI3_NAMES = {
@@ -126,7 +125,7 @@ class Phi3(Architecture):
 
     def write_vocab(self, folder: Path, w: GGUFWriter) -> VocabSummary:
         tconfig_path = folder / "tokenizer_config.json"
-        tconfig = _read_json(tconfig_path) if tconfig_path.is_file() else {}
+        tconfig = read_json(tconfig_path) if tconfig_path.is_file() else {}
         if tconfig.get("tokenizer_class") == "GPT2Tokenizer":  # Phi-4
             return write_gpt2(folder, self.config, w)
         warn_if_name_hides_phi3(w)
@@ -162,7 +161,7 @@ def _added_tokens(folder: Path, tconfig: dict[str, Any]) -> list[tuple[int, str,
     """(id, text, special) from tokenizer_config.json's added_tokens_decoder, then tokenizer.json's added_tokens."""
     found = [(int(tid), data["content"], bool(data.get("special"))) for tid, data in tconfig.get("added_tokens_decoder", {}).items()]
     if (folder / "tokenizer.json").is_file():
-        tokenizer_json = _read_json(folder / "tokenizer.json")
+        tokenizer_json = read_json(folder / "tokenizer.json")
         found += [(int(t["id"]), t["content"], bool(t.get("special"))) for t in tokenizer_json.get("added_tokens", [])]
     return found
 
@@ -175,28 +174,14 @@ def write_phi3_sentencepiece(folder: Path, config: dict[str, Any], tconfig: dict
     if sp.vocab_size() > vocab_size:
         raise TokenizerError(f"tokenizer.model has {sp.vocab_size()} pieces but config.json vocab_size is {vocab_size}",
                              "fix vocab_size in config.json")
-    tokens = [f"[PAD{i}]".encode() for i in range(vocab_size)]
-    scores = [-10000.0] * vocab_size
-    types = [SPM_TYPES["unused"]] * vocab_size
-    for i in range(sp.vocab_size()):
-        tokens[i], scores[i], types[i] = sp.IdToPiece(i).encode("utf-8"), sp.GetScore(i), _spm_type(sp, i)
-    if (folder / "added_tokens.json").is_file():
-        for text, tid in _read_json(folder / "added_tokens.json").items():
-            if tid < vocab_size:
-                tokens[tid], scores[tid], types[tid] = text.encode("utf-8"), -1000.0, SPM_TYPES["user_defined"]
+    tokens, scores, types = spm_pieces(sp, folder, vocab_size)
     for tid, text, special in _added_tokens(folder, tconfig):
         if tid >= vocab_size:
             raise TokenizerError(f"added token {text!r} has id {tid} but config.json vocab_size is {vocab_size}",
                                  "resize the embeddings or fix vocab_size in config.json")
         tokens[tid], scores[tid] = text.encode("utf-8"), -1000.0
         types[tid] = SPM_TYPES["control"] if special else SPM_TYPES["user_defined"]
-    w.add_tokenizer_model("llama")
-    w.add_tokenizer_pre("default")
-    w.add_token_list(tokens)
-    w.add_token_scores(scores)
-    w.add_token_types(types)
-    load_special_vocab(folder, n_vocab=len(tokens)).write(w)
-    return VocabSummary("llama", "default", len(tokens))
+    return write_spm_arrays(folder, w, tokens, scores, types)
 
 
 ARCH = Phi3
