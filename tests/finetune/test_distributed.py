@@ -1,0 +1,124 @@
+"""`torchrun --nproc-per-node 2 --standalone -m mt finetune ...` on the CPU (gloo): the same adapter and losses as
+one process training the same global batch (--grad-accum 2), only rank 0 writing, and a bad setup as one line.
+
+torchrun itself is launched (as `python -m torch.distributed.run`, the module behind the torchrun script), so the
+test covers the environment handshake (RANK / WORLD_SIZE / LOCAL_RANK), process-group setup and `python -m mt`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mt.finetune.lora import LoraOptions
+from mt.finetune.trainer import STATE_NAME, TrainOptions, finetune
+from tests.finetune.conftest import write_jsonl
+
+ROOT = Path(__file__).resolve().parents[2]
+ANIMALS = ("cat", "dog", "cow", "owl", "bee", "fox", "elk", "yak", "ant", "emu")
+# 10 rows of 8-11 tokens packed into rows of <= 18 tokens: 5 packed rows an epoch, so with 2 processes each
+# epoch's last step has one row and rank 1 takes the weight-0 stand-in
+COMMON = dict(batch_tokens=18, max_seq_len=18, epochs=2, lr=1e-2, threads=1, seed=3,
+              lora=LoraOptions(r=4, alpha=8, target="q,v,down"))
+
+
+@pytest.fixture(scope="module")
+def animals_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    rows = [{"prompt": f"The {a} says", "completion": f" hello {i}"} for i, a in enumerate(ANIMALS)]
+    return write_jsonl(tmp_path_factory.mktemp("ddp") / "animals.jsonl", rows)
+
+
+def torchrun(nproc: int, args: list[str], tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MT_DEBUG")}
+    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", TORCHELASTIC_ERROR_FILE="")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--standalone",
+               "-m", "mt", "finetune", *args]
+    return subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+
+
+def cli_args(base: Path, data: Path, out: Path, grad_accum: int, **extra: str) -> list[str]:
+    args = [str(base), "--data", str(data), "-o", str(out), "--batch-tokens", "18", "--max-seq-len", "18",
+            "--epochs", "2", "--lr", "1e-2", "--threads", "1", "--seed", "3", "--lora-r", "4", "--lora-alpha", "8",
+            "--target", "q,v,down", "--device", "cpu", "--grad-accum", str(grad_accum)]
+    return args + [x for k, v in extra.items() for x in (f"--{k.replace('_', '-')}", v)]
+
+
+def losses(log: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in log.read_text().splitlines()]
+
+
+def test_two_processes_train_what_one_does_with_the_same_global_batch(tiny_llama3: Path, animals_data: Path,
+                                                                      tmp_path: Path) -> None:
+    one = finetune(TrainOptions(base=tiny_llama3, data=animals_data, output=tmp_path / "one", grad_accum=2,
+                                json_log=tmp_path / "one.jsonl", device="cpu", **COMMON))
+    assert one.total_steps == 6  # ceil(5 rows / 2 per step) x 2 epochs
+
+    run = torchrun(2, cli_args(tiny_llama3, animals_data, tmp_path / "two", 1, json_log=str(tmp_path / "two.jsonl")),
+                   tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("wrote ") == 1, run.stdout  # rank 0 alone reports
+    assert "6 steps of 2 rows of <= 18 tokens (2 processes x 1)" in run.stderr
+
+    assert losses(tmp_path / "two.jsonl") == pytest.approx(losses(tmp_path / "one.jsonl"), rel=1e-5)
+    assert losses(tmp_path / "one.jsonl")[-1] < losses(tmp_path / "one.jsonl")[0]
+    want, got = (load_file(tmp_path / name / "adapter_model.safetensors") for name in ("one", "two"))
+    assert want.keys() == got.keys() and len(want) == 12
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
+    state = json.loads((tmp_path / "two" / STATE_NAME).read_text())
+    assert state["step"] == 6 and state["world_size"] == 2 and state["grad_accum"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("two")) == ["two", "two.jsonl"]
+
+
+def test_the_step_loss_is_the_mean_over_every_trained_token_of_the_global_batch(tiny_llama3: Path,
+                                                                                tmp_path: Path) -> None:
+    """Step 1 of a one-process --grad-accum 5 run (every packed row, weights untouched): the loss it reports must be
+    plain transformers' mean cross-entropy over all trained tokens of the epoch, not a mean of the rows' means."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mt.finetune.data import load_samples
+
+    rows = [{"prompt": f"The {a}", "completion": " says" + " hi" * (i % 4)} for i, a in enumerate(ANIMALS)]
+    data = write_jsonl(tmp_path / "uneven.jsonl", rows)  # 1 to 4 trained tokens a row: means of means would differ
+    options = TrainOptions(base=tiny_llama3, data=data, output=tmp_path / "a", grad_accum=5, device="cpu",
+                           json_log=tmp_path / "a.jsonl", **{**COMMON, "epochs": 1})
+    result = finetune(options)
+    assert result.total_steps == 1 and result.tokens == result.data.tokens
+
+    samples, _ = load_samples(data, AutoTokenizer.from_pretrained(tiny_llama3), 18)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama3, dtype=torch.float32)
+    total, count, row_means = 0.0, 0, []
+    with torch.no_grad():
+        for s in samples:  # LoRA B starts at zero: the first step's forward is the base's
+            logits = model(input_ids=torch.tensor([s.input_ids])).logits[0, :-1]
+            labels = torch.tensor(s.labels[1:])
+            nll = torch.nn.functional.cross_entropy(logits, labels, ignore_index=-100, reduction="sum")
+            total, count = total + nll.item(), count + s.trained
+            row_means.append(nll.item() / s.trained)
+    assert losses(tmp_path / "a.jsonl")[0] == pytest.approx(total / count, rel=1e-5)
+    assert abs(total / count - sum(row_means) / len(row_means)) > 1e-4  # the two means differ on this data
+
+
+def test_more_processes_than_packed_rows_is_one_line(tiny_llama3: Path, tmp_path: Path) -> None:
+    data = write_jsonl(tmp_path / "one_row.jsonl", [{"text": "just one short row"}])
+    run = torchrun(2, cli_args(tiny_llama3, data, tmp_path / "out", 1), tmp_path)
+    assert run.returncode != 0
+    errors = [line for line in run.stderr.splitlines() if line.startswith("mt: error")]
+    assert errors == ["mt: error: the data makes 1 packed rows of <= 18 tokens, fewer than the 2 processes; "
+                      "lower --batch-tokens, add data or start fewer processes"], run.stderr[-3000:]
+    assert not (tmp_path / "out").exists()
+
+
+def test_grad_accum_must_be_positive(tiny_llama3: Path, animals_data: Path, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from mt.cli import main
+
+    run = CliRunner().invoke(main, ["finetune", *cli_args(tiny_llama3, animals_data, tmp_path / "o", 0)])
+    assert run.exit_code == 1 and "--grad-accum must be at least 1 (got 0)" in run.output
