@@ -85,7 +85,7 @@ def wrap_ddp(model: torch.nn.Module, world: World, device: torch.device) -> torc
     frozen += [name for name, _ in model.named_buffers()]
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, frozen)
     device_ids = [device.index] if device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+    return DistributedDataParallel(model, device_ids=device_ids)
 
 
 def no_sync(model: torch.nn.Module, sync: bool) -> AbstractContextManager[Any]:

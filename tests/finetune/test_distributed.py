@@ -1,5 +1,6 @@
 """`torchrun --nproc-per-node 2 --standalone -m mt finetune ...` on the CPU (gloo): the same adapter and losses as
-one process training the same global batch (--grad-accum 2), only rank 0 writing, and a bad setup as one line.
+one process training the same global batch (--grad-accum 2), through a --save-every checkpoint and a --resume,
+only rank 0 writing, and a bad setup as one line.
 
 torchrun itself is launched (as `python -m torch.distributed.run`, the module behind the torchrun script), so the
 test covers the environment handshake (RANK / WORLD_SIZE / LOCAL_RANK), process-group setup and `python -m mt`."""
@@ -22,9 +23,9 @@ from tests.finetune.conftest import write_jsonl
 
 ROOT = Path(__file__).resolve().parents[2]
 ANIMALS = ("cat", "dog", "cow", "owl", "bee", "fox", "elk", "yak", "ant", "emu")
-# 10 rows of 8-11 tokens packed into rows of <= 18 tokens: 5 packed rows an epoch, so with 2 processes each
-# epoch's last step has one row and rank 1 takes the weight-0 stand-in
-COMMON = dict(batch_tokens=18, max_seq_len=18, epochs=2, lr=1e-2, threads=1, seed=3,
+# 10 rows of 8-9 tokens packed two to a row of <= 18 tokens: 5 packed rows an epoch, so with 2 processes each
+# epoch's last step (3 and 6) has one row and rank 1 takes the weight-0 stand-in
+COMMON = dict(batch_tokens=18, max_seq_len=18, lr=1e-2, threads=1, seed=3, schedule="constant", warmup_steps=0,
               lora=LoraOptions(r=4, alpha=8, target="q,v,down"))
 
 
@@ -44,8 +45,8 @@ def torchrun(nproc: int, args: list[str], tmp_path: Path) -> subprocess.Complete
 
 def cli_args(base: Path, data: Path, out: Path, grad_accum: int, **extra: str) -> list[str]:
     args = [str(base), "--data", str(data), "-o", str(out), "--batch-tokens", "18", "--max-seq-len", "18",
-            "--epochs", "2", "--lr", "1e-2", "--threads", "1", "--seed", "3", "--lora-r", "4", "--lora-alpha", "8",
-            "--target", "q,v,down", "--device", "cpu", "--grad-accum", str(grad_accum)]
+            "--lr", "1e-2", "--threads", "1", "--seed", "3", "--lora-r", "4", "--lora-alpha", "8", "--schedule",
+            "constant", "--warmup-steps", "0", "--target", "q,v,down", "--device", "cpu", "--grad-accum", str(grad_accum)]
     return args + [x for k, v in extra.items() for x in (f"--{k.replace('_', '-')}", v)]
 
 
@@ -56,16 +57,21 @@ def losses(log: Path) -> list[float]:
 def test_two_processes_train_what_one_does_with_the_same_global_batch(tiny_llama3: Path, animals_data: Path,
                                                                       tmp_path: Path) -> None:
     one = finetune(TrainOptions(base=tiny_llama3, data=animals_data, output=tmp_path / "one", grad_accum=2,
-                                json_log=tmp_path / "one.jsonl", device="cpu", **COMMON))
+                                epochs=2, json_log=tmp_path / "one.jsonl", device="cpu", **COMMON))
     assert one.total_steps == 6  # ceil(5 rows / 2 per step) x 2 epochs
 
-    run = torchrun(2, cli_args(tiny_llama3, animals_data, tmp_path / "two", 1, json_log=str(tmp_path / "two.jsonl")),
-                   tmp_path)
+    # steps 1-3 (a checkpoint after step 2, removed when the run completes), then 4-6 resumed
+    run = torchrun(2, cli_args(tiny_llama3, animals_data, tmp_path / "half", 1, max_steps="3", save_every="2",
+                               json_log=str(tmp_path / "half.jsonl")), tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.count("wrote ") == 1, run.stdout  # rank 0 alone reports
-    assert "6 steps of 2 rows of <= 18 tokens (2 processes x 1)" in run.stderr
+    assert "3 steps of 2 rows of <= 18 tokens (2 processes x 1)" in run.stderr
+    run = torchrun(2, cli_args(tiny_llama3, animals_data, tmp_path / "two", 1, max_steps="6", resume=str(tmp_path / "half"),
+                               json_log=str(tmp_path / "two.jsonl")), tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
 
-    assert losses(tmp_path / "two.jsonl") == pytest.approx(losses(tmp_path / "one.jsonl"), rel=1e-5)
+    two_losses = losses(tmp_path / "half.jsonl") + losses(tmp_path / "two.jsonl")
+    assert two_losses == pytest.approx(losses(tmp_path / "one.jsonl"), rel=1e-5)
     assert losses(tmp_path / "one.jsonl")[-1] < losses(tmp_path / "one.jsonl")[0]
     want, got = (load_file(tmp_path / name / "adapter_model.safetensors") for name in ("one", "two"))
     assert want.keys() == got.keys() and len(want) == 12
@@ -73,7 +79,8 @@ def test_two_processes_train_what_one_does_with_the_same_global_batch(tiny_llama
         torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
     state = json.loads((tmp_path / "two" / STATE_NAME).read_text())
     assert state["step"] == 6 and state["world_size"] == 2 and state["grad_accum"] == 1
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("two")) == ["two", "two.jsonl"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(("two", "half"))) == [
+        "half", "half.jsonl", "two", "two.jsonl"]
 
 
 def test_the_step_loss_is_the_mean_over_every_trained_token_of_the_global_batch(tiny_llama3: Path,
@@ -87,7 +94,7 @@ def test_the_step_loss_is_the_mean_over_every_trained_token_of_the_global_batch(
     rows = [{"prompt": f"The {a}", "completion": " says" + " hi" * (i % 4)} for i, a in enumerate(ANIMALS)]
     data = write_jsonl(tmp_path / "uneven.jsonl", rows)  # 1 to 4 trained tokens a row: means of means would differ
     options = TrainOptions(base=tiny_llama3, data=data, output=tmp_path / "a", grad_accum=5, device="cpu",
-                           json_log=tmp_path / "a.jsonl", **{**COMMON, "epochs": 1})
+                           json_log=tmp_path / "a.jsonl", epochs=1, **COMMON)
     result = finetune(options)
     assert result.total_steps == 1 and result.tokens == result.data.tokens
 
@@ -105,13 +112,24 @@ def test_the_step_loss_is_the_mean_over_every_trained_token_of_the_global_batch(
     assert abs(total / count - sum(row_means) / len(row_means)) > 1e-4  # the two means differ on this data
 
 
-def test_more_processes_than_packed_rows_is_one_line(tiny_llama3: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_more_processes_than_packed_rows_is_one_line(rank: str, tiny_llama3: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """As torchrun's rank 0 and rank 1 see it (the check runs before the process group is set up, so the
+    environment alone stands in for torchrun): rank 0 prints the line, rank 1 exits 1 silently."""
+    from click.testing import CliRunner
+
+    from mt.cli import main
+
+    for name, value in (("RANK", rank), ("LOCAL_RANK", rank), ("WORLD_SIZE", "2")):
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("MT_DEBUG", raising=False)
     data = write_jsonl(tmp_path / "one_row.jsonl", [{"text": "just one short row"}])
-    run = torchrun(2, cli_args(tiny_llama3, data, tmp_path / "out", 1), tmp_path)
-    assert run.returncode != 0
-    errors = [line for line in run.stderr.splitlines() if line.startswith("mt: error")]
-    assert errors == ["mt: error: the data makes 1 packed rows of <= 18 tokens, fewer than the 2 processes; "
-                      "lower --batch-tokens, add data or start fewer processes"], run.stderr[-3000:]
+    run = CliRunner().invoke(main, ["finetune", *cli_args(tiny_llama3, data, tmp_path / "out", 1)])
+    assert run.exit_code == 1
+    expected = ("mt: error: the data makes 1 packed rows of <= 18 tokens, fewer than the 2 processes; "
+                "lower --batch-tokens, add data or start fewer processes\n")
+    assert run.output == (expected if rank == "0" else ""), run.output
     assert not (tmp_path / "out").exists()
 
 
