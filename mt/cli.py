@@ -155,6 +155,8 @@ def convert_lora(adapter: Path, base: Path, out: Path, outtype: str, force: bool
 @click.option("--packing/--no-packing", default=True, show_default=True,
               help="Pack samples padding-free into one row (attention stays within each sample), or pad a batch.")
 @click.option("--grad-checkpointing", is_flag=True, help="Recompute activations in the backward pass (less memory).")
+@click.option("--fsdp", is_flag=True,
+              help="Under torchrun: shard the model over the processes (FSDP2) instead of a whole copy on each (DDP).")
 @click.option("--json-log", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help='One JSON line per step {"step","loss","lr","tokens_per_s"} to this file (- for stdout).')
 @click.option("--save-every", type=int, default=None, metavar="N",
@@ -173,7 +175,7 @@ def convert_lora(adapter: Path, base: Path, out: Path, outtype: str, force: bool
 @click.option("--quiet", is_flag=True, help="No progress bar or summary.")
 def finetune(base: Path, data: Path, out: Path, qlora: bool, lora_r: int, lora_alpha: float, lora_dropout: float,
              target: str, max_steps: int | None, epochs: int | None, lr: float, schedule: str, warmup_steps: int | None,
-             batch_tokens: int, grad_accum: int, max_seq_len: int, packing: bool, grad_checkpointing: bool,
+             batch_tokens: int, grad_accum: int, max_seq_len: int, packing: bool, grad_checkpointing: bool, fsdp: bool,
              json_log: Path | None, save_every: int | None, resume: Path | None, seed: int, device: str, dtype: str, threads: int | None,
              force: bool, quiet: bool) -> None:
     """Train a LoRA (or QLoRA) adapter for the checkpoint BASE on --data; writes a PEFT adapter folder."""
@@ -188,7 +190,7 @@ def finetune(base: Path, data: Path, out: Path, qlora: bool, lora_r: int, lora_a
                            schedule=schedule, warmup_steps=warmup_steps, batch_tokens=batch_tokens, grad_accum=grad_accum,
                            max_seq_len=max_seq_len, packing=packing, grad_checkpointing=grad_checkpointing,
                            seed=seed, device=device, dtype=dtype, threads=threads, json_log=json_log,
-                           save_every=save_every, resume=resume, force=force)
+                           save_every=save_every, resume=resume, force=force, fsdp=fsdp)
     run_reporting_errors(lambda: finetune_command(options, quiet=quiet))
 
 

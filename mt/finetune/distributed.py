@@ -4,14 +4,17 @@ torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; each process then joins one proce
 CPU), holds the whole model (LoRA in DistributedDataParallel, which averages the LoRA gradients), and trains its own
 share of each step's packed rows. The frozen base is not broadcast: every rank loads the same checkpoint and seeds
 the LoRA init alike, so only the trained weights need DDP. Only rank 0 writes the adapter, checkpoints and logs.
+
+--fsdp instead shards every parameter (base and LoRA) over the processes with FSDP2 (`fully_shard` on each decoder
+layer, then on the whole model): each process loads the whole base on the CPU/GPU first, then keeps 1/N of it.
 """
 
 from __future__ import annotations
 
 import os
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -88,11 +91,45 @@ def wrap_ddp(model: torch.nn.Module, world: World, device: torch.device) -> torc
     return DistributedDataParallel(model, device_ids=device_ids)
 
 
-def no_sync(model: torch.nn.Module, sync: bool) -> AbstractContextManager[Any]:
-    """Gradient accumulation: DDP all-reduces only on the last micro-batch of a step."""
-    if sync or not hasattr(model, "no_sync"):
-        return nullcontext()
-    return model.no_sync()
+def wrap_fsdp(model: torch.nn.Module) -> torch.nn.Module:
+    """--fsdp: FSDP2 shards of each decoder layer (the classes transformers lists in `_no_split_modules`) and of
+    the rest; the model is changed in place and is also what the training step calls."""
+    from torch.distributed.fsdp import fully_shard
+
+    layer_classes = set(getattr(model.get_base_model(), "_no_split_modules", None) or ())
+    layers = [m for m in model.modules() if type(m).__name__ in layer_classes]
+    if not layers:
+        raise TrainingError(f"--fsdp: no decoder layer of {type(model.get_base_model()).__name__} found to shard",
+                            "train without --fsdp")
+    for layer in layers:
+        fully_shard(layer)
+    fully_shard(model)
+    return model
+
+
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """--fsdp: the whole (unsharded) state dict on the CPU; every rank must call it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+@contextmanager
+def no_sync(model: torch.nn.Module, sync: bool) -> Iterator[None]:
+    """Gradient accumulation: DDP / FSDP reduce the gradients only on the last micro-batch of a step."""
+    if sync:
+        yield
+    elif hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    elif hasattr(model, "no_sync"):  # DDP
+        with model.no_sync():
+            yield
+    else:
+        yield
 
 
 def all_reduce_sum(values: list[float], world: World) -> list[float]:

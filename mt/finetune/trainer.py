@@ -35,8 +35,9 @@ import torch
 
 from mt.errors import DeviceUnavailable, MtError, TrainingError
 from mt.finetune.data import DataStats, Sample, load_samples
-from mt.finetune.distributed import (World, all_reduce_sum, barrier, destroy_process_group, init_process_group,
-                                     no_sync, rank_device, same_on_every_rank, wrap_ddp, world_from_env)
+from mt.finetune.distributed import (World, all_reduce_sum, barrier, destroy_process_group, full_state_dict,
+                                     init_process_group, no_sync, rank_device, same_on_every_rank, wrap_ddp,
+                                     wrap_fsdp, world_from_env)
 from mt.finetune.families import FAMILIES, Family, base_architecture
 from mt.finetune.lora import LoraOptions, add_lora, compute_dtype, load_base, load_lora, trainable_parameters
 from mt.finetune.packing import Batch, epoch_groups, make_batch
@@ -74,6 +75,7 @@ class TrainOptions:
     save_every: int | None = None  # steps between checkpoints in OUT.checkpoints/
     resume: Path | None = None
     force: bool = False
+    fsdp: bool = False  # under torchrun: shard the model (FSDP2) instead of replicating it (DDP)
 
 
 @dataclass(frozen=True)
@@ -171,6 +173,10 @@ def check_options(o: TrainOptions) -> None:
         raise TrainingError(f"unknown schedule {o.schedule!r}", f"use one of {', '.join(SCHEDULES)}")
     if not o.lr > 0:
         raise TrainingError(f"--lr must be positive (got {o.lr})", "pass e.g. --lr 2e-4")
+    fsdp_conflicts = {"--qlora": o.lora.qlora, "--resume": o.resume is not None, "--save-every": o.save_every}
+    for name, given in fsdp_conflicts.items() if o.fsdp else ():
+        if given:
+            raise TrainingError(f"--fsdp does not support {name} yet", f"drop {name} or --fsdp (DDP keeps {name})")
 
 
 def pick_device(name: str) -> torch.device:
@@ -246,8 +252,9 @@ def finetune(options: TrainOptions, on_step: Callable[[StepLog], None] | None = 
         began = time.perf_counter()
         losses, tokens = train(options, prepared, trainable, on_step, loss_fn)
         seconds = time.perf_counter() - began
+        gathered = full_state_dict(trainable.model) if options.fsdp else None  # a collective: every rank
         if world.is_main:
-            save(trainable, options, prepared.total, options.output)
+            save(trainable, options, prepared.total, options.output, gathered)
             remove_path(checkpoints_dir(options.output))
         barrier(world)
     finally:
@@ -279,6 +286,9 @@ def prepare(o: TrainOptions, warn: Callable[[str], None] | None, world: World = 
     samples, stats = load_samples(o.data, tokenizer, o.max_seq_len)
     for message in stats.warnings(o.max_seq_len) if warn else ():
         warn(message)
+    if o.fsdp and not world.distributed:
+        raise TrainingError("--fsdp shards the model over torchrun's processes, and this is one process",
+                            "launch with torchrun --nproc-per-node N -m mt finetune ... (N >= 2), or drop --fsdp")
     plan = StepPlan([len(s.input_ids) for s in samples], o, world.size * o.grad_accum)
     if len(plan.epoch(0)) < world.size:
         raise TrainingError(f"the data makes {len(plan.epoch(0))} packed rows of <= {o.batch_tokens} tokens, fewer "
@@ -299,16 +309,19 @@ def build(o: TrainOptions, arch: str, world: World = World()) -> Trainable:
     torch.manual_seed(o.seed)
     device = rank_device(pick_device(o.device), world)
     init_process_group(world, device)
-    model = load_base(o.base, qlora=o.lora.qlora, dtype=compute_dtype(o.dtype, device), device=device)
+    # --fsdp: the whole base on the CPU first; fully_shard moves each process's shard to its GPU
+    load_on = torch.device("cpu") if o.fsdp else device
+    model = load_base(o.base, qlora=o.lora.qlora, dtype=compute_dtype(o.dtype, device), device=load_on)
     family = FAMILIES[arch]
     model = (load_lora(model, o.resume, o.lora.qlora, o.grad_checkpointing) if o.resume is not None
              else add_lora(model, o.lora, family, o.grad_checkpointing))
     apply_kernel_patches(model, family)
+    forward = wrap_fsdp(model) if o.fsdp else wrap_ddp(model, world, device)  # FSDP swaps the parameters: first
     params = [p for _, p in trainable_parameters(model)]
     optimizer = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
     if o.resume is not None:
         load_optimizer(optimizer, o.resume)
-    return Trainable(model, optimizer, params, device, world, wrap_ddp(model, world, device))
+    return Trainable(model, optimizer, params, device, world, forward)
 
 
 def train(o: TrainOptions, prepared: Prepared, t: Trainable, on_step: Callable[[StepLog], None] | None,
@@ -406,14 +419,16 @@ def open_json_log(path: Path | None) -> Iterator[TextIO | None]:
             yield handle
 
 
-def save(t: Trainable, o: TrainOptions, step: int, folder: Path) -> None:
-    """The adapter (peft's save_pretrained), the step count and the optimizer state, atomically into `folder`."""
+def save(t: Trainable, o: TrainOptions, step: int, folder: Path, gathered: dict[str, torch.Tensor] | None = None) -> None:
+    """The adapter (peft's save_pretrained), the step count and the optimizer state, atomically into `folder`.
+    --fsdp: the adapter from the `gathered` full state dict, and no optimizer state (no --resume with --fsdp yet)."""
     state = {"step": step, "seed": o.seed, "data": str(o.data), "packing": o.packing, "batch_tokens": o.batch_tokens,
              "grad_accum": o.grad_accum, "world_size": t.world.size, "max_seq_len": o.max_seq_len, "lr": o.lr, "schedule": o.schedule, "qlora": o.lora.qlora}
     with atomic_dir(folder) as tmp:
-        t.model.save_pretrained(tmp)
-        (tmp / STATE_NAME).write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
-        torch.save({"optimizer": t.optimizer.state_dict(), "torch_rng": torch.get_rng_state()}, tmp / OPTIMIZER_NAME)
+        t.model.save_pretrained(tmp, state_dict=gathered)
+        (tmp / STATE_NAME).write_text(json.dumps({**state, "fsdp": o.fsdp}, indent=2) + "\n", encoding="utf-8")
+        if gathered is None:
+            torch.save({"optimizer": t.optimizer.state_dict(), "torch_rng": torch.get_rng_state()}, tmp / OPTIMIZER_NAME)
 
 
 def checkpoints_dir(output: Path) -> Path:

@@ -54,11 +54,25 @@ def losses(log: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in log.read_text().splitlines()]
 
 
-def test_two_processes_train_what_one_does_with_the_same_global_batch(tiny_llama3: Path, animals_data: Path,
-                                                                      tmp_path: Path) -> None:
-    one = finetune(TrainOptions(base=tiny_llama3, data=animals_data, output=tmp_path / "one", grad_accum=2,
-                                epochs=2, json_log=tmp_path / "one.jsonl", device="cpu", **COMMON))
+@pytest.fixture(scope="module")
+def one_process(tiny_llama3: Path, animals_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The reference: one process, 2 packed rows a step (--grad-accum 2), 2 epochs; its folder holds one/ and one.jsonl."""
+    folder = tmp_path_factory.mktemp("one_process")
+    one = finetune(TrainOptions(base=tiny_llama3, data=animals_data, output=folder / "one", grad_accum=2,
+                                epochs=2, json_log=folder / "one.jsonl", device="cpu", **COMMON))
     assert one.total_steps == 6  # ceil(5 rows / 2 per step) x 2 epochs
+    return folder
+
+
+def assert_same_adapter(got_dir: Path, want_dir: Path) -> None:
+    want, got = (load_file(d / "adapter_model.safetensors") for d in (want_dir, got_dir))
+    assert want.keys() == got.keys() and len(want) == 12
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_two_processes_train_what_one_does_with_the_same_global_batch(tiny_llama3: Path, animals_data: Path,
+                                                                      one_process: Path, tmp_path: Path) -> None:
 
     # steps 1-3 (a checkpoint after step 2, removed when the run completes), then 4-6 resumed
     run = torchrun(2, cli_args(tiny_llama3, animals_data, tmp_path / "half", 1, max_steps="3", save_every="2",
@@ -71,16 +85,39 @@ def test_two_processes_train_what_one_does_with_the_same_global_batch(tiny_llama
     assert run.returncode == 0, run.stderr[-3000:]
 
     two_losses = losses(tmp_path / "half.jsonl") + losses(tmp_path / "two.jsonl")
-    assert two_losses == pytest.approx(losses(tmp_path / "one.jsonl"), rel=1e-5)
-    assert losses(tmp_path / "one.jsonl")[-1] < losses(tmp_path / "one.jsonl")[0]
-    want, got = (load_file(tmp_path / name / "adapter_model.safetensors") for name in ("one", "two"))
-    assert want.keys() == got.keys() and len(want) == 12
-    for name in want:
-        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert two_losses == pytest.approx(losses(one_process / "one.jsonl"), rel=1e-5)
+    assert losses(one_process / "one.jsonl")[-1] < losses(one_process / "one.jsonl")[0]
+    assert_same_adapter(tmp_path / "two", one_process / "one")
     state = json.loads((tmp_path / "two" / STATE_NAME).read_text())
     assert state["step"] == 6 and state["world_size"] == 2 and state["grad_accum"] == 1
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(("two", "half"))) == [
         "half", "half.jsonl", "two", "two.jsonl"]
+
+
+def test_fsdp_trains_what_one_process_does(tiny_llama3: Path, animals_data: Path, one_process: Path,
+                                          tmp_path: Path) -> None:
+    run = torchrun(2, cli_args(tiny_llama3, animals_data, tmp_path / "fsdp", 1, epochs="2",
+                               json_log=str(tmp_path / "fsdp.jsonl")) + ["--fsdp"], tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert losses(tmp_path / "fsdp.jsonl") == pytest.approx(losses(one_process / "one.jsonl"), rel=1e-5)
+    assert_same_adapter(tmp_path / "fsdp", one_process / "one")
+    assert json.loads((tmp_path / "fsdp" / STATE_NAME).read_text())["fsdp"] is True
+
+
+@pytest.mark.parametrize("extra, message", [
+    ([], "--fsdp shards the model over torchrun's processes, and this is one process"),
+    (["--qlora"], "--fsdp does not support --qlora yet; drop --qlora or --fsdp (DDP keeps --qlora)"),
+    (["--save-every", "2"], "--fsdp does not support --save-every yet"),
+], ids=["one-process", "qlora", "save-every"])
+def test_fsdp_refusals_are_one_line(extra: list[str], message: str, tiny_llama3: Path, animals_data: Path,
+                                    tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from mt.cli import main
+
+    run = CliRunner().invoke(main, ["finetune", *cli_args(tiny_llama3, animals_data, tmp_path / "o", 1), "--fsdp", *extra])
+    assert run.exit_code == 1 and run.output.startswith(f"mt: error: {message}") and run.output.count("\n") == 1, run.output
+    assert not (tmp_path / "o").exists()
 
 
 def test_the_step_loss_is_the_mean_over_every_trained_token_of_the_global_batch(tiny_llama3: Path,
