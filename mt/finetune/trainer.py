@@ -11,7 +11,7 @@ One optimizer step trains `--grad-accum` packed rows (of <= --batch-tokens each)
 shuffled epoch, so `torchrun --nproc-per-node 2 ... --grad-accum 1` trains what one process does with
 --grad-accum 2. The loss of a step is the mean cross-entropy over every trained token of its rows, whatever process
 holds them: each row's mean loss is weighted by its share of the step's trained tokens (times the world size, as
-DDP averages the gradients over processes).
+DDP and FSDP average the gradients over processes). --fsdp shards the model instead of replicating it.
 
 Seams for the Triton kernels (mt/kernels): `Family.kernel_patch` names a module whose patch(model) swaps layers
 in place after the LoRA wrap, and `loss_fn` (default: the model's own cross-entropy through `labels`) is where a
@@ -237,7 +237,7 @@ def finetune(options: TrainOptions, on_step: Callable[[StepLog], None] | None = 
              loss_fn: LossFn = causal_lm_loss) -> FinetuneResult:
     """Train, save the adapter to options.output. Before training, `warn` hears about truncated/skipped rows and
     `info` gets one line describing the data and the plan. Under torchrun only rank 0 calls the callbacks and
-    writes files; `loss_fn` gets the DDP-wrapped model there."""
+    writes files; `loss_fn` gets the DDP-wrapped model there (with --fsdp, the sharded model itself)."""
     world = world_from_env()
     if not world.is_main:
         on_step = warn = info = None
