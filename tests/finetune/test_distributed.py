@@ -177,3 +177,23 @@ def test_grad_accum_must_be_positive(tiny_llama3: Path, animals_data: Path, tmp_
 
     run = CliRunner().invoke(main, ["finetune", *cli_args(tiny_llama3, animals_data, tmp_path / "o", 0)])
     assert run.exit_code == 1 and "--grad-accum must be at least 1 (got 0)" in run.output
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"RANK": "one", "WORLD_SIZE": "2"}, "RANK / WORLD_SIZE / LOCAL_RANK are not integers"),
+    ({"RANK": "2", "WORLD_SIZE": "2"}, "RANK 2 does not fit WORLD_SIZE 2"),
+], ids=["not-integer", "rank-too-large"])
+def test_a_broken_torchrun_environment_is_one_line(env: dict[str, str], message: str, tiny_llama3: Path,
+                                                   animals_data: Path, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    from mt.cli import main
+
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.delenv("MT_DEBUG", raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    run = CliRunner().invoke(main, ["finetune", *cli_args(tiny_llama3, animals_data, tmp_path / "o", 1)])
+    assert run.exit_code == 1 and message in run.output and run.output.count("\n") == 1, run.output
+    assert not (tmp_path / "o").exists()
