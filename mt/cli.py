@@ -36,7 +36,10 @@ def run_reporting_errors(fn: Callable[[], Any]) -> Any:
     except MtError as e:
         if os.environ.get("MT_DEBUG") == "1":
             raise
-        _fail(e.one_line(), 1)
+        rank = os.environ.get("RANK", "0")
+        if rank != "0" and getattr(e, "same_on_every_rank", False):
+            sys.exit(1)  # under torchrun: rank 0 prints this one
+        _fail(e.one_line() if rank == "0" else f"(rank {rank}) {e.one_line()}", 1)
     except KeyboardInterrupt:
         _fail("interrupted; no output was left behind", 130)
     except Exception as e:  # a bug in mt: still one line, and a way to see more
@@ -143,11 +146,17 @@ def convert_lora(adapter: Path, base: Path, out: Path, outtype: str, force: bool
 @click.option("--schedule", type=click.Choice(["cosine", "linear", "constant"]), default="cosine", show_default=True,
               help="Decay after the warmup.")
 @click.option("--warmup-steps", type=click.IntRange(min=0), default=None, help="Linear warmup steps (default: 3% of the steps).")
-@click.option("--batch-tokens", type=int, default=4096, show_default=True, help="Tokens per optimizer step (one packed row).")
+@click.option("--batch-tokens", type=int, default=4096, show_default=True,
+              help="Tokens of one packed row (the most a process holds at once).")
+@click.option("--grad-accum", type=int, default=1, show_default=True,
+              help="Packed rows per process per optimizer step; under torchrun a step trains "
+                   "WORLD_SIZE x --grad-accum rows.")
 @click.option("--max-seq-len", type=int, default=2048, show_default=True, help="Longer rows are truncated (and counted).")
 @click.option("--packing/--no-packing", default=True, show_default=True,
               help="Pack samples padding-free into one row (attention stays within each sample), or pad a batch.")
 @click.option("--grad-checkpointing", is_flag=True, help="Recompute activations in the backward pass (less memory).")
+@click.option("--fsdp", is_flag=True,
+              help="Under torchrun: shard the model over the processes (FSDP2) instead of a whole copy on each (DDP).")
 @click.option("--json-log", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help='One JSON line per step {"step","loss","lr","tokens_per_s"} to this file (- for stdout).')
 @click.option("--save-every", type=int, default=None, metavar="N",
@@ -166,8 +175,8 @@ def convert_lora(adapter: Path, base: Path, out: Path, outtype: str, force: bool
 @click.option("--quiet", is_flag=True, help="No progress bar or summary.")
 def finetune(base: Path, data: Path, out: Path, qlora: bool, lora_r: int, lora_alpha: float, lora_dropout: float,
              target: str, max_steps: int | None, epochs: int | None, lr: float, schedule: str, warmup_steps: int | None,
-             batch_tokens: int, max_seq_len: int, packing: bool, grad_checkpointing: bool, json_log: Path | None,
-             save_every: int | None, resume: Path | None, seed: int, device: str, dtype: str, threads: int | None,
+             batch_tokens: int, grad_accum: int, max_seq_len: int, packing: bool, grad_checkpointing: bool, fsdp: bool,
+             json_log: Path | None, save_every: int | None, resume: Path | None, seed: int, device: str, dtype: str, threads: int | None,
              force: bool, quiet: bool) -> None:
     """Train a LoRA (or QLoRA) adapter for the checkpoint BASE on --data; writes a PEFT adapter folder."""
     from mt.commands import finetune_command
@@ -178,10 +187,10 @@ def finetune(base: Path, data: Path, out: Path, qlora: bool, lora_r: int, lora_a
         raise click.UsageError("pass --max-steps or --epochs, not both")
     lora = LoraOptions(r=lora_r, alpha=lora_alpha, dropout=lora_dropout, target=target, qlora=qlora)
     options = TrainOptions(base=base, data=data, output=out, lora=lora, max_steps=max_steps, epochs=epochs, lr=lr,
-                           schedule=schedule, warmup_steps=warmup_steps, batch_tokens=batch_tokens,
+                           schedule=schedule, warmup_steps=warmup_steps, batch_tokens=batch_tokens, grad_accum=grad_accum,
                            max_seq_len=max_seq_len, packing=packing, grad_checkpointing=grad_checkpointing,
                            seed=seed, device=device, dtype=dtype, threads=threads, json_log=json_log,
-                           save_every=save_every, resume=resume, force=force)
+                           save_every=save_every, resume=resume, force=force, fsdp=fsdp)
     run_reporting_errors(lambda: finetune_command(options, quiet=quiet))
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 from contextlib import ExitStack
 import sys
@@ -227,6 +228,7 @@ def _read_text(path: Path) -> str:
 def finetune_command(options: TrainOptions, *, quiet: bool) -> None:
     from mt.finetune.trainer import finetune
 
+    quiet = quiet or os.environ.get("RANK", "0") != "0"  # under torchrun rank 0 reports for all
     progress = TrainProgress() if not quiet and sys.stderr.isatty() else None
     warn = (lambda message: click.echo(f"mt: warning: {message}", err=True)) if not quiet else None
     info = (lambda message: click.echo(message, err=True)) if not quiet else None

@@ -3,7 +3,6 @@
 Each entry lists the decoder's linear layers (what `--target all-linear` and the short names q,k,v,o,gate,up,down
 resolve to) and, once mt/kernels has them, the module whose `patch(model)` swaps the PyTorch layers for fused
 Triton kernels (RMSNorm, RoPE, SwiGLU, LoRA linear, chunked cross-entropy). None = plain PyTorch + PEFT.
-Qwen3ForCausalLM joins when the converter has it (mt convert --adapter must take what finetune writes).
 """
 
 from __future__ import annotations
@@ -28,6 +27,7 @@ FAMILIES: dict[str, Family] = {
     "LlamaForCausalLM": Family(DECODER_LINEAR),
     "MistralForCausalLM": Family(DECODER_LINEAR),
     "Qwen2ForCausalLM": Family(DECODER_LINEAR),
+    "Qwen3ForCausalLM": Family(DECODER_LINEAR),  # q_norm/k_norm are RMSNorms, not trained
 }
 
 

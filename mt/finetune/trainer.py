@@ -6,6 +6,13 @@ adapter_model.safetensors: PeftModel.from_pretrained, mt merge and mt convert --
 trainer_state.json and optimizer.pt (AdamW's moments and the RNG state) for --resume; written atomically.
 --save-every N writes the same to OUT.checkpoints/step-N (the latest kept, removed when the run completes).
 
+One optimizer step trains `--grad-accum` packed rows (of <= --batch-tokens each) on each process: under torchrun
+(mt/finetune/distributed.py) the global batch is WORLD_SIZE x --grad-accum rows, consecutive rows of the same
+shuffled epoch, so `torchrun --nproc-per-node 2 ... --grad-accum 1` trains what one process does with
+--grad-accum 2. The loss of a step is the mean cross-entropy over every trained token of its rows, whatever process
+holds them: each row's mean loss is weighted by its share of the step's trained tokens (times the world size, as
+DDP and FSDP average the gradients over processes). --fsdp shards the model instead of replicating it.
+
 Seams for the Triton kernels (mt/kernels): `Family.kernel_patch` names a module whose patch(model) swaps layers
 in place after the LoRA wrap, and `loss_fn` (default: the model's own cross-entropy through `labels`) is where a
 chunked cross-entropy that never builds the full logits plugs in.
@@ -28,6 +35,9 @@ import torch
 
 from mt.errors import DeviceUnavailable, MtError, TrainingError
 from mt.finetune.data import DataStats, Sample, load_samples
+from mt.finetune.distributed import (World, all_reduce_sum, barrier, destroy_process_group, full_state_dict,
+                                     init_process_group, no_sync, rank_device, same_on_every_rank, wrap_ddp,
+                                     wrap_fsdp, world_from_env)
 from mt.finetune.families import FAMILIES, Family, base_architecture
 from mt.finetune.lora import LoraOptions, add_lora, compute_dtype, load_base, load_lora, trainable_parameters
 from mt.finetune.packing import Batch, epoch_groups, make_batch
@@ -51,6 +61,7 @@ class TrainOptions:
     schedule: str = "cosine"
     warmup_steps: int | None = None  # default: 3% of the steps
     batch_tokens: int = 4096
+    grad_accum: int = 1  # packed rows per process per optimizer step
     max_seq_len: int = 2048
     packing: bool = True
     grad_checkpointing: bool = False
@@ -64,6 +75,7 @@ class TrainOptions:
     save_every: int | None = None  # steps between checkpoints in OUT.checkpoints/
     resume: Path | None = None
     force: bool = False
+    fsdp: bool = False  # under torchrun: shard the model (FSDP2) instead of replicating it (DDP)
 
 
 @dataclass(frozen=True)
@@ -72,7 +84,7 @@ class StepLog:
     total: int
     loss: float
     lr: float
-    tokens_per_s: float
+    tokens_per_s: float  # over all processes
 
     def json_line(self) -> str:
         return json.dumps({"step": self.step, "loss": round(self.loss, 6), "lr": self.lr,
@@ -86,7 +98,7 @@ class FinetuneResult:
     steps: int  # taken in this run
     total_steps: int
     losses: list[float]
-    tokens: int
+    tokens: int  # over all processes
     seconds: float  # the training steps (and --save-every checkpoints), not loading
     trainable: int
     data: DataStats
@@ -115,10 +127,11 @@ def lr_at(step: int, total: int, warmup: int, peak: float, schedule: str) -> flo
 
 
 class StepPlan:
-    """Which samples each global step trains on, epoch after epoch (repacked and reshuffled each epoch)."""
+    """Which packed rows (lists of sample indices) each global step trains on, epoch after epoch (repacked and
+    reshuffled each epoch): `rows_per_step` consecutive rows of the epoch, fewer in an epoch's last step."""
 
-    def __init__(self, lengths: list[int], options: TrainOptions) -> None:
-        self.lengths, self.options = lengths, options
+    def __init__(self, lengths: list[int], options: TrainOptions, rows_per_step: int = 1) -> None:
+        self.lengths, self.options, self.rows_per_step = lengths, options, rows_per_step
         self._epochs: list[list[list[int]]] = []
 
     def epoch(self, e: int) -> list[list[int]]:
@@ -131,18 +144,22 @@ class StepPlan:
         o = self.options
         if o.max_steps is not None:
             return o.max_steps
-        return sum(len(self.epoch(e)) for e in range(o.epochs or 1))
+        return sum(self.steps_in_epoch(e) for e in range(o.epochs or 1))
 
-    def group(self, step: int) -> list[int]:
+    def steps_in_epoch(self, e: int) -> int:
+        return -(-len(self.epoch(e)) // self.rows_per_step)
+
+    def rows(self, step: int) -> list[list[int]]:
         e = 0
-        while step >= len(self.epoch(e)):
-            step -= len(self.epoch(e))
+        while step >= self.steps_in_epoch(e):
+            step -= self.steps_in_epoch(e)
             e += 1
-        return self.epoch(e)[step]
+        return self.epoch(e)[step * self.rows_per_step:(step + 1) * self.rows_per_step]
 
 
 def check_options(o: TrainOptions) -> None:
-    positive = {"--lora-r": o.lora.r, "--batch-tokens": o.batch_tokens, "--max-seq-len": o.max_seq_len,
+    positive = {"--lora-r": o.lora.r, "--batch-tokens": o.batch_tokens, "--grad-accum": o.grad_accum,
+                "--max-seq-len": o.max_seq_len,
                 "--max-steps": o.max_steps, "--epochs": o.epochs, "--save-every": o.save_every}
     for name, value in positive.items():
         if value is not None and value < 1:
@@ -156,6 +173,10 @@ def check_options(o: TrainOptions) -> None:
         raise TrainingError(f"unknown schedule {o.schedule!r}", f"use one of {', '.join(SCHEDULES)}")
     if not o.lr > 0:
         raise TrainingError(f"--lr must be positive (got {o.lr})", "pass e.g. --lr 2e-4")
+    fsdp_conflicts = {"--qlora": o.lora.qlora, "--resume": o.resume is not None, "--save-every": o.save_every}
+    for name, given in fsdp_conflicts.items() if o.fsdp else ():
+        if given:
+            raise TrainingError(f"--fsdp does not support {name} yet", f"drop {name} or --fsdp (DDP keeps {name})")
 
 
 def pick_device(name: str) -> torch.device:
@@ -199,39 +220,61 @@ class Prepared:
 
 @dataclass
 class Trainable:
-    model: Any
+    model: Any  # the PEFT model (what is saved)
     optimizer: torch.optim.Optimizer
     params: list[torch.nn.Parameter]
     device: torch.device
+    world: World = World()
+    forward: Any = None  # what the loss is computed through: DDP around `model` under torchrun, else `model`
+
+    def __post_init__(self) -> None:
+        if self.forward is None:
+            self.forward = self.model
 
 
 def finetune(options: TrainOptions, on_step: Callable[[StepLog], None] | None = None,
              warn: Callable[[str], None] | None = None, info: Callable[[str], None] | None = None,
              loss_fn: LossFn = causal_lm_loss) -> FinetuneResult:
     """Train, save the adapter to options.output. Before training, `warn` hears about truncated/skipped rows and
-    `info` gets one line describing the data and the plan."""
-    prepared = prepare(options, warn)
+    `info` gets one line describing the data and the plan. Under torchrun only rank 0 calls the callbacks and
+    writes files; `loss_fn` gets the DDP-wrapped model there (with --fsdp, the sharded model itself)."""
+    world = world_from_env()
+    if not world.is_main:
+        on_step = warn = info = None
+    try:
+        prepared = prepare(options, warn, world)
+    except MtError as e:
+        raise same_on_every_rank(e) from None
     if info is not None:
-        info(describe(prepared, options))
-    trainable = build(options, prepared.arch)
-    began = time.perf_counter()
-    losses, tokens = train(options, prepared, trainable, on_step, loss_fn)
-    seconds = time.perf_counter() - began
-    save(trainable, options, prepared.total, options.output)
-    remove_path(checkpoints_dir(options.output))
+        info(describe(prepared, options, world))
+    try:
+        trainable = build(options, prepared.arch, world)
+        began = time.perf_counter()
+        losses, tokens = train(options, prepared, trainable, on_step, loss_fn)
+        seconds = time.perf_counter() - began
+        gathered = full_state_dict(trainable.model) if options.fsdp else None  # a collective: every rank
+        if world.is_main:
+            save(trainable, options, prepared.total, options.output, gathered)
+            remove_path(checkpoints_dir(options.output))
+        barrier(world)
+    finally:
+        destroy_process_group()
     return FinetuneResult(options.output, prepared.arch, prepared.total - prepared.start, prepared.total, losses,
                           tokens, seconds, sum(p.numel() for p in trainable.params),
                           prepared.stats, trainable.model)
 
 
-def describe(p: Prepared, o: TrainOptions) -> str:
+def describe(p: Prepared, o: TrainOptions, world: World = World()) -> str:
     kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(p.stats.kinds.items()))
     resumed = f", resuming after step {p.start}" if p.start else ""
+    rows = world.size * o.grad_accum
+    per_step = (f"{rows} rows of <= {o.batch_tokens} tokens ({world.size} processes x {o.grad_accum})"
+                if rows > 1 else f"<= {o.batch_tokens} tokens")
     return (f"data: {p.stats.rows} rows ({kinds}), {p.stats.tokens:,} tokens of which {p.stats.trained_tokens:,} "
-            f"trained; {p.total} steps of <= {o.batch_tokens} tokens ({'packed' if o.packing else 'padded'}){resumed}")
+            f"trained; {p.total} steps of {per_step} ({'packed' if o.packing else 'padded'}){resumed}")
 
 
-def prepare(o: TrainOptions, warn: Callable[[str], None] | None) -> Prepared:
+def prepare(o: TrainOptions, warn: Callable[[str], None] | None, world: World = World()) -> Prepared:
     """Options, output paths, base architecture, resume state and data: every check that needs no weights."""
     check_options(o)
     check_output(o.output, o.force)
@@ -243,7 +286,13 @@ def prepare(o: TrainOptions, warn: Callable[[str], None] | None) -> Prepared:
     samples, stats = load_samples(o.data, tokenizer, o.max_seq_len)
     for message in stats.warnings(o.max_seq_len) if warn else ():
         warn(message)
-    plan = StepPlan([len(s.input_ids) for s in samples], o)
+    if o.fsdp and not world.distributed:
+        raise TrainingError("--fsdp shards the model over torchrun's processes, and this is one process",
+                            "launch with torchrun --nproc-per-node N -m mt finetune ... (N >= 2), or drop --fsdp")
+    plan = StepPlan([len(s.input_ids) for s in samples], o, world.size * o.grad_accum)
+    if len(plan.epoch(0)) < world.size:
+        raise TrainingError(f"the data makes {len(plan.epoch(0))} packed rows of <= {o.batch_tokens} tokens, fewer "
+                            f"than the {world.size} processes", "lower --batch-tokens, add data or start fewer processes")
     total = plan.total_steps()
     if start >= total:
         raise TrainingError(f"the run in {o.resume} already took {start} steps, --max-steps/--epochs ask for {total}",
@@ -251,23 +300,28 @@ def prepare(o: TrainOptions, warn: Callable[[str], None] | None) -> Prepared:
     return Prepared(arch, tokenizer, samples, stats, plan, total, start)
 
 
-def build(o: TrainOptions, arch: str) -> Trainable:
-    """The base with LoRA (new, or the --resume adapter), kernels patched in where there are any, and AdamW."""
+def build(o: TrainOptions, arch: str, world: World = World()) -> Trainable:
+    """The base with LoRA (new, or the --resume adapter), kernels patched in where there are any, AdamW, and DDP
+    around it all under torchrun (every rank seeds alike, so the LoRA inits agree)."""
     if o.threads:
         torch.set_num_threads(o.threads)
     random.seed(o.seed)
     torch.manual_seed(o.seed)
-    device = pick_device(o.device)
-    model = load_base(o.base, qlora=o.lora.qlora, dtype=compute_dtype(o.dtype, device), device=device)
+    device = rank_device(pick_device(o.device), world)
+    init_process_group(world, device)
+    # --fsdp: the whole base on the CPU first; fully_shard moves each process's shard to its GPU
+    load_on = torch.device("cpu") if o.fsdp else device
+    model = load_base(o.base, qlora=o.lora.qlora, dtype=compute_dtype(o.dtype, device), device=load_on)
     family = FAMILIES[arch]
     model = (load_lora(model, o.resume, o.lora.qlora, o.grad_checkpointing) if o.resume is not None
              else add_lora(model, o.lora, family, o.grad_checkpointing))
     apply_kernel_patches(model, family)
+    forward = wrap_fsdp(model) if o.fsdp else wrap_ddp(model, world, device)  # FSDP swaps the parameters: first
     params = [p for _, p in trainable_parameters(model)]
     optimizer = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
     if o.resume is not None:
         load_optimizer(optimizer, o.resume)
-    return Trainable(model, optimizer, params, device)
+    return Trainable(model, optimizer, params, device, world, forward)
 
 
 def train(o: TrainOptions, prepared: Prepared, t: Trainable, on_step: Callable[[StepLog], None] | None,
@@ -279,43 +333,71 @@ def train(o: TrainOptions, prepared: Prepared, t: Trainable, on_step: Callable[[
     losses: list[float] = []
     tokens = 0
     t.model.train()
-    with open_json_log(o.json_log) as log:
+    with open_json_log(o.json_log if t.world.is_main else None) as log:
         for step in range(prepared.start, total):
-            batch = make_batch(prepared.samples, prepared.plan.group(step), o.packing, pad_id)
+            micro = micro_batches(prepared, prepared.plan.rows(step), t.world, o.packing, pad_id)
             lr = lr_at(step, total, warmup, o.lr, o.schedule)
             began = time.perf_counter()
-            loss = train_step(t, batch, lr, o, step, loss_fn)
-            entry = StepLog(step + 1, total, loss, lr, batch.tokens / max(time.perf_counter() - began, 1e-9))
+            loss, step_tokens = train_step(t, micro, lr, o, step, loss_fn)
+            entry = StepLog(step + 1, total, loss, lr, step_tokens / max(time.perf_counter() - began, 1e-9))
             losses.append(loss)
-            tokens += batch.tokens
+            tokens += step_tokens
             if log is not None:
                 print(entry.json_line(), file=log, flush=True)
             if on_step is not None:
                 on_step(entry)
             if o.save_every and (step + 1) % o.save_every == 0 and step + 1 < total:
-                save_checkpoint(t, o, step + 1)
+                if t.world.is_main:
+                    save_checkpoint(t, o, step + 1)
+                barrier(t.world)
     t.model.eval()
     return losses, tokens
 
 
-def train_step(t: Trainable, batch: Batch, lr: float, o: TrainOptions, step: int, loss_fn: LossFn) -> float:
+@dataclass(frozen=True)
+class MicroBatch:
+    batch: Batch
+    weight: float  # the row's share of the step's trained tokens x world size; 0 for a rank's stand-in row
+
+
+def micro_batches(p: Prepared, rows: list[list[int]], world: World, packing: bool, pad_id: int) -> list[MicroBatch]:
+    """This process's rows of a step (every world.size-th, from its rank on). A rank left without one in an
+    epoch's short last step trains the step's first row with weight 0, so that DDP's all-reduce still meets."""
+    trained = [sum(p.samples[i].trained for i in row) for row in rows]
+    total = sum(trained)
+    mine = list(range(world.rank, len(rows), world.size))
+    if not mine:
+        return [MicroBatch(make_batch(p.samples, rows[0], packing, pad_id), 0.0)]
+    return [MicroBatch(make_batch(p.samples, rows[i], packing, pad_id), trained[i] / total * world.size) for i in mine]
+
+
+def train_step(t: Trainable, micro: list[MicroBatch], lr: float, o: TrainOptions, step: int,
+               loss_fn: LossFn) -> tuple[float, int]:
+    """One optimizer step over this process's micro-batches; returns the step's loss (mean over every trained token
+    of the global batch) and its tokens, both summed over processes."""
     for group in t.optimizer.param_groups:
         group["lr"] = lr
-    try:
-        loss = loss_fn(t.model, batch, t.device)
-        loss.backward()
-    except RuntimeError as e:  # torch.OutOfMemoryError (CUDA) is one; the CPU allocator raises a plain RuntimeError
-        if isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e) or "can't allocate memory" in str(e):
-            raise _out_of_memory(o, t.device, step, batch) from None
-        raise
-    value = loss.item()
+    loss_sum, tokens = 0.0, 0
+    for i, m in enumerate(micro):
+        try:
+            with no_sync(t.forward, sync=i == len(micro) - 1):
+                loss = loss_fn(t.forward, m.batch, t.device) * m.weight
+                loss.backward()
+        except RuntimeError as e:  # torch.OutOfMemoryError (CUDA) is one; the CPU allocator raises a plain RuntimeError
+            if isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e) or "can't allocate memory" in str(e):
+                raise _out_of_memory(o, t.device, step, m.batch) from None
+            raise
+        loss_sum += loss.item() / t.world.size
+        tokens += m.batch.tokens if m.weight else 0
+    value, global_tokens = all_reduce_sum([loss_sum, float(tokens)], t.world)
     if not math.isfinite(value):
-        raise TrainingError(f"the loss is {value} at step {step + 1}", "lower --lr, or train in f32 (--dtype f32)")
+        raise same_on_every_rank(TrainingError(f"the loss is {value} at step {step + 1}",
+                                               "lower --lr, or train in f32 (--dtype f32)"))
     if o.max_grad_norm > 0:
         torch.nn.utils.clip_grad_norm_(t.params, o.max_grad_norm)
     t.optimizer.step()
     t.optimizer.zero_grad(set_to_none=True)
-    return value
+    return value, int(global_tokens)
 
 
 def _out_of_memory(o: TrainOptions, device: torch.device, step: int, batch: Batch) -> TrainingError:
@@ -337,14 +419,16 @@ def open_json_log(path: Path | None) -> Iterator[TextIO | None]:
             yield handle
 
 
-def save(t: Trainable, o: TrainOptions, step: int, folder: Path) -> None:
-    """The adapter (peft's save_pretrained), the step count and the optimizer state, atomically into `folder`."""
+def save(t: Trainable, o: TrainOptions, step: int, folder: Path, gathered: dict[str, torch.Tensor] | None = None) -> None:
+    """The adapter (peft's save_pretrained), the step count and the optimizer state, atomically into `folder`.
+    --fsdp: the adapter from the `gathered` full state dict, and no optimizer state (no --resume with --fsdp yet)."""
     state = {"step": step, "seed": o.seed, "data": str(o.data), "packing": o.packing, "batch_tokens": o.batch_tokens,
-             "max_seq_len": o.max_seq_len, "lr": o.lr, "schedule": o.schedule, "qlora": o.lora.qlora}
+             "grad_accum": o.grad_accum, "world_size": t.world.size, "max_seq_len": o.max_seq_len, "lr": o.lr, "schedule": o.schedule, "qlora": o.lora.qlora}
     with atomic_dir(folder) as tmp:
-        t.model.save_pretrained(tmp)
-        (tmp / STATE_NAME).write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
-        torch.save({"optimizer": t.optimizer.state_dict(), "torch_rng": torch.get_rng_state()}, tmp / OPTIMIZER_NAME)
+        t.model.save_pretrained(tmp, state_dict=gathered)
+        (tmp / STATE_NAME).write_text(json.dumps({**state, "fsdp": o.fsdp}, indent=2) + "\n", encoding="utf-8")
+        if gathered is None:
+            torch.save({"optimizer": t.optimizer.state_dict(), "torch_rng": torch.get_rng_state()}, tmp / OPTIMIZER_NAME)
 
 
 def checkpoints_dir(output: Path) -> Path:
