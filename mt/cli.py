@@ -171,13 +171,16 @@ def convert_lora(adapter: Path, base: Path, out: Path, outtype: str, force: bool
               help="Base weights and compute dtype (auto: bf16 on a GPU that has it, else f32).")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="CPU threads for torch (default: torch's; 1 is fastest for tiny models on a busy machine).")
+@click.option("--kernels", type=click.Choice(["auto", "triton", "torch", "off"]), default="auto", show_default=True,
+              help="mt's Triton kernels (RMSNorm, RoPE, SwiGLU, LoRA linear, chunked loss): auto = on a CUDA GPU; "
+                   "torch = their PyTorch references; off = plain transformers + PEFT.")
 @click.option("--force", is_flag=True, help="Replace OUT (and the --json-log file) if they exist.")
 @click.option("--quiet", is_flag=True, help="No progress bar or summary.")
 def finetune(base: Path, data: Path, out: Path, qlora: bool, lora_r: int, lora_alpha: float, lora_dropout: float,
              target: str, max_steps: int | None, epochs: int | None, lr: float, schedule: str, warmup_steps: int | None,
              batch_tokens: int, grad_accum: int, max_seq_len: int, packing: bool, grad_checkpointing: bool, fsdp: bool,
              json_log: Path | None, save_every: int | None, resume: Path | None, seed: int, device: str, dtype: str, threads: int | None,
-             force: bool, quiet: bool) -> None:
+             kernels: str, force: bool, quiet: bool) -> None:
     """Train a LoRA (or QLoRA) adapter for the checkpoint BASE on --data; writes a PEFT adapter folder."""
     from mt.commands import finetune_command
     from mt.finetune.lora import LoraOptions
@@ -190,7 +193,7 @@ def finetune(base: Path, data: Path, out: Path, qlora: bool, lora_r: int, lora_a
                            schedule=schedule, warmup_steps=warmup_steps, batch_tokens=batch_tokens, grad_accum=grad_accum,
                            max_seq_len=max_seq_len, packing=packing, grad_checkpointing=grad_checkpointing,
                            seed=seed, device=device, dtype=dtype, threads=threads, json_log=json_log,
-                           save_every=save_every, resume=resume, force=force, fsdp=fsdp)
+                           save_every=save_every, resume=resume, force=force, fsdp=fsdp, kernels=kernels)
     run_reporting_errors(lambda: finetune_command(options, quiet=quiet))
 
 

@@ -11,8 +11,8 @@ learning rate, gradient clipping at 1.0, the same seed (so the same LoRA init); 
 
 Prints for each side tokens/s (over the steps after --warmup) and peak CUDA memory (torch.cuda.max_memory_allocated,
 model included), the ratios mt / plain (target: >= 2x tokens/s, <= 0.5x memory), and the largest relative
-difference between the two runs' losses. The mt side uses mt.finetune.patch.patch_model (the Triton kernels) when
-that module exists ("kernels: on"), else plain PyTorch ("kernels: off"). Per-kernel speed-ups against PyTorch eager
+difference between the two runs' losses. The mt side runs with `--kernels` as mt finetune takes it (auto: the Triton
+kernels on CUDA, plain PyTorch on the CPU; torch: the kernels' PyTorch references). Per-kernel speed-ups against PyTorch eager
 and torch.compile: scripts/bench_kernels_train.py. Without CUDA (and without --small) it exits with a message.
 """
 
@@ -27,7 +27,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Callable
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -143,26 +143,19 @@ def plain_peft(s: Setup, timed: bool) -> Result:
     return result
 
 
-def kernel_patch() -> Callable[[Any], Any] | None:
-    try:
-        from mt.finetune.patch import patch_model  # type: ignore[import-not-found]
-    except ImportError:
-        return None
-    return patch_model
-
-
-def mt_trainer(s: Setup, timed: bool, patch: Callable[[Any], Any] | None) -> Result:
+def mt_trainer(s: Setup, timed: bool, kernels: str) -> tuple[Result, str]:
     """mt finetune's own build + train, on the same rows (packed one sample per row, as mt packs a row that full)."""
     from mt.finetune.data import DataStats, Sample
     from mt.finetune.lora import LoraOptions
-    from mt.finetune.trainer import Prepared, StepPlan, TrainOptions, build, causal_lm_loss, train
+    from mt.finetune.trainer import Prepared, StepPlan, TrainOptions, build, causal_lm_loss, pick_loss, train
 
     seq = len(s.rows[0])
     options = TrainOptions(base=s.folder, data=s.folder / "unused.jsonl", output=s.folder / "unused-adapter",
                            lora=LoraOptions(r=RANK, alpha=ALPHA, target="all-linear", qlora=s.qlora),
                            max_steps=len(s.rows), lr=LR, schedule="constant", warmup_steps=0, batch_tokens=seq,
                            max_seq_len=seq, grad_checkpointing=s.grad_checkpointing, seed=SEED,
-                           device=s.device.type, dtype={torch.bfloat16: "bf16", torch.float32: "f32"}[s.dtype])
+                           device=s.device.type, dtype={torch.bfloat16: "bf16", torch.float32: "f32"}[s.dtype],
+                           kernels=kernels)
     samples = [Sample(row, [-100] + row[1:]) for row in s.rows]
     plan = StepPlan([seq] * len(samples), options)
     assert [samples[plan.rows(i)[0][0]].input_ids for i in range(len(samples))] == in_mt_order(s.rows)
@@ -171,12 +164,11 @@ def mt_trainer(s: Setup, timed: bool, patch: Callable[[Any], Any] | None) -> Res
                         len(samples), 0)
     meter = Meter(s.device, s.warmup, seq)
     trainable = build(options, "LlamaForCausalLM")
-    if patch is not None:
-        patch(trainable.model)
-    train(options, prepared, trainable, lambda log: meter.step(log.loss), causal_lm_loss)
+    mode = trainable.kernels
+    train(options, prepared, trainable, lambda log: meter.step(log.loss), pick_loss(causal_lm_loss, trainable, False))
     result = meter.result("mt finetune", timed)
     del trainable
-    return result
+    return result, mode
 
 
 def in_mt_order(rows: list[list[int]]) -> list[list[int]]:
@@ -198,8 +190,8 @@ def max_rel_diff(a: list[float], b: list[float]) -> float:
     return max(abs(x - y) / max(abs(y), 1e-12) for x, y in zip(a, b, strict=True))
 
 
-def report(plain: Result, mt: Result, kernels: bool, s: Setup) -> dict[str, Any]:
-    out: dict[str, Any] = {"kernels": "on" if kernels else "off", "qlora": s.qlora, "seq": len(s.rows[0]),
+def report(plain: Result, mt: Result, kernels: str, s: Setup) -> dict[str, Any]:
+    out: dict[str, Any] = {"kernels": kernels, "qlora": s.qlora, "seq": len(s.rows[0]),
                            "steps": len(s.rows), "warmup": s.warmup, "device": str(s.device),
                            "plain": asdict(plain), "mt": asdict(mt),
                            "loss_max_rel_diff": max_rel_diff(mt.losses, plain.losses)}
@@ -233,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grad-checkpointing", action="store_true")
     parser.add_argument("--small", action="store_true", help="Tiny shapes in f32 on the CPU: correctness only.")
     parser.add_argument("--json", type=Path, default=None, help="Also write the report as JSON here.")
+    parser.add_argument("--kernels", choices=("auto", "triton", "torch", "off"), default="auto",
+                        help="mt's side, as mt finetune --kernels (auto: Triton on CUDA).")
     args = parser.parse_args(argv)
     if not args.small and not torch.cuda.is_available():
         sys.exit(f"bench_finetune: no CUDA device (torch {torch.__version__}); run it on a machine with an NVIDIA GPU, "
@@ -241,7 +235,6 @@ def main(argv: list[str] | None = None) -> int:
     dtype = torch.float32 if args.small else torch.bfloat16
     steps, seq = args.steps or (3 if args.small else 10), args.seq or (64 if args.small else 2048)
     warmup = min(args.warmup, steps - 1)
-    patch = kernel_patch()
     with tempfile.TemporaryDirectory(prefix="mt-bench-ft-") as tmp:
         shapes = TINY if args.small else LLAMA_1B
         folder = build_base(Path(tmp) / "llama-1b-shaped", shapes, dtype)
@@ -249,9 +242,9 @@ def main(argv: list[str] | None = None) -> int:
         s = Setup(folder, device, dtype, args.qlora, rows, warmup, args.grad_checkpointing)
         plain = plain_peft(s, timed=not args.small)
         free(device)
-        mt = mt_trainer(s, timed=not args.small, patch=patch)
+        mt, mode = mt_trainer(s, timed=not args.small, kernels=args.kernels)
         free(device)
-    result = report(plain, mt, patch is not None, s)
+    result = report(plain, mt, mode, s)
     print_report(result)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")

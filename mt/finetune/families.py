@@ -1,8 +1,7 @@
 """The model families `mt finetune` trains, by config.architectures[0] (a static map, as mt/convert/arch).
 
 Each entry lists the decoder's linear layers (what `--target all-linear` and the short names q,k,v,o,gate,up,down
-resolve to) and, once mt/kernels has them, the module whose `patch(model)` swaps the PyTorch layers for fused
-Triton kernels (RMSNorm, RoPE, SwiGLU, LoRA linear, chunked cross-entropy). None = plain PyTorch + PEFT.
+resolve to). Which modules take mt's Triton kernels is mt/finetune/patch.py's table.
 """
 
 from __future__ import annotations
@@ -20,7 +19,6 @@ SHORT_NAMES = {name.removesuffix("_proj"): name for name in DECODER_LINEAR}
 @dataclass(frozen=True)
 class Family:
     linear: tuple[str, ...]
-    kernel_patch: str | None = None  # "mt.kernels.patch_llama" etc., later
 
 
 FAMILIES: dict[str, Family] = {

@@ -13,9 +13,10 @@ shuffled epoch, so `torchrun --nproc-per-node 2 ... --grad-accum 1` trains what 
 holds them: each row's mean loss is weighted by its share of the step's trained tokens (times the world size, as
 DDP and FSDP average the gradients over processes). --fsdp shards the model instead of replicating it.
 
-Seams for the Triton kernels (mt/kernels): `Family.kernel_patch` names a module whose patch(model) swaps layers
-in place after the LoRA wrap, and `loss_fn` (default: the model's own cross-entropy through `labels`) is where a
-chunked cross-entropy that never builds the full logits plugs in.
+--kernels (auto: on a CUDA device) patches mt/kernels into the model after the LoRA wrap (mt/finetune/patch.py:
+RMSNorm, RoPE, SwiGLU, the LoRA linears) and, in a single process, computes the loss with the chunked
+cross-entropy that never builds the full logits; under DDP/FSDP the loss stays the model's own (their forward
+runs the gradient synchronisation).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from mt.finetune.data import DataStats, Sample, load_samples
 from mt.finetune.distributed import (World, all_reduce_sum, barrier, destroy_process_group, full_state_dict,
                                      init_process_group, no_sync, rank_device, same_on_every_rank, wrap_ddp,
                                      wrap_fsdp, world_from_env)
-from mt.finetune.families import FAMILIES, Family, base_architecture
+from mt.finetune.families import FAMILIES, base_architecture
 from mt.finetune.lora import LoraOptions, add_lora, compute_dtype, load_base, load_lora, trainable_parameters
 from mt.finetune.packing import Batch, epoch_groups, make_batch
 from mt.io.atomic import atomic_dir, check_output, remove_path
@@ -46,6 +47,7 @@ from mt.io.atomic import atomic_dir, check_output, remove_path
 STATE_NAME = "trainer_state.json"
 OPTIMIZER_NAME = "optimizer.pt"
 SCHEDULES = ("cosine", "linear", "constant")
+KERNEL_MODES = ("auto", "triton", "torch", "off")  # torch: the kernels' PyTorch references (for checking)
 WARMUP_FRACTION = 0.03
 
 
@@ -76,6 +78,7 @@ class TrainOptions:
     resume: Path | None = None
     force: bool = False
     fsdp: bool = False  # under torchrun: shard the model (FSDP2) instead of replicating it (DDP)
+    kernels: str = "auto"  # KERNEL_MODES: auto = Triton on a CUDA device, plain PyTorch + PEFT elsewhere
 
 
 @dataclass(frozen=True)
@@ -197,12 +200,38 @@ def load_tokenizer(base: Path) -> Any:
                       "the base folder needs its tokenizer files (tokenizer.json / tokenizer_config.json)") from None
 
 
-def apply_kernel_patches(model: Any, family: Family) -> list[str]:
-    """The seam for mt/kernels: the family's patch module, when there is one, swaps layers in place and says
-    which. None yet: training runs on plain PyTorch + PEFT."""
-    if family.kernel_patch is None:
+def kernel_mode(o: TrainOptions, device: torch.device) -> str:
+    """--kernels resolved: auto takes the Triton kernels on a CUDA device and stays on plain PyTorch elsewhere."""
+    if o.kernels == "auto":
+        return "triton" if device.type == "cuda" else "off"
+    return o.kernels
+
+
+def apply_kernel_patches(model: Any, mode: str) -> list[str]:
+    """mt/kernels swapped into the model in place (mt/finetune/patch.py); what was patched, as log lines."""
+    if mode == "off":
         return []
-    return importlib.import_module(family.kernel_patch).patch(model)
+    from mt.finetune.patch import patch_model
+
+    return patch_model(model, kernels=mode).lines()
+
+
+def chunked_loss(mode: str) -> LossFn:
+    """The loss through chunked_cross_entropy: lm_head's logits are never made for the whole batch at once."""
+    from mt.finetune import patch
+
+    def loss(model: Any, batch: Batch, device: torch.device) -> torch.Tensor:
+        return patch.causal_lm_loss(model, **batch.model_inputs(device), kernels=mode)
+
+    return loss
+
+
+def pick_loss(loss_fn: LossFn, t: "Trainable", fsdp: bool) -> LossFn:
+    """The chunked loss replaces the default one when kernels are on in a single process; DDP and FSDP need their
+    wrapper's own forward (it runs the gradient synchronisation), so they keep the model's loss."""
+    if loss_fn is not causal_lm_loss or t.kernels == "off" or t.world.size > 1 or fsdp:
+        return loss_fn
+    return chunked_loss(t.kernels)
 
 
 @dataclass
@@ -226,6 +255,8 @@ class Trainable:
     device: torch.device
     world: World = World()
     forward: Any = None  # what the loss is computed through: DDP around `model` under torchrun, else `model`
+    kernels: str = "off"  # the resolved --kernels mode
+    patched: list[str] = field(default_factory=list)  # apply_kernel_patches' report
 
     def __post_init__(self) -> None:
         if self.forward is None:
@@ -250,7 +281,9 @@ def finetune(options: TrainOptions, on_step: Callable[[StepLog], None] | None = 
     try:
         trainable = build(options, prepared.arch, world)
         began = time.perf_counter()
-        losses, tokens = train(options, prepared, trainable, on_step, loss_fn)
+        if info is not None and trainable.patched:
+            info("; ".join(trainable.patched))
+        losses, tokens = train(options, prepared, trainable, on_step, pick_loss(loss_fn, trainable, options.fsdp))
         seconds = time.perf_counter() - began
         gathered = full_state_dict(trainable.model) if options.fsdp else None  # a collective: every rank
         if world.is_main:
@@ -315,13 +348,14 @@ def build(o: TrainOptions, arch: str, world: World = World()) -> Trainable:
     family = FAMILIES[arch]
     model = (load_lora(model, o.resume, o.lora.qlora, o.grad_checkpointing) if o.resume is not None
              else add_lora(model, o.lora, family, o.grad_checkpointing))
-    apply_kernel_patches(model, family)
+    kernels = kernel_mode(o, device)
+    patched = apply_kernel_patches(model, kernels)
     forward = wrap_fsdp(model) if o.fsdp else wrap_ddp(model, world, device)  # FSDP swaps the parameters: first
     params = [p for _, p in trainable_parameters(model)]
     optimizer = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
     if o.resume is not None:
         load_optimizer(optimizer, o.resume)
-    return Trainable(model, optimizer, params, device, world, forward)
+    return Trainable(model, optimizer, params, device, world, forward, kernels, patched)
 
 
 def train(o: TrainOptions, prepared: Prepared, t: Trainable, on_step: Callable[[StepLog], None] | None,

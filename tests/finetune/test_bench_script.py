@@ -21,13 +21,14 @@ def bench(*args: str) -> subprocess.CompletedProcess[str]:
                           timeout=300)
 
 
-@pytest.mark.parametrize("qlora", [False, True], ids=["lora", "qlora"])
-def test_small_run_matches_the_plain_peft_loop(qlora: bool, tmp_path: Path) -> None:
+@pytest.mark.parametrize("qlora, kernels", [(False, "auto"), (True, "torch")], ids=["lora", "qlora-kernels-torch"])
+def test_small_run_matches_the_plain_peft_loop(qlora: bool, kernels: str, tmp_path: Path) -> None:
     report = tmp_path / "report.json"
-    proc = bench("--small", "--steps", "3", "--json", str(report), *(["--qlora"] if qlora else []))
+    proc = bench("--small", "--steps", "3", "--json", str(report), "--kernels", kernels, *(["--qlora"] if qlora else []))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.startswith("kernels: ")
     r = json.loads(report.read_text())
+    assert r["kernels"] == ("off" if kernels == "auto" else kernels)  # auto: plain PyTorch on the CPU
     assert r["qlora"] is qlora and r["steps"] == 3 and r["seq"] == 64
     assert len(r["plain"]["losses"]) == len(r["mt"]["losses"]) == 3
     assert r["mt"]["losses"][-1] < r["mt"]["losses"][0]  # it trains

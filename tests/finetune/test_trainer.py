@@ -195,3 +195,31 @@ def test_progress_line_and_json_log_line(capsys: pytest.CaptureFixture[str]) -> 
     bar.close()
     line = capsys.readouterr().err
     assert "[######------------------] step 5/20  loss 1.2346  lr 2.00e-04  1,234 tok/s" in line
+
+
+def test_kernels_torch_trains_as_plain_pytorch(tiny_llama3: Path, capitals_data: Path, tmp_path: Path) -> None:
+    """--kernels torch runs the patched model (the kernels' PyTorch paths) and the chunked loss: same steps."""
+    said: list[str] = []
+    plain = finetune(options(tiny_llama3, capitals_data, tmp_path / "a", kernels="off"))
+    patched = finetune(options(tiny_llama3, capitals_data, tmp_path / "b", kernels="torch"), info=said.append)
+    assert any(line.startswith("kernels: torch for LlamaForCausalLM") for line in said), said
+    assert patched.losses == pytest.approx(plain.losses, rel=1e-4)
+    got, want = adapter_tensors(tmp_path / "b"), adapter_tensors(tmp_path / "a")
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-3, atol=1e-5)
+
+
+def test_kernels_auto_stays_on_pytorch_on_the_cpu(tiny_llama3: Path, capitals_data: Path, tmp_path: Path) -> None:
+    said: list[str] = []
+    finetune(options(tiny_llama3, capitals_data, tmp_path / "a", max_steps=1), info=said.append)
+    assert not any(line.startswith("kernels:") for line in said), said
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="Triton runs on a CUDA device")
+def test_kernels_triton_without_a_gpu_is_one_line(tiny_llama3: Path, capitals_data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "adapter"
+    result = CliRunner().invoke(main, ["finetune", str(tiny_llama3), "--data", str(capitals_data), "-o", str(out),
+                                       "--max-steps", "1", "--kernels", "triton", "--threads", "1", "--quiet"])
+    assert result.exit_code == 1, result.output
+    assert len(result.output.strip().splitlines()) == 1 and "Triton kernels cannot run" in result.output
+    assert not out.exists()
