@@ -5,7 +5,6 @@ from __future__ import annotations
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
 
 import gguf
 import numpy as np
@@ -14,18 +13,15 @@ from gguf import GGUFWriter, LlamaFileType
 from mt.convert.arch import load_architecture
 from mt.convert.arch.base import Architecture, Companion
 from mt.convert.checkpoint import Checkpoint, open_checkpoint
-from mt.convert.plan import Prefetcher, TensorPlan, build_plan, by_entry, companion_plans, start_producing
+from mt.convert.plan import (Prefetcher, Progress, TensorPlan, build_plan, by_entry, companion_plans, reporting,
+                             start_producing)
 from mt.convert.special import read_tokenizer_json
 from mt.convert.vocab import VocabSummary
-from mt.io.safetensors import FileSpan
 from mt.errors import MtError
 from mt.gguf_out import FastArrayGGUFWriter, TensorStream, check_output
 from mt.io.atomic import atomic_paths
 from mt.quant.device import GPU_TYPES, select_device
 from mt.quant.quantize import put_quantization_keys_last
-
-Progress = Callable[[int, int], None]  # (bytes just written, total bytes)
-
 
 @dataclass
 class CompanionOutput:
@@ -87,17 +83,10 @@ def _write_tensors(w: GGUFWriter, plan: TensorPlan, producer: Prefetcher, progre
     written = 0
     total = plan.nbytes if total is None else total
     for entry, chunks in by_entry(plan, producer):
-        if progress is not None:
-            chunks = _reporting(chunks, lambda n: progress(n, total))
+        chunks = reporting(chunks, progress, total)
         written += stream.write_tensor(chunks, entry.nbytes)
     stream.finish()
     return written
-
-
-def _reporting(chunks: Iterator[np.ndarray | FileSpan], report: Callable[[int], None]) -> Iterator[np.ndarray | FileSpan]:
-    for chunk in chunks:
-        yield chunk
-        report(chunk.nbytes)
 
 
 def _plan_uses_gpu_types(plan: TensorPlan) -> bool:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import queue
 import threading
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Iterator, Sequence, TypeVar
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
 from gguf import GGMLQuantizationType as T
@@ -14,7 +14,7 @@ from gguf import LlamaFileType
 from mt.convert.arch.base import Architecture, Companion, ExtraTensor, Transform
 from mt.convert.checkpoint import Checkpoint, LazyTensor
 from mt.errors import MtError
-from mt.io.safetensors import FileSpan
+from mt.io.safetensors import FLOAT_DTYPES, STORAGE_DTYPES, FileSpan
 from mt.quant.mix import FILE_TYPES as MIXES
 from mt.quant.mix import ModelFacts, TensorSpec, choose_types, llama_order
 from mt.quant.types import bf16_bits_to_f32, quant_type
@@ -22,7 +22,20 @@ from mt.quant.types import bf16_bits_to_f32, quant_type
 if TYPE_CHECKING:
     from mt.quant.device import GpuQuantizer
 
+C = TypeVar("C", np.ndarray, FileSpan)  # a chunk of tensor bytes: an array, or a span of a file
+
 SLAB_BYTES = 16 << 20
+
+
+Progress = Callable[[int, int], None]  # (bytes just written, total bytes)
+
+
+def reporting(chunks: Iterable[C], progress: Progress | None, total: int) -> Iterator[C]:
+    """`chunks` passed through, each one's bytes reported to `progress` once it has been consumed."""
+    for chunk in chunks:
+        yield chunk
+        if progress is not None:
+            progress(chunk.nbytes, total)
 
 
 def row_ranges(n_rows: int, row_bytes: int, budget: int = SLAB_BYTES) -> Iterator[tuple[int, int]]:
@@ -114,16 +127,16 @@ def _converter_plan(ckpt: Checkpoint, arch: Architecture, outtype: str) -> Tenso
             continue
         if arch.names.is_dropped(hf_name) or any(c.takes(hf_name) for c in arch.companions):
             continue
-        _check_float(hf_name, ref)
+        check_float(hf_name, ref)
         name = arch.names.map(hf_name)
         qtype = tensor_type(name, ref.shape, file_qtype)
         entries.append(PlanEntry(name, ref.shape, qtype, source=ref, transform=arch.transform_for(name)))
     return TensorPlan(file_type, entries)
 
 
-def _check_float(hf_name: str, ref: LazyTensor) -> None:
-    if ref.dtype not in ("F32", "F16", "BF16"):
-        raise MtError(f"tensor {hf_name!r} has dtype {ref.dtype}", "mt converts float checkpoints (F32/F16/BF16)")
+def check_float(hf_name: str, ref: LazyTensor, remedy: str = "mt converts float checkpoints (F32/F16/BF16)") -> None:
+    if ref.dtype not in FLOAT_DTYPES:
+        raise MtError(f"tensor {hf_name!r} has dtype {ref.dtype}", remedy)
 
 
 def companion_plans(ckpt: Checkpoint, arch: Architecture, outtype: str) -> list[tuple[Companion, TensorPlan]]:
@@ -138,7 +151,7 @@ def companion_plan(ckpt: Checkpoint, arch: Architecture, companion: Companion, o
     for hf_name, ref in arch.source_tensors(ckpt.tensors).items():
         if not companion.takes(hf_name):
             continue
-        _check_float(hf_name, ref)
+        check_float(hf_name, ref)
         qtype = T.F16 if len(ref.shape) >= 2 and not all_f32 else T.F32
         entries.append(PlanEntry(companion.tensor_name(hf_name), ref.shape, qtype, source=ref))
     return TensorPlan(LlamaFileType.ALL_F32 if all_f32 else LlamaFileType.MOSTLY_F16, entries)
@@ -183,7 +196,7 @@ def encode(raw: np.ndarray, dtype: str, qtype: T, gpu: GpuQuantizer | None = Non
 
 
 Chunk = np.ndarray | FileSpan
-STORAGE_DTYPES = {np.dtype(np.uint16): "BF16", np.dtype(np.float16): "F16", np.dtype(np.float32): "F32"}
+FLOAT_DTYPE_NAMES = {STORAGE_DTYPES[name]: name for name in FLOAT_DTYPES}  # numpy storage dtype -> "BF16" …
 
 
 def start_producing(plan: TensorPlan, config: dict, depth: int = 2, gpu: GpuQuantizer | None = None) -> "Prefetcher":
@@ -270,7 +283,7 @@ def produce(entry: PlanEntry, config: dict, gpu: GpuQuantizer | None = None) -> 
         raw, dtype = src.read(), src.dtype
         if entry.transform is not None:
             raw = entry.transform(raw, config)
-            dtype = STORAGE_DTYPES[raw.dtype]  # a transform may widen (e.g. bf16 -> float32, as the converter does)
+            dtype = FLOAT_DTYPE_NAMES[raw.dtype]  # a transform may widen (e.g. bf16 -> float32, as the converter does)
         yield encode(raw, dtype, entry.qtype, gpu)
         return
     for start, stop in row_ranges(src.shape[0], src.nbytes // src.shape[0]):

@@ -9,22 +9,20 @@ import json
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 
 from mt.convert.checkpoint import Checkpoint, LazyTensor, open_checkpoint
-from mt.convert.plan import to_f32
+from mt.convert.plan import Progress, check_float, to_f32
 from mt.errors import MtError
-from mt.io.safetensors import FLOAT_DTYPES, STORAGE_DTYPES
-from mt.io.safetensors_out import SafetensorsFolderWriter, TensorSpec, parse_size
-from mt.merge.merge import row_slabs
+from mt.io.safetensors import STORAGE_DTYPES
+from mt.io.safetensors_out import parse_size
+from mt.merge.merge import write_folder
 from mt.merge.merged import merged_config
 from mt.merge.source import SideFile, folder_side_files
 from mt.quant.types import f32_to_bf16_bits
 
 SAFETENSORS_OUTTYPES = {"bf16": "BF16", "f16": "F16", "f32": "F32"}
-Progress = Callable[[int, int], None]
 
 
 @dataclass
@@ -79,8 +77,7 @@ def safetensors_dtype(outtype: str) -> str:
 
 def cast_tensors(ckpt: Checkpoint, dtype: str) -> dict[str, CastTensor]:
     for name, ref in ckpt.tensors.items():
-        if ref.dtype not in FLOAT_DTYPES:
-            raise MtError(f"tensor {name!r} has dtype {ref.dtype}", "--format safetensors re-exports float checkpoints (F32/F16/BF16)")
+        check_float(name, ref, "--format safetensors re-exports float checkpoints (F32/F16/BF16)")
     return {name: CastTensor(name, dtype, ref) for name, ref in ckpt.tensors.items()}
 
 
@@ -91,15 +88,8 @@ def reexport(src: Path, out: Path, outtype: str, *, force: bool = False, allow_p
     with ExitStack() as stack:
         ckpt = _source(src, allow_pickle, adapter, dequantized_base, stack)
         tensors = cast_tensors(ckpt, dtype)
-        specs = [TensorSpec(name, dtype, t.shape) for name, t in tensors.items()]
-        total = sum(s.nbytes for s in specs)
-        with SafetensorsFolderWriter(out, specs, parse_size(max_shard_size), force=force) as writer:
-            for name, data in _side_files(ckpt, dtype).items():
-                writer.add_file(name, data)
-            for name, tensor in tensors.items():
-                writer.write_tensor(name, _reporting(row_slabs(tensor), progress, total))
-            shards = len(writer.shards)
-    return ReexportResult(out, dtype, len(specs), total, shards)
+        total, shards = write_folder(out, tensors, _side_files(ckpt, dtype), parse_size(max_shard_size), force, progress)
+    return ReexportResult(out, dtype, len(tensors), total, shards)
 
 
 def _source(src: Path, allow_pickle: bool, adapter: Path | None, dequantized_base: bool, stack: ExitStack) -> Checkpoint:
@@ -114,10 +104,3 @@ def _side_files(ckpt: Checkpoint, dtype: str) -> dict[str, SideFile]:
     files = folder_side_files(ckpt.folder)
     files["config.json"] = (json.dumps(merged_config(ckpt.config, None, dtype), indent=2, sort_keys=True) + "\n").encode()
     return files
-
-
-def _reporting(chunks: Iterator[np.ndarray], progress: Progress | None, total: int) -> Iterator[np.ndarray]:
-    for chunk in chunks:
-        yield chunk
-        if progress is not None:
-            progress(chunk.nbytes, total)

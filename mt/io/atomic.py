@@ -35,21 +35,8 @@ def disk_full_is_an_error(path: Path) -> Iterator[None]:
 
 
 @contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary path in the target folder; rename it over `path` on success, delete it otherwise."""
-    tmp = partial_path(path)
-    try:
-        with disk_full_is_an_error(path):
-            yield tmp
-            os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-@contextmanager
 def atomic_paths(paths: Sequence[Path]) -> Iterator[list[Path]]:
-    """`atomic_path` for files that belong together (a GGUF and its companions): each is written to its
+    """Files that belong together (a GGUF and its companions; one file for `atomic_path`): each is written to its
     temporary path, and all are renamed into place only when every one is complete. A failed rename takes
     back the files the earlier renames created, so no new file is left behind alone."""
     tmps = [partial_path(p) for p in paths]
@@ -61,6 +48,13 @@ def atomic_paths(paths: Sequence[Path]) -> Iterator[list[Path]]:
         for tmp in tmps:
             if tmp.exists():
                 tmp.unlink()
+
+
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary path in the target folder; rename it over `path` on success, delete it otherwise."""
+    with atomic_paths([path]) as (tmp,):
+        yield tmp
 
 
 def _replace_all(tmps: Sequence[Path], paths: Sequence[Path]) -> None:

@@ -4,17 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator, Mapping
 
 import numpy as np
 
 from mt.convert.checkpoint import LazyTensor
-from mt.convert.plan import SLAB_BYTES, row_ranges
+from mt.convert.plan import SLAB_BYTES, Progress, reporting, row_ranges
 from mt.io.safetensors_out import SafetensorsFolderWriter, TensorSpec, parse_size
 from mt.merge.merged import MergedTensor
-from mt.merge.source import open_merged, side_files
-
-Progress = Callable[[int, int], None]  # (bytes just written, total bytes)
+from mt.merge.source import SideFile, open_merged, side_files
 
 
 @dataclass
@@ -31,19 +29,26 @@ def merge(base: Path, adapter: Path, out: Path, *, dtype: str | None = None, max
           force: bool = False, dequantized_base: bool = False, progress: Progress | None = None) -> MergeResult:
     """Merge `adapter` into `base` and write `out` (safetensors shards + index, config, tokenizer, generation config).
     Arithmetic in float32, cast once to `dtype` (f32/f16/bf16; default: each tensor's own dtype)."""
-    shard_bytes = parse_size(max_shard_size)
     merged, base_ckpt, adapter_info = open_merged(base, adapter, dtype, dequantized_base)
-    specs = [TensorSpec(name, t.dtype, tuple(t.shape)) for name, t in merged.tensors.items()]
-    total = sum(s.nbytes for s in specs)
-    with SafetensorsFolderWriter(out, specs, shard_bytes, force=force) as writer:
-        for name, data in side_files(base_ckpt, merged.config, adapter_info).items():
-            writer.add_file(name, data)
-        for name, tensor in merged.tensors.items():
-            writer.write_tensor(name, _reporting(row_slabs(tensor), progress, total))
-        n_shards = len(writer.shards)
+    total, n_shards = write_folder(out, merged.tensors, side_files(base_ckpt, merged.config, adapter_info),
+                                   parse_size(max_shard_size), force, progress)
     changed = sum(isinstance(t, MergedTensor) and bool(t.deltas or t.bias_deltas or t.source is not base_ckpt.tensors.get(n))
                   for n, t in merged.tensors.items())
-    return MergeResult(out, len(specs), changed, total, n_shards, merged.config.get("vocab_size"))
+    return MergeResult(out, len(merged.tensors), changed, total, n_shards, merged.config.get("vocab_size"))
+
+
+def write_folder(out: Path, tensors: Mapping[str, LazyTensor], files: Mapping[str, SideFile], shard_bytes: int,
+                 force: bool, progress: Progress | None) -> tuple[int, int]:
+    """`tensors` (each already in its output dtype) as save_pretrained's shards and index, with `files` beside
+    them, written atomically slab by slab; the tensor bytes and the number of shards."""
+    specs = [TensorSpec(name, t.dtype, tuple(t.shape)) for name, t in tensors.items()]
+    total = sum(s.nbytes for s in specs)
+    with SafetensorsFolderWriter(out, specs, shard_bytes, force=force) as writer:
+        for name, data in files.items():
+            writer.add_file(name, data)
+        for name, tensor in tensors.items():
+            writer.write_tensor(name, reporting(row_slabs(tensor), progress, total))
+        return total, len(writer.shards)
 
 
 def row_slabs(tensor: LazyTensor) -> Iterator[np.ndarray]:
@@ -54,10 +59,3 @@ def row_slabs(tensor: LazyTensor) -> Iterator[np.ndarray]:
     rows = tensor.shape[0]
     for start, stop in row_ranges(rows, tensor.nbytes // max(1, rows), SLAB_BYTES):
         yield tensor.read_rows(start, stop)
-
-
-def _reporting(chunks: Iterator[np.ndarray], progress: Progress | None, total: int) -> Iterator[np.ndarray]:
-    for chunk in chunks:
-        yield chunk
-        if progress is not None:
-            progress(chunk.nbytes, total)
