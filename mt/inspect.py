@@ -10,6 +10,7 @@ import numpy as np
 
 from mt.convert.arch import MODULES, load_architecture, supported
 from mt.convert.arch.base import Architecture
+from mt.convert.plan import NOT_DATA_SUFFIXES
 from mt.errors import MtError
 
 
@@ -42,9 +43,6 @@ def inspect_gguf(path: Path) -> dict[str, Any]:
     return {"kind": "gguf", "path": str(path), "architecture": gguf_arch, "metadata": metadata, "tensors": tensors, "text": "\n".join(lines)}
 
 
-SKIPPED_SUFFIXES = (".attention.masked_bias", ".attention.bias", ".rotary_emb.inv_freq")
-
-
 def _layer_pattern(name: str) -> str:
     return re.sub(r"(^|\.)\d+\.", r"\1*.", name)
 
@@ -65,7 +63,7 @@ def recognise(arch: Architecture, tensors: Mapping[str, Any]) -> dict[str, Any]:
     dropped = [name for name in tensors if name not in kept]
     unknown: list[str] = []
     for name in kept:
-        if name.endswith(SKIPPED_SUFFIXES) or arch.names.is_dropped(name):
+        if name.endswith(NOT_DATA_SUFFIXES) or arch.names.is_dropped(name):
             dropped.append(name)
             continue
         try:

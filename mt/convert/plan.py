@@ -119,11 +119,14 @@ def tensor_type(name: str, shape: tuple[int, ...], file_qtype: T) -> T:
     return file_qtype
 
 
+NOT_DATA_SUFFIXES = (".attention.masked_bias", ".attention.bias", ".rotary_emb.inv_freq")  # buffers, not weights
+
+
 def _converter_plan(ckpt: Checkpoint, arch: Architecture, outtype: str) -> TensorPlan:
     file_type, file_qtype = resolve_outtype(outtype, ckpt)
     entries = [PlanEntry(x.name, x.shape, tensor_type(x.name, x.shape, file_qtype), extra=x) for x in arch.extra_tensors()]
     for hf_name, ref in arch.source_tensors(ckpt.tensors).items():
-        if hf_name.endswith((".attention.masked_bias", ".attention.bias", ".rotary_emb.inv_freq")):
+        if hf_name.endswith(NOT_DATA_SUFFIXES):
             continue
         if arch.names.is_dropped(hf_name) or any(c.takes(hf_name) for c in arch.companions):
             continue
