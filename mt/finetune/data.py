@@ -3,6 +3,8 @@
 Three row kinds, tried in this order:
   {"messages": [{"role": ..., "content": ...}, ...]}  the tokenizer's chat template is applied; loss only on the
                                                       assistant turns (their content and the template's end-of-turn)
+                                                      and not on one marked "weight": 0
+  {"conversations": [{"from": ..., "value": ...}]}    ShareGPT's spelling of the same (human/gpt/system/tool)
   {"prompt": "...", "completion": "..."}              loss only on the completion and the EOS appended to it
   {"text": "..."}                                     loss on every token, and on the EOS appended to it
 
@@ -18,6 +20,9 @@ must be a prefix of the whole; the characters between are the assistant's turn. 
 template (Llama 3, Qwen2.5, Mistral, Llama 2: none has `{% generation %}`, which `return_assistant_tokens_mask`
 needs); a template that renders earlier turns differently once later ones exist is refused with the line.
 
+A message's content is a string, or OpenAI-style parts [{"type": "text", "text": ...}, ...], joined without a
+separator before the template sees them (text models only: another part type is refused).
+
 The first token of every sample is never trained (nothing precedes it), so samples can be packed end to end.
 """
 
@@ -31,7 +36,9 @@ from typing import Any, Iterator
 from mt.errors import DataError
 
 IGNORE = -100
-ROW_KINDS = "'text', 'messages' or 'prompt' + 'completion'"
+ROW_KINDS = "'text', 'messages' (or ShareGPT 'conversations') or 'prompt' + 'completion'"
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "tool": "tool", "function": "tool", "observation": "tool"}
 
 
 @dataclass(frozen=True)
@@ -109,6 +116,8 @@ def render_row(row: dict[str, Any], tokenizer: Any) -> tuple[str, Rendered]:
     """(kind, rendered) for one row."""
     if "messages" in row:
         return "messages", _render_messages(row["messages"], tokenizer)
+    if "conversations" in row:
+        return "messages", _render_messages(_sharegpt_messages(row["conversations"]), tokenizer)
     if "prompt" in row or "completion" in row:
         prompt, completion = _string(row, "prompt"), _string(row, "completion")
         if not completion:
@@ -132,14 +141,30 @@ def _string(row: dict[str, Any], key: str) -> str:
     return value
 
 
-def _render_messages(messages: Any, tokenizer: Any) -> Rendered:
-    _check_messages(messages)
+def _sharegpt_messages(turns: Any) -> list[dict[str, Any]]:
+    """ShareGPT turns {"from", "value"} as chat messages {"role", "content"} (other keys, e.g. weight, kept)."""
+    if not isinstance(turns, list) or not turns:
+        raise RowError("'conversations' must be a non-empty list of {\"from\", \"value\"} objects")
+    messages = []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
+            raise RowError(f"conversations[{i}] is not an object with 'from' and 'value'")
+        role = SHAREGPT_ROLES.get(turn["from"]) if isinstance(turn["from"], str) else None
+        if role is None:
+            raise RowError(f"conversations[{i}] is from {turn['from']!r}, which is none of {', '.join(SHAREGPT_ROLES)}")
+        rest = {k: v for k, v in turn.items() if k not in ("from", "value")}
+        messages.append({"role": role, "content": turn["value"], **rest})
+    return messages
+
+
+def _render_messages(raw: Any, tokenizer: Any) -> Rendered:
+    messages = _checked_messages(raw)
     if not getattr(tokenizer, "chat_template", None):
         raise RowError("a 'messages' row needs a chat template, and the base's tokenizer has none")
     whole = _apply_template(tokenizer, messages, False)
     spans = []
     for i, message in enumerate(messages):
-        if message["role"] != "assistant":
+        if message["role"] != "assistant" or not _trained(raw[i]):
             continue
         before = _apply_template(tokenizer, messages[:i], True) if i else ""
         upto = _apply_template(tokenizer, messages[:i + 1], False)
@@ -147,17 +172,46 @@ def _render_messages(messages: Any, tokenizer: Any) -> Rendered:
             raise RowError(f"the chat template renders the conversation before message {i} differently once it "
                            "continues, so the assistant turn cannot be located")
         spans.append((len(before), len(upto)))
+    if not spans:
+        raise RowError("every assistant message has \"weight\": 0: nothing to train on")
     return Rendered(whole, spans, False, False)
 
 
-def _check_messages(messages: Any) -> None:
+def _checked_messages(messages: Any) -> list[dict[str, Any]]:
+    """The messages as the template takes them: string contents, without mt's own "weight" key."""
     if not isinstance(messages, list) or not messages:
         raise RowError("'messages' must be a non-empty list of {\"role\", \"content\"} objects")
+    checked = []
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or "content" not in m:
             raise RowError(f"message {i} is not an object with string 'role' and 'content'")
-    if not any(m["role"] == "assistant" for m in messages):
+        if m.get("weight", 1) not in (0, 1):
+            raise RowError(f"message {i} has \"weight\": {m['weight']!r}; it must be 0 (not trained) or 1")
+        rest = {k: v for k, v in m.items() if k not in ("content", "weight")}
+        checked.append({**rest, "content": _content_text(m["content"], i)})
+    if not any(m["role"] == "assistant" for m in checked):
         raise RowError("no assistant message: nothing to train on")
+    return checked
+
+
+def _content_text(content: Any, index: int) -> str:
+    """A string content, or the texts of OpenAI-style parts [{"type": "text", "text": ...}] joined."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise RowError(f"message {index} is not an object with string 'role' and 'content'")
+    texts = []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind != "text" or not isinstance(part.get("text"), str):
+            what = repr(kind) if kind else "a part that is not {\"type\": \"text\", \"text\": ...}"
+            raise RowError(f"message {index} has {what} content; mt finetune trains text models on text parts only")
+        texts.append(part["text"])
+    return "".join(texts)
+
+
+def _trained(message: dict[str, Any]) -> bool:
+    return message.get("weight", 1) == 1
 
 
 def _apply_template(tokenizer: Any, messages: list[dict[str, Any]], generation_prompt: bool) -> str:

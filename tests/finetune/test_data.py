@@ -88,6 +88,39 @@ def test_messages_train_only_the_assistant_turns(tok: str, end_of_turn: str, req
     assert sample.trained == sum(map(len, expected))
 
 
+def as_parts(text: str) -> list[dict]:
+    """OpenAI-style content parts that join back to text."""
+    middle = len(text) // 2
+    return [{"type": "text", "text": text[:middle]}, {"type": "text", "text": text[middle:]}]
+
+
+def test_content_parts_and_sharegpt_rows_equal_plain_messages(llama3_tok, tmp_path: Path) -> None:
+    plain = one_sample(tmp_path, {"messages": CONVERSATION}, llama3_tok)
+    parts = [{**m, "content": as_parts(m["content"])} for m in CONVERSATION]
+    sharegpt_roles = {"system": "system", "user": "human", "assistant": "gpt"}
+    sharegpt = [{"from": sharegpt_roles[m["role"]], "value": m["content"]} for m in CONVERSATION]
+    assert as_parts("It is 4.")[0]["text"] == "It i"  # split mid-word: joined without a separator
+    assert one_sample(tmp_path, {"messages": parts}, llama3_tok) == plain
+    assert one_sample(tmp_path, {"conversations": sharegpt}, llama3_tok) == plain
+
+
+@pytest.mark.parametrize("tok, end_of_turn", [("llama3_tok", "<|eot_id|>"), ("qwen2_tok", "<|im_end|>\n")])
+@pytest.mark.parametrize("key", ["messages", "conversations"])
+def test_an_assistant_turn_with_weight_0_is_not_trained(tok: str, end_of_turn: str, key: str, request,
+                                                        tmp_path: Path) -> None:
+    tokenizer = request.getfixturevalue(tok)
+    messages = [dict(m) for m in CONVERSATION]
+    messages[2]["weight"] = 0  # "It is 4." is context only
+    messages[4]["weight"] = 1
+    if key == "conversations":
+        roles = {"system": "system", "user": "human", "assistant": "gpt"}
+        messages = [{"from": roles[m.pop("role")], "value": m.pop("content"), **m} for m in messages]
+    sample = one_sample(tmp_path, {key: messages}, tokenizer)
+    rendered = tokenizer.apply_chat_template(CONVERSATION, tokenize=False)  # the weights are not shown to it
+    assert sample.input_ids == tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    assert trained_runs(sample) == [tokenizer("Six, of course." + end_of_turn, add_special_tokens=False)["input_ids"]]
+
+
 def test_truncation_is_counted(llama3_tok, tmp_path: Path) -> None:
     rows = [{"text": "word " * 40}, {"text": "short"}, {"prompt": "x " * 30, "completion": " y"}]
     samples, stats = load_samples(write_jsonl(tmp_path / "d.jsonl", rows), llama3_tok, max_seq_len=16)
@@ -111,6 +144,19 @@ def test_truncation_is_counted(llama3_tok, tmp_path: Path) -> None:
     (['{"messages": []}'], ("d.jsonl:1: 'messages' must be a non-empty list",)),
     (['{"messages": [{"role": "user", "content": "hi"}]}'], ("d.jsonl:1: no assistant message",)),
     (['{"messages": [{"role": "user"}]}'], ("d.jsonl:1: message 0 is not an object",)),
+    (['{"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "a"}]}'],
+     ("d.jsonl:1: message 0 is not an object",)),
+    (['{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}, '
+      '{"role": "assistant", "content": "a"}]}'], ("d.jsonl:1: message 0 has 'image_url' content", "text parts")),
+    (['{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": [{"text": "a"}]}]}'],
+     ("d.jsonl:1: message 1 has a part that is not",)),
+    (['{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": 0}]}'],
+     ("d.jsonl:1: every assistant message has \"weight\": 0",)),
+    (['{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": 0.5}]}'],
+     ("d.jsonl:1: message 1 has \"weight\": 0.5", "0 (not trained) or 1")),
+    (['{"conversations": []}'], ("d.jsonl:1: 'conversations' must be a non-empty list",)),
+    (['{"conversations": [{"from": "human"}]}'], ("d.jsonl:1: conversations[0] is not an object with 'from'",)),
+    (['{"conversations": [{"from": "bot", "value": "a"}]}'], ("d.jsonl:1: conversations[0] is from 'bot'",)),
 ])
 def test_bad_rows_name_their_line(lines: list[str], words: tuple[str, ...], llama3_tok, tmp_path: Path) -> None:
     path = tmp_path / "d.jsonl"
