@@ -1,6 +1,7 @@
-"""mt finetune on tiny Gemma 2 (softcapping, sliding window 16, tied embeddings, Gemma's SentencePiece tokenizer)
-and Phi-3 (fused qkv_proj and gate_up_proj) checkpoints from tests/checkpoints.py: a few CPU steps save a PEFT
-adapter that peft reloads with the trained logits and that `mt merge` merges; `--kernels torch` (the patched model
+"""mt finetune on tiny Gemma 2 (softcapping, sliding window 16, tied embeddings, Gemma's SentencePiece tokenizer),
+Gemma 3 text (q/k norms, 6 layers: 5 local, 1 global) and Phi-3 (fused qkv_proj and gate_up_proj) checkpoints from
+tests/checkpoints.py: a few CPU steps save a PEFT adapter that peft reloads with the trained logits and that
+`mt merge` merges; `--kernels torch` (the patched model
 and the softcapped chunked loss) trains the steps plain PyTorch trains; Phi-3's --target names."""
 
 from __future__ import annotations
@@ -26,6 +27,11 @@ pytest.importorskip("peft")
 @pytest.fixture(scope="module")
 def tiny_gemma2(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return checkpoints.build_gemma2(tmp_path_factory.mktemp("gemma2"), dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def tiny_gemma3(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return checkpoints.build_gemma3(tmp_path_factory.mktemp("gemma3"), dtype=torch.float32)
 
 
 @pytest.fixture(scope="module")
@@ -56,20 +62,21 @@ def base_model(base: Path):
     return AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
 
 
-@pytest.mark.parametrize("family", ["gemma2", "phi3"])
+@pytest.mark.parametrize("family", ["gemma2", "gemma3", "phi3"])
 def test_adapter_reloads_in_peft_and_merges(family: str, request: pytest.FixtureRequest, capitals_data: Path,
                                             tmp_path: Path) -> None:
     from peft import PeftModel
 
     base = request.getfixturevalue(f"tiny_{family}")
-    arch = json.loads((base / "config.json").read_text())["architectures"][0]
+    config = json.loads((base / "config.json").read_text())
+    arch, layers = config["architectures"][0], config["num_hidden_layers"]
     out = tmp_path / "adapter"
     result = finetune(options(base, capitals_data, out))
     assert result.arch == arch and len(result.losses) == 3 and all(torch.isfinite(torch.tensor(result.losses)))
-    config = json.loads((out / "adapter_config.json").read_text())
-    assert sorted(config["target_modules"]) == sorted(FAMILIES[arch].linear)
+    adapter_config = json.loads((out / "adapter_config.json").read_text())
+    assert sorted(adapter_config["target_modules"]) == sorted(FAMILIES[arch].linear)
     tensors = load_file(out / "adapter_model.safetensors")
-    assert len(tensors) == 2 * len(FAMILIES[arch].linear) * 2  # A and B of each linear in 2 layers
+    assert len(tensors) == 2 * len(FAMILIES[arch].linear) * layers  # A and B of each linear in each layer
     assert all(t.abs().max() > 0 for name, t in tensors.items() if "lora_B" in name)
 
     ids = prompt_ids(base)
