@@ -139,7 +139,8 @@ def convert_lora(adapter: Path, base: Path, out: Path, outtype: str, force: bool
 @click.option("--lora-alpha", type=float, default=32.0, show_default=True, help="LoRA scale numerator (scale = alpha / r).")
 @click.option("--lora-dropout", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True)
 @click.option("--target", default="all-linear", show_default=True,
-              help="all-linear, or a comma list of q,k,v,o,gate,up,down (or full names like q_proj).")
+              help="all-linear, or a comma list of q,k,v,o,gate,up,down (or full names like q_proj); "
+                   "Phi-3: qkv,o,gate_up,down.")
 @click.option("--max-steps", type=int, default=None, help="Optimizer steps (default: one epoch).")
 @click.option("--epochs", type=int, default=None, help="Passes over the data (instead of --max-steps).")
 @click.option("--lr", type=float, default=2e-4, show_default=True, help="Peak learning rate (AdamW).")

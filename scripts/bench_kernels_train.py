@@ -4,7 +4,7 @@ and under torch.compile, forward + backward, at Llama-3.2-1B's shapes (hidden 20
 compared with the eager reference at those shapes (the compiled Triton path's numbers; the CPU tests only run
 Triton's interpreter).
 
-    python scripts/bench_kernels_train.py [--kernels rms_norm,rope,swiglu,lora,lora_nf4,cross_entropy]
+    python scripts/bench_kernels_train.py [--kernels rms_norm,rope,swiglu,geglu,lora,lora_nf4,cross_entropy,cross_entropy_softcap]
                                           [--batch 1] [--seq 2048] [--repeats 20] [--no-compile] [--json FILE]
 
 Prints per kernel: median milliseconds of forward + backward, the speed-ups of Triton over eager and over
@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 HIDDEN, VOCAB, Q_HEADS, KV_HEADS, HEAD_DIM, INTERMEDIATE, RANK = 2048, 128256, 32, 8, 64, 8192, 16
-KERNELS = ("rms_norm", "rope", "swiglu", "lora", "lora_nf4", "cross_entropy")
+KERNELS = ("rms_norm", "rope", "swiglu", "geglu", "lora", "lora_nf4", "cross_entropy", "cross_entropy_softcap")
 
 
 @dataclass
@@ -93,6 +93,9 @@ def cases(torch, batch: int, seq: int, dev: str = "cuda") -> dict[str, Case]:
         "swiglu": Case(f"swiglu [{tokens} x {INTERMEDIATE}]", lambda: [randn(batch, seq, INTERMEDIATE, grad=True),
                                                        randn(batch, seq, INTERMEDIATE, grad=True)],
                        K.swiglu, K.swiglu_reference, (0, 1)),
+        "geglu": Case(f"geglu [{tokens} x {INTERMEDIATE}]", lambda: [randn(batch, seq, INTERMEDIATE, grad=True),
+                                                     randn(batch, seq, INTERMEDIATE, grad=True)],
+                      K.geglu, K.geglu_reference, (0, 1)),
         "lora": Case(f"lora {HIDDEN}->{INTERMEDIATE} r{RANK} bf16 base", lora_inputs,
                      lambda x, w, a, b: K.lora_linear(x, w, a, b, 2.0),
                      lambda x, w, a, b: K.lora_linear_reference(x, w, a, b, 2.0), (0, 2, 3)),
@@ -100,6 +103,11 @@ def cases(torch, batch: int, seq: int, dev: str = "cuda") -> dict[str, Case]:
             randn(tokens, HIDDEN, grad=True), randn(VOCAB, HIDDEN, scale=HIDDEN ** -0.5),
             torch.randint(0, VOCAB, (tokens,), device=dev)],
             lambda h, w, y: K.chunked_cross_entropy(h, w, y), K.cross_entropy_reference, (0,)),
+        "cross_entropy_softcap": Case(f"cross_entropy softcap 30 {tokens} tok x {VOCAB}", lambda: [
+            randn(tokens, HIDDEN, grad=True), randn(VOCAB, HIDDEN, scale=HIDDEN ** -0.5),
+            torch.randint(0, VOCAB, (tokens,), device=dev)],
+            lambda h, w, y: K.chunked_cross_entropy(h, w, y, softcap=30.0),
+            lambda h, w, y: K.cross_entropy_reference(h, w, y, softcap=30.0), (0,)),
     }
     try:
         import bitsandbytes.functional as bnb_functional

@@ -5,10 +5,15 @@
 
 The family is found through a static map (FAMILIES, by the model's class name, else config.architectures[0]), as
 the converter's registry finds its architecture modules. What each family's table names is patched:
-- its RMSNorm modules (Qwen3's q_norm/k_norm too)   -> rms_norm
-- its MLP                                          -> down(swiglu(gate(x), up(x)))         (hidden_act silu only)
+- its RMSNorm modules (Qwen3's and Gemma 3's q_norm/k_norm too) -> rms_norm; Gemma's (1 + weight) norms with
+  offset 1, in float32 and rounded once to the input's dtype, as transformers' GemmaRMSNorm computes them
+- its MLP -> down(act(gate(x), up(x))), act the kernel of the family's activation (ACTIVATION_KERNELS: silu ->
+  swiglu, gelu_pytorch_tanh -> geglu); Phi-3's fused gate_up_proj is chunked into [gate | up] first
 - its attention: transformers' own forward, bound to module globals in which `apply_rotary_pos_emb` is mt's
-  apply_rope_ (the rope step only: the attention kernel, sdpa/eager/flash, stays transformers')
+  apply_rope_ (the rope step only: the attention kernel, sdpa/eager/flash, and Gemma 2's attention-logit
+  softcapping and sliding windows stay transformers'); partial rotary (cos narrower than head_dim, Phi-3 with
+  partial_rotary_factor < 1) rotates the leading dims and passes the rest, as transformers' Phi-3 does
+- the loss (causal_lm_loss): chunked_cross_entropy, with Gemma's final_logit_softcapping when the config has one
 - peft LoRA layers, lora.Linear (dense base) and lora.Linear4bit (bitsandbytes NF4/FP4 base) -> lora_linear, for
   one active plain-LoRA adapter with no or nn.Dropout dropout.
 A module the kernels do not cover (DoRA and other LoRA variants, several active adapters, lora_bias,
@@ -40,11 +45,12 @@ from mt.errors import DeviceUnavailable, MtError
 
 MODES = ("auto", "triton", "torch")
 IGNORE_INDEX = -100
-SILU_ACTIVATIONS = ("silu", "swish")
+# the MLP activation (config.hidden_act, or the family's activation_key) -> the gated-MLP kernel that computes it
+ACTIVATION_KERNELS = {"silu": "swiglu", "swish": "swiglu", "gelu_pytorch_tanh": "geglu"}
 ROPE_GLOBAL = "apply_rotary_pos_emb"
-KERNEL_MODULES = ("rms_norm", "rope", "swiglu", "lora_linear", "cross_entropy")
+KERNEL_MODULES = ("rms_norm", "rope", "swiglu", "geglu", "lora_linear", "cross_entropy")
 TRITON_ENTRY = {"rms_norm": "_rms_norm_forward", "rope": "_rope_rotate", "swiglu": "_swiglu_forward",
-                "lora_linear": "_matmul_lowrank", "cross_entropy": "_loss_and_grad_rows"}
+                "geglu": "_geglu_forward", "lora_linear": "_matmul_lowrank", "cross_entropy": "_loss_and_grad_rows"}
 
 
 class PatchError(MtError):
@@ -54,12 +60,17 @@ class PatchError(MtError):
 @dataclass(frozen=True)
 class KernelFamily:
     """Where a family's pieces are: the transformers module holding its classes (and apply_rotary_pos_emb), the
-    class names to patch, and the attribute of the *ForCausalLM holding the decoder."""
+    class names to patch, and the attribute of the *ForCausalLM holding the decoder; how its norm computes
+    (norm_style, a key of NORM_FORWARDS), how its MLP holds gate and up (mlp_layout, a key of MLP_FORWARDS), and
+    the config attribute naming its activation."""
     modeling: str
     norm: str
     mlp: str
     attention: str
     decoder: str = "model"
+    norm_style: str = "weight_times_normed"
+    mlp_layout: str = "gate_and_up"
+    activation_key: str = "hidden_act"
 
 
 FAMILIES: dict[str, KernelFamily] = {
@@ -71,13 +82,21 @@ FAMILIES: dict[str, KernelFamily] = {
                                      "Qwen2Attention"),
     "Qwen3ForCausalLM": KernelFamily("transformers.models.qwen3.modeling_qwen3", "Qwen3RMSNorm", "Qwen3MLP",
                                      "Qwen3Attention"),
+    "Gemma2ForCausalLM": KernelFamily("transformers.models.gemma2.modeling_gemma2", "Gemma2RMSNorm", "Gemma2MLP",
+                                      "Gemma2Attention", norm_style="one_plus_weight",
+                                      activation_key="hidden_activation"),
+    "Gemma3ForCausalLM": KernelFamily("transformers.models.gemma3.modeling_gemma3", "Gemma3RMSNorm", "Gemma3MLP",
+                                      "Gemma3Attention", norm_style="one_plus_weight",
+                                      activation_key="hidden_activation"),
+    "Phi3ForCausalLM": KernelFamily("transformers.models.phi3.modeling_phi3", "Phi3RMSNorm", "Phi3MLP",
+                                    "Phi3Attention", mlp_layout="fused_gate_up"),
 }
 
 
 @dataclass(frozen=True)
 class Fallback:
     module: str  # its name in the model ("" for the model's loss)
-    kind: str  # rms_norm, mlp, rope, lora_linear, loss
+    kind: str  # rms_norm, swiglu/geglu (an MLP), rope, lora_linear, loss
     reason: str
 
 
@@ -108,8 +127,9 @@ class KernelSet:
     rms_norm: Callable[..., torch.Tensor]
     rope: Callable[..., tuple[torch.Tensor, torch.Tensor]]  # (q, k, cos, sin) -> rotated (q, k)
     swiglu: Callable[..., torch.Tensor]
+    geglu: Callable[..., torch.Tensor]
     lora_linear: Callable[..., torch.Tensor]
-    cross_entropy: Callable[..., torch.Tensor]  # (hidden, weight, labels, chunk, ignore_index, reduction)
+    cross_entropy: Callable[..., torch.Tensor]  # (hidden, weight, labels, chunk, ignore_index, reduction, softcap)
 
 
 def _kernel_modules() -> dict[str, types.ModuleType]:
@@ -119,10 +139,11 @@ def _kernel_modules() -> dict[str, types.ModuleType]:
 
 def _torch_cross_entropy(module: types.ModuleType) -> Callable[..., torch.Tensor]:
     def chunked_torch(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int,
-                      ignore_index: int, reduction: str) -> torch.Tensor:
-        module._check(hidden, weight, labels, chunk, ignore_index, reduction)
+                      ignore_index: int, reduction: str, softcap: float | None = None) -> torch.Tensor:
+        module._check(hidden, weight, labels, chunk, ignore_index, reduction, softcap)
         return module.ChunkedCrossEntropyFunction.apply(hidden.reshape(-1, hidden.shape[-1]), weight,
-                                                        labels.reshape(-1), chunk, ignore_index, reduction, False)
+                                                        labels.reshape(-1), chunk, ignore_index, reduction,
+                                                        float(softcap or 0.0), False)
     return chunked_torch
 
 
@@ -130,9 +151,10 @@ def kernel_set(mode: str) -> KernelSet:
     m = _kernel_modules()
     if mode == "torch":
         return KernelSet(m["rms_norm"].rms_norm_reference, m["rope"].rope_reference, m["swiglu"].swiglu_reference,
-                         m["lora_linear"].lora_linear_reference, _torch_cross_entropy(m["cross_entropy"]))
-    return KernelSet(m["rms_norm"].rms_norm, m["rope"].apply_rope_, m["swiglu"].swiglu, m["lora_linear"].lora_linear,
-                     m["cross_entropy"].chunked_cross_entropy)
+                         m["geglu"].geglu_reference, m["lora_linear"].lora_linear_reference,
+                         _torch_cross_entropy(m["cross_entropy"]))
+    return KernelSet(m["rms_norm"].rms_norm, m["rope"].apply_rope_, m["swiglu"].swiglu, m["geglu"].geglu,
+                     m["lora_linear"].lora_linear, m["cross_entropy"].chunked_cross_entropy)
 
 
 def triton_runs_on(device: torch.device) -> bool:
@@ -174,7 +196,8 @@ def family_of(base: nn.Module) -> tuple[str, KernelFamily | None]:
 
 # ---- patched forwards --------------------------------------------------------------------------------------
 
-def _norm_forward(kernels: KernelSet) -> Callable[..., torch.Tensor]:
+def _weight_times_normed_forward(kernels: KernelSet) -> Callable[..., torch.Tensor]:
+    """Llama's, Mistral's, Qwen's, Phi-3's RMSNorm: weight * normed, eps in variance_epsilon."""
     def forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
         # transformers returns weight * normed in the promoted dtype (float32 for a float32 weight on bf16 input)
         dtype = torch.promote_types(hidden_states.dtype, self.weight.dtype)
@@ -182,10 +205,33 @@ def _norm_forward(kernels: KernelSet) -> Callable[..., torch.Tensor]:
     return forward
 
 
-def _mlp_forward(kernels: KernelSet) -> Callable[..., torch.Tensor]:
+def _one_plus_weight_forward(kernels: KernelSet) -> Callable[..., torch.Tensor]:
+    """Gemma's RMSNorm: normed * (1 + weight) in float32, rounded to the input's dtype, eps in eps."""
     def forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(kernels.swiglu(self.gate_proj(x), self.up_proj(x)))
+        return kernels.rms_norm(x, self.weight, self.eps, 1.0)
     return forward
+
+
+NORM_FORWARDS: dict[str, Callable[[KernelSet], Callable[..., torch.Tensor]]] = {
+    "weight_times_normed": _weight_times_normed_forward, "one_plus_weight": _one_plus_weight_forward}
+
+
+def _gate_and_up_forward(gated: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    def forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(gated(self.gate_proj(x), self.up_proj(x)))
+    return forward
+
+
+def _fused_gate_up_forward(gated: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """Phi-3: gate_up_proj's output is [gate | up] along the last dim."""
+    def forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(gated(gate, up))
+    return forward
+
+
+MLP_FORWARDS: dict[str, Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]] = {
+    "gate_and_up": _gate_and_up_forward, "fused_gate_up": _fused_gate_up_forward}
 
 
 def _rope_function(kernels: KernelSet, original: Callable[..., Any]) -> Callable[..., Any]:
@@ -193,7 +239,12 @@ def _rope_function(kernels: KernelSet, original: Callable[..., Any]) -> Callable
                              unsqueeze_dim: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         if unsqueeze_dim != 1:  # q, k not [batch, heads, seq, d]
             return original(q, k, cos, sin, unsqueeze_dim)
-        return kernels.rope(q, k, cos, sin)  # cos, sin [batch or 1, seq, d]: one row per token, packed or not
+        rotary = cos.shape[-1]
+        if rotary == q.shape[-1]:
+            return kernels.rope(q, k, cos, sin)  # cos, sin [batch or 1, seq, d]: one row per token, packed or not
+        # partial rotary: the first `rotary` dims rotate, the rest pass (as transformers' Phi-3 concatenates them)
+        q_rot, k_rot = kernels.rope(q[..., :rotary], k[..., :rotary], cos, sin)
+        return torch.cat((q_rot, q[..., rotary:]), dim=-1), torch.cat((k_rot, k[..., rotary:]), dim=-1)
     return apply_rotary_pos_emb
 
 
@@ -349,7 +400,7 @@ class _Patcher:
         if _is_lora_layer(module):
             self.lora(name, module)
         elif type(module) is self.norm_cls:
-            self.patched("rms_norm", name, module, _norm_forward(self.kernels))
+            self.patched("rms_norm", name, module, NORM_FORWARDS[self.family.norm_style](self.kernels))
         elif type(module) is self.mlp_cls:
             self.mlp(name, module)
         elif type(module) is self.attention_cls:
@@ -364,10 +415,13 @@ class _Patcher:
         self.patched("lora_linear", name, module, make(self.kernels))
 
     def mlp(self, name: str, module: nn.Module) -> None:
-        act = getattr(self.base.config, "hidden_act", None)
-        if act not in SILU_ACTIVATIONS:
-            return self.fallback("swiglu", name, f"hidden_act {act!r} (the kernel is silu(gate) * up)")
-        self.patched("swiglu", name, module, _mlp_forward(self.kernels))
+        key = self.family.activation_key
+        act = getattr(self.base.config, key, None)
+        kernel = ACTIVATION_KERNELS.get(act)
+        if kernel is None:
+            known = ", ".join(f"{a} ({k})" for a, k in ACTIVATION_KERNELS.items())
+            return self.fallback("mlp", name, f"{key} {act!r} has no gated-MLP kernel (there are: {known})")
+        self.patched(kernel, name, module, MLP_FORWARDS[self.family.mlp_layout](getattr(self.kernels, kernel)))
 
     def attention(self, name: str, module: nn.Module) -> None:
         reason = _attention_unsupported(self.attention_cls)
@@ -432,9 +486,13 @@ def chunked_loss_unsupported(base: nn.Module) -> str | None:
         return f"lm_head is {type(head).__name__}, not a plain Linear (a LoRA on lm_head?)"
     if head.bias is not None:
         return "lm_head has a bias"
-    if getattr(base.config, "final_logit_softcapping", None):
-        return "final logit softcapping"
     return None
+
+
+def final_logit_softcap(base: nn.Module) -> float | None:
+    """Gemma 2/3's final_logit_softcapping (logits = c * tanh(logits / c)), None when the config has none."""
+    softcap = getattr(base.config, "final_logit_softcapping", None)
+    return float(softcap) if softcap is not None else None
 
 
 def shifted_labels(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
@@ -447,8 +505,8 @@ def causal_lm_loss(model: Any, input_ids: torch.Tensor, labels: torch.Tensor,
                    chunk: int = 1024, ignore_index: int = IGNORE_INDEX, num_items_in_batch: int | None = None,
                    kernels: str = "auto") -> torch.Tensor:
     """transformers' causal-LM loss (mean cross-entropy of the shifted labels, or their sum / num_items_in_batch)
-    from the decoder's final hidden state and lm_head's weight through chunked_cross_entropy: no [tokens, vocab]
-    logits. A model the chunked loss does not fit (chunked_loss_unsupported) gets model(...).loss instead.
+    from the decoder's final hidden state and lm_head's weight through chunked_cross_entropy (softcapped as the
+    model's forward softcaps its logits): no [tokens, vocab] logits. A model the chunked loss does not fit (chunked_loss_unsupported) gets model(...).loss instead.
     Called without a KV cache, so packed rows (position_ids restarting per sample, no mask) stay apart."""
     _check_mode(kernels)
     base = base_model(model)
@@ -461,7 +519,7 @@ def causal_lm_loss(model: Any, input_ids: torch.Tensor, labels: torch.Tensor,
     _backend(kernels, hidden.device)  # "triton" where Triton cannot run: DeviceUnavailable
     cross_entropy = kernel_set(kernels).cross_entropy
     targets = shifted_labels(labels.to(hidden.device), ignore_index)
-    weight = base.lm_head.weight
+    weight, softcap = base.lm_head.weight, final_logit_softcap(base)
     if num_items_in_batch is None:
-        return cross_entropy(hidden, weight, targets, chunk, ignore_index, "mean")
-    return cross_entropy(hidden, weight, targets, chunk, ignore_index, "sum") / num_items_in_batch
+        return cross_entropy(hidden, weight, targets, chunk, ignore_index, "mean", softcap)
+    return cross_entropy(hidden, weight, targets, chunk, ignore_index, "sum", softcap) / num_items_in_batch

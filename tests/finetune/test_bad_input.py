@@ -79,7 +79,10 @@ def test_truncation_warns_and_trains(tiny_llama3: Path, capitals_data: Path, tmp
 
 @pytest.mark.parametrize("config, words", [
     ({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"},
-     ("mt finetune does not train GPT2LMHeadModel", "it trains LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM")),
+     ("mt finetune does not train GPT2LMHeadModel", "it trains Gemma2ForCausalLM, Gemma3ForCausalLM, LlamaForCausalLM, "
+      "MistralForCausalLM, Phi3ForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM")),
+    ({"architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3"},  # multimodal: text class only
+     ("mt finetune does not train Gemma3ForConditionalGeneration", "Gemma3ForCausalLM")),
     ({"model_type": "llama"}, ("does not train a model without config.architectures",)),
 ])
 def test_unsupported_architecture(config: dict, words: tuple[str, ...], capitals_data: Path, tmp_path: Path) -> None:

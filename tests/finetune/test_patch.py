@@ -1,5 +1,6 @@
-"""patch_model / causal_lm_loss: tiny random Llama, Mistral, Qwen2, Qwen3 (2 layers, hidden 64, vocab 997, no
-tokenizer) patched with mt's kernels run by Triton's interpreter, against the same model unpatched (transformers +
+"""patch_model / causal_lm_loss: tiny random Llama, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3 (text), Phi-3 (2 layers,
+hidden 64, vocab 997, no tokenizer; Gemma and Phi-3 with a sliding window of 4 < the 12-token sequence, Gemma with
+final-logit softcapping and eager attention, Gemma 2 with attention-logit softcapping too) patched with mt's kernels run by Triton's interpreter, against the same model unpatched (transformers +
 peft): logits, loss, gradients of every LoRA A/B and of the hidden states entering the decoder.
 
 float32: relative (Frobenius) distance <= 1e-5. bf16: two bf16 implementations of a 2-layer model differ by a
@@ -34,10 +35,22 @@ from mt.finetune.patch import (FAMILIES, PatchError, causal_lm_loss, patch, patc
 
 VOCAB = 997
 ARCHS = sorted(FAMILIES)
-KERNEL_MODULES = ("rms_norm", "rope", "swiglu", "lora_linear", "cross_entropy")
+KERNEL_MODULES = ("rms_norm", "rope", "swiglu", "geglu", "lora_linear", "cross_entropy")
 # what each kernel module calls only on its Triton path: an autograd Function's apply, or a module function
 TRITON_ONLY = {"rms_norm": "RMSNormFunction", "rope": "RopeFunction", "swiglu": "SwiGLUFunction",
-               "lora_linear": "LoRALinearFunction", "cross_entropy": "_chunk_triton"}
+               "geglu": "GeGLUFunction", "lora_linear": "LoRALinearFunction", "cross_entropy": "_chunk_triton"}
+# the MLP activations of the tiny models and the kernel that computes each (from the modeling code, not patch.py)
+MLP_KERNEL = {"silu": "swiglu", "gelu_pytorch_tanh": "geglu"}
+CONFIG_CLASS = {"Gemma3ForCausalLM": "Gemma3TextConfig"}  # Gemma3Config is the multimodal model's
+SLIDING_WINDOW = 4  # < the 12-token batches: the local layers see less than the global ones
+FINAL_SOFTCAP = 2.0  # the tiny models' logits reach about +-6: well into tanh's bend
+ARCH_SETTINGS: dict[str, dict[str, Any]] = {
+    "Gemma2ForCausalLM": dict(sliding_window=SLIDING_WINDOW, final_logit_softcapping=FINAL_SOFTCAP,
+                              attn_logit_softcapping=3.0, attn_implementation="eager"),  # layer 0 local, 1 global
+    "Gemma3ForCausalLM": dict(sliding_window=SLIDING_WINDOW, layer_types=["sliding_attention", "full_attention"],
+                              final_logit_softcapping=FINAL_SOFTCAP, attn_implementation="eager"),
+    "Phi3ForCausalLM": dict(sliding_window=SLIDING_WINDOW, pad_token_id=None, eos_token_id=None),  # 32000 > vocab
+}
 F32_TOLERANCE = 1e-5
 BF16_LOSS_TOLERANCE = 1e-2
 # Triton 3.6's interpreter stores float32 -> bf16 by truncation, not round-to-nearest as compiled Triton does (its
@@ -104,10 +117,10 @@ def kernel_calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
 
 def tiny_model(arch: str, dtype: torch.dtype = torch.float32, seed: int = 0, **overrides: Any) -> Any:
     """2 layers, hidden 64, 4 query / 2 kv heads of 16, random weights (norm weights 1 + noise, biases too)."""
-    config_cls = getattr(transformers, arch.replace("ForCausalLM", "Config"))
+    config_cls = getattr(transformers, CONFIG_CLASS.get(arch, arch.replace("ForCausalLM", "Config")))
     settings = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                     num_key_value_heads=2, head_dim=16, vocab_size=VOCAB, max_position_embeddings=128,
-                    rms_norm_eps=1e-6, tie_word_embeddings=False)
+                    rms_norm_eps=1e-6, tie_word_embeddings=False, **ARCH_SETTINGS.get(arch, {}))
     config = config_cls(**{**settings, **overrides})
     torch.manual_seed(seed)
     model = getattr(transformers, arch)(config)
@@ -224,14 +237,26 @@ def assert_bf16_as_close_as_transformers(got: Outputs, ref: Outputs, exact: Outp
     assert distance(got.loss, ref.loss) <= BF16_LOSS_TOLERANCE
 
 
+def mlp_kernel(config: Any) -> str:
+    """The gated-MLP kernel of a config's activation (Gemma names it hidden_activation)."""
+    return MLP_KERNEL[getattr(config, "hidden_act", None) or config.hidden_activation]
+
+
 def expected_patches(model: Any) -> dict[str, int]:
     """What the report must list, counted from the model's structure (not from patch.py's table)."""
     from peft.tuners.lora.layer import LoraLayer
 
     modules = list(model.modules())
-    layers = model.get_base_model().config.num_hidden_layers
+    config = model.get_base_model().config
+    layers = config.num_hidden_layers
     return {"rms_norm": sum(type(m).__name__.endswith("RMSNorm") for m in modules), "rope": layers,
-            "swiglu": layers, "lora_linear": sum(isinstance(m, LoraLayer) for m in modules)}
+            mlp_kernel(config): layers, "lora_linear": sum(isinstance(m, LoraLayer) for m in modules)}
+
+
+def kernels_used(model: Any) -> set[str]:
+    """The kernel modules a patched forward + chunked loss of `model` must call."""
+    unused = {"swiglu", "geglu"} - {mlp_kernel(model.get_base_model().config)}
+    return set(KERNEL_MODULES) - unused
 
 
 def patched_counts(report: Any) -> dict[str, int]:
@@ -253,7 +278,7 @@ def test_patched_model_equals_unpatched(arch: str, dtype: torch.dtype, kernel_ca
     assert report.backend == "triton" and report.arch == arch and not report.fallbacks, report.lines()
     assert patched_counts(report) == expected_patches(model)
     got = run(model, mt_loss(ids, labels, kernels="triton"), hf_logits(ids))
-    assert all(kernel_calls.values()), f"a kernel never ran: {kernel_calls}"
+    assert {name for name, calls in kernel_calls.items() if calls} == kernels_used(model), kernel_calls
 
     if dtype == torch.float32:
         assert_f32_equal(got, ref)
@@ -261,6 +286,35 @@ def test_patched_model_equals_unpatched(arch: str, dtype: torch.dtype, kernel_ca
         assert_bf16_as_close_as_transformers(got, ref, exact)
     assert unpatch_model(model) == report.count
     assert "forward" not in vars(model.get_base_model().model.norm)
+
+
+@pytest.mark.parametrize("arch", ["Gemma2ForCausalLM", "Gemma3ForCausalLM"])
+def test_gemma_softcap_and_sliding_window_shape_the_outputs(arch: str) -> None:
+    """The tiny Gemmas exercise what the comparison above relies on: without final softcapping the loss moves,
+    and with a window as long as the sequence the logits move (the local layer's window does cut attention)."""
+    ids, labels = token_batch(seed=1)
+    seed = len(arch)
+    model = tiny_model(arch, seed=seed)
+    with torch.no_grad():
+        loss, logits = hf_loss(ids, labels)(model), hf_logits(ids)(model)
+        uncapped = hf_loss(ids, labels)(tiny_model(arch, seed=seed, final_logit_softcapping=None))
+        unwindowed = hf_logits(ids)(tiny_model(arch, seed=seed, sliding_window=ids.shape[1]))
+    assert logits.abs().max() > 0.9 * FINAL_SOFTCAP  # tanh's bend is reached
+    assert distance(uncapped, loss) > 1e-2
+    assert distance(unwindowed, logits) > 1e-2
+
+
+def test_phi3_partial_rotary_equals_unpatched(kernel_calls: dict[str, int]) -> None:
+    """partial_rotary_factor 0.5: the first 8 of 16 head dims rotate, the rest pass through."""
+    model = with_lora(tiny_model("Phi3ForCausalLM", seed=30, partial_rotary_factor=0.5))
+    assert model.get_base_model().model.rotary_emb.inv_freq.numel() * 2 == 8
+    ids, labels = token_batch(seed=31)
+    ref = run(model, hf_loss(ids, labels), hf_logits(ids))
+    report = patch_model(model, kernels="triton")
+    assert patched_counts(report) == expected_patches(model) and not report.fallbacks
+    got = run(model, mt_loss(ids, labels, kernels="triton"), hf_logits(ids))
+    assert kernel_calls["rope"] > 0
+    assert_f32_equal(got, ref)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -438,14 +492,14 @@ def test_lora_state_changed_after_patching_defers_to_peft() -> None:
 
 
 def test_other_activation_and_lm_head_lora_are_listed() -> None:
-    model = with_lora(tiny_model("Qwen2ForCausalLM", seed=20, hidden_act="gelu_pytorch_tanh"),
+    model = with_lora(tiny_model("Qwen2ForCausalLM", seed=20, hidden_act="gelu"),  # exact (erf) GELU: no kernel
                       target_modules=["q_proj", "lm_head"])
     ids, labels = token_batch(seed=21)
     ref = run(model, hf_loss(ids, labels), hf_logits(ids))
     report = patch_model(model, kernels="torch")
     kinds = sorted((f.kind, f.module) for f in report.fallbacks)
-    assert kinds == [("loss", ""), ("swiglu", "model.layers.0.mlp"), ("swiglu", "model.layers.1.mlp")]
-    assert "gelu_pytorch_tanh" in report.fallbacks[0].reason or "gelu_pytorch_tanh" in report.fallbacks[1].reason
+    assert kinds == [("loss", ""), ("mlp", "model.layers.0.mlp"), ("mlp", "model.layers.1.mlp")]
+    assert "hidden_act 'gelu' has no gated-MLP kernel" in report.fallbacks[0].reason + report.fallbacks[1].reason
     assert patched_counts(report)["lora_linear"] == 3  # q_proj x2 and lm_head (used by the full-logits forward)
     assert_f32_equal(run(model, mt_loss(ids, labels, kernels="torch"), hf_logits(ids)), ref)
 

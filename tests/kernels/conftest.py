@@ -16,7 +16,7 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("triton")
 
-KERNEL_MODULES = ("rms_norm", "rope", "swiglu", "lora_linear", "cross_entropy")
+KERNEL_MODULES = ("rms_norm", "rope", "swiglu", "geglu", "lora_linear", "cross_entropy")
 
 
 class InterpretedKernels:

@@ -32,7 +32,8 @@ def loss_and_grads(fn, h, w, labels, **kwargs):
 def assert_matches_reference(fast, h, w, labels, dtype, **kwargs):
     """bf16: the reference in bf16 as transformers trains (bf16 logits, float32 loss, the logits' gradient rounded
     to bf16 before the matmuls), which the chunks do too."""
-    slow = loss_and_grads(cross_entropy_reference, h, w, labels, reduction=kwargs.get("reduction", "mean"))
+    slow = loss_and_grads(cross_entropy_reference, h, w, labels, reduction=kwargs.get("reduction", "mean"),
+                          softcap=kwargs.get("softcap"))
     assert_close(fast[0], slow[0], dtype, "loss")
     assert_close(fast[1], slow[1], dtype, "dhidden", sums=True)
     assert_close(fast[2], slow[2], dtype, "dlm_head", sums=True)
@@ -77,6 +78,89 @@ def test_all_ignored_is_nan_like_torch(kernels):
     h, w, labels = problem(6, 16, 100, torch.float32, seed=5, ignored=6)
     assert torch.isnan(kernels.cross_entropy.chunked_cross_entropy(h, w, labels, chunk=4))
     assert torch.isnan(cross_entropy_reference(h, w, labels))
+
+
+# ---- softcapping (Gemma 2/3's final_logit_softcapping) --------------------------------------------------------
+
+SOFTCAP = 3.0  # logits of the problems below reach about +-12: well into tanh's bend
+
+
+def softcap_problem(tokens: int, hidden: int, vocab: int, dtype: torch.dtype, seed: int):
+    h, w, labels = problem(tokens, hidden, vocab, torch.float32, seed)
+    return h.to(dtype), (w * 3).to(dtype), labels
+
+
+def softcapped_in_float64(h, w, labels, softcap, reduction="mean"):
+    """torch's F.cross_entropy on the full softcapped logits, in float64: independent of both the reference's
+    and the kernels' arithmetic."""
+    logits = h.double() @ w.double().t()
+    capped = softcap * torch.tanh(logits / softcap)
+    return torch.nn.functional.cross_entropy(capped, labels, ignore_index=-100, reduction=reduction)
+
+
+def test_softcap_reaches_the_bend_of_tanh():
+    h, w, _ = softcap_problem(37, 32, 5000, torch.float32, seed=11)
+    assert (h @ w.t()).abs().max() > 3 * SOFTCAP  # else the test would pass with no softcapping at all
+
+
+def frobenius(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    a, e = actual.double(), expected.double()
+    return ((a - e).norm() / e.norm()).item()
+
+
+def test_triton_softcap_matches_reference_f32(kernels):
+    """37 tokens in chunks of 16, vocab 5000 in blocks of 4096: partial last chunk and block, softcapped."""
+    h, w, labels = softcap_problem(37, 32, 5000, torch.float32, seed=11)
+    fast = loss_and_grads(kernels.cross_entropy.chunked_cross_entropy, h, w, labels, chunk=16, softcap=SOFTCAP)
+    assert_matches_reference(fast, h, w, labels, torch.float32, softcap=SOFTCAP)
+
+
+def test_triton_softcap_matches_reference_bf16(kernels):
+    """loss and dhidden elementwise within 1e-2. dlm_head sums 37 gradients that Triton 3.6's interpreter rounded
+    to bf16 by truncation (compiled Triton rounds to nearest), a bias that moves a few entries by 2 ulp (1.3 %):
+    it is held to 1e-2 in norm, and to no more than 2.5 x the reference's own error against float64."""
+    h, w, labels = softcap_problem(37, 32, 5000, torch.bfloat16, seed=11)
+    fast = loss_and_grads(kernels.cross_entropy.chunked_cross_entropy, h, w, labels, chunk=16, softcap=SOFTCAP)
+    slow = loss_and_grads(cross_entropy_reference, h, w, labels, softcap=SOFTCAP)
+    exact = loss_and_grads(lambda a, b, lab: softcapped_in_float64(a, b, lab, SOFTCAP), h.double(), w.double(),
+                           labels)
+    assert_close(fast[0], slow[0], torch.bfloat16, "loss")
+    assert_close(fast[1], slow[1], torch.bfloat16, "dhidden", sums=True)
+    assert frobenius(fast[2], slow[2]) <= 1e-2
+    assert frobenius(fast[2], exact[2]) <= 2.5 * frobenius(slow[2], exact[2])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_torch_chunk_path_softcap_matches_reference(device_kernels, dtype):
+    module = device_kernels("cross_entropy")
+    h, w, labels = softcap_problem(29, 24, 1001, dtype, seed=12)
+    fast = loss_and_grads(module.chunked_cross_entropy, h, w, labels, chunk=8, softcap=SOFTCAP)
+    assert_matches_reference(fast, h, w, labels, dtype, softcap=SOFTCAP)
+
+
+@pytest.mark.parametrize("path", ["triton", "torch"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_softcap_matches_float64_cross_entropy(kernels, device_kernels, path, reduction):
+    """float32 loss and gradients against autograd through F.cross_entropy(c * tanh(z / c)) in float64; leading
+    dims [3, 7], chunks of 5 tokens."""
+    module = kernels.cross_entropy if path == "triton" else device_kernels("cross_entropy")
+    h, w, labels = softcap_problem(21, 16, 777, torch.float32, seed=13)
+    fast = loss_and_grads(module.chunked_cross_entropy, h.view(3, 7, 16), w, labels.view(3, 7), chunk=5,
+                          reduction=reduction, softcap=SOFTCAP)
+    exact = loss_and_grads(lambda a, b, lab: softcapped_in_float64(a, b, lab, SOFTCAP, reduction), h.double(),
+                           w.double(), labels)
+    assert_close(fast[0].double(), exact[0], torch.float32, "loss")
+    assert_close(fast[1].view(21, 16).double(), exact[1], torch.float32, "dhidden", sums=True)
+    assert_close(fast[2].double(), exact[2], torch.float32, "dlm_head", sums=True)
+    plain = loss_and_grads(module.chunked_cross_entropy, h, w, labels, chunk=5, reduction=reduction)
+    assert (plain[0] - fast[0]).abs() > 0.1  # softcapping changed the loss: it was applied
+
+
+@pytest.mark.parametrize("softcap", [0.0, -30.0])
+def test_non_positive_softcap_is_refused(kernels, softcap):
+    h, w, labels = problem(8, 16, 50, torch.float32, seed=14)
+    with pytest.raises(KernelInputError, match="softcap .* must be > 0"):
+        kernels.cross_entropy.chunked_cross_entropy(h, w, labels, softcap=softcap)
 
 
 class LargestTensor(TorchDispatchMode):

@@ -57,6 +57,15 @@ def test_swiglu_kernels_compile(device_kernels):
                                           "dgate_ptr": "*bf16", "dup_ptr": "*bf16", "n": "i32"}, {"BLOCK": m.BLOCK})
 
 
+def test_geglu_kernels_compile(device_kernels):
+    m = device_kernels("geglu")
+    compile_for_h100(m._geglu_forward, {"gate_ptr": "*bf16", "up_ptr": "*bf16", "h_ptr": "*bf16", "n": "i32",
+                                        "k0": "fp32", "k1": "fp32"}, {"BLOCK": m.BLOCK})
+    compile_for_h100(m._geglu_backward, {"dh_ptr": "*bf16", "gate_ptr": "*bf16", "up_ptr": "*bf16",
+                                         "dgate_ptr": "*bf16", "dup_ptr": "*bf16", "n": "i32", "k0": "fp32",
+                                         "k1": "fp32"}, {"BLOCK": m.BLOCK})
+
+
 @pytest.mark.parametrize("dtype,adapter,precision", [("bf16", "fp32", "ieee"), ("bf16", "bf16", "ieee"),
                                                      ("fp32", "fp32", "ieee"), ("fp32", "fp32", "tf32")])
 def test_lora_matmul_kernel_compiles(device_kernels, dtype, adapter, precision):
@@ -72,9 +81,11 @@ def test_lora_matmul_kernel_compiles(device_kernels, dtype, adapter, precision):
                      num_warps=warps, num_stages=stages)
 
 
+@pytest.mark.parametrize("softcap", [False, True])
 @pytest.mark.parametrize("write_grad", [False, True])
-def test_cross_entropy_kernel_compiles(device_kernels, write_grad):
+def test_cross_entropy_kernel_compiles(device_kernels, write_grad, softcap):
     m = device_kernels("cross_entropy")
     compile_for_h100(m._loss_and_grad_rows, {"logits_ptr": "*bf16", "labels_ptr": "*i64", "loss_ptr": "*fp32",
-                                             "row_stride": "i32", "ignore_index": "i32"},
-                     {"V": 128256, "WRITE_GRAD": write_grad, "BLOCK_V": m.MAX_BLOCK_V}, num_warps=8)
+                                             "row_stride": "i32", "ignore_index": "i32", "softcap": "fp32"},
+                     {"V": 128256, "SOFTCAP": softcap, "WRITE_GRAD": write_grad, "BLOCK_V": m.MAX_BLOCK_V},
+                     num_warps=8)
