@@ -135,6 +135,18 @@ def as_packed_4bit(base_weight: Any) -> Packed4bit | None:
     if quant_state.absmax.numel() != blocks:
         raise _refuse(f"absmax holds {quant_state.absmax.numel()} scales but W needs {blocks} blocks of "
                       f"{quant_state.blocksize}", "pass the QuantState that belongs to this packed weight")
-    return Packed4bit(data, quant_state.absmax.contiguous(), code_table(quant_state.quant_type, data.device),
-                      quant_state.blocksize, quant_state.dtype, _nested_scales(quant_state, blocks),
-                      (out_features, in_features), (in_features, 1))
+    packed_4bit = Packed4bit(data, quant_state.absmax.contiguous(), code_table(quant_state.quant_type, data.device),
+                             quant_state.blocksize, quant_state.dtype, _nested_scales(quant_state, blocks),
+                             (out_features, in_features), (in_features, 1))
+    _check_devices(packed_4bit)
+    return packed_4bit
+
+
+def _check_devices(w: Packed4bit) -> None:
+    scales = {"absmax": w.absmax}
+    if w.nested is not None:
+        scales.update({"state2.absmax": w.nested.absmax, "state2.code": w.nested.code, "offset": w.nested.offset})
+    elsewhere = [f"{name} on {t.device}" for name, t in scales.items() if t.device != w.data.device]
+    if elsewhere:
+        raise _refuse(f"the packed 4-bit weight is on {w.data.device} but its quant state's {', '.join(elsewhere)}",
+                      "move the Params4bit (or the packed tensor and its QuantState with .to) to one device")

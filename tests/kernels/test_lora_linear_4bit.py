@@ -154,11 +154,16 @@ def test_no_tensor_of_the_dense_weight_size_is_made(kernels):
     assert seen_reference.largest >= dense_bytes  # the probe does see a dense W when one is made
 
 
-def _swap_quant_state(packed, quant_state, **changes):
+def _copy_with(quant_state, **changes):
+    """A copy of quant_state with the attributes changed."""
     state = copy.copy(quant_state)
     for name, value in changes.items():
         setattr(state, name, value)
-    return packed, state
+    return state
+
+
+def _swap_quant_state(packed, quant_state, **changes):
+    return packed, _copy_with(quant_state, **changes)
 
 
 @pytest.mark.parametrize("case,message", [
@@ -169,6 +174,7 @@ def _swap_quant_state(packed, quant_state, **changes):
     ("dtype", "dequantizes to torch.int8, not a float dtype"),
     ("cpu_inference_layout", "CPU inference layout"),
     ("nested_state", "double-quantized absmax does not fit"),
+    ("scales_on_another_device", "on cpu but its quant state's state2.absmax on meta"),
 ])
 def test_unreadable_4bit_layouts_are_refused(kernels, case, message):
     packed, quant_state = quantized(40, 99, torch.bfloat16, seed=11, blocksize=64, quant_type="nf4",
@@ -181,6 +187,8 @@ def test_unreadable_4bit_layouts_are_refused(kernels, case, message):
         "dtype": lambda: _swap_quant_state(packed, quant_state, dtype=torch.int8),
         "cpu_inference_layout": lambda: _swap_quant_state(packed, quant_state, packing_format_for_cpu=True),
         "nested_state": lambda: _swap_quant_state(packed, quant_state, absmax=quant_state.absmax.float()),
+        "scales_on_another_device": lambda: _swap_quant_state(
+            packed, quant_state, state2=_copy_with(quant_state.state2, absmax=quant_state.state2.absmax.to("meta"))),
     }[case]()
     x, a, b, _, _ = layer(3, torch.bfloat16, torch.float32, False, seed=12)
     with pytest.raises(KernelInputError, match=message):
