@@ -64,7 +64,8 @@ def test_swiglu_kernels_compile(device_kernels):
     ("fp32", "fp32", "ieee", "nf4-nested"), ("fp32", "fp32", "tf32", "nf4")])
 def test_lora_matmul_kernel_compiles(device_kernels, dtype, adapter, precision, weight):
     """weight: a dense operand, or bitsandbytes' packed 4-bit bytes decoded in the kernel (with double-quantized
-    scales: nested); the 4-bit launches compile without fused multiply-adds, as the wrapper launches them."""
+    scales: nested; dequantizing to bf16, or to f16 under f32 activations); the 4-bit launches compile without
+    fused multiply-adds, as the wrapper launches them."""
     m = device_kernels("lora_linear")
     block_m, block_n, block_k, warps, stages = m.TILES[{"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]]
     strides = ("stride_am", "stride_ak", "stride_bk", "stride_bn", "stride_lm", "stride_lr", "stride_rr", "stride_rn",
@@ -78,7 +79,7 @@ def test_lora_matmul_kernel_compiles(device_kernels, dtype, adapter, precision, 
                             "M": "i32", "N": "i32", "rank": "i32",
                             **{s: "i32" for s in strides}},
         {"K": 2048, "HAS_LOWRANK": True, "HAS_BIAS": True, "B_4BIT": four_bit, "NESTED": nested,
-         "W_DTYPE": triton.language.bfloat16, "BLOCKSIZE": 64, "BLOCKSIZE2": 256, "PRECISION": precision, "INTERPRETED": False, "BLOCK_M": block_m,
+         "W_DTYPE": triton.language.bfloat16 if dtype == "bf16" else triton.language.float16, "BLOCKSIZE": 64, "BLOCKSIZE2": 256, "PRECISION": precision, "INTERPRETED": False, "BLOCK_M": block_m,
          "BLOCK_N": block_n, "BLOCK_K": block_k, "BLOCK_R": 16, "GROUP_M": m.GROUP_M},
         num_warps=warps, num_stages=stages, enable_fp_fusion=not four_bit)
     if nested:  # code2 * absmax2 + offset rounded twice, as bitsandbytes: .rn operations ptxas does not contract

@@ -193,3 +193,66 @@ def test_unreadable_4bit_layouts_are_refused(kernels, case, message):
     x, a, b, _, _ = layer(3, torch.bfloat16, torch.float32, False, seed=12)
     with pytest.raises(KernelInputError, match=message):
         kernels.lora_linear.lora_linear(x, weight, a[:, :99], b[:40], 1.0)
+
+
+# ---- compiled on a GPU (skipped without CUDA): bitsandbytes' CUDA kernels as the oracle -------------------------
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (compiled Triton kernels)")
+
+
+@needs_cuda
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("blocksize,nested,dtype", [(64, True, torch.bfloat16), (128, False, torch.float16),
+                                                    (32, True, torch.float32)])
+def test_cuda_decoded_weight_equals_bitsandbytes_cuda(device_kernels, quant_type, blocksize, nested, dtype):
+    """The compiled decode (no fused multiply-add in the nested scale, hardware rounding to bf16/f16) against
+    bitsandbytes' CUDA dequantize_4bit, bit for bit, W [70, 99]: bytes and blocks span rows."""
+    module = device_kernels("lora_linear")
+    g = torch.Generator().manual_seed(blocksize)
+    w = (torch.randn(70, 99, generator=g) / 10).to(dtype).cuda()
+    packed, quant_state = bnb_functional.quantize_4bit(w, blocksize=blocksize, quant_type=quant_type,
+                                                       compress_statistics=nested)
+    expected = bnb_functional.dequantize_4bit(packed, quant_state).float()
+    weight = module.kernel_weight((packed, quant_state))
+    assert torch.equal(module.fused_matmul(torch.eye(70, device="cuda"), weight), expected)
+    assert torch.equal(module.fused_matmul(torch.eye(99, device="cuda"), weight.t()), expected.t())
+
+
+@needs_cuda
+def test_cuda_layer_matches_reference_without_a_dense_weight(device_kernels):
+    """W [4096, 2048] NF4 (double quantized, bf16), 16 tokens bf16, f32 adapter: y and the gradients equal the
+    reference on bitsandbytes' dequantized W, and the CUDA memory peak of forward + backward stays under a
+    quarter of the dense bf16 W (16 MiB), where the reference's exceeds it."""
+    module = device_kernels("lora_linear")
+    out_features, in_features, rows = 4096, 2048, 16
+    g = torch.Generator().manual_seed(13)
+    w = (torch.randn(out_features, in_features, generator=g) / in_features ** 0.5).to(torch.bfloat16).cuda()
+    packed, quant_state = bnb_functional.quantize_4bit(w, quant_type="nf4", compress_statistics=True)
+    del w
+    x = torch.randn(rows, in_features, generator=g).to(torch.bfloat16).cuda()
+    a = (torch.randn(8, in_features, generator=g) / in_features ** 0.5).cuda()
+    b = (torch.randn(out_features, 8, generator=g) / 8 ** 0.5).cuda()
+    upstream = torch.randn(rows, out_features, generator=g).cuda()
+    dense_bytes = out_features * in_features * 2
+
+    def peak_and_result(fn, *args):
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        result = outputs_and_grads(fn, *args)
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before, result
+
+    outputs_and_grads(module.lora_linear, x, (packed, quant_state), a, b, None, upstream, 2.0)  # compiles, caches
+    peak, fast = peak_and_result(module.lora_linear, x, (packed, quant_state), a, b, None, upstream, 2.0)
+    reference_peak, _ = peak_and_result(module.lora_linear_reference, x, (packed, quant_state), a, b, None,
+                                        upstream, 2.0)
+    assert peak < dense_bytes // 4 and reference_peak >= dense_bytes
+
+    def reference(x, w, a, b, scaling, bias):
+        return module.lora_linear_reference(x.float(), w, a, b, scaling).to(x.dtype)
+
+    dense = bnb_functional.dequantize_4bit(packed, quant_state).float()
+    slow = outputs_and_grads(reference, x, dense, a, b, None, upstream, 2.0)
+    for name, got, expected in zip(("y", "dx", "dA", "dB"), fast, slow):
+        assert_close(got, expected, torch.bfloat16, name, sums=True)
