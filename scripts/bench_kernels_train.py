@@ -112,10 +112,11 @@ def cases(torch, batch: int, seq: int, dev: str = "cuda") -> dict[str, Case]:
     try:
         import bitsandbytes.functional as bnb_functional
 
-        def nf4_inputs():
+        def nf4_inputs():  # as mt finetune --qlora loads the base: NF4, blocks of 64, double-quantized scales
             x, w, a, b = lora_inputs()
-            return [x, bnb_functional.quantize_4bit(w, quant_type="nf4"), a, b]
+            return [x, bnb_functional.quantize_4bit(w, quant_type="nf4", compress_statistics=True), a, b]
 
+        # Triton decodes the packed W inside the matmul; the reference dequantizes it with bitsandbytes
         table["lora_nf4"] = Case(f"lora {HIDDEN}->{INTERMEDIATE} r{RANK} NF4 base", nf4_inputs,
                                  lambda x, w, a, b: K.lora_linear(x, w, a, b, 2.0),
                                  lambda x, w, a, b: K.lora_linear_reference(x, w, a, b, 2.0), (0, 2, 3))

@@ -7,7 +7,8 @@ beside it in the same module (`<kernel>_reference`).
     geglu(gate, up)                                                gelu_tanh(gate) * up (Gemma's MLP)
     lora_linear(x, base_weight, lora_A, lora_B, scaling, dropout=0.0, bias=None)
                                                                    x W^T + bias + scaling (x A^T) B^T;
-                                                                   W dense or bitsandbytes NF4/FP4
+                                                                   W dense or bitsandbytes NF4/FP4 (decoded
+                                                                   in the matmul, never dequantized in full)
     chunked_cross_entropy(hidden, lm_head_weight, labels, chunk=1024, ignore_index=-100, reduction="mean",
                           softcap=None)                            the LM loss without [tokens, vocab] logits
                                                                    (softcap: Gemma's final_logit_softcapping)

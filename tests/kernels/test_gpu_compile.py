@@ -18,10 +18,11 @@ H100 = GPUTarget("cuda", 90, 32)
 
 
 def compile_for_h100(kernel, signature: dict[str, str], constexprs: dict[str, object], num_warps: int = 4,
-                     num_stages: int = 3) -> dict[str, str]:
+                     num_stages: int = 3, enable_fp_fusion: bool = True) -> dict[str, str]:
     full = {**signature, **{name: "constexpr" for name in constexprs}}
     compiled = triton.compile(ASTSource(fn=kernel, signature=full, constexprs=constexprs), target=H100,
-                              options={"num_warps": num_warps, "num_stages": num_stages})
+                              options={"num_warps": num_warps, "num_stages": num_stages,
+                                       "enable_fp_fusion": enable_fp_fusion})
     assert compiled.asm["cubin"], "no cubin"
     return compiled.asm
 
@@ -66,19 +67,32 @@ def test_geglu_kernels_compile(device_kernels):
                                          "k1": "fp32"}, {"BLOCK": m.BLOCK})
 
 
-@pytest.mark.parametrize("dtype,adapter,precision", [("bf16", "fp32", "ieee"), ("bf16", "bf16", "ieee"),
-                                                     ("fp32", "fp32", "ieee"), ("fp32", "fp32", "tf32")])
-def test_lora_matmul_kernel_compiles(device_kernels, dtype, adapter, precision):
+@pytest.mark.parametrize("dtype,adapter,precision,weight", [
+    ("bf16", "fp32", "ieee", "dense"), ("bf16", "bf16", "ieee", "dense"), ("fp32", "fp32", "ieee", "dense"),
+    ("fp32", "fp32", "tf32", "dense"), ("bf16", "fp32", "ieee", "nf4"), ("bf16", "bf16", "ieee", "nf4-nested"),
+    ("fp32", "fp32", "ieee", "nf4-nested"), ("fp32", "fp32", "tf32", "nf4")])
+def test_lora_matmul_kernel_compiles(device_kernels, dtype, adapter, precision, weight):
+    """weight: a dense operand, or bitsandbytes' packed 4-bit bytes decoded in the kernel (with double-quantized
+    scales: nested; dequantizing to bf16, or to f16 under f32 activations); the 4-bit launches compile without
+    fused multiply-adds, as the wrapper launches them."""
     m = device_kernels("lora_linear")
     block_m, block_n, block_k, warps, stages = m.TILES[{"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]]
     strides = ("stride_am", "stride_ak", "stride_bk", "stride_bn", "stride_lm", "stride_lr", "stride_rr", "stride_rn",
                "stride_cm", "stride_cn")
-    compile_for_h100(m._matmul_lowrank, {"a_ptr": f"*{dtype}", "b_ptr": f"*{dtype}", "l_ptr": f"*{adapter}",
-                                         "r_ptr": f"*{adapter}", "bias_ptr": f"*{dtype}", "c_ptr": f"*{dtype}",
-                                         "M": "i32", "N": "i32", "rank": "i32", **{s: "i32" for s in strides}},
-                     {"K": 2048, "HAS_LOWRANK": True, "HAS_BIAS": True, "PRECISION": precision, "DOT_F32": False,
-                      "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "BLOCK_R": 16, "GROUP_M": m.GROUP_M},
-                     num_warps=warps, num_stages=stages)
+    four_bit, nested = weight != "dense", weight.endswith("nested")
+    scales = {"absmax_ptr": "*u8" if nested else "*fp32", "code_ptr": "*fp32", "absmax2_ptr": "*fp32",
+              "code2_ptr": "*fp32", "offset_ptr": "*fp32"}
+    asm = compile_for_h100(
+        m._matmul_lowrank, {"a_ptr": f"*{dtype}", "b_ptr": "*u8" if four_bit else f"*{dtype}", "l_ptr": f"*{adapter}",
+                            "r_ptr": f"*{adapter}", "bias_ptr": f"*{dtype}", "c_ptr": f"*{dtype}", **scales,
+                            "M": "i32", "N": "i32", "rank": "i32",
+                            **{s: "i32" for s in strides}},
+        {"K": 2048, "HAS_LOWRANK": True, "HAS_BIAS": True, "B_4BIT": four_bit, "NESTED": nested,
+         "W_DTYPE": triton.language.bfloat16 if dtype == "bf16" else triton.language.float16, "BLOCKSIZE": 64, "BLOCKSIZE2": 256, "PRECISION": precision, "INTERPRETED": False, "BLOCK_M": block_m,
+         "BLOCK_N": block_n, "BLOCK_K": block_k, "BLOCK_R": 16, "GROUP_M": m.GROUP_M},
+        num_warps=warps, num_stages=stages, enable_fp_fusion=not four_bit)
+    if nested:  # code2 * absmax2 + offset rounded twice, as bitsandbytes: .rn operations ptxas does not contract
+        assert "mul.rn.f32" in asm["ptx"] and "add.rn.f32" in asm["ptx"]
 
 
 @pytest.mark.parametrize("softcap", [False, True])

@@ -85,8 +85,9 @@ def test_dropout_on_the_adapter_input_matches_reference_with_the_same_mask(kerne
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_nf4_base_dequantized_by_bitsandbytes(kernels, dtype):
-    """W quantized to NF4 by bitsandbytes; the reference gets bitsandbytes' dequantized W as a dense tensor."""
+def test_nf4_base_matches_reference_on_the_bitsandbytes_dequantized_weight(kernels, dtype):
+    """W quantized to NF4 by bitsandbytes and decoded in the kernel; the reference gets bitsandbytes' dequantized W
+    as a dense tensor (more 4-bit cases: test_lora_linear_4bit.py)."""
     bnb_functional = pytest.importorskip("bitsandbytes.functional")
     x, w, a, b, _, upstream = layer(dtype, dtype, seed=4)
     packed, quant_state = bnb_functional.quantize_4bit(w, quant_type="nf4")
