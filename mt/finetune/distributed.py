@@ -157,16 +157,18 @@ def shard_from_rank0(model: torch.nn.Module, world: World, device: torch.device)
     # one tensor at a time, each cut to this rank's shard
     set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     del full
-    broadcast_buffers(model, device)
+    broadcast_buffers(model, world, device)
     report_memory(world, None)
 
 
-def broadcast_buffers(model: torch.nn.Module, device: torch.device) -> None:
+def broadcast_buffers(model: torch.nn.Module, world: World, device: torch.device) -> None:
     """Rank 0's buffers onto every rank, the ones missing from the state dict too (rotary inv_freq is not
-    persistent): a meta rank's are allocated here. Buffers are not sharded, so each is whole on every rank."""
+    persistent, and to_empty left it uninitialised). Buffers are not sharded: each is whole on every rank."""
     for module in model.modules():
         for name, buffer in list(module.named_buffers(recurse=False)):
-            if buffer.is_meta or buffer.device != device:
+            if world.is_main:
+                buffer = buffer.to(device)
+            elif buffer.is_meta or buffer.device != device:
                 buffer = torch.empty_like(buffer, device=device)
             torch.distributed.broadcast(buffer, src=0)
             setattr(module, name, buffer)

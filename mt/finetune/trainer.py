@@ -369,7 +369,8 @@ def build_fsdp(o: TrainOptions, arch: str, world: World, device: torch.device) -
     model, saved = all_succeed(world, lambda: _fsdp_model(o, arch, world, compute_dtype(o.dtype, device)))
     patched = all_succeed(world, lambda: apply_kernel_patches(model, kernels))
     shard_from_rank0(model, world, device)
-    names, params = [n for n, _ in trainable_parameters(model)], [p for _, p in trainable_parameters(model)]
+    named = trainable_parameters(model)
+    names, params = [n for n, _ in named], [p for _, p in named]
     optimizer = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
     if o.resume is not None:
         scatter_optimizer(model, optimizer, saved["optimizer"] if saved else None, names)
