@@ -6,19 +6,30 @@ share of each step's packed rows. The frozen base is not broadcast: every rank l
 the LoRA init alike, so only the trained weights need DDP. Only rank 0 writes the adapter, checkpoints and logs.
 
 --fsdp instead shards every parameter (base and LoRA) over the processes with FSDP2 (`fully_shard` on each decoder
-layer, then on the whole model): each process loads the whole base on the CPU/GPU first, then keeps 1/N of it.
+layer, then on the whole model). Rank 0 alone reads the weights (on the CPU); the other ranks build the same modules
+on the meta device, every rank shards, and rank 0's full state dict, its buffers (non-persistent ones such as the
+rotary inv_freq too) and its RNG state are broadcast into the shards (shard_from_rank0), so no rank but 0 ever holds
+the whole base. Checkpoints hold the full adapter and a full optimizer state dict in optimizer.state_dict()'s form
+(parameter indices, not names), gathered to rank 0: the same files one process writes, so a run resumes under any
+of one process, DDP and FSDP.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import resource
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator
+from pathlib import Path
+from typing import Any, Callable, Iterator, TypeVar
 
 import torch
 
 from mt.errors import MtError, TrainingError
+
+T = TypeVar("T")
+MEMORY_LOG_ENV = "MT_FSDP_MEMORY_LOG"  # tests: a folder where each --fsdp rank writes rank-R.json after sharding
 
 
 @dataclass(frozen=True)
@@ -107,11 +118,116 @@ def wrap_fsdp(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """--fsdp: the whole (unsharded) state dict on the CPU; every rank must call it."""
+def all_succeed(world: World, work: Callable[[], T]) -> T:
+    """`work` on every rank (loading, which only rank 0 does for real under --fsdp); when it fails on any rank,
+    every rank raises instead of one rank waiting forever in the next collective. The failing rank re-raises its
+    own error; the others raise the first failure's line, marked for rank 0 alone to print."""
+    if not world.distributed:
+        return work()
+    result: T | None = None
+    own: Exception | None = None
+    try:
+        result = work()
+    except Exception as e:
+        own = e
+    failures: list[tuple[str, str] | None] = [None] * world.size
+    torch.distributed.all_gather_object(failures, _as_line(own) if own is not None else None)
+    first = next((f for f in failures if f is not None), None)
+    if first is None:
+        return result  # type: ignore[return-value]
+    if own is not None:
+        raise same_on_every_rank(own) if isinstance(own, MtError) else own
+    raise same_on_every_rank(MtError(*first))
+
+
+def _as_line(error: Exception) -> tuple[str, str]:
+    return (error.problem, error.remedy) if isinstance(error, MtError) else (f"{type(error).__name__}: {error}", "")
+
+
+def shard_from_rank0(model: torch.nn.Module, world: World, device: torch.device) -> None:
+    """--fsdp: `model` holds the weights on rank 0 and meta tensors elsewhere. Every rank shards it (wrap_fsdp),
+    then rank 0's full state dict is broadcast into the shards and its buffers replace every rank's."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    full = model.state_dict() if world.is_main else {}  # taken before sharding: rank 0's whole tensors
+    report_memory(world, model)
+    wrap_fsdp(model)
+    if not world.is_main:  # storage for the shards alone (set_model_state_dict would assign new, untied parameters)
+        model.to_empty(device=device)
+    # one tensor at a time, each cut to this rank's shard
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    del full
+    broadcast_buffers(model, world, device)
+    report_memory(world, None)
+
+
+def broadcast_buffers(model: torch.nn.Module, world: World, device: torch.device) -> None:
+    """Rank 0's buffers onto every rank, the ones missing from the state dict too (rotary inv_freq is not
+    persistent, and to_empty left it uninitialised). Buffers are not sharded: each is whole on every rank."""
+    for module in model.modules():
+        for name, buffer in list(module.named_buffers(recurse=False)):
+            if world.is_main:
+                buffer = buffer.to(device)
+            elif buffer.is_meta or buffer.device != device:
+                buffer = torch.empty_like(buffer, device=device)
+            torch.distributed.broadcast(buffer, src=0)
+            setattr(module, name, buffer)
+
+
+def broadcast_rng(state: torch.Tensor) -> None:
+    """Rank 0's torch RNG state on every rank (the meta ranks' LoRA init drew other numbers, or none)."""
+    box: list[Any] = [state]
+    torch.distributed.broadcast_object_list(box, src=0)
+    torch.set_rng_state(box[0])
+
+
+def gather_adapter(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """--fsdp: the trainable (LoRA) tensors whole, on rank 0's CPU ({} elsewhere); every rank must call it."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+    return get_model_state_dict(model, options=options)
+
+
+def gather_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, names: list[str]) -> dict[str, Any]:
+    """--fsdp: the optimizer's state whole on rank 0's CPU, keyed as optimizer.state_dict() keys it (the index of
+    each parameter in `names`, the optimizer's order), so one process and DDP read it too; {} on other ranks."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    by_name = get_optimizer_state_dict(model, optimizer, options=options)
+    return _renamed(by_name, {n: i for i, n in enumerate(names)}) if by_name else {}
+
+
+def scatter_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, saved: dict[str, Any] | None,
+                      names: list[str]) -> None:
+    """--fsdp --resume: rank 0's `saved` optimizer.state_dict() (None on the other ranks) into every rank's shards."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    by_name = _renamed(saved, dict(enumerate(names))) if saved is not None else {}
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_optimizer_state_dict(model, optimizer, by_name, options=options)
+
+
+def _renamed(state: dict[str, Any], rename: dict[Any, Any]) -> dict[str, Any]:
+    """An optimizer state dict with its parameter keys mapped through `rename` (names <-> indices)."""
+    return {"state": {rename[k]: v for k, v in state["state"].items()},
+            "param_groups": [{**g, "params": [rename[p] for p in g["params"]]} for g in state["param_groups"]]}
+
+
+def report_memory(world: World, model: torch.nn.Module | None) -> None:
+    """Tests (MT_FSDP_MEMORY_LOG=DIR): rank R writes DIR/rank-R.json with the bytes of real (not meta) parameter
+    storage it held before sharding, and, after sharding, its peak resident memory (ru_maxrss)."""
+    folder = os.environ.get(MEMORY_LOG_ENV)
+    if not folder:
+        return
+    path = Path(folder) / f"rank-{world.rank}.json"
+    entry = json.loads(path.read_text()) if path.is_file() else {}
+    if model is not None:
+        entry["loaded_param_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters() if not p.is_meta)
+    else:
+        entry["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    path.write_text(json.dumps(entry), encoding="utf-8")
 
 
 @contextmanager

@@ -1,4 +1,7 @@
-"""The model trained: the base (16/32-bit, or NF4 through bitsandbytes for QLoRA) wrapped by PEFT LoRA."""
+"""The model trained: the base (16/32-bit, or NF4 through bitsandbytes for QLoRA) wrapped by PEFT LoRA.
+
+meta_base and lora_skeleton build the same modules with no storage (meta tensors): the --fsdp ranks other than 0,
+which receive their shards of rank 0's weights (mt/finetune/distributed.py)."""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from mt.errors import AdapterError, CheckpointError, MtError, TrainingError
 from mt.finetune.families import Family, resolve_targets
@@ -61,8 +65,24 @@ def load_base(base: Path, *, qlora: bool, dtype: torch.dtype, device: torch.devi
     except torch.OutOfMemoryError:
         raise TrainingError(f"out of memory loading {base} on {device} in {str(dtype).removeprefix('torch.')}",
                             "add --qlora, or pick a smaller --dtype") from None
-    except (OSError, ValueError, RuntimeError) as e:
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:  # SafetensorError: a truncated file
         raise CheckpointError(f"transformers cannot load {base} ({str(e).splitlines()[0]})",
+                              "check that the folder holds a complete checkpoint") from None
+    model.config.use_cache = False
+    return model
+
+
+def meta_base(base: Path, *, dtype: torch.dtype) -> Any:
+    """The modules load_base builds, from config.json alone, every weight and buffer a meta tensor (no storage)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(base)
+        with warnings.catch_warnings(), torch.device("meta"):
+            warnings.simplefilter("ignore")
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"transformers cannot build {base} from its config.json ({str(e).splitlines()[0]})",
                               "check that the folder holds a complete checkpoint") from None
     model.config.use_cache = False
     return model
@@ -84,11 +104,7 @@ def load_lora(model: Any, adapter: Path, qlora: bool, grad_checkpointing: bool) 
     """--resume: the saved adapter, trainable again, with its own LoRA settings."""
     from peft import PeftModel
 
-    config_file = adapter / "adapter_config.json"
-    if not config_file.is_file():
-        raise AdapterError(f"{adapter} holds no adapter_config.json", "pass a folder mt finetune wrote to --resume")
-    if json.loads(config_file.read_text()).get("peft_type") != "LORA":
-        raise AdapterError(f"{adapter} is not a LoRA adapter", "pass a folder mt finetune wrote to --resume")
+    _check_adapter(adapter)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
@@ -97,6 +113,27 @@ def load_lora(model: Any, adapter: Path, qlora: bool, grad_checkpointing: bool) 
     except (RuntimeError, ValueError, KeyError) as e:
         raise AdapterError(f"the adapter in {adapter} does not fit this base ({str(e).splitlines()[0]})",
                            "resume on the base it was trained on") from None
+
+
+def lora_skeleton(model: Any, adapter: Path, grad_checkpointing: bool) -> Any:
+    """--resume on a meta base: the modules load_lora makes from adapter_config.json, without reading the weights."""
+    from peft import LoraConfig, get_peft_model
+
+    _check_adapter(adapter)
+    config = LoraConfig.from_pretrained(adapter)
+    config.inference_mode = False  # trainable, as load_lora's is_trainable=True
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        _prepare(model, False, grad_checkpointing)
+        return get_peft_model(model, config)
+
+
+def _check_adapter(adapter: Path) -> None:
+    config_file = adapter / "adapter_config.json"
+    if not config_file.is_file():
+        raise AdapterError(f"{adapter} holds no adapter_config.json", "pass a folder mt finetune wrote to --resume")
+    if json.loads(config_file.read_text()).get("peft_type") != "LORA":
+        raise AdapterError(f"{adapter} is not a LoRA adapter", "pass a folder mt finetune wrote to --resume")
 
 
 def _prepare(model: Any, qlora: bool, grad_checkpointing: bool) -> None:

@@ -11,7 +11,10 @@ One optimizer step trains `--grad-accum` packed rows (of <= --batch-tokens each)
 shuffled epoch, so `torchrun --nproc-per-node 2 ... --grad-accum 1` trains what one process does with
 --grad-accum 2. The loss of a step is the mean cross-entropy over every trained token of its rows, whatever process
 holds them: each row's mean loss is weighted by its share of the step's trained tokens (times the world size, as
-DDP and FSDP average the gradients over processes). --fsdp shards the model instead of replicating it.
+DDP and FSDP average the gradients over processes). --fsdp shards the model instead of replicating it: rank 0
+alone reads the base (and a --resume folder), the others build it on the meta device and receive their shards
+(build_fsdp); checkpoints are gathered to rank 0 in the files one process writes, so --resume and --save-every work
+across one process, DDP and FSDP alike.
 
 --kernels (auto: on a CUDA device) patches mt/kernels into the model after the LoRA wrap (mt/finetune/patch.py:
 RMSNorm, RoPE, SwiGLU, the LoRA linears) and, in a single process, computes the loss with the chunked
@@ -36,11 +39,12 @@ import torch
 
 from mt.errors import DeviceUnavailable, MtError, TrainingError
 from mt.finetune.data import DataStats, Sample, load_samples
-from mt.finetune.distributed import (World, all_reduce_sum, barrier, destroy_process_group, full_state_dict,
-                                     init_process_group, no_sync, rank_device, same_on_every_rank, wrap_ddp,
-                                     wrap_fsdp, world_from_env)
+from mt.finetune.distributed import (World, all_reduce_sum, all_succeed, barrier, broadcast_rng, destroy_process_group,
+                                     gather_adapter, gather_optimizer, init_process_group, no_sync, rank_device,
+                                     same_on_every_rank, scatter_optimizer, shard_from_rank0, wrap_ddp, world_from_env)
 from mt.finetune.families import FAMILIES, base_architecture
-from mt.finetune.lora import LoraOptions, add_lora, compute_dtype, load_base, load_lora, trainable_parameters
+from mt.finetune.lora import (LoraOptions, add_lora, compute_dtype, load_base, load_lora, lora_skeleton, meta_base,
+                              trainable_parameters)
 from mt.finetune.packing import Batch, epoch_groups, make_batch
 from mt.io.atomic import atomic_dir, check_output, remove_path
 
@@ -176,10 +180,9 @@ def check_options(o: TrainOptions) -> None:
         raise TrainingError(f"unknown schedule {o.schedule!r}", f"use one of {', '.join(SCHEDULES)}")
     if not o.lr > 0:
         raise TrainingError(f"--lr must be positive (got {o.lr})", "pass e.g. --lr 2e-4")
-    fsdp_conflicts = {"--qlora": o.lora.qlora, "--resume": o.resume is not None, "--save-every": o.save_every}
-    for name, given in fsdp_conflicts.items() if o.fsdp else ():
-        if given:
-            raise TrainingError(f"--fsdp does not support {name} yet", f"drop {name} or --fsdp (DDP keeps {name})")
+    if o.fsdp and o.lora.qlora:
+        raise TrainingError("--fsdp does not support --qlora: FSDP2 does not shard bitsandbytes' NF4 weights",
+                            "drop --qlora or --fsdp (DDP keeps --qlora)")
 
 
 def pick_device(name: str) -> torch.device:
@@ -285,9 +288,9 @@ def finetune(options: TrainOptions, on_step: Callable[[StepLog], None] | None = 
             info("; ".join(trainable.patched))
         losses, tokens = train(options, prepared, trainable, on_step, pick_loss(loss_fn, trainable, options.fsdp))
         seconds = time.perf_counter() - began
-        gathered = full_state_dict(trainable.model) if options.fsdp else None  # a collective: every rank
+        state = training_state(trainable, options.fsdp)  # under --fsdp a collective: every rank
         if world.is_main:
-            save(trainable, options, prepared.total, options.output, gathered)
+            save(trainable, options, prepared.total, options.output, state)
             remove_path(checkpoints_dir(options.output))
         barrier(world)
     finally:
@@ -335,27 +338,60 @@ def prepare(o: TrainOptions, warn: Callable[[str], None] | None, world: World = 
 
 def build(o: TrainOptions, arch: str, world: World = World()) -> Trainable:
     """The base with LoRA (new, or the --resume adapter), kernels patched in where there are any, AdamW, and DDP
-    around it all under torchrun (every rank seeds alike, so the LoRA inits agree)."""
+    around it all under torchrun (every rank seeds alike, so the LoRA inits agree); --fsdp: build_fsdp."""
     if o.threads:
         torch.set_num_threads(o.threads)
     random.seed(o.seed)
     torch.manual_seed(o.seed)
     device = rank_device(pick_device(o.device), world)
     init_process_group(world, device)
-    # --fsdp: the whole base on the CPU first; fully_shard moves each process's shard to its GPU
-    load_on = torch.device("cpu") if o.fsdp else device
-    model = load_base(o.base, qlora=o.lora.qlora, dtype=compute_dtype(o.dtype, device), device=load_on)
+    if o.fsdp:
+        return build_fsdp(o, arch, world, device)
+    model = load_base(o.base, qlora=o.lora.qlora, dtype=compute_dtype(o.dtype, device), device=device)
     family = FAMILIES[arch]
     model = (load_lora(model, o.resume, o.lora.qlora, o.grad_checkpointing) if o.resume is not None
              else add_lora(model, o.lora, family, o.grad_checkpointing))
     kernels = kernel_mode(o, device)
     patched = apply_kernel_patches(model, kernels)
-    forward = wrap_fsdp(model) if o.fsdp else wrap_ddp(model, world, device)  # FSDP swaps the parameters: first
+    forward = wrap_ddp(model, world, device)
     params = [p for _, p in trainable_parameters(model)]
     optimizer = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
     if o.resume is not None:
-        load_optimizer(optimizer, o.resume)
+        restore_optimizer(optimizer, read_optimizer(o.resume), o.resume)
     return Trainable(model, optimizer, params, device, world, forward, kernels, patched)
+
+
+def build_fsdp(o: TrainOptions, arch: str, world: World, device: torch.device) -> Trainable:
+    """--fsdp: rank 0 alone reads the base on the CPU (and the --resume adapter and optimizer state); the other ranks
+    build the same modules on the meta device. Every rank shards its model, then rank 0's weights, buffers,
+    optimizer state and RNG state are broadcast into the shards (mt/finetune/distributed.py)."""
+    kernels = kernel_mode(o, device)
+    model, saved = all_succeed(world, lambda: _fsdp_model(o, arch, world, compute_dtype(o.dtype, device)))
+    patched = all_succeed(world, lambda: apply_kernel_patches(model, kernels))
+    shard_from_rank0(model, world, device)
+    named = trainable_parameters(model)
+    names, params = [n for n, _ in named], [p for _, p in named]
+    optimizer = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+    if o.resume is not None:
+        scatter_optimizer(model, optimizer, saved["optimizer"] if saved else None, names)
+    broadcast_rng(saved["torch_rng"] if saved else torch.get_rng_state())
+    return Trainable(model, optimizer, params, device, world, model, kernels, patched)
+
+
+def _fsdp_model(o: TrainOptions, arch: str, world: World, dtype: torch.dtype) -> tuple[Any, dict[str, Any] | None]:
+    """This rank's model before sharding (weights on rank 0, meta tensors elsewhere) and, on rank 0 under --resume,
+    the saved optimizer and RNG state (checked against the model)."""
+    if not world.is_main:
+        model = meta_base(o.base, dtype=dtype)
+        return (lora_skeleton(model, o.resume, o.grad_checkpointing) if o.resume is not None
+                else add_lora(model, o.lora, FAMILIES[arch], o.grad_checkpointing)), None
+    model = load_base(o.base, qlora=False, dtype=dtype, device=torch.device("cpu"))
+    if o.resume is None:
+        return add_lora(model, o.lora, FAMILIES[arch], o.grad_checkpointing), None
+    model = load_lora(model, o.resume, False, o.grad_checkpointing)
+    saved = read_optimizer(o.resume)
+    restore_optimizer(torch.optim.AdamW([p for _, p in trainable_parameters(model)]), saved, o.resume)  # a check
+    return model, saved
 
 
 def train(o: TrainOptions, prepared: Prepared, t: Trainable, on_step: Callable[[StepLog], None] | None,
@@ -381,8 +417,9 @@ def train(o: TrainOptions, prepared: Prepared, t: Trainable, on_step: Callable[[
             if on_step is not None:
                 on_step(entry)
             if o.save_every and (step + 1) % o.save_every == 0 and step + 1 < total:
+                state = training_state(t, o.fsdp)  # under --fsdp a collective: every rank
                 if t.world.is_main:
-                    save_checkpoint(t, o, step + 1)
+                    save_checkpoint(t, o, step + 1, state)
                 barrier(t.world)
     t.model.eval()
     return losses, tokens
@@ -453,27 +490,45 @@ def open_json_log(path: Path | None) -> Iterator[TextIO | None]:
             yield handle
 
 
-def save(t: Trainable, o: TrainOptions, step: int, folder: Path, gathered: dict[str, torch.Tensor] | None = None) -> None:
-    """The adapter (peft's save_pretrained), the step count and the optimizer state, atomically into `folder`.
-    --fsdp: the adapter from the `gathered` full state dict, and no optimizer state (no --resume with --fsdp yet)."""
-    state = {"step": step, "seed": o.seed, "data": str(o.data), "packing": o.packing, "batch_tokens": o.batch_tokens,
-             "grad_accum": o.grad_accum, "world_size": t.world.size, "max_seq_len": o.max_seq_len, "lr": o.lr, "schedule": o.schedule, "qlora": o.lora.qlora}
+@dataclass
+class TrainingState:
+    """What a checkpoint holds beyond the step count."""
+
+    adapter: dict[str, torch.Tensor] | None  # the LoRA tensors; None: save_pretrained reads them off the model
+    optimizer: dict[str, Any]  # in optimizer.state_dict()'s form (parameter indices)
+    rng: torch.Tensor
+
+
+def training_state(t: Trainable, fsdp: bool) -> TrainingState:
+    """The model's own in one process and DDP; under --fsdp gathered whole from the shards to rank 0 (a collective:
+    every rank calls it; the other ranks get empty dicts)."""
+    if not fsdp:
+        return TrainingState(None, t.optimizer.state_dict(), torch.get_rng_state())
+    names = [n for n, _ in trainable_parameters(t.model)]
+    return TrainingState(gather_adapter(t.model), gather_optimizer(t.model, t.optimizer, names), torch.get_rng_state())
+
+
+def save(t: Trainable, o: TrainOptions, step: int, folder: Path, state: TrainingState) -> None:
+    """The adapter (peft's save_pretrained), the step count and the optimizer state, atomically into `folder`:
+    the same files whether the run was one process, DDP or FSDP."""
+    meta = {"step": step, "seed": o.seed, "data": str(o.data), "packing": o.packing, "batch_tokens": o.batch_tokens,
+            "grad_accum": o.grad_accum, "world_size": t.world.size, "max_seq_len": o.max_seq_len, "lr": o.lr,
+            "schedule": o.schedule, "qlora": o.lora.qlora, "fsdp": o.fsdp}
     with atomic_dir(folder) as tmp:
-        t.model.save_pretrained(tmp, state_dict=gathered)
-        (tmp / STATE_NAME).write_text(json.dumps({**state, "fsdp": o.fsdp}, indent=2) + "\n", encoding="utf-8")
-        if gathered is None:
-            torch.save({"optimizer": t.optimizer.state_dict(), "torch_rng": torch.get_rng_state()}, tmp / OPTIMIZER_NAME)
+        t.model.save_pretrained(tmp, state_dict=state.adapter)
+        (tmp / STATE_NAME).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        torch.save({"optimizer": state.optimizer, "torch_rng": state.rng}, tmp / OPTIMIZER_NAME)
 
 
 def checkpoints_dir(output: Path) -> Path:
     return output.with_name(output.name + ".checkpoints")
 
 
-def save_checkpoint(t: Trainable, o: TrainOptions, step: int) -> None:
+def save_checkpoint(t: Trainable, o: TrainOptions, step: int, state: TrainingState) -> None:
     """--save-every: OUT.checkpoints/step-NNNNNN, a folder --resume takes; only the latest is kept."""
     folder = checkpoints_dir(o.output)
     folder.mkdir(exist_ok=True)
-    save(t, o, step, folder / f"step-{step:06d}")
+    save(t, o, step, folder / f"step-{step:06d}", state)
     for old in folder.glob("step-*"):
         if old.name != f"step-{step:06d}":
             remove_path(old)
@@ -492,8 +547,12 @@ def read_state(folder: Path) -> dict[str, Any]:
     return state
 
 
-def load_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
-    saved = torch.load(folder / OPTIMIZER_NAME, weights_only=True)  # tensors and numbers only: no pickle code runs
+def read_optimizer(folder: Path) -> dict[str, Any]:
+    """optimizer.pt: {"optimizer": optimizer.state_dict(), "torch_rng": ...}."""
+    return torch.load(folder / OPTIMIZER_NAME, weights_only=True)  # tensors and numbers only: no pickle code runs
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, saved: dict[str, Any], folder: Path) -> None:
     try:
         optimizer.load_state_dict(saved["optimizer"])
     except (ValueError, KeyError) as e:
