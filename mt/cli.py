@@ -173,7 +173,7 @@ def convert_lora(adapter: Path, base: Path, out: Path, outtype: str, force: bool
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="CPU threads for torch (default: torch's; 1 is fastest for tiny models on a busy machine).")
 @click.option("--kernels", type=click.Choice(["auto", "triton", "torch", "off"]), default="auto", show_default=True,
-              help="mt's Triton kernels (RMSNorm, RoPE, SwiGLU, LoRA linear, chunked loss): auto = on a CUDA GPU; "
+              help="mt's Triton kernels (RMSNorm, RoPE, SwiGLU/GeGLU, LoRA linear, chunked loss): auto = on a CUDA GPU; "
                    "torch = their PyTorch references; off = plain transformers + PEFT.")
 @click.option("--force", is_flag=True, help="Replace OUT (and the --json-log file) if they exist.")
 @click.option("--quiet", is_flag=True, help="No progress bar or summary.")

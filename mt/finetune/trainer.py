@@ -17,7 +17,7 @@ alone reads the base (and a --resume folder), the others build it on the meta de
 across one process, DDP and FSDP alike.
 
 --kernels (auto: on a CUDA device) patches mt/kernels into the model after the LoRA wrap (mt/finetune/patch.py:
-RMSNorm, RoPE, SwiGLU, the LoRA linears) and, in a single process, computes the loss with the chunked
+RMSNorm, RoPE, SwiGLU or GeGLU, the LoRA linears) and, in a single process, computes the loss with the chunked
 cross-entropy that never builds the full logits; under DDP/FSDP the loss stays the model's own (their forward
 runs the gradient synchronisation).
 """
