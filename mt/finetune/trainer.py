@@ -18,8 +18,8 @@ across one process, DDP and FSDP alike.
 
 --kernels (auto: on a CUDA device) patches mt/kernels into the model after the LoRA wrap (mt/finetune/patch.py:
 RMSNorm, RoPE, SwiGLU or GeGLU, the LoRA linears) and, in a single process, computes the loss with the chunked
-cross-entropy that never builds the full logits; under DDP/FSDP the loss stays the model's own (their forward
-runs the gradient synchronisation).
+cross-entropy that never builds the full logits (under DDP inside the wrapped module, ChunkedLossModel, whose
+forward DDP runs); under FSDP the loss stays the model's own.
 """
 
 from __future__ import annotations
@@ -229,12 +229,41 @@ def chunked_loss(mode: str) -> LossFn:
     return loss
 
 
+class ChunkedLossModel(torch.nn.Module):
+    """The model whose forward is the chunked loss, for DDP to wrap: DDP's forward prepares its gradient
+    reduction, so the loss must be computed inside the module it wraps."""
+
+    def __init__(self, model: torch.nn.Module, mode: str) -> None:
+        super().__init__()
+        self.model, self.mode = model, mode
+
+    def forward(self, **inputs: torch.Tensor | None) -> torch.Tensor:
+        from mt.finetune import patch
+
+        return patch.causal_lm_loss(self.model, **inputs, kernels=self.mode)
+
+
+def forward_loss(forward: Any, batch: Batch, device: torch.device) -> torch.Tensor:
+    """The loss a ChunkedLossModel (inside DDP) returns."""
+    return forward(**batch.model_inputs(device))
+
+
 def pick_loss(loss_fn: LossFn, t: "Trainable", fsdp: bool) -> LossFn:
-    """The chunked loss replaces the default one when kernels are on in a single process; DDP and FSDP need their
-    wrapper's own forward (it runs the gradient synchronisation), so they keep the model's loss."""
-    if loss_fn is not causal_lm_loss or t.kernels == "off" or t.world.size > 1 or fsdp:
+    """The chunked loss replaces the model's own when kernels are on: called on the model in one process, as the
+    forward of DDP's ChunkedLossModel under torchrun. FSDP keeps the model's loss: lm_head's weight is a shard
+    outside its forward."""
+    if loss_fn is not causal_lm_loss or t.kernels == "off" or fsdp:
         return loss_fn
-    return chunked_loss(t.kernels)
+    return forward_loss if t.world.distributed else chunked_loss(t.kernels)
+
+
+def describe_loss(loss_fn: LossFn, model: Any) -> str:
+    from mt.finetune.patch import base_model, chunked_loss_unsupported
+
+    why_not = chunked_loss_unsupported(base_model(model)) if loss_fn is not causal_lm_loss else "--fsdp shards lm_head"
+    if why_not:
+        return f"loss: the model's own ([tokens, vocab] logits are made: {why_not})"
+    return "loss: chunked cross-entropy (no [tokens, vocab] logits)"
 
 
 @dataclass
@@ -284,9 +313,10 @@ def finetune(options: TrainOptions, on_step: Callable[[StepLog], None] | None = 
     try:
         trainable = build(options, prepared.arch, world)
         began = time.perf_counter()
+        loss_fn = pick_loss(loss_fn, trainable, options.fsdp)
         if info is not None and trainable.patched:
-            info("; ".join(trainable.patched))
-        losses, tokens = train(options, prepared, trainable, on_step, pick_loss(loss_fn, trainable, options.fsdp))
+            info("; ".join([*trainable.patched, describe_loss(loss_fn, trainable.model)]))
+        losses, tokens = train(options, prepared, trainable, on_step, loss_fn)
         seconds = time.perf_counter() - began
         state = training_state(trainable, options.fsdp)  # under --fsdp a collective: every rank
         if world.is_main:
@@ -353,7 +383,8 @@ def build(o: TrainOptions, arch: str, world: World = World()) -> Trainable:
              else add_lora(model, o.lora, family, o.grad_checkpointing))
     kernels = kernel_mode(o, device)
     patched = apply_kernel_patches(model, kernels)
-    forward = wrap_ddp(model, world, device)
+    in_ddp = ChunkedLossModel(model, kernels) if world.distributed and kernels != "off" else model
+    forward = wrap_ddp(in_ddp, world, device)
     params = [p for _, p in trainable_parameters(model)]
     optimizer = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
     if o.resume is not None:

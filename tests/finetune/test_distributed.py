@@ -97,6 +97,23 @@ def test_two_processes_train_what_one_does_with_the_same_global_batch(tiny_llama
         "half", "half.jsonl", "two", "two.jsonl"]
 
 
+def test_ddp_with_kernels_takes_the_chunked_loss_and_trains_what_one_process_does(
+        tiny_llama3: Path, animals_data: Path, one_process: Path, tmp_path: Path) -> None:
+    """--kernels torch under DDP: the loss is the chunked cross-entropy computed inside the DDP-wrapped module
+    (ChunkedLossModel), and the run trains the steps one plain process takes (kernels off) to 1e-4. The model's
+    own forward (full logits) raises in this run: every loss must be the chunked one."""
+    entry = (str(Path(__file__).with_name("without_full_logits.py")),)
+    run = torchrun(2, cli_args(tiny_llama3, animals_data, tmp_path / "k", 1, epochs="2", kernels="torch",
+                               json_log=str(tmp_path / "k.jsonl")), tmp_path, entry)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "loss: chunked cross-entropy (no [tokens, vocab] logits)" in run.stderr
+    assert "kernels: torch for LlamaForCausalLM" in run.stderr
+    assert losses(tmp_path / "k.jsonl") == pytest.approx(losses(one_process / "one.jsonl"), rel=1e-4)
+    want, got = (load_file(d / "adapter_model.safetensors") for d in (one_process / "one", tmp_path / "k"))
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
 def test_fsdp_trains_what_one_process_does(tiny_llama3: Path, animals_data: Path, one_process: Path,
                                           tmp_path: Path) -> None:
     run = torchrun(2, cli_args(tiny_llama3, animals_data, tmp_path / "fsdp", 1, epochs="2",
