@@ -19,7 +19,7 @@ across one process, DDP and FSDP alike.
 --kernels (auto: on a CUDA device) patches mt/kernels into the model after the LoRA wrap (mt/finetune/patch.py:
 RMSNorm, RoPE, SwiGLU or GeGLU, the LoRA linears) and, in a single process, computes the loss with the chunked
 cross-entropy that never builds the full logits (under DDP inside the wrapped module, ChunkedLossModel, whose
-forward DDP runs); under FSDP the loss stays the model's own.
+forward DDP runs; under FSDP as a method FSDP runs as a forward, register_fsdp_chunked_loss).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ import math
 import random
 import sys
 import time
+import types
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -248,19 +249,41 @@ def forward_loss(forward: Any, batch: Batch, device: torch.device) -> torch.Tens
     return forward(**batch.model_inputs(device))
 
 
+FSDP_LOSS_METHOD = "mt_chunked_loss"
+
+
+def register_fsdp_chunked_loss(model: Any, mode: str) -> None:
+    """--fsdp: the chunked loss as a method of the sharded root that FSDP treats as a forward, so the root's
+    parameters (embeddings, final norm, lm_head) are gathered while it runs and their gradients reduce-scattered."""
+    from torch.distributed.fsdp import register_fsdp_forward_method
+
+    from mt.finetune import patch
+
+    def loss(self: Any, **inputs: torch.Tensor | None) -> torch.Tensor:
+        return patch.causal_lm_loss(self, **inputs, kernels=mode)
+
+    setattr(model, FSDP_LOSS_METHOD, types.MethodType(loss, model))
+    register_fsdp_forward_method(model, FSDP_LOSS_METHOD)
+
+
+def fsdp_method_loss(model: Any, batch: Batch, device: torch.device) -> torch.Tensor:
+    return getattr(model, FSDP_LOSS_METHOD)(**batch.model_inputs(device))
+
+
 def pick_loss(loss_fn: LossFn, t: "Trainable", fsdp: bool) -> LossFn:
     """The chunked loss replaces the model's own when kernels are on: called on the model in one process, as the
-    forward of DDP's ChunkedLossModel under torchrun. FSDP keeps the model's loss: lm_head's weight is a shard
-    outside its forward."""
-    if loss_fn is not causal_lm_loss or t.kernels == "off" or fsdp:
+    forward of DDP's ChunkedLossModel, or as FSDP's registered forward method under torchrun."""
+    if loss_fn is not causal_lm_loss or t.kernels == "off":
         return loss_fn
+    if fsdp:
+        return fsdp_method_loss
     return forward_loss if t.world.distributed else chunked_loss(t.kernels)
 
 
 def describe_loss(loss_fn: LossFn, model: Any) -> str:
     from mt.finetune.patch import base_model, chunked_loss_unsupported
 
-    why_not = chunked_loss_unsupported(base_model(model)) if loss_fn is not causal_lm_loss else "--fsdp shards lm_head"
+    why_not = chunked_loss_unsupported(base_model(model)) if loss_fn is not causal_lm_loss else "kernels off"
     if why_not:
         return f"loss: the model's own ([tokens, vocab] logits are made: {why_not})"
     return "loss: chunked cross-entropy (no [tokens, vocab] logits)"
@@ -400,6 +423,8 @@ def build_fsdp(o: TrainOptions, arch: str, world: World, device: torch.device) -
     model, saved = all_succeed(world, lambda: _fsdp_model(o, arch, world, compute_dtype(o.dtype, device)))
     patched = all_succeed(world, lambda: apply_kernel_patches(model, kernels))
     shard_from_rank0(model, world, device)
+    if kernels != "off":
+        register_fsdp_chunked_loss(model, kernels)
     named = trainable_parameters(model)
     names, params = [n for n, _ in named], [p for _, p in named]
     optimizer = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
