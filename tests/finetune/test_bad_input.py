@@ -38,7 +38,7 @@ def assert_refused(args: list[str], words: tuple[str, ...], out: Path, code: int
 @pytest.mark.parametrize("lines, words", [
     (['{"text": "a"}', '{"text": "b",}'], ("bad.jsonl:2: not valid JSON", "each line must be one JSON object")),
     (['{"text": "fine"}', '{"title": "x", "body": "y"}'], ("bad.jsonl:2: no usable field (has 'body', 'title')",
-                                                          "each row needs 'text', 'messages' or 'prompt' + 'completion'")),
+                                                          "each row needs 'text', 'messages' (or ShareGPT 'conversations') or 'prompt' + 'completion'")),
     (['{"prompt": "q", "completion": 3}'], ("bad.jsonl:1: 'completion' is a int, not a string",)),
     ([], ("bad.jsonl holds no rows",)),
     (["", "   "], ("bad.jsonl holds no rows",)),
