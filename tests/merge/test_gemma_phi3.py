@@ -285,3 +285,119 @@ def test_convert_adapter_logits_match_peft_model(family, kind, adapter, base_dir
     for name in (n for n in base if n.endswith("norm.weight")):
         trained = kind == "trained_norm" and name.endswith("attn_norm.weight")
         assert (ours[name] == base[name]) != trained, name
+
+
+# ---------------------------------------------------------------- an adapter trained on a Llama-fied Phi-3
+
+
+@pytest.fixture(scope="module")
+def llamafied(phi3_dir, tmp_path_factory) -> Path:
+    """phi3_dir as a LlamaForCausalLM with q/k/v_proj and gate/up_proj (Unsloth's Phi-3 checkpoints are such)."""
+    from tests.checkpoints import build_llamafied_phi3
+
+    return build_llamafied_phi3(phi3_dir, tmp_path_factory.mktemp("llamafied") / "phi3-llamafied")
+
+
+UNFUSED = {
+    # every part, with ranks and scales that differ between the parts of one fused weight
+    "all": dict(target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                rank_pattern={"k_proj": 4}, alpha_pattern={"v_proj": 32}),
+    # some parts only: k_proj's and gate_proj's rows stay as they are
+    "some": dict(target_modules=["q_proj", "v_proj", "up_proj"]),
+}
+
+
+@pytest.fixture(scope="module")
+def unfused_adapter(llamafied, tmp_path_factory) -> Callable[[str], Path]:
+    """task_type CAUSAL_LM, as Unsloth saves them: no base_model_class in the config, so only the shapes tell."""
+    return _cached(lambda kind: save_adapter(llamafied, tmp_path_factory.mktemp(f"unfused-{kind}") / "adapter", r=8,
+                                             lora_alpha=16, task_type="CAUSAL_LM", **UNFUSED[kind]))
+
+
+def refused(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A Llama-fied Phi-3's weights by Phi-3's names: q|k|v rows into qkv_proj, gate|up into gate_up_proj."""
+    out = {name: tensor for name, tensor in state.items() if not any(p in name for p in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"))}
+    for name in (n for n in state if ".q_proj." in n):
+        out[name.replace("q_proj", "qkv_proj")] = torch.cat([state[name.replace("q_proj", p)] for p in ("q_proj", "k_proj", "v_proj")])
+    for name in (n for n in state if ".gate_proj." in n):
+        out[name.replace("gate_proj", "gate_up_proj")] = torch.cat([state[name], state[name.replace("gate_proj", "up_proj")]])
+    return out
+
+
+def test_llamafied_phi3_computes_what_phi3_computes(phi3_dir, llamafied):
+    """The premise: the unfused copy is the same model (so PeftModel on it is the reference for Phi-3 + adapter)."""
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.tensor([[1, 450, 4996, 17354, 1701, 29916, 432, 17204, 975, 278, 17366, 11203]])
+    with torch.no_grad():
+        fused, unfused = (AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)(ids).logits for d in (phi3_dir, llamafied))
+    assert (fused - unfused).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("kind", UNFUSED)
+def test_unfused_adapter_merges_into_the_fused_rows(kind, phi3_dir, llamafied, unfused_adapter, tmp_path):
+    """mt merge of the q/k/v/gate/up adapter into Phi-3 = peft's merge into the Llama-fied copy, fused back (f32)."""
+    merge(phi3_dir, unfused_adapter(kind), tmp_path / "out", dtype="f32")
+    got = read_folder(tmp_path / "out")
+    want = refused({k: v for k, v in adapters.peft_merged_state_dict(llamafied, unfused_adapter(kind)).items()
+                    if "rotary_emb" not in k})
+    assert set(got) == set(want)
+    for name, tensor in want.items():
+        assert max_relative_error(got[name], tensor) <= 1e-6, name
+
+
+@pytest.mark.parametrize("kind", UNFUSED)
+def test_unfused_adapter_as_llama_cpp_lora(kind, phi3_dir, llamafied, unfused_adapter, base_f16, prompt, tmp_path):
+    """mt convert-lora stacks the parts' pairs into one per fused weight (A's rows, B's columns at the part's rows,
+    peft's per-part scales folded into B); llama.cpp's Phi-3 + that LoRA against PeftModel on the Llama-fied copy."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    lora = write_lora(unfused_adapter(kind), phi3_dir, tmp_path / "lora.gguf", "f16")
+    shapes = {t.name: [int(x) for x in reversed(t.shape)] for t in GGUFReader(lora).tensors}
+    ranks = {"all": (8 + 4 + 8, 8 + 8), "some": (8 + 8, 8)}[kind]
+    assert shapes["blk.0.attn_qkv.weight.lora_a"][0] == ranks[0] and shapes["blk.0.ffn_up.weight.lora_a"][0] == ranks[1]
+    ids = prompt("phi3")
+    model = AutoModelForCausalLM.from_pretrained(llamafied, dtype=torch.float32)
+    with torch.no_grad():
+        base_logits = model(torch.tensor([ids])).logits[0].numpy()
+        reference = PeftModel.from_pretrained(model, str(unfused_adapter(kind)))(torch.tensor([ids])).logits[0].numpy()
+    stats = compare_logits(reference, llama_cpp_logits(base_f16("phi3"), ids, lora=lora))
+    assert stats.kld_max <= KLD_MAX_F16, stats
+    assert compare_logits(reference, base_logits).kld_max > EFFECT_FACTOR * KLD_MAX_F16
+
+
+def test_unfused_adapter_convert_adapter_equals_merged_folder(phi3_dir, unfused_adapter, tmp_path):
+    merged = tmp_path / "merged" / phi3_dir.name
+    merged.parent.mkdir()
+    merge(phi3_dir, unfused_adapter("all"), merged)
+    convert(merged, tmp_path / "two_steps.gguf", "q8_0")
+    convert(phi3_dir, tmp_path / "on_the_fly.gguf", "q8_0", adapter=unfused_adapter("all"))
+    assert_same_file(tmp_path / "on_the_fly.gguf", tmp_path / "two_steps.gguf")
+
+
+def test_llama_cpp_converter_leaves_the_parts_unfused(phi3_dir, unfused_adapter, base_f16, tmp_path):
+    """Why mt differs from convert_lora_to_gguf.py here: it writes blk.N.attn_q/attn_k/attn_v/ffn_gate LoRAs, tensors
+    Phi-3's GGUF does not have, and llama.cpp refuses the adapter."""
+    from tests.merge.test_lora_gguf import _llama_cpp_run
+
+    oracle.run_lora_converter(unfused_adapter("some"), phi3_dir, tmp_path / "llama.cpp.gguf", "f32")
+    assert "blk.0.attn_q.weight.lora_a" in {t.name for t in GGUFReader(tmp_path / "llama.cpp.gguf").tensors}
+    run = _llama_cpp_run(base_f16("phi3"), tmp_path / "llama.cpp.gguf")
+    assert "ran" not in run.stdout and "does not exist in base model" in run.stderr, run.stderr[-2000:]
+
+
+def test_unfused_dora_refused(phi3_dir, llamafied, tmp_path):
+    """DoRA rescales whole rows of the weight it was trained on; into a slice of the fused one mt does not merge it."""
+    from click.testing import CliRunner
+
+    from mt.cli import main
+
+    made = save_adapter(llamafied, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["k_proj"], use_dora=True,
+                         task_type="CAUSAL_LM")
+    out = tmp_path / "merged"
+    result = CliRunner().invoke(main, ["merge", str(phi3_dir), str(made), "-o", str(out)])
+    assert result.exit_code == 1, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "DoRA" in lines[0] and "model.layers.0.self_attn.k_proj" in lines[0] and "qkv_proj" in lines[0], lines
+    assert not out.exists()
