@@ -78,7 +78,7 @@ def convert_lora(adapter_dir: Path, base_dir: Path, out: Path, outtype: str = "f
     adapter = fuse_parts(base, open_adapter(adapter_dir))
     arch = load_architecture(base.architecture, base.config)
     check_expressible(base, adapter, arch)
-    tensors = plan_lora_tensors(adapter, arch, qtype)
+    tensors = plan_norm_copies(adapter, arch) + plan_lora_tensors(adapter, arch, qtype)
     check_output(out, force)
     writer = _writer(adapter, base, arch, tensors)
     with atomic_path(out) as tmp:
@@ -179,6 +179,27 @@ def plan_lora_tensors(adapter: Adapter, arch: Architecture, qtype: T) -> list[Lo
         a, b = lora_pair(deltas, gguf_name, arch, adapter.config.alpha)
         tensors += [_tensor(f"{gguf_name}.lora_a", a, qtype), _tensor(f"{gguf_name}.lora_b", b, qtype)]
     return tensors
+
+
+def plan_norm_copies(adapter: Adapter, arch: Architecture) -> list[LoraTensor]:
+    """The norms the adapter saves whole (modules_to_save, mergekit-extract-lora), in F32 and converted as the base
+    converts them (Gemma: 1 + w), ahead of the pairs: convert_lora_to_gguf.py writes them so, and llama.cpp skips
+    every `*_norm.weight` of an adapter. check_expressible has refused copies that differ from the base's."""
+    norms = sorted(name for name in adapter.replacements if _converter_keeps_whole(name))
+    return [_norm_copy(arch, name, adapter.replacements[name]) for name in norms]
+
+
+def _converter_keeps_whole(hf_name: str) -> bool:
+    # convert_lora_to_gguf.py's test for the layernorms it passes through; it refuses any other whole tensor
+    return "_layernorm" in hf_name or ".norm" in hf_name
+
+
+def _norm_copy(arch: Architecture, hf_name: str, saved: LazyTensor) -> LoraTensor:
+    gguf_name = _gguf_name(arch, hf_name)
+    values = saved.read()  # storage dtype, as transforms take it
+    if (transform := arch.transform_for(gguf_name)) is not None:
+        values = np.asarray(transform(values, arch.config))
+    return LoraTensor(gguf_name, T.F32, to_f32(values, "BF16" if values.dtype == np.uint16 else "F32"))  # uint16: bf16 bits
 
 
 def _first_key(delta: LoraDelta) -> str:

@@ -210,6 +210,21 @@ def test_gemma_tied_embedding_lora_refused(family, target, needles, base_dir, tm
         assert names and not [n for n in names if n.startswith(("output", "token_embd"))], names
 
 
+@pytest.mark.parametrize("family", ["gemma2", "phi3"])
+def test_untrained_norm_copies_written_as_the_converter_writes_them(family, base_dir, base_f16, prompt, peft_logits, tmp_path):
+    """modules_to_save norms equal to the base's: convert_lora_to_gguf.py writes them (Gemma's as 1 + w, F32) ahead of
+    the pairs and llama.cpp skips them; mt writes the same file, and llama.cpp runs it as PeftModel computes."""
+    made = save_adapter(base_dir(family), tmp_path / "adapter", r=8, lora_alpha=16, target_modules="all-linear",
+                        modules_to_save=["input_layernorm", "norm"])
+    ours = write_lora(made, base_dir(family), tmp_path / "mt.gguf", "f16")
+    oracle.run_lora_converter(made, base_dir(family), tmp_path / "llama.cpp.gguf", "f16")
+    assert_same_file(ours, tmp_path / "llama.cpp.gguf")
+    names = [t.name for t in GGUFReader(ours).tensors]
+    norms = [n for n in names if not n.endswith((".lora_a", ".lora_b"))]
+    assert names[:len(norms)] == norms and {"blk.1.attn_norm.weight", "output_norm.weight"} <= set(norms)
+    assert_matches_peft(family, llama_cpp_logits(base_f16(family), prompt(family), lora=ours), peft_logits, made)
+
+
 def test_gemma_trained_norm_refused(adapter, base_dir, tmp_path):
     """A trained norm (modules_to_save) cannot ride in a llama.cpp LoRA: llama.cpp's converter writes it (offset by 1)
     and llama.cpp discards every `*_norm.weight` in an adapter, so that file computes the untrained norm."""
