@@ -124,8 +124,8 @@ def _check_tied_output(base: Checkpoint, adapter: Adapter, arch: Architecture) -
     if any(_maps_to(arch, name, OUTPUT) for name in base.tensors):
         return
     for name, delta in adapter.deltas.items():
-        weight = delta.target or name
-        target = _gguf_name(arch, weight) if weight in base.tensors else OUTPUT
+        weight = delta.target or name  # a weight the converter drops (Gemma 2's stored lm_head) has no GGUF tensor either
+        target = _gguf_name(arch, weight) if weight in base.tensors and not arch.names.is_dropped(weight) else OUTPUT
         if target == OUTPUT:
             raise AdapterError(f"the adapter has a LoRA on {delta.module}, but {base.folder.name} ties its output to the "
                                "token embedding, so its GGUF has no output tensor for llama.cpp to apply it to", MERGE_INSTEAD)
@@ -228,7 +228,7 @@ def lora_pair(deltas: list[LoraDelta], gguf_name: str, arch: Architecture, alpha
         b = _scaled(delta, llama_cpp_scale(alpha, delta.rank))
         return np.ascontiguousarray(delta.a.T), np.ascontiguousarray(b, dtype=np.float32)  # [vocab, r], [dim, r]
     scale = llama_cpp_scale(alpha, sum(d.rank for d in deltas))
-    a = deltas[0].a if len(deltas) == 1 else np.concatenate([d.a for d in deltas])  # [r, in]
+    a = np.concatenate([d.a for d in deltas]) if len(deltas) > 1 else deltas[0].a  # [r, in]
     b = np.concatenate([_scaled(d, scale) for d in deltas], axis=1) if len(deltas) > 1 else _scaled(deltas[0], scale)
     if (order := row_order(arch, gguf_name, b.shape[0])) is not None:
         b = b[order]  # [out, r]

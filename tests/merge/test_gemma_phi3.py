@@ -225,6 +225,23 @@ def test_untrained_norm_copies_written_as_the_converter_writes_them(family, base
     assert_matches_peft(family, llama_cpp_logits(base_f16(family), prompt(family), lora=ours), peft_logits, made)
 
 
+def test_gemma2_stored_lm_head_lora_refused(gemma2_dir, tmp_path):
+    """A Gemma 2 checkpoint that stores lm_head.weight too (AutoAWQ's do): the converter drops it, llama.cpp ties the
+    output to token_embd, so an lm_head LoRA is the tied case, not an unknown tensor."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    base = Path(shutil.copytree(gemma2_dir, tmp_path / "gemma2-stored-head"))
+    tensors = load_file(base / "model.safetensors")
+    save_file({**tensors, "lm_head.weight": tensors["model.embed_tokens.weight"].clone()}, base / "model.safetensors",
+              metadata={"format": "pt"})
+    made = save_adapter(base, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"])
+    out = tmp_path / "out" / "lora.gguf"
+    out.parent.mkdir()
+    assert_clean_failure(run_cli(made, base, out), out, "lm_head", "no output tensor", "mt merge")
+
+
 def test_gemma_trained_norm_refused(adapter, base_dir, tmp_path):
     """A trained norm (modules_to_save) cannot ride in a llama.cpp LoRA: llama.cpp's converter writes it (offset by 1)
     and llama.cpp discards every `*_norm.weight` in an adapter, so that file computes the untrained norm."""
