@@ -100,7 +100,7 @@ def _fit(base: Checkpoint, adapter: Adapter) -> tuple[Checkpoint, Targets, int |
     adapter fits the base."""
     _check_architecture(base, adapter)
     adapter = fuse_parts(base, adapter)
-    base = _untie_if_replaced(base, adapter)
+    base = _drop_ignored_output(_untie_if_replaced(base, adapter))
     targets = _retarget_tied(base, adapter)
     _check_targets(base, *targets)
     return base, targets, _new_vocab_size(base, targets[2])
@@ -165,10 +165,19 @@ def _untie_if_replaced(base: Checkpoint, adapter: Adapter) -> Checkpoint:
 
 
 def tied_embedding(base: Checkpoint) -> str | None:
-    """The input embedding's tensor name when the checkpoint stores no lm_head.weight (tied embeddings), else None."""
-    if OUTPUT_NAME in base.tensors:
+    """The input embedding's tensor name when lm_head shares it (tied embeddings), else None: the checkpoint stores no
+    lm_head.weight, or stores one beside `tie_word_embeddings: true`, which transformers (and so peft) then ignores."""
+    if OUTPUT_NAME in base.tensors and base.config.get("tie_word_embeddings") is not True:
         return None
     return next((n for n in EMBEDDING_NAMES if n in base.tensors), None)
+
+
+def _drop_ignored_output(base: Checkpoint) -> Checkpoint:
+    """A stored lm_head.weight that the config ties to the embedding is left out, as peft's merged save_pretrained
+    leaves it out (its lm_head is the embedding)."""
+    if OUTPUT_NAME not in base.tensors or tied_embedding(base) is None:
+        return base
+    return replace(base, tensors={n: t for n, t in base.tensors.items() if n != OUTPUT_NAME})
 
 
 def _check_targets(base: Checkpoint, deltas: dict[str, list[LoraDelta]], bias_deltas: dict[str, list[LoraDelta]],

@@ -225,21 +225,41 @@ def test_untrained_norm_copies_written_as_the_converter_writes_them(family, base
     assert_matches_peft(family, llama_cpp_logits(base_f16(family), prompt(family), lora=ours), peft_logits, made)
 
 
-def test_gemma2_stored_lm_head_lora_refused(gemma2_dir, tmp_path):
-    """A Gemma 2 checkpoint that stores lm_head.weight too (AutoAWQ's do): the converter drops it, llama.cpp ties the
-    output to token_embd, so an lm_head LoRA is the tied case, not an unknown tensor."""
+@pytest.fixture(scope="module")
+def gemma2_stored_head(gemma2_dir, tmp_path_factory) -> Path:
+    """gemma2_dir with lm_head.weight stored too (AutoAWQ's Gemma 2 files have it); config.json still ties them."""
     import shutil
 
     from safetensors.torch import load_file, save_file
 
-    base = Path(shutil.copytree(gemma2_dir, tmp_path / "gemma2-stored-head"))
+    base = Path(shutil.copytree(gemma2_dir, tmp_path_factory.mktemp("stored") / "gemma2-stored-head"))
     tensors = load_file(base / "model.safetensors")
     save_file({**tensors, "lm_head.weight": tensors["model.embed_tokens.weight"].clone()}, base / "model.safetensors",
               metadata={"format": "pt"})
-    made = save_adapter(base, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"])
+    assert json.loads((base / "config.json").read_text())["tie_word_embeddings"] is True
+    return base
+
+
+def test_gemma2_stored_lm_head_lora_refused(gemma2_stored_head, tmp_path):
+    """The converter drops that lm_head and llama.cpp ties the output to token_embd, so an lm_head LoRA is the tied
+    case (not an unknown tensor)."""
+    made = save_adapter(gemma2_stored_head, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"])
     out = tmp_path / "out" / "lora.gguf"
     out.parent.mkdir()
-    assert_clean_failure(run_cli(made, base, out), out, "lm_head", "no output tensor", "mt merge")
+    assert_clean_failure(run_cli(made, gemma2_stored_head, out), out, "lm_head", "no output tensor", "mt merge")
+
+
+def test_stored_lm_head_of_a_tied_config_merges_as_peft_does(gemma2_stored_head, tmp_path):
+    """transformers ties lm_head to the embedding whatever the file stores, so peft merges an lm_head LoRA into the
+    embedding and saves no lm_head: mt merge too (it used to merge into the stored lm_head, which the converter
+    drops, so mt convert --adapter lost the update)."""
+    made = save_adapter(gemma2_stored_head, tmp_path / "adapter", r=4, lora_alpha=8,
+                        target_modules=["q_proj", "embed_tokens", "lm_head"])
+    merge(gemma2_stored_head, made, tmp_path / "out", dtype="f32")
+    got, want = read_folder(tmp_path / "out"), adapters.peft_merged_state_dict(gemma2_stored_head, made)
+    assert set(got) == set(want) and "lm_head.weight" not in got
+    for name, tensor in want.items():
+        assert max_relative_error(got[name], tensor) <= 1e-6, name
 
 
 def test_gemma_trained_norm_refused(adapter, base_dir, tmp_path):
