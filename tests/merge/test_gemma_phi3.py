@@ -9,7 +9,7 @@ them (a trained norm saved by modules_to_save goes through that offset once, in 
 the token embedding (an lm_head or embed_tokens LoRA can be merged, not given to llama.cpp as an adapter); Phi-3's
 attention and gate/up projections are fused (qkv_proj, gate_up_proj), and llama.cpp keeps them fused, so a LoRA on
 them is one pair whose B rows are q|k|v and gate|up in HF's order; Phi-3 is untied, so embed_tokens and lm_head LoRAs
-go to llama.cpp as they are.
+go to llama.cpp as they are. An adapter trained on a Llama-fied (unfused) Phi-3 lands in the fused weights' slices.
 """
 
 from __future__ import annotations
