@@ -262,6 +262,34 @@ def test_stored_lm_head_of_a_tied_config_merges_as_peft_does(gemma2_stored_head,
         assert max_relative_error(got[name], tensor) <= 1e-6, name
 
 
+def test_gemma2_trained_lm_head_merges_but_does_not_convert(gemma2_dir, tmp_path):
+    """modules_to_save=[lm_head], trained: peft unties the merged model (its own lm_head), mt merge too; llama.cpp's
+    gemma2 always takes the output from token_embd and its converter drops lm_head.weight, so mt convert of that folder
+    and mt convert --adapter refuse it in one line instead of writing a file without the trained head."""
+    from click.testing import CliRunner
+
+    from mt.cli import main
+
+    def train_head(model: Any) -> None:
+        for name, param in model.named_parameters():
+            if "modules_to_save" in name:
+                param.mul_(1.1)
+
+    made = save_adapter(gemma2_dir, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["q_proj"],
+                        modules_to_save=["lm_head"], edit=train_head)
+    merged = tmp_path / "merged"
+    merge(gemma2_dir, made, merged, dtype="f32")
+    got, want = read_folder(merged), adapters.peft_merged_state_dict(gemma2_dir, made)
+    assert set(got) == set(want) and "lm_head.weight" in got
+    assert json.loads((merged / "config.json").read_text())["tie_word_embeddings"] is False
+    for args in (["convert", str(merged)], ["convert", str(gemma2_dir), "--adapter", str(made)]):
+        out = tmp_path / "out.gguf"
+        result = CliRunner().invoke(main, [*args, "-o", str(out), "--outtype", "f16"])
+        lines = [line for line in result.output.splitlines() if line.strip()]
+        assert result.exit_code == 1 and len(lines) == 1 and "tie_word_embeddings false" in lines[0], result.output
+        assert "modules_to_save" in lines[0] and not out.exists()
+
+
 def test_gemma_trained_norm_refused(adapter, base_dir, tmp_path):
     """A trained norm (modules_to_save) cannot ride in a llama.cpp LoRA: llama.cpp's converter writes it (offset by 1)
     and llama.cpp discards every `*_norm.weight` in an adapter, so that file computes the untrained norm."""
