@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -942,4 +943,39 @@ def build_gemma3(dir: Path, *, dtype: torch.dtype = torch.bfloat16, n_layers: in
     _init_model(model, seed)
     _save_model(model, dir, dtype, 1)
     _edit_config(dir, _gemma3_hub_rope)
+    return dir
+
+
+def build_llamafied_phi3(src: Path, dir: Path) -> Path:
+    """The Phi-3 checkpoint in `src` as a LlamaForCausalLM (float32), qkv_proj split into q/k/v_proj and gate_up_proj
+    into gate/up_proj, as Unsloth's "Llama-fied" Phi-3 checkpoints are: the same function, unfused layers."""
+    from transformers import Phi3ForCausalLM
+
+    dir = Path(dir)
+    phi = Phi3ForCausalLM.from_pretrained(src, dtype=torch.float32)
+    c = phi.config
+    head_dim = c.hidden_size // c.num_attention_heads
+    config = LlamaConfig(
+        hidden_size=c.hidden_size, intermediate_size=c.intermediate_size, num_hidden_layers=c.num_hidden_layers,
+        num_attention_heads=c.num_attention_heads, num_key_value_heads=c.num_key_value_heads, vocab_size=c.vocab_size,
+        max_position_embeddings=c.max_position_embeddings, rms_norm_eps=c.rms_norm_eps,
+        rope_theta=c.rope_parameters["rope_theta"], tie_word_embeddings=False, hidden_act=c.hidden_act,
+        bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id, pad_token_id=c.pad_token_id,
+    )
+    sizes = [c.num_attention_heads * head_dim, c.num_key_value_heads * head_dim, c.num_key_value_heads * head_dim]
+    state: dict[str, torch.Tensor] = {}
+    for name, tensor in phi.state_dict().items():
+        if "qkv_proj" in name:
+            for part, rows in zip(("q_proj", "k_proj", "v_proj"), tensor.split(sizes)):
+                state[name.replace("qkv_proj", part)] = rows
+        elif "gate_up_proj" in name:
+            for part, rows in zip(("gate_proj", "up_proj"), tensor.chunk(2)):
+                state[name.replace("gate_up_proj", part)] = rows
+        else:
+            state[name] = tensor
+    model = LlamaForCausalLM(config)
+    model.load_state_dict(state, strict=True)
+    model.save_pretrained(dir)
+    for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(Path(src) / name, dir / name)
     return dir

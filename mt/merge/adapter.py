@@ -81,6 +81,9 @@ class LoraDelta:
     embedding: bool = False
     magnitude: np.ndarray | None = None
     bias: np.ndarray | None = None
+    # the base weight it updates when that is not module + ".weight": the fused weight `module` is a part of
+    # (mt/merge/fused.py), and then b spans all of that weight's rows, zero outside the part's
+    target: str | None = None
 
     @property
     def rank(self) -> int:

@@ -30,6 +30,7 @@ from mt.convert.plan import encode, row_ranges, to_f32
 from mt.errors import AdapterError, UnknownTensor
 from mt.gguf_out import FastArrayGGUFWriter, TensorStream, atomic_path, check_output
 from mt.merge.adapter import CONFIG_NAME, PREFIX, Adapter, LoraConfig, LoraDelta, open_adapter
+from mt.merge.fused import fuse_parts
 from mt.merge.merged import OUTPUT_NAME, check_fits, tied_embedding
 from mt.quant.types import quant_type
 
@@ -73,11 +74,11 @@ def convert_lora(adapter_dir: Path, base_dir: Path, out: Path, outtype: str = "f
     gives the architecture, name table and Q/K permutation, and its tensors' shapes (and, for tensors the adapter
     saves whole, values) are checked against the adapter before anything is written."""
     qtype = _outtype(outtype)
-    adapter = open_adapter(adapter_dir)
     base = open_checkpoint(base_dir)
+    adapter = fuse_parts(base, open_adapter(adapter_dir))
     arch = load_architecture(base.architecture, base.config)
     check_expressible(base, adapter, arch)
-    tensors = plan_lora_tensors(adapter, arch, qtype)
+    tensors = plan_norm_copies(adapter, arch) + plan_lora_tensors(adapter, arch, qtype)
     check_output(out, force)
     writer = _writer(adapter, base, arch, tensors)
     with atomic_path(out) as tmp:
@@ -123,7 +124,8 @@ def _check_tied_output(base: Checkpoint, adapter: Adapter, arch: Architecture) -
     if any(_maps_to(arch, name, OUTPUT) for name in base.tensors):
         return
     for name, delta in adapter.deltas.items():
-        target = _gguf_name(arch, name) if name in base.tensors else OUTPUT
+        weight = delta.target or name  # a weight the converter drops (Gemma 2's stored lm_head) has no GGUF tensor either
+        target = _gguf_name(arch, weight) if weight in base.tensors and not arch.names.is_dropped(weight) else OUTPUT
         if target == OUTPUT:
             raise AdapterError(f"the adapter has a LoRA on {delta.module}, but {base.folder.name} ties its output to the "
                                "token embedding, so its GGUF has no output tensor for llama.cpp to apply it to", MERGE_INSTEAD)
@@ -167,13 +169,37 @@ def _check_same_as_base(name: str, saved: LazyTensor, base: Checkpoint) -> None:
 
 
 def plan_lora_tensors(adapter: Adapter, arch: Architecture, qtype: T) -> list[LoraTensor]:
-    """lora_a/lora_b for every delta, in convert_lora_to_gguf.py's order (the adapter's keys, sorted)."""
-    tensors: list[LoraTensor] = []
+    """lora_a/lora_b for every target, in convert_lora_to_gguf.py's order (the adapter's keys, sorted); the parts of a
+    fused weight (mt/merge/fused.py) become one pair."""
+    groups: dict[str, list[LoraDelta]] = {}
     for name, delta in sorted(adapter.deltas.items(), key=lambda item: _first_key(item[1])):
-        gguf_name = _gguf_name(arch, name)
-        a, b = lora_pair(delta, gguf_name, arch, adapter.config.alpha)
+        groups.setdefault(_gguf_name(arch, delta.target or name), []).append(delta)
+    tensors: list[LoraTensor] = []
+    for gguf_name, deltas in groups.items():
+        a, b = lora_pair(deltas, gguf_name, arch, adapter.config.alpha)
         tensors += [_tensor(f"{gguf_name}.lora_a", a, qtype), _tensor(f"{gguf_name}.lora_b", b, qtype)]
     return tensors
+
+
+def plan_norm_copies(adapter: Adapter, arch: Architecture) -> list[LoraTensor]:
+    """The norms the adapter saves whole (modules_to_save, mergekit-extract-lora), in F32 and converted as the base
+    converts them (Gemma: 1 + w), ahead of the pairs: convert_lora_to_gguf.py writes them so, and llama.cpp skips
+    every `*_norm.weight` of an adapter. check_expressible has refused copies that differ from the base's."""
+    norms = sorted(name for name in adapter.replacements if _converter_keeps_whole(name))
+    return [_norm_copy(arch, name, adapter.replacements[name]) for name in norms]
+
+
+def _converter_keeps_whole(hf_name: str) -> bool:
+    # convert_lora_to_gguf.py's test for the layernorms it passes through; it refuses any other whole tensor
+    return "_layernorm" in hf_name or ".norm" in hf_name
+
+
+def _norm_copy(arch: Architecture, hf_name: str, saved: LazyTensor) -> LoraTensor:
+    gguf_name = _gguf_name(arch, hf_name)
+    values = saved.read()  # storage dtype, as transforms take it
+    if (transform := arch.transform_for(gguf_name)) is not None:
+        values = np.asarray(transform(values, arch.config))
+    return LoraTensor(gguf_name, T.F32, to_f32(values, "BF16" if values.dtype == np.uint16 else "F32"))  # uint16: bf16 bits
 
 
 def _first_key(delta: LoraDelta) -> str:
@@ -192,20 +218,27 @@ def lora_tensor_type(shape: tuple[int, ...], qtype: T) -> T:
     return qtype if quant_type(qtype).row_fits(shape[-1]) else T.F16
 
 
-def lora_pair(delta: LoraDelta, gguf_name: str, arch: Architecture, alpha: float) -> tuple[np.ndarray, np.ndarray]:
-    """(lora_a, lora_b) as llama.cpp applies them to `gguf_name`, float32, with peft's scale made llama.cpp's."""
-    if delta.embedding:
+def lora_pair(deltas: list[LoraDelta], gguf_name: str, arch: Architecture, alpha: float) -> tuple[np.ndarray, np.ndarray]:
+    """(lora_a, lora_b) as llama.cpp applies them to `gguf_name`, float32, with peft's scale made llama.cpp's. Several
+    deltas on one weight (the parts of a fused one) stack: A's rows and B's columns side by side, so B A is their sum."""
+    if deltas[0].embedding:
+        (delta,) = deltas
         if arch.transform_for(gguf_name) is not None:
             raise AdapterError(f"the base transforms {gguf_name} on conversion, which its LoRA cannot follow", MERGE_INSTEAD)
-        a, b = np.ascontiguousarray(delta.a.T), delta.b  # [vocab, r], [dim, r]
-    else:
-        a, b = delta.a, delta.b  # [r, in], [out, r]
-        if (order := row_order(arch, gguf_name, b.shape[0])) is not None:
-            b = b[order]
-    ratio = delta.scale / llama_cpp_scale(alpha, delta.rank)
-    if ratio != 1.0:
-        b = b * np.float32(ratio)
+        b = _scaled(delta, llama_cpp_scale(alpha, delta.rank))
+        return np.ascontiguousarray(delta.a.T), np.ascontiguousarray(b, dtype=np.float32)  # [vocab, r], [dim, r]
+    scale = llama_cpp_scale(alpha, sum(d.rank for d in deltas))
+    a = np.concatenate([d.a for d in deltas]) if len(deltas) > 1 else deltas[0].a  # [r, in]
+    b = np.concatenate([_scaled(d, scale) for d in deltas], axis=1) if len(deltas) > 1 else _scaled(deltas[0], scale)
+    if (order := row_order(arch, gguf_name, b.shape[0])) is not None:
+        b = b[order]  # [out, r]
     return a, np.ascontiguousarray(b, dtype=np.float32)
+
+
+def _scaled(delta: LoraDelta, llama_cpp: float) -> np.ndarray:
+    """B with the ratio of peft's scale to llama.cpp's folded in (B itself where they agree)."""
+    ratio = delta.scale / llama_cpp
+    return delta.b * np.float32(ratio) if ratio != 1.0 else delta.b
 
 
 def llama_cpp_scale(alpha: float, rank: int) -> float:

@@ -14,6 +14,7 @@ from mt.convert.plan import to_f32
 from mt.errors import AdapterError
 from mt.io.safetensors import FLOAT_DTYPES, STORAGE_DTYPES
 from mt.merge.adapter import Adapter, LoraDelta
+from mt.merge.fused import fuse_parts
 from mt.quant.types import f32_to_bf16_bits
 
 DTYPES = {"f32": "F32", "f16": "F16", "bf16": "BF16"}
@@ -95,9 +96,11 @@ def check_fits(base: Checkpoint, adapter: Adapter) -> None:
 
 def _fit(base: Checkpoint, adapter: Adapter) -> tuple[Checkpoint, Targets, int | None]:
     """(the base as merged: untied where the adapter trains its own lm_head, the adapter's tensors by the base
-    tensor they change, the new vocabulary size or None), after checking the adapter fits the base."""
+    tensor they change (parts of a fused weight: that weight), the new vocabulary size or None), after checking the
+    adapter fits the base."""
     _check_architecture(base, adapter)
-    base = _untie_if_replaced(base, adapter)
+    adapter = fuse_parts(base, adapter)
+    base = _drop_ignored_output(_untie_if_replaced(base, adapter))
     targets = _retarget_tied(base, adapter)
     _check_targets(base, *targets)
     return base, targets, _new_vocab_size(base, targets[2])
@@ -140,7 +143,7 @@ def _retarget_tied(base: Checkpoint, adapter: Adapter) -> Targets:
     bias_deltas: dict[str, list[LoraDelta]] = {}
     # peft merges modules in the model's order, so the embedding's own delta goes before a tied lm_head's
     for name, delta in sorted(adapter.deltas.items(), key=lambda item: item[0] == OUTPUT_NAME):
-        deltas.setdefault(target(name), []).append(delta)
+        deltas.setdefault(target(delta.target or name), []).append(delta)
     for name, delta in adapter.bias_deltas.items():
         bias_deltas.setdefault(target(name), []).append(delta)
     replacements: dict[str, LazyTensor] = {}
@@ -162,10 +165,19 @@ def _untie_if_replaced(base: Checkpoint, adapter: Adapter) -> Checkpoint:
 
 
 def tied_embedding(base: Checkpoint) -> str | None:
-    """The input embedding's tensor name when the checkpoint stores no lm_head.weight (tied embeddings), else None."""
-    if OUTPUT_NAME in base.tensors:
+    """The input embedding's tensor name when lm_head shares it (tied embeddings), else None: the checkpoint stores no
+    lm_head.weight, or stores one beside `tie_word_embeddings: true`, which transformers (and so peft) then ignores."""
+    if OUTPUT_NAME in base.tensors and base.config.get("tie_word_embeddings") is not True:
         return None
     return next((n for n in EMBEDDING_NAMES if n in base.tensors), None)
+
+
+def _drop_ignored_output(base: Checkpoint) -> Checkpoint:
+    """A stored lm_head.weight that the config ties to the embedding is left out, as peft's merged save_pretrained
+    leaves it out (its lm_head is the embedding)."""
+    if OUTPUT_NAME not in base.tensors or tied_embedding(base) is None:
+        return base
+    return replace(base, tensors={n: t for n, t in base.tensors.items() if n != OUTPUT_NAME})
 
 
 def _check_targets(base: Checkpoint, deltas: dict[str, list[LoraDelta]], bias_deltas: dict[str, list[LoraDelta]],

@@ -13,9 +13,11 @@ import sys
 from contextlib import contextmanager, redirect_stderr
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
+
+from mt.errors import AdapterError
 
 
 @contextmanager
@@ -72,9 +74,7 @@ def hf_logits(folder: Path, ids: list[int], adapter: Path | None = None) -> np.n
     hf_logging.set_verbosity_error()
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     if adapter is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+        model = _with_adapter(model, folder, Path(adapter))
     try:
         with torch.no_grad():
             out = model(torch.tensor([ids])).logits[0]
@@ -82,6 +82,19 @@ def hf_logits(folder: Path, ids: list[int], adapter: Path | None = None) -> np.n
     finally:
         del model
         gc.collect()
+
+
+def _with_adapter(model: Any, folder: Path, adapter: Path) -> Any:
+    """peft's merge of `adapter` into `model`; an adapter peft cannot place on this base (its target modules are not
+    there, e.g. q_proj on Phi-3's fused qkv_proj, which mt merges into the fused rows) is a typed error."""
+    from peft import PeftModel
+
+    try:
+        return PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    except ValueError as e:  # peft's NoMatchingPeftModuleError and shape errors are ValueErrors
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise AdapterError(f"peft cannot apply the adapter {adapter.name} to {folder.name} ({reason})",
+                           "verify against the merged model: mt merge BASE ADAPTER -o DIR, then mt verify OUT.gguf --reference DIR") from None
 
 
 @dataclass

@@ -139,6 +139,11 @@ class Architecture:
         """Keys llama.cpp's converter adds while it generates the tensors, i.e. before general.type and the
         hyperparameters (and not in a vocab-only file)."""
 
+    def fused_parts(self) -> dict[str, tuple[tuple[str, int], ...]]:
+        """Modules this family stores fused (the name after `model.layers.N.`) -> their parts in row order, each with
+        its rows: where an adapter trained on an unfused copy of the model (a Llama-fied Phi-3) lands."""
+        return {}
+
     def source_tensors(self, tensors: Mapping[str, LazyTensor]) -> Mapping[str, LazyTensor]:
         """The checkpoint's tensors as this family converts them (a hook to fold or leave out stored tensors)."""
         return tensors

@@ -74,6 +74,18 @@ def require_softcaps(config: dict[str, Any]) -> None:
         )
 
 
+def require_tied_output(config: dict[str, Any]) -> None:
+    """llama.cpp's gemma2 graph multiplies the output by token_embd (it has no output tensor, and the converter drops
+    lm_head.weight): a config that unties lm_head (a merged adapter that trained its own) describes another model."""
+    if config.get("tie_word_embeddings") is False:
+        raise UnsupportedArchitecture(
+            "config.json unties lm_head from the token embedding (tie_word_embeddings false), but llama.cpp's gemma2 "
+            "always computes the output with the embedding and its converter drops lm_head.weight",
+            "llama.cpp cannot run a Gemma 2 with an lm_head of its own; for a finetune, train a LoRA on lm_head "
+            "(it merges into the tied embedding) instead of saving lm_head with modules_to_save",
+        )
+
+
 def llama_cpp_layer_types(n_layer: int, pattern: int) -> list[str]:
     """llama.cpp's fixed layout (hparams.set_swa_pattern): the last layer of every `pattern` is global."""
     return ["sliding_attention" if i % pattern < pattern - 1 else "full_attention" for i in range(n_layer)]
@@ -128,6 +140,7 @@ class Gemma2(Architecture):
         default 10000 is Gemma 2's)."""
         c = with_defaults(self.config, DEFAULTS)
         require_softcaps(c)
+        require_tied_output(c)
         require_layer_types(c, self.block_count(), 2, 2)
         require_attention_scale(c, self.block_count(), 46)
         w.add_context_length(c["max_position_embeddings"])

@@ -72,6 +72,16 @@ class Phi3(Architecture):
         partial = self._rope().get("partial_rotary_factor", 1.0)
         return int(partial * self.config["hidden_size"]) // self.config["num_attention_heads"]
 
+    def fused_parts(self) -> dict[str, tuple[tuple[str, int], ...]]:
+        """qkv_proj's rows are q | k | v, gate_up_proj's gate | up (Phi3Attention and Phi3MLP split them so)."""
+        c = self.config
+        head_dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
+        q_rows, kv_rows, ffn_rows = c["num_attention_heads"] * head_dim, c["num_key_value_heads"] * head_dim, c["intermediate_size"]
+        return {
+            "self_attn.qkv_proj": (("self_attn.q_proj", q_rows), ("self_attn.k_proj", kv_rows), ("self_attn.v_proj", kv_rows)),
+            "mlp.gate_up_proj": (("mlp.gate_proj", ffn_rows), ("mlp.up_proj", ffn_rows)),
+        }
+
     def write_hparams(self, w: GGUFWriter, file_type: int) -> None:
         """Phi3MiniModel.set_gguf_parameters' keys in its order (no rope scaling type: longrope is the factor tensors)."""
         c, window = self.config, self.config["sliding_window"]
