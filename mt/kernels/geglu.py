@@ -16,10 +16,9 @@ import math
 import torch
 import torch.nn.functional as F
 
+from mt.kernels._gated import BLOCK, check_gated, gated_backward, gated_forward
 from mt.kernels._triton import jit, tl, triton_runs
-from mt.kernels.errors import KernelInputError
 
-BLOCK = 1024
 SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 CUBIC = 0.044715
 
@@ -51,35 +50,22 @@ def _geglu_backward(dh_ptr, gate_ptr, up_ptr, dgate_ptr, dup_ptr, n, k0, k1, BLO
     tl.store(dup_ptr + offsets, (dh * g * s).to(dup_ptr.dtype.element_ty), mask=mask)
 
 
-def _grid(n: int) -> tuple[int]:
-    return (max(1, -(-n // BLOCK)),)
-
-
 class GeGLUFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        gate, up = gate.contiguous(), up.contiguous()
-        h = torch.empty_like(gate)
-        _geglu_forward[_grid(h.numel())](gate, up, h, h.numel(), SQRT_2_OVER_PI, CUBIC, BLOCK=BLOCK, num_warps=4)
+        h, gate, up = gated_forward(_geglu_forward, gate, up, SQRT_2_OVER_PI, CUBIC)
         ctx.save_for_backward(gate, up)
         return h
 
     @staticmethod
     def backward(ctx, dh: torch.Tensor):
-        gate, up = ctx.saved_tensors
-        dh = dh.contiguous()
-        dgate, dup = torch.empty_like(gate), torch.empty_like(up)
-        _geglu_backward[_grid(dh.numel())](dh, gate, up, dgate, dup, dh.numel(), SQRT_2_OVER_PI, CUBIC, BLOCK=BLOCK,
-                                           num_warps=4)
-        return dgate, dup
+        return gated_backward(_geglu_backward, dh, *ctx.saved_tensors, SQRT_2_OVER_PI, CUBIC)
 
 
 def geglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """gelu_tanh(gate) * up for two tensors of one shape and dtype; Triton on CUDA (or interpreted), else the
     reference."""
-    if gate.shape != up.shape or gate.dtype != up.dtype:
-        raise KernelInputError(f"geglu: gate {tuple(gate.shape)} {gate.dtype} and up {tuple(up.shape)} {up.dtype} "
-                               "must have one shape and dtype")
+    check_gated("geglu", gate, up)
     if triton_runs(_geglu_forward, gate, up):
         return GeGLUFunction.apply(gate, up)
     return geglu_reference(gate, up)

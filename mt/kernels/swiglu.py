@@ -10,10 +10,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from mt.kernels._gated import BLOCK, check_gated, gated_backward, gated_forward
 from mt.kernels._triton import jit, tl, triton_runs
-from mt.kernels.errors import KernelInputError
 
-BLOCK = 1024
 
 
 def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -42,33 +41,21 @@ def _swiglu_backward(dh_ptr, gate_ptr, up_ptr, dgate_ptr, dup_ptr, n, BLOCK: tl.
     tl.store(dup_ptr + offsets, (dh * g * s).to(dup_ptr.dtype.element_ty), mask=mask)
 
 
-def _grid(n: int) -> tuple[int]:
-    return (max(1, -(-n // BLOCK)),)
-
-
 class SwiGLUFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        gate, up = gate.contiguous(), up.contiguous()
-        h = torch.empty_like(gate)
-        _swiglu_forward[_grid(h.numel())](gate, up, h, h.numel(), BLOCK=BLOCK, num_warps=4)
+        h, gate, up = gated_forward(_swiglu_forward, gate, up)
         ctx.save_for_backward(gate, up)
         return h
 
     @staticmethod
     def backward(ctx, dh: torch.Tensor):
-        gate, up = ctx.saved_tensors
-        dh = dh.contiguous()
-        dgate, dup = torch.empty_like(gate), torch.empty_like(up)
-        _swiglu_backward[_grid(dh.numel())](dh, gate, up, dgate, dup, dh.numel(), BLOCK=BLOCK, num_warps=4)
-        return dgate, dup
+        return gated_backward(_swiglu_backward, dh, *ctx.saved_tensors)
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up for two tensors of one shape and dtype; Triton on CUDA (or interpreted), else the reference."""
-    if gate.shape != up.shape or gate.dtype != up.dtype:
-        raise KernelInputError(f"swiglu: gate {tuple(gate.shape)} {gate.dtype} and up {tuple(up.shape)} {up.dtype} "
-                               "must have one shape and dtype")
+    check_gated("swiglu", gate, up)
     if triton_runs(_swiglu_forward, gate, up):
         return SwiGLUFunction.apply(gate, up)
     return swiglu_reference(gate, up)
