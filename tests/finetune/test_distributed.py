@@ -97,16 +97,17 @@ def test_two_processes_train_what_one_does_with_the_same_global_batch(tiny_llama
         "half", "half.jsonl", "two", "two.jsonl"]
 
 
-@pytest.mark.parametrize("engine", ["ddp", "fsdp"])
+@pytest.mark.parametrize("engine", ["ddp", "fsdp-grad-checkpointing"])
 def test_kernels_under_torchrun_take_the_chunked_loss_and_train_what_one_process_does(
         engine: str, tiny_llama3: Path, animals_data: Path, one_process: Path, tmp_path: Path) -> None:
     """--kernels torch under DDP (the chunked cross-entropy inside the DDP-wrapped module, ChunkedLossModel) and under
-    FSDP (a method FSDP runs as a forward): the run trains the steps one plain process takes (kernels off) to 1e-4.
+    FSDP (a method FSDP runs as a forward; with gradient checkpointing, which recomputes the sharded layers in the
+    backward): the run trains the steps one plain process takes (kernels off) to 1e-4.
     The model's own forward (full logits) raises in these runs: every loss must be the chunked one."""
     entry = (str(Path(__file__).with_name("without_full_logits.py")),)
     args = cli_args(tiny_llama3, animals_data, tmp_path / "k", 1, epochs="2", kernels="torch",
                     json_log=str(tmp_path / "k.jsonl"))
-    run = torchrun(2, args + (["--fsdp"] if engine == "fsdp" else []), tmp_path, entry)
+    run = torchrun(2, args + (["--fsdp", "--grad-checkpointing"] if engine.startswith("fsdp") else []), tmp_path, entry)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "loss: chunked cross-entropy (no [tokens, vocab] logits)" in run.stderr
     assert "kernels: torch for LlamaForCausalLM" in run.stderr
