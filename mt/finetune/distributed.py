@@ -16,12 +16,9 @@ of one process, DDP and FSDP.
 
 from __future__ import annotations
 
-import json
 import os
-import resource
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 
 import torch
@@ -29,7 +26,6 @@ import torch
 from mt.errors import MtError, TrainingError
 
 T = TypeVar("T")
-MEMORY_LOG_ENV = "MT_FSDP_MEMORY_LOG"  # tests: a folder where each --fsdp rank writes rank-R.json after sharding
 
 
 @dataclass(frozen=True)
@@ -150,7 +146,6 @@ def shard_from_rank0(model: torch.nn.Module, world: World, device: torch.device)
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     full = model.state_dict() if world.is_main else {}  # taken before sharding: rank 0's whole tensors
-    report_memory(world, model)
     wrap_fsdp(model)
     if not world.is_main:  # storage for the shards alone (set_model_state_dict would assign new, untied parameters)
         model.to_empty(device=device)
@@ -158,7 +153,6 @@ def shard_from_rank0(model: torch.nn.Module, world: World, device: torch.device)
     set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     del full
     broadcast_buffers(model, world, device)
-    report_memory(world, None)
 
 
 def broadcast_buffers(model: torch.nn.Module, world: World, device: torch.device) -> None:
@@ -213,21 +207,6 @@ def _renamed(state: dict[str, Any], rename: dict[Any, Any]) -> dict[str, Any]:
     """An optimizer state dict with its parameter keys mapped through `rename` (names <-> indices)."""
     return {"state": {rename[k]: v for k, v in state["state"].items()},
             "param_groups": [{**g, "params": [rename[p] for p in g["params"]]} for g in state["param_groups"]]}
-
-
-def report_memory(world: World, model: torch.nn.Module | None) -> None:
-    """Tests (MT_FSDP_MEMORY_LOG=DIR): rank R writes DIR/rank-R.json with the bytes of real (not meta) parameter
-    storage it held before sharding, and, after sharding, its peak resident memory (ru_maxrss)."""
-    folder = os.environ.get(MEMORY_LOG_ENV)
-    if not folder:
-        return
-    path = Path(folder) / f"rank-{world.rank}.json"
-    entry = json.loads(path.read_text()) if path.is_file() else {}
-    if model is not None:
-        entry["loaded_param_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters() if not p.is_meta)
-    else:
-        entry["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-    path.write_text(json.dumps(entry), encoding="utf-8")
 
 
 @contextmanager

@@ -17,7 +17,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mt.finetune.distributed import MEMORY_LOG_ENV
 from mt.finetune.trainer import OPTIMIZER_NAME, STATE_NAME, TrainOptions, finetune
 from tests import checkpoints
 from tests.finetune.test_distributed import (COMMON, ROOT, animals_data, assert_same_adapter, cli_args, losses,  # noqa: F401
@@ -142,8 +141,9 @@ def wide_llama2(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_rank_1_never_holds_the_whole_model(wide_llama2: Path, animals_data: Path, tmp_path: Path) -> None:
     (tmp_path / "memory").mkdir()
+    entry = (str(Path(__file__).with_name("reports_memory.py")),)
     run = torchrun(2, cli_args(wide_llama2, animals_data, tmp_path / "out", 1, max_steps="1") + ["--fsdp"], tmp_path,
-                   env_extra={MEMORY_LOG_ENV: str(tmp_path / "memory")})
+                   entry, env_extra={"MT_TEST_MEMORY_LOG": str(tmp_path / "memory")})
     assert run.returncode == 0, run.stderr[-3000:]
     model_bytes = sum(t.numel() * t.element_size() for t in load_file(wide_llama2 / "model.safetensors").values())
     rank0, rank1 = (json.loads((tmp_path / "memory" / f"rank-{r}.json").read_text()) for r in (0, 1))
