@@ -275,6 +275,16 @@ class Prefetcher:
         self._stop.set()
 
 
+def read_whole(src: LazyTensor, transform: Transform | None, config: dict) -> tuple[np.ndarray, str]:
+    """A tensor read whole and through its transform, with the storage dtype name of what came out (a transform may
+    widen, e.g. bf16 -> float32, as the converter does)."""
+    raw = src.read()
+    if transform is None:
+        return raw, src.dtype
+    raw = transform(raw, config)
+    return raw, FLOAT_DTYPE_NAMES[raw.dtype]
+
+
 def produce(entry: PlanEntry, config: dict, gpu: GpuQuantizer | None = None) -> Iterator[Chunk]:
     """Output bytes of one entry, in row slabs where the tensor needs no whole-tensor transform."""
     if entry.extra is not None:
@@ -283,11 +293,7 @@ def produce(entry: PlanEntry, config: dict, gpu: GpuQuantizer | None = None) -> 
     src = entry.source
     assert src is not None
     if entry.transform is not None or len(src.shape) < 2:
-        raw, dtype = src.read(), src.dtype
-        if entry.transform is not None:
-            raw = entry.transform(raw, config)
-            dtype = FLOAT_DTYPE_NAMES[raw.dtype]  # a transform may widen (e.g. bf16 -> float32, as the converter does)
-        yield encode(raw, dtype, entry.qtype, gpu)
+        yield encode(*read_whole(src, entry.transform, config), entry.qtype, gpu)
         return
     for start, stop in row_ranges(src.shape[0], src.nbytes // src.shape[0]):
         span = _copyable_span(src, start, stop, entry.qtype)

@@ -96,7 +96,7 @@ FAMILIES: dict[str, KernelFamily] = {
 @dataclass(frozen=True)
 class Fallback:
     module: str  # its name in the model ("" for the model's loss)
-    kind: str  # rms_norm, swiglu/geglu (an MLP), rope, lora_linear, loss
+    kind: str  # rms_norm, mlp, rope, lora_linear, loss
     reason: str
 
 

@@ -233,8 +233,8 @@ def kernel_weight(base_weight: Any) -> torch.Tensor | Packed4bit:
 
 
 def _check(x: torch.Tensor, w: Any, lora_A: torch.Tensor, lora_B: torch.Tensor, bias: torch.Tensor | None) -> None:
-    quant_state = w[1] if isinstance(w, tuple) else getattr(w, "quant_state", None)
-    w_shape = tuple(quant_state.shape if quant_state is not None else w.shape)
+    pair = packed_and_state(w)
+    w_shape = tuple(pair[1].shape if pair is not None else w.shape)
     out_features, in_features = w_shape
     rank = lora_A.shape[0]
     expected = {"x": (x.shape[-1], in_features), "A": (tuple(lora_A.shape), (rank, in_features)),
@@ -256,8 +256,8 @@ def lora_linear(x: torch.Tensor, base_weight: Any, lora_A: torch.Tensor, lora_B:
     """x [..., in] -> [..., out] in x's dtype. dropout: the probability applied to the adapter's input (pass 0
     when not training). Triton on CUDA (or interpreted), the reference otherwise."""
     _check(x, base_weight, lora_A, lora_B, bias)
-    packed = base_weight[0] if isinstance(base_weight, tuple) else base_weight
-    if not triton_runs(_matmul_lowrank, x, packed, lora_A, lora_B):
+    pair = packed_and_state(base_weight)
+    if not triton_runs(_matmul_lowrank, x, pair[0] if pair is not None else base_weight, lora_A, lora_B):
         return lora_linear_reference(x, base_weight, lora_A, lora_B, scaling, dropout, bias)
     rows = x.reshape(-1, x.shape[-1])
     rows = rows if rows.stride(-1) == 1 else rows.contiguous()

@@ -26,7 +26,7 @@ from mt.convert.arch import load_architecture
 from mt.convert.arch.base import Architecture
 from mt.convert.checkpoint import Checkpoint, LazyTensor, open_checkpoint
 from mt.convert.convert import write_general_metadata
-from mt.convert.plan import encode, row_ranges, to_f32
+from mt.convert.plan import encode, read_whole, row_ranges, to_f32
 from mt.errors import AdapterError, UnknownTensor
 from mt.gguf_out import FastArrayGGUFWriter, TensorStream, atomic_path, check_output
 from mt.merge.adapter import CONFIG_NAME, PREFIX, Adapter, LoraConfig, LoraDelta, open_adapter
@@ -196,10 +196,7 @@ def _converter_keeps_whole(hf_name: str) -> bool:
 
 def _norm_copy(arch: Architecture, hf_name: str, saved: LazyTensor) -> LoraTensor:
     gguf_name = _gguf_name(arch, hf_name)
-    values = saved.read()  # storage dtype, as transforms take it
-    if (transform := arch.transform_for(gguf_name)) is not None:
-        values = np.asarray(transform(values, arch.config))
-    return LoraTensor(gguf_name, T.F32, to_f32(values, "BF16" if values.dtype == np.uint16 else "F32"))  # uint16: bf16 bits
+    return LoraTensor(gguf_name, T.F32, to_f32(*read_whole(saved, arch.transform_for(gguf_name), arch.config)))
 
 
 def _first_key(delta: LoraDelta) -> str:
@@ -228,8 +225,8 @@ def lora_pair(deltas: list[LoraDelta], gguf_name: str, arch: Architecture, alpha
         b = _scaled(delta, llama_cpp_scale(alpha, delta.rank))
         return np.ascontiguousarray(delta.a.T), np.ascontiguousarray(b, dtype=np.float32)  # [vocab, r], [dim, r]
     scale = llama_cpp_scale(alpha, sum(d.rank for d in deltas))
-    a = np.concatenate([d.a for d in deltas]) if len(deltas) > 1 else deltas[0].a  # [r, in]
-    b = np.concatenate([_scaled(d, scale) for d in deltas], axis=1) if len(deltas) > 1 else _scaled(deltas[0], scale)
+    a = np.concatenate([d.a for d in deltas])  # [r, in]
+    b = np.concatenate([_scaled(d, scale) for d in deltas], axis=1)
     if (order := row_order(arch, gguf_name, b.shape[0])) is not None:
         b = b[order]  # [out, r]
     return a, np.ascontiguousarray(b, dtype=np.float32)
