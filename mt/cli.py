@@ -245,19 +245,29 @@ def inspect(path: Path, as_json: bool) -> None:
               help="Write the report as JSON to this file ('-': print it instead of the summary).")
 @click.option("--markdown", "markdown_out", type=click.Path(path_type=Path, dir_okay=False),
               help="Write the report as markdown (for a model card).")
-@click.option("--threshold-kld", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="Mean KLD limit (default: per file type, see README).")
+@click.option("--max-kld", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Fail when the file's mean KLD from the source exceeds this (default: reported, not judged).")
+@click.option("--min-top1", type=click.FloatRange(min=0, max=1), default=None,
+              help="Fail when the file's top-1 agreement with the source is below this fraction (0..1).")
+@click.option("--imatrix", type=click.Path(path_type=Path, dir_okay=False),
+              help="The importance matrix the file was quantized with (its tensors are then checked exactly).")
+@click.option("--reference-layers", type=click.IntRange(min=1), default=None,
+              help="Layers the 16-bit reference conversion runs (default: all up to a 1 GiB reference, else 6).")
 @click.option("--adapter", type=click.Path(path_type=Path, file_okay=False),
-              help="PEFT adapter the GGUF was merged from: merged into the reference's forward.")
+              help="PEFT adapter the GGUF was merged from: merged into the reference.")
 @click.option("--force", is_flag=True, help="Overwrite existing report files.")
 def verify(gguf: Path, reference: Path, text_file: Path | None, max_tokens: int, n_ctx: int, json_out: Path | None,
-           markdown_out: Path | None, threshold_kld: float | None, adapter: Path | None, force: bool) -> None:
-    """Check GGUF against its source: metadata, vocabulary, tokenization, logits, chat template. Exit 0 pass, 1 fail."""
+           markdown_out: Path | None, max_kld: float | None, min_top1: float | None, imatrix: Path | None,
+           reference_layers: int | None, adapter: Path | None, force: bool) -> None:
+    """Prove GGUF is mt's conversion of its source (metadata, vocabulary, every tensor's bytes, tokenization, the
+    conversion run against transformers) and report its divergence from the source. Exit 0 pass, 1 fail."""
     from mt.commands import verify_command
+    from mt.verify.verify import VerifyOptions
 
+    options = VerifyOptions(max_tokens=max_tokens, n_ctx=n_ctx, max_kld=max_kld, min_top1=min_top1, adapter=adapter,
+                            imatrix=imatrix, reference_layers=reference_layers)
     passed = run_reporting_errors(lambda: verify_command(
-        gguf, reference, text_file=text_file, max_tokens=max_tokens, n_ctx=n_ctx, json_out=json_out,
-        markdown_out=markdown_out, threshold_kld=threshold_kld, adapter=adapter, force=force))
+        gguf, reference, options, text_file=text_file, json_out=json_out, markdown_out=markdown_out, force=force))
     sys.exit(0 if passed else 1)
 
 

@@ -6,6 +6,7 @@ import json
 import os
 from collections import Counter
 from contextlib import ExitStack
+from dataclasses import replace
 import sys
 import time
 from pathlib import Path
@@ -22,6 +23,7 @@ T = TypeVar("T")
 
 if TYPE_CHECKING:
     from mt.finetune.trainer import StepLog, TrainOptions
+    from mt.verify.verify import VerifyOptions
 
 
 def format_bytes(n: float) -> str:
@@ -197,18 +199,18 @@ class ProgressBar:
             self._bar.__exit__(None, None, None)
 
 
-def verify_command(gguf: Path, reference: Path, *, text_file: Path | None, max_tokens: int, n_ctx: int,
-                   json_out: Path | None, markdown_out: Path | None, threshold_kld: float | None,
-                   adapter: Path | None, force: bool) -> bool:
+def verify_command(gguf: Path, reference: Path, options: VerifyOptions, *, text_file: Path | None,
+                   json_out: Path | None, markdown_out: Path | None, force: bool) -> bool:
     """Run every check, print the summary (or JSON with --json -), write the reports; returns the verdict."""
     from mt.gguf_out import atomic_path, check_output
-    from mt.verify.verify import VerifyOptions, verify
+    from mt.verify.verify import verify
 
     files = {p: render for p, render in ((json_out, "to_json"), (markdown_out, "to_markdown")) if p and str(p) != "-"}
     for path in files:
         check_output(path, force)
-    text = _read_text(text_file) if text_file else None
-    report = verify(gguf, reference, VerifyOptions(text, max_tokens, n_ctx, threshold_kld, adapter))
+    if text_file:
+        options = replace(options, text=_read_text(text_file))
+    report = verify(gguf, reference, options)
     click.echo(report.to_json() if str(json_out) == "-" else report.to_text())
     for path, render in files.items():
         with atomic_path(path) as tmp:

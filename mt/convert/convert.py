@@ -129,6 +129,11 @@ def convert(
         return _convert(ckpt, arch, plan, out, vocab_only, progress, device, companions)
 
 
+def write_conversion(ckpt: Checkpoint, arch: Architecture, plan: TensorPlan, out: Path, device: str = "cpu") -> ConvertResult:
+    """Write a source already loaded, with its plan (no companion files), to `out`."""
+    return _convert(ckpt, arch, plan, out, False, None, device)
+
+
 def companion_outputs(ckpt: Checkpoint, arch: Architecture, out: Path, outtype: str) -> list[CompanionOutput]:
     outputs = [CompanionOutput(c, c.path_beside(out), plan) for c, plan in companion_plans(ckpt, arch, outtype)]
     if any(c.path.resolve() == out.resolve() for c in outputs):

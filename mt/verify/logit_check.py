@@ -1,4 +1,4 @@
-"""Logits: the same token ids through llama.cpp (GGUF) and transformers (source, float32), one side at a time."""
+"""Logit comparisons: the divergence of two [tokens, vocab] logit arrays, judged (conversion) or reported (quality)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
-from mt.verify.logits import _log_softmax, hf_logits, llama_cpp_logits
-from mt.verify.memory import peak_rss_mib, reset_peak_rss
+from mt.verify.logits import _log_softmax
 from mt.verify.report import Check, Status
-from mt.verify.thresholds import Thresholds
+from mt.verify.thresholds import Limits, QualityBars
 
 
 @dataclass
@@ -41,43 +40,35 @@ def divergence(reference: np.ndarray, candidate: np.ndarray, ids: list[int]) -> 
     return stats, kld
 
 
-def _violations(d: Divergence, t: Thresholds) -> list[str]:
-    out = []
-    if d.kld_mean > t.kld_mean:
-        out.append(f"mean KLD {d.kld_mean:.3g} > {t.kld_mean:.3g}")
-    if d.kld_p99 > t.kld_p99:
-        out.append(f"p99 KLD {d.kld_p99:.3g} > {t.kld_p99:.3g}")
-    return out
+def _summary(d: Divergence) -> str:
+    return (f"{d.n_tokens} tokens: KLD mean {d.kld_mean:.3g} p99 {d.kld_p99:.3g} max {d.kld_max:.3g}, "
+            f"top-1 {d.top1_agreement:.1%}, max |Δlogit| {d.max_abs_dlogit:.3g}, "
+            f"PPL {d.ppl_gguf:.4g} vs {d.ppl_reference:.4g} (Δ {d.delta_ppl:+.3g})")
 
 
-@dataclass
-class LogitRun:
-    check: Check
-    kld_per_token: np.ndarray
-    peak_rss_mib: dict[str, float]
+def _data(d: Divergence, kld: np.ndarray) -> dict:
+    return asdict(d) | {"kld_per_token": [round(float(x), 9) for x in kld]}
 
 
-def check_logits(gguf_path: Path, reference_dir: Path, ids: list[int], n_ctx: int, thresholds: Thresholds,
-                 n_vocab_gguf: int, adapter: Path | None = None) -> LogitRun:
-    """llama.cpp first (then freed), transformers second: one copy of the model in memory at a time."""
-    if any(i >= n_vocab_gguf for i in ids):
-        check = Check("logits", Status.FAIL, f"the text has token ids the GGUF's {n_vocab_gguf}-token vocabulary lacks")
-        return LogitRun(check, np.zeros(0), {})
-    reset_peak_rss()
-    try:
-        candidate = llama_cpp_logits(gguf_path, ids, n_ctx=n_ctx)
-    except (ValueError, RuntimeError) as e:  # llama-cpp-python's "Failed to load model from file"
-        return LogitRun(Check("logits", Status.FAIL, f"llama.cpp cannot run the GGUF ({e})"), np.zeros(0), {})
-    rss = {"llama.cpp": peak_rss_mib()}
-    reset_peak_rss()
-    reference = hf_logits(reference_dir, ids, adapter)
-    rss["transformers"] = peak_rss_mib()
-    stats, kld = divergence(reference, candidate, ids)
-    problems = _violations(stats, thresholds)
-    summary = (f"{stats.n_tokens} tokens: KLD mean {stats.kld_mean:.3g} p99 {stats.kld_p99:.3g} max {stats.kld_max:.3g}, "
-               f"top-1 {stats.top1_agreement:.1%}, max |Δlogit| {stats.max_abs_dlogit:.3g}, "
-               f"PPL {stats.ppl_gguf:.4g} vs {stats.ppl_reference:.4g} (Δ {stats.delta_ppl:+.3g})")
+def conversion_check(d: Divergence, kld: np.ndarray, limits: Limits, file_type: str, layers: int, of_layers: int) -> Check:
+    """The reference conversion against the source: a 16-bit file differs only by llama.cpp's arithmetic."""
+    problems = []
+    if d.kld_mean > limits.kld_mean:
+        problems.append(f"mean KLD {d.kld_mean:.3g} > {limits.kld_mean:.3g}")
+    if d.kld_p99 > limits.kld_p99:
+        problems.append(f"p99 KLD {d.kld_p99:.3g} > {limits.kld_p99:.3g}")
+    depth = "every layer" if layers == of_layers else f"the first {layers} of {of_layers} layers"
+    what = f"mt's {file_type} conversion of the source ({depth}) in llama.cpp vs transformers"
+    summary = f"{what}: {_summary(d)}"
     if problems:
-        summary = "; ".join(problems) + f" ({summary})"
-    data = asdict(stats) | {"kld_per_token": [round(float(x), 9) for x in kld]}
-    return LogitRun(Check("logits", Status.FAIL if problems else Status.PASS, summary, problems, data), kld, rss)
+        return Check("conversion", Status.FAIL, f"{'; '.join(problems)}: {summary}", problems, _data(d, kld))
+    return Check("conversion", Status.PASS, summary, [], _data(d, kld))
+
+
+def quality_check(d: Divergence, kld: np.ndarray, bars: QualityBars) -> Check:
+    """The checked file against the source: measured; judged only against the bars the user set."""
+    problems = bars.violations(d.kld_mean, d.top1_agreement)
+    if problems:
+        return Check("quality", Status.FAIL, f"{'; '.join(problems)} ({_summary(d)})", problems, _data(d, kld))
+    status = Status.PASS if bars.max_kld is not None or bars.min_top1 is not None else Status.INFO
+    return Check("quality", status, _summary(d), [], _data(d, kld))

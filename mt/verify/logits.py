@@ -36,17 +36,29 @@ def native_stderr_silenced() -> Iterator[None]:
         os.close(devnull)
 
 
+LOGIT_BATCH = 32  # tokens per llama_decode: llama.cpp's output and compute buffers scale with it times the vocabulary
+
+
 def llama_cpp_logits(gguf_path: Path, ids: list[int], n_ctx: int = 512, lora: Path | None = None) -> np.ndarray:
-    """[len(ids), n_vocab] float32 logits of the GGUF in llama.cpp (with a GGUF LoRA adapter applied, scale 1)."""
+    """[len(ids), n_vocab] float32 logits of the GGUF in llama.cpp (with a GGUF LoRA adapter applied, scale 1).
+
+    Decodes LOGIT_BATCH tokens at a time into one result array instead of llama-cpp-python's logits_all buffer
+    (n_ctx rows), through its batch and context objects (llama-cpp-python 0.3.36's `_batch`, `_ctx`)."""
     from llama_cpp import Llama
 
     with native_stderr_silenced():
-        llm = Llama(model_path=str(gguf_path), n_ctx=max(n_ctx, len(ids) + 8), logits_all=True, verbose=False, n_threads=2,
-                    lora_path=str(lora) if lora is not None else None)
+        llm = Llama(model_path=str(gguf_path), n_ctx=max(n_ctx, len(ids) + 8), n_batch=LOGIT_BATCH, n_ubatch=LOGIT_BATCH,
+                    verbose=False, n_threads=2, lora_path=str(lora) if lora is not None else None)
     try:
+        n_vocab = llm.n_vocab()
+        out = np.empty((len(ids), n_vocab), dtype=np.float32)
         with native_stderr_silenced():
-            llm.eval(ids)
-        return np.array(llm.scores[: len(ids)], dtype=np.float32)
+            for start in range(0, len(ids), LOGIT_BATCH):
+                chunk = ids[start:start + LOGIT_BATCH]
+                llm._batch.set_batch(batch=chunk, n_past=start, logits_all=True)
+                llm._ctx.decode(llm._batch)
+                out[start:start + len(chunk)] = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(len(chunk), n_vocab))
+        return out
     finally:
         llm.close()
         del llm

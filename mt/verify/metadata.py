@@ -1,161 +1,144 @@
-"""Metadata and vocabulary: the GGUF's hyperparameters, tokens and special ids against config.json and the tokenizer."""
+"""Metadata, vocabulary and file type: the checked file's keys against mt's conversion of the source, key by key.
+
+The reference is what mt writes for the source (byte-identical to llama.cpp's converter), so llama.cpp's own
+conventions (spaces in user-defined SentencePiece tokens, its token types) are what is expected, not mismatches.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections import Counter
+from typing import Any
 
-import numpy as np
+from gguf import GGMLQuantizationType as T
+from gguf import LlamaFileType
 
-from mt.verify.reference import GGUFModel, Reference
+from mt.convert.plan import OUTTYPES, tensor_type
+from mt.gguf_in import GGUFHeader
+from mt.quant.mix import DEFAULT_TYPE, MixOptions, ModelFacts, TensorSpec, allows_quantization, choose_types, llama_order
 from mt.verify.report import Check, Status
+from mt.verify.thresholds import file_type_name
+
+SET_BY_QUANTIZER = ("general.file_type",)  # compared with the tensor types instead
+NOT_COMPARED = ("quantize.imatrix.", "split.", "GGUF.")  # what the imatrix run and gguf-split record
+INFORMATIONAL = "general."  # names, licence, tags …: reported, never failing (llama.cpp reads none of it to compute)
+VOCABULARY = "tokenizer.ggml."
+TEMPLATE = "tokenizer.chat_template"
+TOKEN_TYPES = {1: "normal", 2: "unknown", 3: "control", 4: "user-defined", 5: "unused", 6: "byte"}
+SHOWN = 20
 
 
-def _first(config: dict[str, Any], *keys: str) -> Any:
-    return next((config[k] for k in keys if config.get(k) is not None), None)
+def _show(value: Any, width: int = 60) -> str:
+    text = repr(value) if not isinstance(value, list) else f"[{len(value)} items]"
+    return text if len(text) <= width else text[:width] + "…"
 
 
-def _head_dim(config: dict[str, Any]) -> int:
-    return int(config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"])
+def _differences(checked: GGUFHeader, reference: GGUFHeader, keys: list[str]) -> list[str]:
+    out = []
+    for key in keys:
+        mine, theirs = checked.value(key), reference.value(key)
+        if key not in checked.kv:
+            out.append(f"{key} is missing (mt's conversion of the source: {_show(theirs)})")
+        elif key not in reference.kv:
+            out.append(f"{key} = {_show(mine)} is not in mt's conversion of the source")
+        elif mine != theirs:
+            out.append(f"{key} = {_show(mine)}, mt's conversion of the source has {_show(theirs)}")
+    return out
 
 
-def _rope_theta(config: dict[str, Any]) -> float | None:
-    theta = _first(config, "rope_theta")
-    return theta if theta is not None else (config.get("rope_parameters") or {}).get("rope_theta")
+def _keys(checked: GGUFHeader, reference: GGUFHeader, wanted) -> list[str]:
+    keys = list(reference.kv) + [k for k in checked.kv if k not in reference.kv]
+    return [k for k in keys if wanted(k) and not k.startswith(NOT_COMPARED) and k not in SET_BY_QUANTIZER]
 
 
-def _f32(x: Any) -> float:
-    return float(np.float32(x))
+def _is_model_key(key: str) -> bool:
+    return not key.startswith((INFORMATIONAL, VOCABULARY, TEMPLATE))
 
 
-# GGUF key (after "<arch>.") -> its value derived from config.json. Floats are stored as float32 in GGUF.
-HPARAMS: dict[str, Callable[[dict[str, Any]], Any]] = {
-    "block_count": lambda c: _first(c, "num_hidden_layers", "n_layers", "n_layer"),
-    "embedding_length": lambda c: _first(c, "hidden_size", "n_embd"),
-    "feed_forward_length": lambda c: _first(c, "intermediate_size", "n_inner"),
-    "attention.head_count": lambda c: _first(c, "num_attention_heads", "n_head"),
-    "attention.head_count_kv": lambda c: _first(c, "num_key_value_heads", "num_attention_heads"),
-    "context_length": lambda c: _first(c, "max_position_embeddings", "n_ctx"),
-    "rope.freq_base": lambda c: None if _rope_theta(c) is None else _f32(_rope_theta(c)),
-    "attention.layer_norm_rms_epsilon": lambda c: None if c.get("rms_norm_eps") is None else _f32(c["rms_norm_eps"]),
-}
-# Written by the converter only for some models; checked when present.
-OPTIONAL_HPARAMS: dict[str, Callable[[dict[str, Any]], Any]] = {
-    "attention.key_length": _head_dim,
-    "attention.value_length": _head_dim,
-    "vocab_size": lambda c: c.get("vocab_size"),
-}
+def check_metadata(checked: GGUFHeader, reference: GGUFHeader) -> Check:
+    """Hyperparameters (every key outside general.* and tokenizer.*) exactly; general.* differences are warnings;
+    general.file_type must describe the tensors."""
+    problems = _differences(checked, reference, _keys(checked, reference, _is_model_key))
+    informational = _differences(checked, reference, _keys(checked, reference, lambda k: k.startswith(INFORMATIONAL)))
+    file_type_problem, file_type_note = file_type_findings(checked)
+    problems += file_type_problem
+    compared = len(_keys(checked, reference, lambda k: not k.startswith((VOCABULARY, TEMPLATE))))
+    if problems:
+        return Check("metadata", Status.FAIL, "; ".join(problems[:3]), problems + informational)
+    notes = informational + file_type_note
+    summary = f"{compared} keys equal mt's conversion of the source; general.file_type {file_type_name(checked.value('general.file_type'))} fits the tensors"
+    if notes:
+        return Check("metadata", Status.WARN, f"{summary}; {len(notes)} note(s): {notes[0]}", notes)
+    return Check("metadata", Status.PASS, summary)
 
 
-# What llama.cpp uses when the GGUF leaves a key out (src/llama-model.cpp); e.g. the converter writes no rope
-# base for Gemma 2, whose 10000 is llama.cpp's default.
-LLAMA_CPP_DEFAULTS: dict[str, Any] = {"rope.freq_base": 10000.0}
+def _expected_types(checked: GGUFHeader, ftype: LlamaFileType, pure: bool) -> dict[str, T]:
+    """What llama.cpp would give each tensor for `ftype`: the converter's rule for 16/32-bit types, llama-quantize's otherwise."""
+    infos = {t.name: t for t in checked.tensors}
+    converter = {int(f): q for f, q in OUTTYPES.values()}
+    if int(ftype) in converter and ftype not in DEFAULT_TYPE:
+        return {t.name: tensor_type(t.name, tuple(reversed(t.shape)), converter[int(ftype)]) for t in infos.values()}
+    arch = str(checked.value("general.architecture", ""))
+    facts = ModelFacts(arch=arch, n_layer=int(checked.value(f"{arch}.block_count", 0) or 0),
+                       n_expert=int(checked.value(f"{arch}.expert_count", 0) or 0))
+    options = MixOptions(pure=pure, has_imatrix=any(k.startswith("quantize.imatrix.") for k in checked.kv))
+    specs = [TensorSpec(n, infos[n].shape, T.F32) for n in llama_order(list(infos))]
+    return choose_types(specs, ftype, facts, options)
 
 
-def _rope_scaling(config: dict[str, Any]) -> dict[str, Any] | None:
-    scaling = config.get("rope_scaling") or config.get("rope_parameters") or None
-    if not scaling or scaling.get("rope_type", scaling.get("type", "default")) == "default":
-        return None
-    return scaling
+def file_type_findings(checked: GGUFHeader) -> tuple[list[str], list[str]]:
+    """(problems, notes): a general.file_type most tensors contradict is a problem; a few tensors off the default
+    choice (llama-quantize's --output-tensor-type, --token-embedding-type, --tensor-type) are notes."""
+    raw = checked.value("general.file_type")
+    name = file_type_name(raw)
+    try:
+        ftype = LlamaFileType(raw)
+    except (TypeError, ValueError):
+        return [f"general.file_type is {name}"], []
+    if ftype not in DEFAULT_TYPE and int(ftype) not in {int(f) for f, _ in OUTTYPES.values()}:
+        return [], [f"mt cannot tell which tensor types general.file_type {name} implies"]
+    actual = {t.name: t.type for t in checked.tensors}
+    quantizable = [t.name for t in checked.tensors if allows_quantization(TensorSpec(t.name, t.shape, t.type), MixOptions())]
+    choices = [_expected_types(checked, ftype, pure) for pure in (False, True)]
+    off = [n for n in quantizable if all(actual[n] != c[n] for c in choices)]
+    if not off:
+        return [], []
+    example = f"{off[0]} is {actual[off[0]].name}, {name} gives it {choices[0][off[0]].name}"
+    counts = Counter(actual[n].name for n in quantizable)
+    if len(off) * 2 > len(quantizable):
+        return [f"general.file_type says {name} but {len(off)} of {len(quantizable)} weight tensors do not have the type "
+                f"{name} gives them (e.g. {example}; the file holds {dict(counts)})"], []
+    if all(n in ("output.weight", "token_embd.weight") for n in off):
+        return [], []
+    return [], [f"{len(off)} tensors are not llama-quantize's default {name} choice (e.g. {example})"]
 
 
-def check_metadata(gguf: GGUFModel, ref: Reference) -> Check:
+def check_vocabulary(checked: GGUFHeader, reference: GGUFHeader) -> Check:
+    """tokenizer.ggml.* (tokens, scores, token types, merges, special ids, add_bos …) exactly as mt writes them."""
+    keys = _keys(checked, reference, lambda k: k.startswith(VOCABULARY))
     problems: list[str] = []
-    compared: dict[str, Any] = {}
-    for suffix, expected_of in (HPARAMS | OPTIONAL_HPARAMS).items():
-        expected, actual = expected_of(ref.config), gguf.arch_value(suffix)
-        if actual is None:
-            actual = LLAMA_CPP_DEFAULTS.get(suffix)
-        if expected is None or (actual is None and suffix in OPTIONAL_HPARAMS):
-            continue
-        compared[suffix] = {"gguf": actual, "source": expected}
-        if actual is None:
-            problems.append(f"{gguf.arch}.{suffix} is missing (source: {expected})")
-        elif actual != expected:
-            problems.append(f"{gguf.arch}.{suffix} = {actual}, source config says {expected}")
-    problems += _check_vocab_size(gguf, ref) + _check_rope_scaling(gguf, ref)
-    summary = f"{len(compared)} hyperparameters + rope scaling + vocab size agree" if not problems else "; ".join(problems)
-    return Check("metadata", Status.FAIL if problems else Status.PASS, summary, problems, {"compared": compared})
+    for key in keys:
+        mine, theirs = checked.value(key), reference.value(key)
+        if isinstance(theirs, list) and isinstance(mine, list) and mine != theirs:
+            problems += _list_differences(key, mine, theirs)
+        else:
+            problems += _differences(checked, reference, [key])
+    n_tokens = len(reference.value(f"{VOCABULARY}tokens", []))
+    if problems:
+        return Check("vocabulary", Status.FAIL, f"{len(problems)} difference(s): " + "; ".join(problems[:3]), problems)
+    return Check("vocabulary", Status.PASS, f"{n_tokens} tokens and {len(keys)} tokenizer keys equal mt's conversion of the source")
 
 
-def _check_vocab_size(gguf: GGUFModel, ref: Reference) -> list[str]:
-    n_config = ref.config.get("vocab_size")
-    if n_config is not None and len(gguf.tokens) != n_config:
-        return [f"the GGUF has {len(gguf.tokens)} tokens, config.json vocab_size is {n_config}"]
-    return []
-
-
-def _check_rope_scaling(gguf: GGUFModel, ref: Reference) -> list[str]:
-    scaling = _rope_scaling(ref.config)
-    kind = scaling.get("rope_type", scaling.get("type")) if scaling else None
-    has_factors = "rope_freqs.weight" in gguf.tensor_names()
-    gguf_type = gguf.arch_value("rope.scaling.type")
-    if kind == "llama3":
-        if not has_factors:
-            return ["source uses llama3 rope scaling but the GGUF has no rope_freqs tensor"]
-        return _check_rope_factors(gguf, ref)
-    if kind in ("linear", "yarn"):
-        factor = gguf.arch_value("rope.scaling.factor")
-        if gguf_type != kind or factor is None or abs(factor - scaling["factor"]) > 1e-6 * scaling["factor"]:
-            return [f"source uses {kind} rope scaling x{scaling['factor']}, the GGUF says {gguf_type} x{factor}"]
-        return []
-    if has_factors or gguf_type not in (None, "none"):
-        return [f"the GGUF scales rope ({'rope_freqs tensor' if has_factors else gguf_type}), the source does not"]
-    return []
-
-
-def _check_rope_factors(gguf: GGUFModel, ref: Reference) -> list[str]:
-    """rope_freqs must equal transformers' default inv_freq / llama3 inv_freq for the source config."""
-    import torch
-    from transformers import AutoConfig
-    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
-    config = AutoConfig.from_pretrained(ref.folder)
-    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config, torch.device("cpu"))
-    dim = _head_dim(ref.config)
-    default = 1.0 / (_rope_theta(ref.config) ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
-    expected = default / scaled.double().numpy()
-    info = next(t for t in gguf.header.tensors if t.name == "rope_freqs.weight")
-    actual = np.frombuffer(gguf.header.read_tensor(info), dtype=np.float32)
-    if actual.shape != expected.shape or not np.allclose(actual, expected, rtol=1e-4):
-        return [f"rope_freqs differs from the source's llama3 rope scaling (max rel. error "
-                f"{_max_rel_error(actual, expected):.3g})"]
-    return []
-
-
-def _max_rel_error(actual: np.ndarray, expected: np.ndarray) -> float:
-    if actual.shape != expected.shape:
-        return float("inf")
-    return float(np.max(np.abs(actual - expected) / np.abs(expected)))
-
-
-def check_vocabulary(gguf: GGUFModel, ref: Reference) -> Check:
-    """Every source token string at its id, the special ids, and whether BOS is added."""
-    problems = _token_string_problems(gguf, ref)
-    expected = ref.special_ids()
-    for kind, tid in expected.items():
-        actual = gguf.special_id(kind)
-        if actual != tid:
-            problems.append(f"{kind} id is {actual} ({gguf.token_text(actual)!r}), source has {tid} "
-                            f"({gguf.token_text(tid)!r})")
-    bos = expected.get("bos")
-    source_adds_bos = bos is not None and ref.tokenizer("a")["input_ids"][:1] == [bos]
-    gguf_adds_bos = gguf.header.value("tokenizer.ggml.add_bos_token")
-    if gguf_adds_bos is not None and bool(gguf_adds_bos) != source_adds_bos:
-        problems.append(f"add_bos_token is {bool(gguf_adds_bos)}, the source tokenizer {'adds' if source_adds_bos else 'does not add'} BOS")
-    summary = (f"{len(ref.tokenizer)} token strings, special ids {expected} and add_bos agree" if not problems
-               else f"{len(problems)} problem(s): " + "; ".join(problems[:3]))
-    return Check("vocabulary", Status.FAIL if problems else Status.PASS, summary, problems,
-                 {"special_ids": expected, "n_tokens_source": len(ref.tokenizer), "n_tokens_gguf": len(gguf.tokens)})
-
-
-def _token_string_problems(gguf: GGUFModel, ref: Reference, limit: int = 20) -> list[str]:
-    n = len(ref.tokenizer)
-    source = ref.tokenizer.convert_ids_to_tokens(list(range(n)))
-    theirs = gguf.tokens[:n]
-    if len(theirs) < n:
-        return [f"the GGUF has {len(gguf.tokens)} tokens, the source tokenizer {n}"]
-    wrong = [i for i, (a, b) in enumerate(zip(theirs, source)) if a != b]
-    problems = [f"token {i} is {theirs[i]!r} in the GGUF, {source[i]!r} in the source" for i in wrong[:limit]]
-    if len(wrong) > limit:
-        problems.append(f"... {len(wrong) - limit} more token strings differ")
-    return problems
+def _list_differences(key: str, mine: list, theirs: list) -> list[str]:
+    field = key.removeprefix(VOCABULARY)
+    out = [] if len(mine) == len(theirs) else [f"{key} has {len(mine)} entries, mt's conversion of the source {len(theirs)}"]
+    wrong = [i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b]
+    for i in wrong[:SHOWN]:
+        a, b = mine[i], theirs[i]
+        if field == "token_type":
+            a, b = f"{a} ({TOKEN_TYPES.get(a, '?')})", f"{b} ({TOKEN_TYPES.get(b, '?')})"
+        else:
+            a, b = repr(a), repr(b)
+        out.append(f"{field} {i} is {a} in the file, {b} in mt's conversion of the source")
+    if len(wrong) > SHOWN:
+        out.append(f"... {len(wrong) - SHOWN} more {field} entries differ")
+    return out

@@ -5,7 +5,8 @@ from __future__ import annotations
 import ctypes
 from typing import Any
 
-from mt.verify.reference import GGUFModel, Reference
+from mt.gguf_in import GGUFHeader
+from mt.verify.reference import Reference
 from mt.verify.report import Check, Status
 
 Message = dict[str, str]
@@ -19,6 +20,7 @@ CONVERSATIONS: dict[str, list[Message]] = {
                    {"role": "assistant", "content": "4です。"},
                    {"role": "user", "content": "¿Y 3+3?"}],
 }
+TEMPLATE_KEY = "tokenizer.chat_template"
 FIXED_DATE = "26 Jul 2024"  # templates that print today's date (Llama 3.x) render the same on both sides
 
 
@@ -38,30 +40,42 @@ def _cases() -> list[tuple[str, list[Message], bool]]:
             for name, msgs in CONVERSATIONS.items() for gen in (False, True)]
 
 
-def check_chat_template(gguf: GGUFModel, ref: Reference) -> Check:
-    """The GGUF's template, with the GGUF's own BOS/EOS strings, must render every case as the source does."""
-    source = ref.chat_template()
-    embedded = gguf.header.value("tokenizer.chat_template")
-    if source is None:
-        status = Status.SKIP if embedded is None else Status.WARN
-        return Check("chat template", status, "the source has no chat template" +
-                     ("" if embedded is None else "; the GGUF has one"))
-    if embedded is None:
-        return Check("chat template", Status.FAIL, "the GGUF has no chat template (tokenizer.chat_template); the source has one",
-                     ["tokenizer.chat_template is missing"])
-    tokens = {"bos_token": gguf.token_text(gguf.special_id("bos")), "eos_token": gguf.token_text(gguf.special_id("eos"))}
-    problems, renders = [], {}
-    for name, messages, gen in _cases():
-        want = _render(ref, source, messages, gen)
-        got = _render(ref, embedded, messages, gen, **tokens)
-        renders[name] = {"gguf": got, "source": want}
-        if got != want:
-            problems.append(f"{name}: GGUF renders {_excerpt(got, want)!r}, source {_excerpt(want, got)!r}")
-    same_text = embedded == source
-    summary = (f"{len(renders)} renderings identical" + ("" if same_text else " (template text differs, renders the same)")
-               if not problems else f"{len(problems)} of {len(renders)} renderings differ")
-    return Check("chat template", Status.FAIL if problems else Status.PASS, summary, problems,
-                 {"same_text": same_text, "renders": renders})
+def _templates(header: GGUFHeader) -> dict[str, str]:
+    """The default template and the named ones (tokenizer.chat_template.NAME)."""
+    return {k: v for k, (_, v) in header.kv.items() if k == TEMPLATE_KEY or k.startswith(TEMPLATE_KEY + ".")}
+
+
+def check_chat_template(checked: GGUFHeader, reference: GGUFHeader, ref: Reference) -> Check:
+    """Every template mt writes for the source must be in the file; a text that differs must render every case
+    the same (with the file's own BOS/EOS strings)."""
+    expected, embedded = _templates(reference), _templates(checked)
+    if not expected:
+        status = Status.SKIP if not embedded else Status.WARN
+        return Check("chat template", status, "the source has no chat template" + ("" if not embedded else "; the file has one"))
+    problems = [f"{key} is missing" for key in expected if key not in embedded]
+    problems += [f"{key} is not in mt's conversion of the source" for key in embedded if key not in expected]
+    tokens = {"bos_token": _special_text(checked, "bos"), "eos_token": _special_text(checked, "eos")}
+    renders: dict[str, dict[str, str]] = {}
+    for key in (k for k in expected if k in embedded and embedded[k] != expected[k]):
+        for name, messages, gen in _cases():
+            want, got = _render(ref, expected[key], messages, gen), _render(ref, embedded[key], messages, gen, **tokens)
+            renders[f"{key}: {name}"] = {"gguf": got, "source": want}
+            if got != want:
+                problems.append(f"{key} ({name}): the file renders {_excerpt(got, want)!r}, the source {_excerpt(want, got)!r}")
+    same_text = all(embedded.get(k) == v for k, v in expected.items())
+    data = {"same_text": same_text, "renders": renders}
+    if problems:
+        summary = problems[0] if problems[0].endswith(("missing", "source")) else f"{len(problems)} rendering(s) differ"
+        return Check("chat template", Status.FAIL, summary, problems, data)
+    summary = f"{len(expected)} template(s) identical" if same_text else \
+        f"{len(expected)} template(s): the text differs, all {len(renders)} renderings are the same"
+    return Check("chat template", Status.PASS, summary, [], data)
+
+
+def _special_text(header: GGUFHeader, kind: str) -> str | None:
+    tokens = header.value("tokenizer.ggml.tokens") or []
+    token_id = header.value(f"tokenizer.ggml.{kind}_token_id")
+    return tokens[token_id] if token_id is not None and 0 <= token_id < len(tokens) else None
 
 
 def _excerpt(text: str, other: str, width: int = 40) -> str:
@@ -88,17 +102,17 @@ def llama_cpp_apply_template(template: str, messages: list[Message], add_generat
     return buf.raw[:n].decode("utf-8", errors="replace")
 
 
-def check_llama_cpp_chat(gguf: GGUFModel, ref: Reference) -> Check:
+def check_llama_cpp_chat(checked: GGUFHeader, ref: Reference) -> Check:
     """What llama.cpp's non-jinja formatter makes of the embedded template, compared with the source's rendering.
 
     It recognises a template's family and formats in C++; it does not run the jinja, so it legitimately
     drops e.g. Llama 3.x's date header or a leading BOS (llama.cpp adds BOS at tokenization). A difference
     is therefore a warning for users of that formatter (llama-server without --jinja), not a failure.
     """
-    embedded, source = gguf.header.value("tokenizer.chat_template"), ref.chat_template()
+    embedded, source = checked.value(TEMPLATE_KEY), ref.chat_template()
     if embedded is None or source is None:
         return Check("llama.cpp chat", Status.SKIP, "no chat template to compare")
-    bos = gguf.token_text(gguf.special_id("bos")) or ""
+    bos = _special_text(checked, "bos") or ""
     differ: list[str] = []
     data: dict[str, Any] = {}
     for name, messages, gen in _cases():

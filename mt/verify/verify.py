@@ -1,20 +1,51 @@
-"""`mt verify`: every check on one GGUF against its source folder, in one report."""
+"""`mt verify`: a verdict from exact checks, and the losses measured.
+
+1. mt writes the 16-bit reference conversion of the source; llama.cpp runs it and transformers runs the source:
+   a tight KLD proves the architecture mapping, metadata and runtime for this model ("conversion").
+2. The checked file is that conversion: its metadata, vocabulary and chat template equal what mt writes for the
+   source, every tensor's bytes equal mt's encoding of the source tensor at the type the file holds, and llama.cpp
+   tokenizes every text on it as on the reference ("metadata", "vocabulary", "chat template", "tensors",
+   "tokenization").
+3. The checked file's divergence from the source (KLD, top-1, ΔPPL) is measured ("quality"), judged only against
+   the bars a pipeline sets (--max-kld, --min-top1).
+
+One `Verifier` does the source's share once for every file checked against it.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+import shutil
+import tempfile
+from contextlib import ExitStack
+from dataclasses import dataclass, replace
+from functools import cached_property
 from pathlib import Path
 
+import numpy as np
+
 from mt.convert.arch import MODULES, load_architecture
+from mt.convert.checkpoint import Checkpoint
+from mt.convert.convert import load, prepare_writer, write_conversion
+from mt.convert.plan import TensorPlan, build_plan
 from mt.errors import CheckpointError, MtError, UnsupportedArchitecture, VerifyError
+from mt.gguf_in import GGUFHeader, read_header
+from mt.quant.imatrix import Imatrix, load_imatrix
 from mt.verify.corpus import CORPUS
-from mt.verify.logit_check import check_logits
+from mt.verify.exact import check_tensors
+from mt.verify.layered import reference_logits, truncated_config
+from mt.verify.logit_check import conversion_check, divergence, quality_check
+from mt.verify.logits import llama_cpp_logits
+from mt.verify.memory import peak_rss_mib, reset_peak_rss
 from mt.verify.metadata import check_metadata, check_vocabulary
-from mt.verify.reference import GGUFModel, Reference, open_gguf, open_reference
-from mt.verify.report import Check, VerifyReport
+from mt.verify.reference import Reference, open_gguf, open_reference
+from mt.verify.report import Check, Status, VerifyReport
 from mt.verify.template import check_chat_template, check_llama_cpp_chat
-from mt.verify.thresholds import file_type_name, thresholds_for
+from mt.verify.thresholds import QualityBars, conversion_limits, file_type_name
 from mt.verify.tokens import check_tokenization, reference_tokenizer
+
+FULL_DEPTH_BYTES = 1 << 30  # a 16-bit reference up to this size runs every layer; a larger one its first layers
+SHALLOW_LAYERS = 6  # enough for every layer kind of the families mt converts (Gemma 3 repeats 5 local + 1 global)
 
 
 @dataclass(frozen=True)
@@ -22,51 +53,187 @@ class VerifyOptions:
     text: str | None = None  # the user's text: tokenized, and run through both models instead of the corpus
     max_tokens: int = 256
     n_ctx: int = 512
-    threshold_kld: float | None = None
-    adapter: Path | None = None  # a PEFT adapter folder the GGUF was merged from: merged into the source's forward
-
-
-def _check_architecture(gguf: GGUFModel, ref: Reference) -> str:
-    hf_arch = ref.hf_architecture
-    if hf_arch not in MODULES:
-        raise UnsupportedArchitecture(f"the reference's architecture {hf_arch or '(none)'!r} is not supported",
-                                      f"mt verifies {', '.join(sorted(MODULES))}")
-    expected = load_architecture(hf_arch, ref.config).gguf_arch
-    if gguf.arch != expected:
-        raise VerifyError(f"{gguf.path} is a {gguf.arch or 'unnamed'!r} model but {ref.folder} is {hf_arch} "
-                          f"({expected!r} in GGUF)", "pass the folder this GGUF was made from")
-    return expected
-
-
-def logit_ids(ref: Reference, options: VerifyOptions) -> list[int]:
-    """The source's tokens of the user's text (or the built-in corpus), at most min(max_tokens, ctx)."""
-    text = options.text if options.text else "\n".join(CORPUS.values())
-    return reference_tokenizer(ref)(text)[: min(options.max_tokens, options.n_ctx)]
+    max_kld: float | None = None
+    min_top1: float | None = None
+    adapter: Path | None = None  # a PEFT adapter folder the GGUF was merged from: merged into the source
+    imatrix: Path | None = None  # the importance matrix the file was quantized with
+    reference_layers: int | None = None  # layers the reference run covers; None: all up to FULL_DEPTH_BYTES
 
 
 def _check_adapter(adapter: Path | None) -> None:
-    if adapter is None:
-        return
-    if not (Path(adapter) / "adapter_config.json").is_file():
+    if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
         raise CheckpointError(f"no adapter_config.json in {adapter}", "pass the PEFT adapter folder the GGUF was merged from")
-    try:
-        import peft  # noqa: F401
-    except ImportError:
-        raise MtError("--adapter needs the peft package", "pip install peft") from None
+
+
+def _layer_index(name: str) -> int | None:
+    m = re.search(r"\.layers\.(\d+)\.", name) or re.match(r"blk\.(\d+)\.", name)
+    return int(m.group(1)) if m else None
+
+
+def truncated_checkpoint(ckpt: Checkpoint, n_layers: int) -> Checkpoint:
+    """The source cut to its first `n_layers` decoder layers (config and tensors)."""
+    tensors = {k: v for k, v in ckpt.tensors.items() if (_layer_index(k) or 0) < n_layers}
+    return replace(ckpt, config=truncated_config(ckpt.config, n_layers), tensors=tensors)
+
+
+class Verifier:
+    """The source's side of verification, computed once: reference files, token ids, logits."""
+
+    def __init__(self, reference_dir: Path, options: VerifyOptions = VerifyOptions()) -> None:
+        self.options = options
+        _check_adapter(options.adapter)
+        self._stack = ExitStack()
+        try:
+            self.ckpt, self.arch, self.plan = load(Path(reference_dir), "auto", adapter=options.adapter, stack=self._stack)
+            self.ref = open_reference(self.ckpt.folder)
+            self.reference_dir = Path(reference_dir)
+            self.workdir = Path(self._stack.enter_context(tempfile.TemporaryDirectory(prefix="mt-verify-")))
+            self.imatrix: Imatrix | None = load_imatrix(options.imatrix) if options.imatrix else None
+        except BaseException:
+            self._stack.close()
+            raise
+        self._logits: dict[str, np.ndarray] = {}
+        self.peak_rss: dict[str, float] = {}
+
+    def __enter__(self) -> "Verifier":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._stack.close()
+
+    @property
+    def n_layers(self) -> int:
+        return self.arch.block_count()
+
+    @cached_property
+    def reference_layers(self) -> int:
+        wanted = self.options.reference_layers
+        if wanted is None:
+            wanted = self.n_layers if self.plan.nbytes <= FULL_DEPTH_BYTES else SHALLOW_LAYERS
+        return max(1, min(wanted, self.n_layers))
+
+    @property
+    def reference_type(self) -> str:
+        return file_type_name(int(self.plan.file_type))
+
+    @cached_property
+    def header(self) -> GGUFHeader:
+        """What mt writes for the whole source: metadata, vocabulary and tensor infos (no tensor data)."""
+        path = self.workdir / "reference-header.gguf"
+        w, _ = prepare_writer(self.ckpt, self.arch, self.plan, vocab_only=False)
+        try:
+            w.write_header_to_file(path=path)
+            w.write_kv_data_to_file()
+            w.write_ti_data_to_file()
+        finally:
+            w.close()
+        return read_header(path)
+
+    @cached_property
+    def f32_plan(self) -> TensorPlan:
+        return build_plan(self.ckpt, self.arch, "f32")
+
+    @cached_property
+    def runtime_file(self) -> Path:
+        """The 16-bit reference conversion llama.cpp runs (the first `reference_layers` layers)."""
+        path = self.workdir / f"reference-{self.reference_type}.gguf"
+        ckpt, arch, plan = self.ckpt, self.arch, self.plan
+        if self.reference_layers < self.n_layers:
+            ckpt = truncated_checkpoint(self.ckpt, self.reference_layers)
+            arch = load_architecture(ckpt.architecture, ckpt.config)
+            plan = build_plan(ckpt, arch, "auto")
+        write_conversion(ckpt, arch, plan, path)
+        return path
+
+    @cached_property
+    def ids(self) -> list[int]:
+        """The source's tokens of the user's text (or the built-in corpus), at most min(max_tokens, ctx)."""
+        text = self.options.text if self.options.text else "\n".join(CORPUS.values())
+        return reference_tokenizer(self.ref)(text)[: min(self.options.max_tokens, self.options.n_ctx)]
+
+    def _llama_cpp(self, path: Path) -> np.ndarray:
+        reset_peak_rss()
+        try:
+            return llama_cpp_logits(path, self.ids, n_ctx=self.options.n_ctx)
+        finally:
+            self.peak_rss["llama.cpp"] = max(self.peak_rss.get("llama.cpp", 0.0), peak_rss_mib())
+
+    def source_logits(self, n_layers: int) -> np.ndarray:
+        key = f"transformers:{n_layers}"
+        if key not in self._logits:
+            reset_peak_rss()
+            self._logits[key] = reference_logits(self.ckpt, self.ids, None if n_layers == self.n_layers else n_layers)
+            self.peak_rss["transformers"] = max(self.peak_rss.get("transformers", 0.0), peak_rss_mib())
+        return self._logits[key]
+
+    def reference_conversion_logits(self) -> np.ndarray:
+        if "reference" not in self._logits:
+            self._logits["reference"] = self._llama_cpp(self.runtime_file)
+        return self._logits["reference"]
+
+    def conversion(self) -> Check:
+        """The reference conversion in llama.cpp against the source in transformers, as deep as the reference goes."""
+        candidate = self.reference_conversion_logits()
+        stats, kld = divergence(self.source_logits(self.reference_layers), candidate, self.ids)
+        return conversion_check(stats, kld, conversion_limits(self.reference_type), self.reference_type,
+                                self.reference_layers, self.n_layers)
+
+    def describe(self) -> dict:
+        return {"file_type": self.reference_type, "layers": self.reference_layers, "of_layers": self.n_layers,
+                **conversion_limits(self.reference_type).to_dict()}
+
+    def verify(self, gguf_path: Path) -> VerifyReport:
+        """Every check of one file; llama.cpp runs before transformers (one model in memory at a time)."""
+        gguf = open_gguf(gguf_path)
+        self._check_architecture(gguf.arch)
+        header = gguf.header
+        checks = [check_metadata(header, self.header), check_vocabulary(header, self.header),
+                  check_chat_template(header, self.header, self.ref),
+                  check_tensors(header, self.f32_plan.entries, self.ckpt.config, self.imatrix),
+                  check_tokenization(gguf.path, self.runtime_file, self.ref, self.options.text)]
+        same_as_reference = (checks[3].status is Status.PASS and self.reference_layers == self.n_layers
+                             and file_type_name(header.value("general.file_type")) == self.reference_type)
+        self.reference_conversion_logits()
+        candidate = self._logits["reference"] if same_as_reference else self._file_logits(gguf.path, len(gguf.tokens))
+        checks.append(self.conversion())
+        checks.append(self._quality(candidate))
+        checks.append(check_llama_cpp_chat(header, self.ref))
+        bars = QualityBars(self.options.max_kld, self.options.min_top1)
+        return VerifyReport(str(gguf.path), str(self.reference_dir), self.arch.gguf_arch,
+                            file_type_name(header.value("general.file_type")), self.describe(), bars.to_dict(),
+                            checks, dict(self.peak_rss))
+
+    def _file_logits(self, path: Path, n_vocab: int) -> np.ndarray | str:
+        if any(i >= n_vocab for i in self.ids):
+            return f"the text has token ids the file's {n_vocab}-token vocabulary lacks"
+        try:
+            return self._llama_cpp(path)
+        except (ValueError, RuntimeError) as e:  # llama-cpp-python's "Failed to load model from file"
+            return f"llama.cpp cannot run the GGUF ({e})"
+
+    def _quality(self, candidate: np.ndarray | str) -> Check:
+        if isinstance(candidate, str):
+            return Check("quality", Status.FAIL, candidate, [candidate])
+        stats, kld = divergence(self.source_logits(self.n_layers), candidate, self.ids)
+        return quality_check(stats, kld, QualityBars(self.options.max_kld, self.options.min_top1))
+
+    def _check_architecture(self, gguf_arch: str) -> None:
+        hf_arch = self.ref.hf_architecture
+        if hf_arch not in MODULES:
+            raise UnsupportedArchitecture(f"the reference's architecture {hf_arch or '(none)'!r} is not supported",
+                                          f"mt verifies {', '.join(sorted(MODULES))}")
+        if gguf_arch != self.arch.gguf_arch:
+            raise VerifyError(f"the GGUF is a {gguf_arch or 'unnamed'!r} model but {self.reference_dir} is {hf_arch} "
+                              f"({self.arch.gguf_arch!r} in GGUF)", "pass the folder this GGUF was made from")
 
 
 def verify(gguf_path: Path, reference_dir: Path, options: VerifyOptions = VerifyOptions()) -> VerifyReport:
-    """Inputs are checked before any model is loaded; llama.cpp runs before transformers (one model in RAM)."""
-    gguf = open_gguf(gguf_path)
-    ref = open_reference(reference_dir)
-    _check_adapter(options.adapter)
-    arch = _check_architecture(gguf, ref)
-    file_type = file_type_name(gguf.header.value("general.file_type"))
-    limits = thresholds_for(file_type, options.threshold_kld)
-    checks: list[Check] = [check_metadata(gguf, ref), check_vocabulary(gguf, ref),
-                           check_tokenization(gguf.path, ref, options.text)]
-    ids = logit_ids(ref, options)
-    run = check_logits(gguf.path, ref.folder, ids, options.n_ctx, limits, len(gguf.tokens), options.adapter)
-    checks += [run.check, check_chat_template(gguf, ref), check_llama_cpp_chat(gguf, ref)]
-    return VerifyReport(str(gguf.path), str(ref.folder), arch, file_type, limits.to_dict(), checks, run.peak_rss_mib)
-
+    """Inputs are checked before any model is loaded."""
+    open_gguf(gguf_path)
+    if not Path(reference_dir).is_dir():
+        raise CheckpointError(f"reference {reference_dir} is not a folder", "pass the Hugging Face folder the GGUF was made from")
+    with Verifier(reference_dir, options) as verifier:
+        return verifier.verify(gguf_path)
