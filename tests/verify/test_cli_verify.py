@@ -30,14 +30,15 @@ def run(*args: str):
 def test_pass_writes_json_and_markdown(llama2_spm_dir, llama2_f16, tmp_path):
     result = run(llama2_f16, "--reference", llama2_spm_dir, *SMALL, "--json", tmp_path / "r.json", "--markdown", tmp_path / "r.md")
     assert result.exit_code == 0, result.output
-    assert result.output.rstrip().endswith("PASS") and "PASS  logits" in result.output
+    assert result.output.rstrip().endswith("PASS") and "PASS  tensors" in result.output and "INFO  quality" in result.output
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["passed"] is True and report["file_type"] == "F16"
-    assert {c["name"]: c["status"] for c in report["checks"]}["tokenization"] == "pass"
-    logits = next(c for c in report["checks"] if c["name"] == "logits")["data"]
-    assert len(logits["kld_per_token"]) == 64 and max(logits["kld_per_token"]) == pytest.approx(logits["kld_max"], abs=1e-9)
+    statuses = {c["name"]: c["status"] for c in report["checks"]}
+    assert statuses["tokenization"] == statuses["conversion"] == statuses["tensors"] == "pass"
+    quality = next(c for c in report["checks"] if c["name"] == "quality")["data"]
+    assert len(quality["kld_per_token"]) == 64 and max(quality["kld_per_token"]) == pytest.approx(quality["kld_max"], abs=1e-9)
     md = (tmp_path / "r.md").read_text()
-    assert md.startswith("### GGUF verification: pass") and "| logits | pass |" in md
+    assert md.startswith("### GGUF verification: pass") and "| tensors | pass |" in md and "| quality | info |" in md
 
 
 def test_json_to_stdout(llama2_spm_dir, llama2_f16):
@@ -53,14 +54,16 @@ def test_fail_exits_1_and_names_the_checks(llama2_spm_dir, llama2_f16, tmp_path)
     assert result.exit_code == 1
     last = result.output.rstrip().splitlines()[-1]
     assert last.startswith("FAIL: ") and "vocabulary" in last and "chat template" in last
-    assert "bos id is 2 ('</s>'), source has 1 ('<s>')" in result.output
+    assert "tokenizer.ggml.bos_token_id = 2, mt's conversion of the source has 1" in result.output
     assert "### GGUF verification: fail" in (tmp_path / "r.md").read_text()
 
 
 def test_usage_errors_exit_2(llama2_f16):
     assert run(llama2_f16).exit_code == 2  # no --reference
     assert run(llama2_f16, "--reference", ".", "--max-tokens", "0").exit_code == 2
-    assert run(llama2_f16, "--reference", ".", "--threshold-kld", "-1").exit_code == 2
+    assert run(llama2_f16, "--reference", ".", "--max-kld", "-1").exit_code == 2
+    assert run(llama2_f16, "--reference", ".", "--min-top1", "1.5").exit_code == 2
+    assert run(llama2_f16, "--reference", ".", "--reference-layers", "0").exit_code == 2
 
 
 def _one_line_error(result, *needles: str) -> None:
@@ -108,3 +111,15 @@ def test_text_file_not_utf8(llama2_spm_dir, llama2_f16, tmp_path):
 
 def test_adapter_without_config(llama2_spm_dir, llama2_f16, tmp_path):
     _one_line_error(run(llama2_f16, "--reference", llama2_spm_dir, "--adapter", tmp_path), "no adapter_config.json")
+
+
+def test_quality_bar_fails_a_correct_file_with_exit_1(llama2_spm_dir, llama2_f16):
+    result = run(llama2_f16, "--reference", llama2_spm_dir, *SMALL, "--max-kld", "1e-12")
+    assert result.exit_code == 1, result.output
+    assert result.output.rstrip().splitlines()[-1] == "FAIL: quality"
+
+
+def test_missing_or_damaged_imatrix(llama2_spm_dir, llama2_f16, tmp_path):
+    _one_line_error(run(llama2_f16, "--reference", llama2_spm_dir, "--imatrix", tmp_path / "none.gguf"), "none.gguf")
+    (tmp_path / "bad.dat").write_bytes(b"\x01\x00")
+    _one_line_error(run(llama2_f16, "--reference", llama2_spm_dir, "--imatrix", tmp_path / "bad.dat"), "bad.dat")
