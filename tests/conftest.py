@@ -95,3 +95,11 @@ def gemma2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def gemma3_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return checkpoints.build_gemma3(tmp_path_factory.mktemp("gemma3"))
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct (bf16), rebuilt once from a registry GGUF and cached (tests/real_model.py)."""
+    from tests.real_model import smollm2_dir as build
+
+    return build()

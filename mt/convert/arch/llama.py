@@ -28,6 +28,9 @@ DECODER_NAMES = {
     "model.layers.{bid}.mlp.down_proj": "blk.{bid}.ffn_down",
 }
 DROPPED = ("model.layers.{bid}.self_attn.rotary_emb.inv_freq",)
+# llama.cpp's converter turns BOS off for every Llama-architecture vocabulary of this size (Granite's small models;
+# SmolLM and SmolLM2 share it)
+GRANITE_SMALL_VOCAB = 49152
 
 
 def permute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -110,7 +113,10 @@ class Llama(Architecture):
 
     def write_vocab(self, folder: Path, w: GGUFWriter) -> VocabSummary:
         write_add_space_prefix(folder, w)
-        return super().write_vocab(folder, w)
+        summary = super().write_vocab(folder, w)
+        if self.config.get("vocab_size", 32000) == GRANITE_SMALL_VOCAB:
+            w.add_add_bos_token(False)  # a key the tokenizer already set keeps its place and takes this value
+        return summary
 
 
 ARCH = Llama
