@@ -25,18 +25,26 @@ class Divergence:
     delta_ppl: float
 
 
+ROWS_PER_STEP = 16  # float64 temporaries of [rows, vocab]: a 128k vocabulary costs 16 MiB each
+
+
 def divergence(reference: np.ndarray, candidate: np.ndarray, ids: list[int]) -> tuple[Divergence, np.ndarray]:
-    """Per-token KL(reference || candidate) and the summary; [n, vocab] logits for the n ids."""
-    n_vocab = min(reference.shape[-1], candidate.shape[-1])
-    lp, lq = _log_softmax(reference[:, :n_vocab]), _log_softmax(candidate[:, :n_vocab])
-    kld = (np.exp(lp) * (lp - lq)).sum(axis=-1)
-    top1 = float((lp.argmax(-1) == lq.argmax(-1)).mean())
-    nxt = np.asarray(ids[1:])
-    rows = np.arange(len(nxt))
-    ppl_ref, ppl_gguf = (float(np.exp(-lx[rows, nxt].mean())) if len(nxt) else float("nan") for lx in (lp, lq))
-    stats = Divergence(len(ids), float(kld.mean()), float(np.percentile(kld, 99)), float(kld.max()), top1,
-                       float(np.abs(reference[:, :n_vocab] - candidate[:, :n_vocab]).max()),
-                       ppl_gguf, ppl_ref, ppl_gguf - ppl_ref)
+    """Per-token KL(reference || candidate) and the summary; [n, vocab] logits for the n ids, a few rows at a time."""
+    n, n_vocab = len(ids), min(reference.shape[-1], candidate.shape[-1])
+    kld, same_top1, max_diff = np.empty(n), np.empty(n, dtype=bool), 0.0
+    nll_ref, nll_gguf = np.empty(max(0, n - 1)), np.empty(max(0, n - 1))
+    for start in range(0, n, ROWS_PER_STEP):
+        stop = min(n, start + ROWS_PER_STEP)
+        p, q = reference[start:stop, :n_vocab], candidate[start:stop, :n_vocab]
+        lp, lq = _log_softmax(p), _log_softmax(q)
+        kld[start:stop] = (np.exp(lp) * (lp - lq)).sum(axis=-1)
+        same_top1[start:stop] = lp.argmax(-1) == lq.argmax(-1)
+        max_diff = max(max_diff, float(np.abs(p - q).max()))
+        rows = np.arange(start, min(stop, n - 1))  # position i predicts ids[i + 1]
+        nll_ref[rows], nll_gguf[rows] = -lp[rows - start, np.asarray(ids)[rows + 1]], -lq[rows - start, np.asarray(ids)[rows + 1]]
+    ppl_ref, ppl_gguf = (float(np.exp(x.mean())) if len(x) else float("nan") for x in (nll_ref, nll_gguf))
+    stats = Divergence(n, float(kld.mean()), float(np.percentile(kld, 99)), float(kld.max()), float(same_top1.mean()),
+                       max_diff, ppl_gguf, ppl_ref, ppl_gguf - ppl_ref)
     return stats, kld
 
 

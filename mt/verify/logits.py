@@ -43,12 +43,15 @@ def llama_cpp_logits(gguf_path: Path, ids: list[int], n_ctx: int = 512, lora: Pa
     """[len(ids), n_vocab] float32 logits of the GGUF in llama.cpp (with a GGUF LoRA adapter applied, scale 1).
 
     Decodes LOGIT_BATCH tokens at a time into one result array instead of llama-cpp-python's logits_all buffer
-    (n_ctx rows), through its batch and context objects (llama-cpp-python 0.3.36's `_batch`, `_ctx`)."""
+    (n_ctx rows), through its batch and context objects (llama-cpp-python 0.3.36's `_batch`, `_ctx`). The file is
+    read, not mapped: llama.cpp's CPU backend repacks quantized weights into buffers of its own, and mapped pages
+    would stay resident beside them (same kernels either way)."""
     from llama_cpp import Llama
 
     with native_stderr_silenced():
         llm = Llama(model_path=str(gguf_path), n_ctx=max(n_ctx, len(ids) + 8), n_batch=LOGIT_BATCH, n_ubatch=LOGIT_BATCH,
-                    verbose=False, n_threads=2, lora_path=str(lora) if lora is not None else None)
+                    verbose=False, n_threads=2, use_mmap=False,
+                    lora_path=str(lora) if lora is not None else None)
     try:
         n_vocab = llm.n_vocab()
         out = np.empty((len(ids), n_vocab), dtype=np.float32)

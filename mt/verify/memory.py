@@ -26,3 +26,16 @@ def peak_rss_mib() -> float:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def release_freed_memory() -> None:
+    """Collect garbage and hand the heap's free pages back to the system (glibc's malloc_trim), so that one phase's
+    freed buffers do not count in the next phase's peak; a no-op where there is no glibc."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

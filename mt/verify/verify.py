@@ -36,7 +36,7 @@ from mt.verify.exact import check_tensors
 from mt.verify.layered import reference_logits, truncated_config
 from mt.verify.logit_check import conversion_check, divergence, quality_check
 from mt.verify.logits import llama_cpp_logits
-from mt.verify.memory import peak_rss_mib, reset_peak_rss
+from mt.verify.memory import peak_rss_mib, release_freed_memory, reset_peak_rss
 from mt.verify.metadata import check_metadata, check_vocabulary
 from mt.verify.reference import Reference, open_gguf, open_reference
 from mt.verify.report import Check, Status, VerifyReport
@@ -45,7 +45,7 @@ from mt.verify.thresholds import QualityBars, conversion_limits, file_type_name
 from mt.verify.tokens import check_tokenization, reference_tokenizer
 
 FULL_DEPTH_BYTES = 1 << 30  # a 16-bit reference up to this size runs every layer; a larger one its first layers
-SHALLOW_LAYERS = 6  # enough for every layer kind of the families mt converts (Gemma 3 repeats 5 local + 1 global)
+MIN_SHALLOW_LAYERS = 2  # a layer's output feeding another layer is part of what the reference run proves
 
 
 @dataclass(frozen=True)
@@ -74,6 +74,17 @@ def truncated_checkpoint(ckpt: Checkpoint, n_layers: int) -> Checkpoint:
     """The source cut to its first `n_layers` decoder layers (config and tensors)."""
     tensors = {k: v for k, v in ckpt.tensors.items() if (_layer_index(k) or 0) < n_layers}
     return replace(ckpt, config=truncated_config(ckpt.config, n_layers), tensors=tensors)
+
+
+def layers_of_every_kind(folder: Path) -> int:
+    """How many first layers hold one layer of each kind in transformers' `layer_types` (sliding, full …)."""
+    from transformers import AutoConfig
+
+    kinds = getattr(AutoConfig.from_pretrained(folder), "layer_types", None) or []
+    first: dict[str, int] = {}
+    for i, kind in enumerate(kinds):
+        first.setdefault(kind, i)
+    return max([MIN_SHALLOW_LAYERS, *(i + 1 for i in first.values())])
 
 
 class Verifier:
@@ -110,9 +121,11 @@ class Verifier:
 
     @cached_property
     def reference_layers(self) -> int:
+        """Every layer of a small model; of a larger one, the first layers up to one of each kind it has (Gemma 3's
+        sixth layer is its first global one): the tensor check covers the rest, which repeat those kinds."""
         wanted = self.options.reference_layers
         if wanted is None:
-            wanted = self.n_layers if self.plan.nbytes <= FULL_DEPTH_BYTES else SHALLOW_LAYERS
+            wanted = self.n_layers if self.plan.nbytes <= FULL_DEPTH_BYTES else layers_of_every_kind(self.ckpt.folder)
         return max(1, min(wanted, self.n_layers))
 
     @property
@@ -155,6 +168,7 @@ class Verifier:
         return reference_tokenizer(self.ref)(text)[: min(self.options.max_tokens, self.options.n_ctx)]
 
     def _llama_cpp(self, path: Path) -> np.ndarray:
+        release_freed_memory()
         reset_peak_rss()
         try:
             return llama_cpp_logits(path, self.ids, n_ctx=self.options.n_ctx)
@@ -164,6 +178,7 @@ class Verifier:
     def source_logits(self, n_layers: int) -> np.ndarray:
         key = f"transformers:{n_layers}"
         if key not in self._logits:
+            release_freed_memory()
             reset_peak_rss()
             self._logits[key] = reference_logits(self.ckpt, self.ids, None if n_layers == self.n_layers else n_layers)
             self.peak_rss["transformers"] = max(self.peak_rss.get("transformers", 0.0), peak_rss_mib())
@@ -174,10 +189,15 @@ class Verifier:
             self._logits["reference"] = self._llama_cpp(self.runtime_file)
         return self._logits["reference"]
 
+    @cached_property
     def conversion(self) -> Check:
-        """The reference conversion in llama.cpp against the source in transformers, as deep as the reference goes."""
+        """The reference conversion in llama.cpp against the source in transformers, as deep as the reference goes.
+        Its logits (and a shallow source run's) are let go once compared."""
         candidate = self.reference_conversion_logits()
+        shallow = self.reference_layers < self.n_layers
         stats, kld = divergence(self.source_logits(self.reference_layers), candidate, self.ids)
+        if shallow:
+            del self._logits["reference"], self._logits[f"transformers:{self.reference_layers}"]
         return conversion_check(stats, kld, conversion_limits(self.reference_type), self.reference_type,
                                 self.reference_layers, self.n_layers)
 
@@ -196,9 +216,10 @@ class Verifier:
                   check_tokenization(gguf.path, self.runtime_file, self.ref, self.options.text)]
         same_as_reference = (checks[3].status is Status.PASS and self.reference_layers == self.n_layers
                              and file_type_name(header.value("general.file_type")) == self.reference_type)
-        self.reference_conversion_logits()
+        if "conversion" not in self.__dict__:
+            self.reference_conversion_logits()  # llama.cpp runs before transformers loads anything
         candidate = self._logits["reference"] if same_as_reference else self._file_logits(gguf.path, len(gguf.tokens))
-        checks.append(self.conversion())
+        checks.append(self.conversion)
         checks.append(self._quality(candidate))
         checks.append(check_llama_cpp_chat(header, self.ref))
         bars = QualityBars(self.options.max_kld, self.options.min_top1)
