@@ -113,7 +113,7 @@ def _compare(texts: dict[str, str], mine: LlamaCppVocab, theirs: LlamaCppVocab, 
             failures[name] = _difference(name, text, ours, expected, "mt's conversion", mine.text_of)
         elif ours != original:
             limits[name] = _difference(name, text, ours, original, "the source's tokenizer", mine.text_of)
-            limits[name]["description"] += f"; likely cause: {likely_cause(limits[name]['pieces'])}"
+            limits[name]["description"] += f"; likely cause: {likely_cause(limits[name]['window'])}"
     return failures, limits
 
 
@@ -121,16 +121,16 @@ def _difference(name: str, text: str, ours: list[int], other: list[int], other_n
                 text_of: Callable[[list[int]], str]) -> dict[str, Any]:
     i = _first_difference(ours, other)
     lo = max(0, i - 2)
-    pieces = [text_of([t]) for t in ours[i:i + 4]]
-    description = (f"{name}: llama.cpp {ours[lo:i + 4]} {pieces!r} vs {other_name} {other[lo:i + 4]} from token {lo} "
+    window = text_of(ours[i:i + 4])  # decoded together: byte-level tokens may hold parts of one character
+    description = (f"{name}: llama.cpp {ours[lo:i + 4]} vs {other_name} {other[lo:i + 4]} from token {lo}, at {window!r} "
                    f"({len(ours)} vs {len(other)} tokens) in {text[:40]!r}…")
-    return {"text": text, "llama_cpp": ours, "reference": other, "first_difference": i, "pieces": pieces,
+    return {"text": text, "llama_cpp": ours, "reference": other, "first_difference": i, "window": window,
             "description": description}
 
 
-def likely_cause(pieces: list[str]) -> str:
+def likely_cause(chars: str) -> str:
     """What the characters where llama.cpp's tokens part from the source's have in common, in words."""
-    chars = "".join(pieces)
+    chars = chars.replace("\ufffd", "")
     if any(unicodedata.category(c) == "Nd" and not c.isascii() for c in chars):
         return "non-ASCII digits, which llama.cpp's pre-tokenizer groups differently"
     if chars and chars.isspace():

@@ -55,10 +55,10 @@ def test_quality_is_reported_unless_the_user_sets_bars():
 
 
 def test_likely_causes_name_the_characters():
-    assert "non-ASCII digits" in likely_cause([" ١٢", "٣"])
-    assert "whitespace" in likely_cause(["   ", "\t"])
-    assert "emoji" in likely_cause(["👩\u200d", "👩"])
-    assert "pre-tokenizer" in likely_cause(["abc"])
+    assert "non-ASCII digits" in likely_cause(" ١٢٣\ufffd")
+    assert "whitespace" in likely_cause("   \t")
+    assert "emoji" in likely_cause("👩\u200d👩")
+    assert "pre-tokenizer" in likely_cause("abc\ufffd")
 
 
 def _report(*statuses: Status) -> VerifyReport:
