@@ -214,6 +214,7 @@ class Verifier:
                   check_chat_template(header, self.header, self.ref),
                   check_tensors(header, self.f32_plan.entries, self.ckpt.config, self.imatrix),
                   check_tokenization(gguf.path, self.runtime_file, self.ref, self.options.text)]
+        self.peak_rss["checks"] = max(self.peak_rss.get("checks", 0.0), peak_rss_mib())
         same_as_reference = (checks[3].status is Status.PASS and self.reference_layers == self.n_layers
                              and file_type_name(header.value("general.file_type")) == self.reference_type)
         if "conversion" not in self.__dict__:
