@@ -1,4 +1,4 @@
-"""The two things verify compares: the GGUF (header read once) and the source folder (config + HF tokenizer)."""
+"""The checked GGUF (header read once) and the source folder (config + its Hugging Face tokenizer)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ from mt.errors import CheckpointError, GGUFError, TokenizerError
 from mt.gguf_in import GGUFHeader, read_header
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
-SPECIAL_KEYS = {"bos": "bos_token_id", "eos": "eos_token_id", "unk": "unknown_token_id", "pad": "padding_token_id"}
 
 
 @dataclass
@@ -25,22 +24,9 @@ class GGUFModel:
     def arch(self) -> str:
         return str(self.header.value("general.architecture", ""))
 
-    def arch_value(self, suffix: str) -> Any:
-        return self.header.value(f"{self.arch}.{suffix}")
-
     @cached_property
     def tokens(self) -> list[str]:
         return list(self.header.value("tokenizer.ggml.tokens", []))
-
-    def special_id(self, kind: str) -> int | None:
-        """kind: bos, eos, unk or pad."""
-        return self.header.value(f"tokenizer.ggml.{SPECIAL_KEYS[kind]}")
-
-    def token_text(self, token_id: int | None) -> str | None:
-        return self.tokens[token_id] if token_id is not None and 0 <= token_id < len(self.tokens) else None
-
-    def tensor_names(self) -> set[str]:
-        return {t.name for t in self.header.tensors}
 
 
 def open_gguf(path: Path) -> GGUFModel:
@@ -74,17 +60,6 @@ class Reference:
     @property
     def is_sentencepiece(self) -> bool:
         return (self.folder / "tokenizer.model").is_file()
-
-    def special_ids(self) -> dict[str, int]:
-        """bos/eos/unk/pad ids as the converter picks them: the tokenizer's, else config.json's integer id."""
-        out: dict[str, int] = {}
-        for kind in ("bos", "eos", "unk", "pad"):
-            tid = getattr(self.tokenizer, f"{kind}_token_id", None)
-            if tid is None and isinstance(self.config.get(f"{kind}_token_id"), int):
-                tid = self.config[f"{kind}_token_id"]
-            if tid is not None:
-                out[kind] = int(tid)
-        return out
 
     def special_token_texts(self) -> dict[str, int]:
         """Every added special token (text -> id): the strings a tokenizer must keep whole."""

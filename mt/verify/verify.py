@@ -15,7 +15,6 @@ One `Verifier` does the source's share once for every file checked against it.
 from __future__ import annotations
 
 import re
-import shutil
 import tempfile
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
@@ -28,7 +27,7 @@ from mt.convert.arch import MODULES, load_architecture
 from mt.convert.checkpoint import Checkpoint
 from mt.convert.convert import load, prepare_writer, write_conversion
 from mt.convert.plan import TensorPlan, build_plan
-from mt.errors import CheckpointError, MtError, UnsupportedArchitecture, VerifyError
+from mt.errors import CheckpointError, UnsupportedArchitecture, VerifyError
 from mt.gguf_in import GGUFHeader, read_header
 from mt.quant.imatrix import Imatrix, load_imatrix
 from mt.verify.corpus import CORPUS
@@ -38,7 +37,7 @@ from mt.verify.logit_check import conversion_check, divergence, quality_check
 from mt.verify.logits import llama_cpp_logits
 from mt.verify.memory import peak_rss_mib, release_freed_memory, reset_peak_rss
 from mt.verify.metadata import check_metadata, check_vocabulary
-from mt.verify.reference import Reference, open_gguf, open_reference
+from mt.verify.reference import open_gguf, open_reference
 from mt.verify.report import Check, Status, VerifyReport
 from mt.verify.template import check_chat_template, check_llama_cpp_chat
 from mt.verify.thresholds import QualityBars, conversion_limits, file_type_name

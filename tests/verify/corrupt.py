@@ -75,3 +75,14 @@ def drop_tensor(target: str) -> TensorEdit:
     def edit(name: str, data: np.ndarray) -> tuple[str | None, np.ndarray]:
         return (None if name == target else name), data
     return edit
+
+
+def flip_block(target: str, block: int, type_size: int) -> TensorEdit:
+    """8 bytes inside one block of a quantized tensor (past its scale) flipped."""
+    def edit(name: str, data: np.ndarray) -> tuple[str, np.ndarray]:
+        if name != target:
+            return name, data
+        raw = data.copy().reshape(-1)
+        raw.view(np.uint8)[block * type_size + 4: block * type_size + 12] ^= 0x5A
+        return name, raw.reshape(data.shape)
+    return edit

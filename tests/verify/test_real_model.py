@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 from gguf import LlamaFileType
 
@@ -22,8 +21,8 @@ from tests.imatrix_files import write_gguf
 from tests.llama_quantize import llama_quantize
 from tests.quant.test_quantize_imatrix import model_imatrix, reference
 from tests.verify import corrupt
+from tests.verify.reports import assert_exact_pass, check
 
-EXACT = ("metadata", "vocabulary", "chat template", "tensors", "conversion")
 LLAMA_QUANTIZE = ("Q6_K", "Q5_K_M", "Q4_K_M", "Q4_K_S")
 
 
@@ -48,21 +47,10 @@ def verifier(smollm2_dir):
         yield v
 
 
-def check(report, name: str):
-    return next(c for c in report.checks if c.name == name)
-
-
-def assert_passes_exactly(report) -> None:
-    assert report.passed, report.to_text()
-    for name in EXACT:
-        assert check(report, name).status is Status.PASS, report.to_text()
-    assert check(report, "quality").status is Status.INFO
-
-
 @pytest.mark.parametrize("name", ["F16", "BF16", "Q8_0", *LLAMA_QUANTIZE])
 def test_correct_files_pass_with_no_option(verifier, files, name):
     report = verifier.verify(files[name])
-    assert_passes_exactly(report)
+    assert_exact_pass(report)
     assert check(report, "conversion").data["n_tokens"] == 256 and report.reference_conversion["layers"] == 30
 
 
@@ -89,23 +77,13 @@ def test_imatrix_file_checked_with_the_imatrix_and_not_failed_without(smollm2_di
     without = verifier.verify(files["Q4_K_M-imatrix"])
     assert without.passed and check(without, "tensors").status is Status.WARN, without.to_text()
     with Verifier(smollm2_dir, VerifyOptions(imatrix=files["imatrix"])) as v:
-        assert_passes_exactly(v.verify(files["Q4_K_M-imatrix"]))
-
-
-def _flip_block(name: str, block: int, type_size: int) -> corrupt.TensorEdit:
-    def edit(tensor: str, data: np.ndarray) -> tuple[str, np.ndarray]:
-        if tensor != name:
-            return tensor, data
-        raw = data.copy().reshape(-1)
-        raw.view(np.uint8)[block * type_size + 4: block * type_size + 12] ^= 0x5A
-        return tensor, raw.reshape(data.shape)
-    return edit
+        assert_exact_pass(v.verify(files["Q4_K_M-imatrix"]))
 
 
 CORRUPTIONS = {  # edits of llama-quantize's Q4_K_M -> (the check that must fail, a phrase of its problems)
     "layers swapped": (dict(tensors=corrupt.swap_layers(3, 4)), "tensors", "blk.3.attn_k.weight"),
     "norm x1.01": (dict(tensors=corrupt.scale_tensor("blk.7.attn_norm.weight", 1.01)), "tensors", "blk.7.attn_norm.weight (F32)"),
-    "8 bytes of one block": (dict(tensors=_flip_block("blk.5.ffn_down.weight", 3, 210)), "tensors",
+    "8 bytes of one block": (dict(tensors=corrupt.flip_block("blk.5.ffn_down.weight", 3, 210)), "tensors",
                              "blk.5.ffn_down.weight (Q6_K): block 3 (row 0, values 768..1023)"),
     "rms eps": (dict(kv={"llama.attention.layer_norm_rms_epsilon": 1e-2}), "metadata", "layer_norm_rms_epsilon"),
     "rope base": (dict(kv={"llama.rope.freq_base": 10000.0}), "metadata", "llama.rope.freq_base = 10000.0"),
