@@ -121,7 +121,7 @@ def _difference(name: str, text: str, ours: list[int], other: list[int], other_n
                 text_of: Callable[[list[int]], str]) -> dict[str, Any]:
     i = _first_difference(ours, other)
     lo = max(0, i - 2)
-    window = text_of(ours[i:i + 4])  # decoded together: byte-level tokens may hold parts of one character
+    window = text_of(ours[i:i + 4]).strip("\ufffd")  # decoded together: a byte-level token may hold part of a character
     description = (f"{name}: llama.cpp {ours[lo:i + 4]} vs {other_name} {other[lo:i + 4]} from token {lo}, at {window!r} "
                    f"({len(ours)} vs {len(other)} tokens) in {text[:40]!r}…")
     return {"text": text, "llama_cpp": ours, "reference": other, "first_difference": i, "window": window,
