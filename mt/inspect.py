@@ -23,7 +23,7 @@ def _show(value: Any) -> Any:
 
 
 def inspect_gguf(path: Path) -> dict[str, Any]:
-    from mt.gguf_in import read_header
+    from mt.io.gguf_in import read_header
 
     header = read_header(path)
     metadata = {key: _show(value) for key, (_, value) in header.kv.items()}
@@ -95,7 +95,7 @@ def _family_line(path: Path, hf_arch: str, family: str | None, gguf_arch: str | 
 
 
 def inspect_folder(path: Path) -> dict[str, Any]:
-    from mt.convert.checkpoint import open_checkpoint
+    from mt.io.checkpoint import open_checkpoint
 
     ckpt = open_checkpoint(path)
     hf_arch = ckpt.architecture

@@ -226,7 +226,7 @@ def identical(a: Path, b: Path) -> bool:
 
 def tensor_data_report(ours: Path, ref: Path) -> dict:
     """Where two GGUFs differ: metadata keys, tensor types, tensor bytes (first few names)."""
-    from mt.gguf_in import read_header
+    from mt.io.gguf_in import read_header
 
     a, b = read_header(ours, raw_strings=True), read_header(ref, raw_strings=True)
     report: dict[str, Any] = {"kv_equal": a.kv == b.kv,

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mt.gguf_in import read_header
+from mt.io.gguf_in import read_header
 
 
 @dataclass

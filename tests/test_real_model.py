@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mt.convert.convert import convert
-from mt.gguf_in import read_header
+from mt.io.gguf_in import read_header
 from tests.gguf_compare import assert_same_file
 from tests.oracle import run_converter
 

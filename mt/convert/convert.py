@@ -12,13 +12,13 @@ from gguf import GGUFWriter, LlamaFileType
 
 from mt.convert.arch import load_architecture
 from mt.convert.arch.base import Architecture, Companion
-from mt.convert.checkpoint import Checkpoint, open_checkpoint
-from mt.convert.plan import (Prefetcher, Progress, TensorPlan, build_plan, by_entry, companion_plans, reporting,
-                             start_producing)
+from mt.io.checkpoint import Checkpoint, open_checkpoint
+from mt.convert.plan import TensorPlan, build_plan, by_entry, companion_plans, start_producing
+from mt.io.stream import Prefetcher, Progress, reporting
 from mt.convert.special import read_tokenizer_json
 from mt.convert.vocab import VocabSummary
 from mt.errors import MtError
-from mt.gguf_out import FastArrayGGUFWriter, TensorStream, check_output
+from mt.io.gguf_out import FastArrayGGUFWriter, TensorStream, check_output
 from mt.io.atomic import atomic_paths
 from mt.quant.device import GPU_TYPES, select_device
 from mt.quant.quantize import put_quantization_keys_last

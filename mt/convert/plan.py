@@ -2,47 +2,25 @@
 
 from __future__ import annotations
 
-import queue
-import threading
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence, TypeVar
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 from gguf import GGMLQuantizationType as T
 from gguf import LlamaFileType
 
 from mt.convert.arch.base import Architecture, Companion, ExtraTensor, Transform
-from mt.convert.checkpoint import Checkpoint, LazyTensor
 from mt.errors import MtError
-from mt.io.safetensors import FLOAT_DTYPES, STORAGE_DTYPES, FileSpan
+from mt.io.checkpoint import Checkpoint, LazyTensor
+from mt.io.dtypes import FLOAT_DTYPE_NAMES, FLOAT_DTYPES, to_f32
+from mt.io.safetensors import FileSpan
+from mt.io.stream import Chunk, Prefetcher, grouped, row_ranges
 from mt.quant.mix import FILE_TYPES as MIXES
 from mt.quant.mix import ModelFacts, TensorSpec, choose_types, llama_order
-from mt.quant.types import bf16_bits_to_f32, quant_type
+from mt.quant.types import quant_type
 
 if TYPE_CHECKING:
     from mt.quant.device import GpuQuantizer
-
-C = TypeVar("C", np.ndarray, FileSpan)  # a chunk of tensor bytes: an array, or a span of a file
-
-SLAB_BYTES = 16 << 20
-
-
-Progress = Callable[[int, int], None]  # (bytes just written, total bytes)
-
-
-def reporting(chunks: Iterable[C], progress: Progress | None, total: int) -> Iterator[C]:
-    """`chunks` passed through, each one's bytes reported to `progress` once it has been consumed."""
-    for chunk in chunks:
-        yield chunk
-        if progress is not None:
-            progress(chunk.nbytes, total)
-
-
-def row_ranges(n_rows: int, row_bytes: int, budget: int = SLAB_BYTES) -> Iterator[tuple[int, int]]:
-    """[start, stop) row ranges of about `budget` bytes (at least one row each) covering `n_rows` rows."""
-    step = max(1, budget // max(1, row_bytes))
-    for start in range(0, n_rows, step):
-        yield start, min(start + step, n_rows)
 
 OUTTYPES: dict[str, tuple[LlamaFileType, T]] = {
     "f32": (LlamaFileType.ALL_F32, T.F32),
@@ -160,12 +138,6 @@ def companion_plan(ckpt: Checkpoint, arch: Architecture, companion: Companion, o
     return TensorPlan(LlamaFileType.ALL_F32 if all_f32 else LlamaFileType.MOSTLY_F16, entries)
 
 
-def to_f32(raw: np.ndarray, dtype: str) -> np.ndarray:
-    if dtype == "BF16":
-        return bf16_bits_to_f32(raw)
-    return raw.astype(np.float32, copy=False)
-
-
 def _bf16_has_nan(bits: np.ndarray) -> bool:
     return bits.size > 0 and _bf16_nan_from_max(int(bits.max()), int(bits.view(np.int16).max()))
 
@@ -198,8 +170,6 @@ def encode(raw: np.ndarray, dtype: str, qtype: T, gpu: GpuQuantizer | None = Non
     return quant_type(qtype).quantize(raw, lambda chunk: to_f32(chunk, dtype))
 
 
-Chunk = np.ndarray | FileSpan
-FLOAT_DTYPE_NAMES = {STORAGE_DTYPES[name]: name for name in FLOAT_DTYPES}  # numpy storage dtype -> "BF16" …
 
 
 def start_producing(plan: TensorPlan, config: dict, depth: int = 2, gpu: GpuQuantizer | None = None) -> "Prefetcher":
@@ -212,67 +182,6 @@ def start_producing(plan: TensorPlan, config: dict, depth: int = 2, gpu: GpuQuan
 def by_entry(plan: TensorPlan, prefetcher: "Prefetcher") -> Iterator[tuple[PlanEntry, Iterator[Chunk]]]:
     """Each entry with its own chunks, read off the prefetcher in order."""
     return grouped(plan.entries, prefetcher)
-
-
-Item = TypeVar("Item")
-
-
-def grouped(items: Sequence[Item], prefetcher: "Prefetcher") -> Iterator[tuple[Item, Iterator[Chunk]]]:
-    """Each item with its own chunks, from a prefetcher of (item index, chunk) pairs in order."""
-    chunks = iter(prefetcher)
-    pending: list[tuple[int, Chunk]] = []
-
-    def entry_chunks(index: int) -> Iterator[Chunk]:
-        while True:
-            item = pending.pop() if pending else next(chunks, None)
-            if item is None:
-                return
-            if item[0] != index:
-                pending.append(item)
-                return
-            yield item[1]
-
-    for index, item in enumerate(items):
-        yield item, entry_chunks(index)
-
-
-class Prefetcher:
-    """Runs an iterator on a daemon thread, at most `depth` items ahead of the consumer."""
-
-    _DONE = object()
-
-    def __init__(self, items: Iterator, depth: int) -> None:
-        self._items = items
-        self._queue: queue.Queue = queue.Queue(maxsize=depth)
-        self._stop = threading.Event()
-        threading.Thread(target=self._work, daemon=True, name="mt-prefetch").start()
-
-    def _put(self, item: object) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def _work(self) -> None:
-        try:
-            for item in self._items:
-                if not self._put(item):
-                    return
-            self._put(self._DONE)
-        except BaseException as e:  # handed to the consumer, which re-raises it
-            self._put(e)
-
-    def __iter__(self) -> Iterator:
-        while (item := self._queue.get()) is not self._DONE:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-
-    def close(self) -> None:
-        self._stop.set()
 
 
 def read_whole(src: LazyTensor, transform: Transform | None, config: dict) -> tuple[np.ndarray, str]:

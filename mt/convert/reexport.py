@@ -12,15 +12,17 @@ from pathlib import Path
 
 import numpy as np
 
-from mt.convert.checkpoint import Checkpoint, LazyTensor, open_checkpoint
-from mt.convert.plan import Progress, check_float, to_f32
+from mt.io.checkpoint import Checkpoint, LazyTensor, open_checkpoint
+from mt.convert.plan import check_float
+from mt.io.stream import Progress
+from mt.io.dtypes import to_f32
 from mt.errors import MtError
-from mt.io.safetensors import STORAGE_DTYPES
+from mt.io.dtypes import STORAGE_DTYPES
 from mt.io.safetensors_out import parse_size
 from mt.merge.merge import write_folder
 from mt.merge.merged import merged_config
 from mt.merge.source import SideFile, folder_side_files
-from mt.quant.types import f32_to_bf16_bits
+from mt.io.dtypes import f32_to_bf16_bits
 
 SAFETENSORS_OUTTYPES = {"bf16": "BF16", "f16": "F16", "f32": "F32"}
 

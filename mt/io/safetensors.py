@@ -16,21 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from mt.errors import CorruptTensorFile
+from mt.io.dtypes import STORAGE_DTYPES
 
-# safetensors dtype -> (numpy storage dtype, itemsize). BF16 is stored as raw uint16.
-STORAGE_DTYPES: dict[str, np.dtype] = {
-    "F64": np.dtype(np.float64),
-    "F32": np.dtype(np.float32),
-    "F16": np.dtype(np.float16),
-    "BF16": np.dtype(np.uint16),
-    "I64": np.dtype(np.int64),
-    "I32": np.dtype(np.int32),
-    "I16": np.dtype(np.int16),
-    "I8": np.dtype(np.int8),
-    "U8": np.dtype(np.uint8),
-    "BOOL": np.dtype(np.bool_),
-}
-FLOAT_DTYPES = ("F32", "F16", "BF16")
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 

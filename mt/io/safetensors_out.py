@@ -23,7 +23,7 @@ import numpy as np
 
 from mt.errors import MtError, TensorWriteError
 from mt.io.atomic import atomic_dir, check_output
-from mt.io.safetensors import FLOAT_DTYPES, STORAGE_DTYPES
+from mt.io.dtypes import FLOAT_DTYPES, STORAGE_DTYPES
 
 SINGLE_FILE = "model.safetensors"
 SHARD_FILE = "model-{index:05d}-of-{count:05d}.safetensors"

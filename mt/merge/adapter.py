@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from mt.convert.plan import to_f32
+from mt.io.dtypes import to_f32
 from mt.errors import AdapterError
 from mt.io.safetensors import TensorRef, read_header
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from mt.convert.arch import MODULES, load_architecture
-from mt.convert.checkpoint import Checkpoint
+from mt.io.checkpoint import Checkpoint
 from mt.errors import AdapterError
 from mt.merge.adapter import Adapter, LoraDelta
 

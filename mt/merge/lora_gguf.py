@@ -24,11 +24,13 @@ from gguf import GGMLQuantizationType as T
 
 from mt.convert.arch import load_architecture
 from mt.convert.arch.base import Architecture
-from mt.convert.checkpoint import Checkpoint, LazyTensor, open_checkpoint
+from mt.io.checkpoint import Checkpoint, LazyTensor, open_checkpoint
 from mt.convert.convert import write_general_metadata
-from mt.convert.plan import encode, read_whole, row_ranges, to_f32
+from mt.convert.plan import encode, read_whole
+from mt.io.stream import row_ranges
+from mt.io.dtypes import to_f32
 from mt.errors import AdapterError, UnknownTensor
-from mt.gguf_out import FastArrayGGUFWriter, TensorStream, atomic_path, check_output
+from mt.io.gguf_out import FastArrayGGUFWriter, TensorStream, atomic_path, check_output
 from mt.merge.adapter import CONFIG_NAME, PREFIX, Adapter, LoraConfig, LoraDelta, open_adapter
 from mt.merge.fused import fuse_parts
 from mt.merge.merged import OUTPUT_NAME, check_fits, tied_embedding

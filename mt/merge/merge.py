@@ -8,8 +8,8 @@ from typing import Iterator, Mapping
 
 import numpy as np
 
-from mt.convert.checkpoint import LazyTensor
-from mt.convert.plan import SLAB_BYTES, Progress, reporting, row_ranges
+from mt.io.checkpoint import LazyTensor
+from mt.io.stream import SLAB_BYTES, Progress, reporting, row_ranges
 from mt.io.safetensors_out import SafetensorsFolderWriter, TensorSpec, parse_size
 from mt.merge.merged import MergedTensor
 from mt.merge.source import SideFile, open_merged, side_files

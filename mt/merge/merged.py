@@ -9,13 +9,13 @@ from typing import Any, Callable
 
 import numpy as np
 
-from mt.convert.checkpoint import Checkpoint, LazyTensor
-from mt.convert.plan import to_f32
+from mt.io.checkpoint import Checkpoint, LazyTensor
+from mt.io.dtypes import to_f32
 from mt.errors import AdapterError
-from mt.io.safetensors import FLOAT_DTYPES, STORAGE_DTYPES
+from mt.io.dtypes import FLOAT_DTYPES, STORAGE_DTYPES
 from mt.merge.adapter import Adapter, LoraDelta
 from mt.merge.fused import fuse_parts
-from mt.quant.types import f32_to_bf16_bits
+from mt.io.dtypes import f32_to_bf16_bits
 
 DTYPES = {"f32": "F32", "f16": "F16", "bf16": "BF16"}
 EMBEDDING_NAMES = ("model.embed_tokens.weight", "transformer.wte.weight", "model.embed_in.weight")

@@ -27,9 +27,9 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from mt.convert.checkpoint import Checkpoint, LazyTensor, torch_to_storage
+from mt.io.checkpoint import Checkpoint, LazyTensor, torch_to_storage
 from mt.errors import AdapterError, CheckpointError, DeviceUnavailable
-from mt.io.safetensors import FLOAT_DTYPES, STORAGE_DTYPES
+from mt.io.dtypes import FLOAT_DTYPES, STORAGE_DTYPES
 from mt.merge.merged import BaseWrapper
 
 QUANT_TYPES = ("nf4", "fp4")

@@ -10,7 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from mt.convert.checkpoint import INDEX_NAME, Checkpoint, open_checkpoint
+from mt.io.checkpoint import INDEX_NAME, Checkpoint, open_checkpoint
 from mt.merge.adapter import Adapter, open_adapter
 from mt.merge.merged import DTYPES, merge_checkpoint
 

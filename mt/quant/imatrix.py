@@ -25,7 +25,7 @@ import numpy as np
 from gguf import GGMLQuantizationType, GGUFValueType
 
 from mt.errors import GGUFError, MtError
-from mt.gguf_in import GGUF_MAGIC, TensorInfo, read_header
+from mt.io.gguf_in import GGUF_MAGIC, TensorInfo, read_header
 
 SUMS, COUNTS = ".in_sum2", ".counts"
 KEY_DATASETS, KEY_CHUNK_COUNT, KEY_CHUNK_SIZE = "imatrix.datasets", "imatrix.chunk_count", "imatrix.chunk_size"

@@ -15,10 +15,11 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 from gguf import GGUFWriter, LlamaFileType
 
-from mt.convert.plan import Prefetcher, grouped, row_ranges
 from mt.errors import MtError, NonFiniteWeights
-from mt.gguf_in import GGUFHeader, TensorInfo, read_header
-from mt.gguf_out import FastArrayGGUFWriter, TensorStream, atomic_path, check_output
+from mt.io.dtypes import STORAGE_DTYPES, to_f32
+from mt.io.gguf_in import GGUFHeader, TensorInfo, read_header
+from mt.io.gguf_out import FastArrayGGUFWriter, TensorStream, atomic_path, check_output
+from mt.io.stream import Prefetcher, grouped, row_ranges
 from mt.quant.mix import FILE_TYPES, MixOptions, ModelFacts, TensorSpec, choose_types, llama_order
 from mt.quant.imatrix import Imatrix, load_imatrix, output_keys
 from mt.quant.device import GPU_TYPES, GpuQuantizer, select_device
@@ -72,7 +73,8 @@ def plan_types(header: GGUFHeader, facts: ModelFacts, file_type: LlamaFileType, 
     return ordered, types
 
 
-STORAGE = {T.BF16: ("BF16", np.uint16), T.F16: ("F16", np.float16), T.F32: ("F32", np.float32)}
+FLOAT_NAMES = {T.BF16: "BF16", T.F16: "F16", T.F32: "F32"}  # a float GGML type -> its storage dtype name
+STORAGE = {t: (name, STORAGE_DTYPES[name]) for t, name in FLOAT_NAMES.items()}
 
 
 class _NonFinite(Exception):
@@ -81,8 +83,6 @@ class _NonFinite(Exception):
 
 def _finite_f32(values: np.ndarray, src: T) -> np.ndarray:
     """Decode a chunk of source values (in a pool thread) and refuse NaN/Inf."""
-    from mt.convert.plan import to_f32
-
     out = to_f32(values, STORAGE[src][0])
     if not np.isfinite(out).all():
         raise _NonFinite

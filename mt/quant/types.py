@@ -16,6 +16,7 @@ from typing import Callable, ClassVar
 import numpy as np
 from gguf import GGMLQuantizationType
 
+from mt.io.dtypes import bf16_bits_to_f32, f32_to_bf16_bits  # noqa: F401  (BF16's codec)
 from mt.errors import QuantizationError
 
 REGISTRY: dict[GGMLQuantizationType, type["QuantType"]] = {}
@@ -172,18 +173,6 @@ class F16(QuantType):
 def fp16_field(blocks: np.ndarray, start: int) -> np.ndarray:
     """The fp16 scale stored at bytes [start, start + 2) of each block: uint8 [N, size] -> float32 [N, 1]."""
     return blocks[:, start:start + 2].copy().view(np.float16).astype(np.float32)
-
-
-def f32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
-    """ggml_compute_fp32_to_bf16: NaN made quiet, then round to nearest even."""
-    n = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
-    n = np.where((n & 0x7FFFFFFF) > 0x7F800000, (n & np.uint32(0xFFFF0000)) | np.uint32(64 << 16), n)
-    # uint32 cannot wrap: the largest sum is -inf's 0xff800000 + 0x8000 (NaNs were cleared to 0x..ff0000 | 0x400000)
-    return ((n + (np.uint32(0x7FFF) + ((n >> 16) & 1))) >> 16).astype(np.uint16)
-
-
-def bf16_bits_to_f32(bits: np.ndarray) -> np.ndarray:
-    return (bits.astype(np.uint32) << 16).view(np.float32)
 
 
 class BF16(QuantType):

@@ -14,11 +14,14 @@ from typing import Iterator
 import numpy as np
 from gguf import GGMLQuantizationType as T
 
-from mt.convert.plan import PlanEntry, read_whole, row_ranges, to_f32
-from mt.gguf_in import GGUFHeader, TensorInfo
+from mt.convert.plan import PlanEntry, read_whole
+from mt.io.stream import row_ranges
+from mt.io.dtypes import to_f32
+from mt.io.gguf_in import GGUFHeader, TensorInfo
 from mt.quant.imatrix import Imatrix
 from mt.errors import QuantizationError
-from mt.quant.types import bf16_bits_to_f32, f32_to_bf16_bits, quant_type
+from mt.quant.types import quant_type
+from mt.io.dtypes import bf16_bits_to_f32, f32_to_bf16_bits
 from mt.quant.weighted import quantize_weighted, uses_weights
 from mt.verify.report import Check, Status
 

@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 
-from mt.convert.checkpoint import Checkpoint, LazyTensor
-from mt.convert.plan import to_f32
+from mt.io.checkpoint import Checkpoint, LazyTensor
+from mt.io.dtypes import to_f32
 from mt.errors import CheckpointError
 
 if TYPE_CHECKING:

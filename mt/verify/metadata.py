@@ -13,7 +13,7 @@ from gguf import GGMLQuantizationType as T
 from gguf import LlamaFileType
 
 from mt.convert.plan import OUTTYPES, tensor_type
-from mt.gguf_in import GGUFHeader
+from mt.io.gguf_in import GGUFHeader
 from mt.quant.mix import DEFAULT_TYPE, MixOptions, ModelFacts, TensorSpec, allows_quantization, choose_types, llama_order
 from mt.verify.report import Check, Status
 from mt.verify.thresholds import file_type_name

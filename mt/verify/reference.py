@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from mt.errors import CheckpointError, GGUFError, TokenizerError
-from mt.gguf_in import GGUFHeader, read_header
+from mt.io.gguf_in import GGUFHeader, read_header
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ctypes
 from typing import Any
 
-from mt.gguf_in import GGUFHeader
+from mt.io.gguf_in import GGUFHeader
 from mt.verify.reference import Reference
 from mt.verify.report import Check, Status
 

@@ -24,11 +24,11 @@ from pathlib import Path
 import numpy as np
 
 from mt.convert.arch import MODULES, load_architecture
-from mt.convert.checkpoint import Checkpoint
+from mt.io.checkpoint import Checkpoint
 from mt.convert.convert import load, prepare_writer, write_conversion
 from mt.convert.plan import TensorPlan, build_plan
 from mt.errors import CheckpointError, UnsupportedArchitecture, VerifyError
-from mt.gguf_in import GGUFHeader, read_header
+from mt.io.gguf_in import GGUFHeader, read_header
 from mt.quant.imatrix import Imatrix, load_imatrix
 from mt.verify.corpus import CORPUS
 from mt.verify.exact import check_tensors

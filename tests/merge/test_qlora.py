@@ -27,8 +27,8 @@ peft = pytest.importorskip("peft")
 
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig  # noqa: E402
 
-from mt.convert.checkpoint import Checkpoint, open_checkpoint  # noqa: E402
-from mt.convert.plan import to_f32  # noqa: E402
+from mt.io.checkpoint import Checkpoint, open_checkpoint  # noqa: E402
+from mt.io.dtypes import to_f32# noqa: E402
 from mt.errors import AdapterError, CheckpointError, DeviceUnavailable  # noqa: E402
 from mt.merge.adapter import open_adapter  # noqa: E402
 from mt.merge.merged import merge_checkpoint  # noqa: E402

@@ -77,7 +77,7 @@ def test_unknown_backend_is_one_line_and_leaves_no_output(f32_gguf, tmp_path):
 def test_nan_weight_is_named(llama2_spm_dir, tmp_path):
     import numpy as np
 
-    from mt.gguf_in import read_header
+    from mt.io.gguf_in import read_header
 
     f32 = tmp_path / "f32.gguf"
     convert(llama2_spm_dir, f32, "f32")

@@ -10,7 +10,7 @@ from gguf import GGMLQuantizationType as T
 
 from mt.cli import main
 from mt.convert.convert import convert
-from mt.gguf_in import read_header
+from mt.io.gguf_in import read_header
 from mt.quant.quantize import _quantize_by_matrix, parse_file_type, quantize_gguf
 from tests.ggml_ref import ggml_quantize
 from tests.gguf_compare import read_gguf

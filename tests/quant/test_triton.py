@@ -20,7 +20,8 @@ from gguf import GGMLQuantizationType as T
 
 from mt.errors import DeviceUnavailable, QuantizationError
 from mt.quant import device as device_mod
-from mt.quant.types import f32_to_bf16_bits, quant_type
+from mt.quant.types import quant_type
+from mt.io.dtypes import f32_to_bf16_bits
 from tests.ggml_ref import ggml_quantize
 from tests.quant.test_kquants import rows_for
 

@@ -12,7 +12,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from mt.convert.checkpoint import Checkpoint, LazyTensor, open_checkpoint
+from mt.io.checkpoint import Checkpoint, LazyTensor, open_checkpoint
 from mt.verify import layered
 from mt.verify.layered import reference_logits, truncated_config
 

@@ -58,7 +58,8 @@ def verifier_of(request):
 
 @pytest.mark.parametrize("fixture, outtype", [("llama2_spm_dir", "f16"), ("llama2_spm_dir", "bf16"),
                                               ("llama2_spm_dir", "q8_0"), ("llama2_spm_dir", "q4_k_m"),
-                                              ("llama3_dir", "q4_k_m"), ("qwen2_dir", "f16")])
+                                              ("llama3_dir", "q4_k_m"), ("qwen2_dir", "f16"), ("qwen3_dir", "q4_k_m"),
+                                              ("phi3_dir", "q8_0"), ("gemma2_dir", "f16"), ("gemma3_dir", "q4_k_m")])
 def test_mt_files_pass(verifier_of, gguf_of, fixture, outtype):
     report = verifier_of(fixture).verify(gguf_of(fixture, outtype))
     assert_exact_pass(report)
@@ -104,7 +105,7 @@ def test_f32_source_quantized_from_an_f16_intermediate(llama3_f32_untied_dir, tm
 @pytest.fixture(scope="module")
 def imatrix_file(llama2_256_dir, gguf_of, tmp_path_factory) -> tuple[Path, Path]:
     """(imatrix.gguf, the Q4_K_M mt quantize made with it)."""
-    from mt.gguf_in import read_header
+    from mt.io.gguf_in import read_header
 
     f16 = gguf_of("llama2_256_dir", "f16")
     shapes = {t.name: (1, t.shape[0]) for t in read_header(f16).tensors if len(t.shape) == 2}

@@ -14,7 +14,7 @@ from mt.convert.vocab import VocabSummary, write_vocab
 from mt.errors import MtError, UnknownTensor
 
 if TYPE_CHECKING:
-    from mt.convert.checkpoint import LazyTensor
+    from mt.io.checkpoint import LazyTensor
 
 # A transform takes the tensor (storage dtype, full) and the config and returns the new tensor.
 Transform = Callable[[np.ndarray, dict[str, Any]], np.ndarray]

@@ -15,7 +15,7 @@ from gguf import GGUFWriter
 from mt.convert.arch.base import Architecture, NameTable
 from mt.convert.vocab import VocabSummary
 from mt.errors import UnsupportedArchitecture
-from mt.quant.types import bf16_bits_to_f32
+from mt.io.dtypes import bf16_bits_to_f32
 
 GEMMA_NAMES = {
     "model.embed_tokens": "token_embd",

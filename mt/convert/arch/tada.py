@@ -16,7 +16,7 @@ from gguf import GGUFWriter
 
 from mt.convert.arch.base import Companion, NameTable
 from mt.convert.arch.llama import Llama
-from mt.convert.checkpoint import LazyTensor
+from mt.io.checkpoint import LazyTensor
 
 ACOUSTIC_GGUF_ARCH = "tada"
 

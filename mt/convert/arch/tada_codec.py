@@ -22,8 +22,8 @@ import numpy as np
 from gguf import GGUFWriter
 
 from mt.convert.arch.base import Architecture, KeptNames
-from mt.convert.checkpoint import LazyTensor
-from mt.convert.plan import to_f32
+from mt.io.checkpoint import LazyTensor
+from mt.io.dtypes import to_f32
 from mt.convert.vocab import VocabSummary
 from mt.errors import CheckpointError, MissingTensor
 

@@ -2,7 +2,7 @@ import numpy as np
 from gguf import GGUFReader
 
 from mt.convert.convert import convert
-from mt.gguf_in import read_header
+from mt.io.gguf_in import read_header
 
 
 def test_header_reader_agrees_with_gguf_py(llama2_spm_dir, tmp_path):

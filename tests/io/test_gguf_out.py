@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from gguf import GGUFValueType, GGUFWriter
 
-from mt.gguf_out import FastArrayGGUFWriter
+from mt.io.gguf_out import FastArrayGGUFWriter
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,39 @@
+"""Storage dtypes: the one table of how each tensor dtype is held in numpy, and decoding to float32."""
+
+from __future__ import annotations
+
+import numpy as np
+
+# safetensors dtype name -> numpy storage dtype. BF16 is held as its raw uint16 bits.
+STORAGE_DTYPES: dict[str, np.dtype] = {
+    "F64": np.dtype(np.float64),
+    "F32": np.dtype(np.float32),
+    "F16": np.dtype(np.float16),
+    "BF16": np.dtype(np.uint16),
+    "I64": np.dtype(np.int64),
+    "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16),
+    "I8": np.dtype(np.int8),
+    "U8": np.dtype(np.uint8),
+    "BOOL": np.dtype(np.bool_),
+}
+FLOAT_DTYPES = ("F32", "F16", "BF16")
+FLOAT_DTYPE_NAMES = {STORAGE_DTYPES[name]: name for name in FLOAT_DTYPES}  # numpy storage dtype -> "BF16" …
+
+
+def f32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
+    """ggml_compute_fp32_to_bf16: NaN made quiet, then round to nearest even."""
+    n = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    n = np.where((n & 0x7FFFFFFF) > 0x7F800000, (n & np.uint32(0xFFFF0000)) | np.uint32(64 << 16), n)
+    # uint32 cannot wrap: the largest sum is -inf's 0xff800000 + 0x8000 (NaNs were cleared to 0x..ff0000 | 0x400000)
+    return ((n + (np.uint32(0x7FFF) + ((n >> 16) & 1))) >> 16).astype(np.uint16)
+
+
+def bf16_bits_to_f32(bits: np.ndarray) -> np.ndarray:
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def to_f32(raw: np.ndarray, dtype: str) -> np.ndarray:
+    if dtype == "BF16":
+        return bf16_bits_to_f32(raw)
+    return raw.astype(np.float32, copy=False)
