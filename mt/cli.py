@@ -252,7 +252,8 @@ def inspect(path: Path, as_json: bool) -> None:
 @click.option("--imatrix", type=click.Path(path_type=Path, dir_okay=False),
               help="The importance matrix the file was quantized with (its tensors are then checked exactly).")
 @click.option("--reference-layers", type=click.IntRange(min=1), default=None,
-              help="Layers the 16-bit reference conversion runs (default: all up to a 1 GiB reference, else 6).")
+              help="Layers the 16-bit reference conversion runs (default: all up to a 1 GiB reference, else the "
+                   "first layers holding one of each kind, at least 2).")
 @click.option("--adapter", type=click.Path(path_type=Path, file_okay=False),
               help="PEFT adapter the GGUF was merged from: merged into the reference.")
 @click.option("--force", is_flag=True, help="Overwrite existing report files.")

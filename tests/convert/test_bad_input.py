@@ -138,7 +138,7 @@ def test_pickle_refused_by_default_and_loaded_with_flag(src, tmp_path):
 
 @pytest.mark.parametrize("exc, needle", [(KeyboardInterrupt(), "interrupted"), (OSError(errno.ENOSPC, "No space left"), "disk full")])
 def test_interrupt_and_disk_full_leave_nothing(src, tmp_path, monkeypatch, exc, needle):
-    from mt import gguf_out
+    from mt.io import gguf_out
 
     calls = {"n": 0}
     original = gguf_out.TensorStream.write_tensor
