@@ -16,12 +16,13 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 
 from mt.errors import DeviceUnavailable, NonFiniteWeights
+from mt.quant.types import types_with
 
 if TYPE_CHECKING:
     import torch
 
 DEVICES = ("auto", "cpu", "cuda")
-GPU_TYPES = frozenset({T.Q8_0, T.Q4_K, T.Q5_K, T.Q6_K})
+GPU_TYPES = types_with("triton")
 GPU_SLAB_VALUES = 1 << 24  # values per upload: bounds GPU memory at ~0.5 GB per slab
 STORAGE_DTYPES = {"BF16": np.int16, "F16": np.float16, "F32": np.float32}
 

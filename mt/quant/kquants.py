@@ -193,10 +193,9 @@ def q5_k_bytes(d: np.ndarray, dmin: np.ndarray, scales: np.ndarray, L: np.ndarra
 
 class Q4_K(QuantType):
     ggml_type = GGMLQuantizationType.Q4_K
-    block_size = QK_K
     chunk_values = K_CHUNK_VALUES
-    type_size = 144
-    kernel = "q4_k"
+    kernel = weighted_kernel = "q4_k"
+    triton = True
 
     @classmethod
     def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
@@ -210,10 +209,9 @@ class Q4_K(QuantType):
 
 class Q5_K(QuantType):
     ggml_type = GGMLQuantizationType.Q5_K
-    block_size = QK_K
     chunk_values = K_CHUNK_VALUES
-    type_size = 176
-    kernel = "q5_k"
+    kernel = weighted_kernel = "q5_k"
+    triton = True
 
     @classmethod
     def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
@@ -309,10 +307,9 @@ def q6_k_bytes(blocks: np.ndarray, scales: np.ndarray, L: np.ndarray) -> np.ndar
 
 class Q6_K(QuantType):
     ggml_type = GGMLQuantizationType.Q6_K
-    block_size = QK_K
     chunk_values = K_CHUNK_VALUES
-    type_size = 210
-    kernel = "q6_k"
+    kernel = weighted_kernel = "q6_k"
+    triton = True
 
     @classmethod
     def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:

@@ -96,8 +96,6 @@ def symmetric_quants(blocks: np.ndarray, half: int) -> tuple[np.ndarray, np.ndar
 
 class Q4_0(QuantType):
     ggml_type = GGMLQuantizationType.Q4_0
-    block_size = QK
-    type_size = 18
 
     @classmethod
     def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
@@ -113,8 +111,6 @@ class Q4_0(QuantType):
 
 class Q4_1(QuantType):
     ggml_type = GGMLQuantizationType.Q4_1
-    block_size = QK
-    type_size = 20
 
     @classmethod
     def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
@@ -132,8 +128,6 @@ class Q4_1(QuantType):
 
 class Q5_0(QuantType):
     ggml_type = GGMLQuantizationType.Q5_0
-    block_size = QK
-    type_size = 22
 
     @classmethod
     def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
@@ -149,8 +143,6 @@ class Q5_0(QuantType):
 
 class Q5_1(QuantType):
     ggml_type = GGMLQuantizationType.Q5_1
-    block_size = QK
-    type_size = 24
 
     @classmethod
     def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:

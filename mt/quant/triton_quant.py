@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
 
 # tl.full rather than tl.zeros throughout: tl.zeros is a @jit helper of triton's standard library, which the
@@ -347,13 +348,8 @@ def _q6_k_kernel(xt_ptr, out_ptr, scratch_ptr, n_lanes, LANES: tl.constexpr):
 
 # ---------------------------------------------------------------------------------------------- host
 
-# ggml type -> (block size, type size, scratch rows)
-SHAPES: dict[T, tuple[int, int, int]] = {
-    T.Q8_0: (32, 34, 0),
-    T.Q4_K: (256, 144, 4 * 8),
-    T.Q5_K: (256, 176, 4 * 8),
-    T.Q6_K: (256, 210, 3 * 16),
-}
+SCRATCH_ROWS = {T.Q8_0: 0, T.Q4_K: 4 * 8, T.Q5_K: 4 * 8, T.Q6_K: 3 * 16}  # float32 rows of scratch per lane
+SHAPES: dict[T, tuple[int, int, int]] = {t: (*GGML_QUANT_SIZES[t], rows) for t, rows in SCRATCH_ROWS.items()}  # + sizes
 AFFINE = {T.Q4_K: (15, -1.0, 20, False), T.Q5_K: (31, -0.5, 15, True)}  # nmax, rmin, nstep, high bit
 
 

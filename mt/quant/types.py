@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, ClassVar
 
 import numpy as np
-from gguf import GGMLQuantizationType
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from mt.io.dtypes import bf16_bits_to_f32, f32_to_bf16_bits  # noqa: F401  (BF16's codec)
 from mt.errors import QuantizationError
@@ -68,13 +68,18 @@ def run_chunked(n_items: int, step: int, run: Callable[[int], None]) -> None:
 
 
 class QuantType:
+    """A GGML type: its sizes come from gguf's table; a subclass declares its fast paths beside its reference."""
+
     ggml_type: ClassVar[GGMLQuantizationType]
-    block_size: ClassVar[int]
-    type_size: ClassVar[int]
+    block_size: ClassVar[int]  # values per block
+    type_size: ClassVar[int]  # bytes per block
     chunk_values: ClassVar[int | None] = None  # values per numpy work item; None: CHUNK_VALUES
-    kernel: ClassVar[str | None] = None  # name of the compiled kernel in mt.quant.compiled, if any
+    kernel: ClassVar[str | None] = None  # the compiled kernel in mt.quant.compiled's KERNELS, if any
+    weighted_kernel: ClassVar[str | None] = None  # the compiled imatrix kernel in its WEIGHTED_KERNELS, if any
+    triton: ClassVar[bool] = False  # a Triton kernel in mt.quant.triton_quant writes the same bytes
 
     def __init_subclass__(cls) -> None:
+        cls.block_size, cls.type_size = GGML_QUANT_SIZES[cls.ggml_type]
         REGISTRY[cls.ggml_type] = cls
 
     @classmethod
@@ -143,8 +148,6 @@ class QuantType:
 
 class F32(QuantType):
     ggml_type = GGMLQuantizationType.F32
-    block_size = 1
-    type_size = 4
 
     @classmethod
     def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
@@ -157,8 +160,6 @@ class F32(QuantType):
 
 class F16(QuantType):
     ggml_type = GGMLQuantizationType.F16
-    block_size = 1
-    type_size = 2
 
     @classmethod
     def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
@@ -177,8 +178,6 @@ def fp16_field(blocks: np.ndarray, start: int) -> np.ndarray:
 
 class BF16(QuantType):
     ggml_type = GGMLQuantizationType.BF16
-    block_size = 1
-    type_size = 2
 
     @classmethod
     def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
@@ -212,9 +211,8 @@ def roundf_to_int8(x: np.ndarray) -> np.ndarray:
 
 class Q8_0(QuantType):
     ggml_type = GGMLQuantizationType.Q8_0
-    block_size = 32
-    type_size = 34
     kernel = "q8_0"
+    triton = True
 
     @classmethod
     def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
@@ -234,10 +232,19 @@ class Q8_0(QuantType):
         return blocks[:, 2:].view(np.int8).astype(np.float32) * d
 
 
-def quant_type(ggml_type: GGMLQuantizationType) -> type[QuantType]:
+def _register_all() -> None:
     import mt.quant.kquants  # noqa: F401  (registers the K-quants)
-    import mt.quant.legacy  # noqa: F401  (registers Q4_0, Q5_0, Q5_1)
+    import mt.quant.legacy  # noqa: F401  (registers Q4_0, Q4_1, Q5_0, Q5_1)
 
+
+def types_with(fast_path: str) -> frozenset[GGMLQuantizationType]:
+    """The types that declare a fast path: "kernel", "weighted_kernel" or "triton"."""
+    _register_all()
+    return frozenset(t for t, cls in REGISTRY.items() if getattr(cls, fast_path))
+
+
+def quant_type(ggml_type: GGMLQuantizationType) -> type[QuantType]:
+    _register_all()
     try:
         return REGISTRY[ggml_type]
     except KeyError:

@@ -31,7 +31,7 @@ from mt.quant.kquants import (
     requantize_affine,
 )
 from mt.quant.legacy import QK, fp16_bytes, pack_high_bits, pack_nibbles
-from mt.quant.types import compiled_kernel, quant_backend, quant_type, run_chunked
+from mt.quant.types import compiled_kernel, quant_backend, quant_type, run_chunked, types_with
 
 F32 = np.float32
 RowQuantizer = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (rows [R, n], weights [n]) -> bytes [R, row_size]
@@ -191,7 +191,7 @@ def uses_weights(ggml_type: T) -> bool:
     return ggml_type in WEIGHTED
 
 
-COMPILED_WEIGHTED = {T.Q4_K: "q4_k", T.Q5_K: "q5_k", T.Q6_K: "q6_k"}  # kernels in mt.quant.compiled
+COMPILED_WEIGHTED = {t: quant_type(t).weighted_kernel for t in types_with("weighted_kernel")}  # in mt.quant.compiled
 
 
 def compiled_row_writer(name: str) -> RowWriter:
