@@ -11,8 +11,9 @@ from typing import Any, Callable
 import click
 
 from mt.errors import MtError
+from mt.quant.outtypes import CONVERT_CHOICES, CONVERTER_TYPES
 
-OUTTYPE_CHOICES = ["f32", "f16", "bf16", "q8_0", "auto", "q4_k_m", "q5_k_m", "q4_k_s", "q5_k_s", "q6_k", "q4_0", "q5_0", "q5_1"]
+OUTTYPE_CHOICES = CONVERT_CHOICES
 
 DEVICE_OPTION = click.option(
     "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
@@ -118,7 +119,7 @@ def merge(base: Path, adapter: Path, out: Path, dtype: str | None, max_shard_siz
 @click.option("--base", "base", type=click.Path(path_type=Path), required=True,
               help="The Hugging Face checkpoint folder the adapter was trained on (its GGUF is what llama.cpp runs).")
 @click.option("-o", "--output", "out", type=click.Path(path_type=Path), required=True, help="GGUF adapter file to write.")
-@click.option("--outtype", type=click.Choice(["f32", "f16", "bf16", "q8_0"]), default="f32", show_default=True)
+@click.option("--outtype", type=click.Choice(list(CONVERTER_TYPES)), default="f32", show_default=True)
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
 @click.option("--quiet", is_flag=True, help="No summary.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")

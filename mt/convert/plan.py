@@ -15,19 +15,14 @@ from mt.io.checkpoint import Checkpoint, LazyTensor
 from mt.io.dtypes import FLOAT_DTYPE_NAMES, FLOAT_DTYPES, to_f32
 from mt.io.safetensors import FileSpan
 from mt.io.stream import Chunk, Prefetcher, grouped, row_ranges
-from mt.quant.mix import FILE_TYPES as MIXES
+from mt.quant.outtypes import CONVERT_CHOICES, CONVERTER_TYPES, QUANTIZER_TYPES, converter_tensor_type
 from mt.quant.mix import ModelFacts, TensorSpec, choose_types, llama_order
 from mt.quant.types import quant_type
 
 if TYPE_CHECKING:
     from mt.quant.device import GpuQuantizer
 
-OUTTYPES: dict[str, tuple[LlamaFileType, T]] = {
-    "f32": (LlamaFileType.ALL_F32, T.F32),
-    "f16": (LlamaFileType.MOSTLY_F16, T.F16),
-    "bf16": (LlamaFileType.MOSTLY_BF16, T.BF16),
-    "q8_0": (LlamaFileType.MOSTLY_Q8_0, T.Q8_0),
-}
+OUTTYPES: dict[str, tuple[LlamaFileType, T]] = {name: (o.file_type, o.base) for name, o in CONVERTER_TYPES.items()}
 
 
 @dataclass(frozen=True)
@@ -66,16 +61,16 @@ def resolve_outtype(outtype: str, ckpt: Checkpoint) -> tuple[LlamaFileType, T]:
         first = next((t for t in ckpt.tensors.values() if len(t.shape) >= 2), None)
         outtype = {"BF16": "bf16", "F16": "f16"}.get(first.dtype if first else "", "f16")
     if outtype not in OUTTYPES:
-        choices = [*OUTTYPES, "auto", *(m for m in MIXES if m not in OUTTYPES)]
-        raise MtError(f"unknown --outtype {outtype!r}", f"choose one of {', '.join(choices)}")
+        raise MtError(f"unknown --outtype {outtype!r}", f"choose one of {', '.join(CONVERT_CHOICES)}")
     return OUTTYPES[outtype]
 
 
 def build_plan(ckpt: Checkpoint, arch: Architecture, outtype: str) -> TensorPlan:
     """The converter's plan, or for a llama.cpp mix the plan llama-quantize makes from the F32 file."""
     outtype = arch.check_outtype(outtype)
-    if outtype in MIXES and outtype not in OUTTYPES:
-        return mix_plan(_converter_plan(ckpt, arch, "f32"), MIXES[outtype], arch.block_count(), arch.gguf_arch)
+    if outtype in QUANTIZER_TYPES and outtype not in CONVERTER_TYPES:
+        mix = QUANTIZER_TYPES[outtype].file_type
+        return mix_plan(_converter_plan(ckpt, arch, "f32"), mix, arch.block_count(), arch.gguf_arch)
     return _converter_plan(ckpt, arch, outtype)
 
 
@@ -88,21 +83,12 @@ def mix_plan(f32_plan: TensorPlan, file_type: LlamaFileType, n_layer: int, gguf_
     return TensorPlan(file_type, entries, llama_quantize_layout=True)
 
 
-def tensor_type(name: str, shape: tuple[int, ...], file_qtype: T) -> T:
-    """llama.cpp's converter: 1-D, norms and non-weights stay F32; rows a block does not divide fall back to F16."""
-    if len(shape) <= 1 or name.endswith("_norm.weight") or not name.endswith(".weight"):
-        return T.F32
-    if not quant_type(file_qtype).row_fits(shape[-1]):
-        return T.F16
-    return file_qtype
-
-
 NOT_DATA_SUFFIXES = (".attention.masked_bias", ".attention.bias", ".rotary_emb.inv_freq")  # buffers, not weights
 
 
 def _converter_plan(ckpt: Checkpoint, arch: Architecture, outtype: str) -> TensorPlan:
     file_type, file_qtype = resolve_outtype(outtype, ckpt)
-    entries = [PlanEntry(x.name, x.shape, tensor_type(x.name, x.shape, file_qtype), extra=x) for x in arch.extra_tensors()]
+    entries = [PlanEntry(x.name, x.shape, converter_tensor_type(x.name, x.shape, file_qtype), extra=x) for x in arch.extra_tensors()]
     for hf_name, ref in arch.source_tensors(ckpt.tensors).items():
         if hf_name.endswith(NOT_DATA_SUFFIXES):
             continue
@@ -110,7 +96,7 @@ def _converter_plan(ckpt: Checkpoint, arch: Architecture, outtype: str) -> Tenso
             continue
         check_float(hf_name, ref)
         name = arch.names.map(hf_name)
-        qtype = tensor_type(name, ref.shape, file_qtype)
+        qtype = converter_tensor_type(name, ref.shape, file_qtype)
         entries.append(PlanEntry(name, ref.shape, qtype, source=ref, transform=arch.transform_for(name)))
     return TensorPlan(file_type, entries)
 

@@ -34,9 +34,10 @@ from mt.io.gguf_out import FastArrayGGUFWriter, TensorStream, atomic_path, check
 from mt.merge.adapter import CONFIG_NAME, PREFIX, Adapter, LoraConfig, LoraDelta, open_adapter
 from mt.merge.fused import fuse_parts
 from mt.merge.merged import OUTPUT_NAME, check_fits, tied_embedding
+from mt.quant.outtypes import CONVERTER_TYPES
 from mt.quant.types import quant_type
 
-OUTTYPES: dict[str, T] = {"f32": T.F32, "f16": T.F16, "bf16": T.BF16, "q8_0": T.Q8_0}
+OUTTYPES: dict[str, T] = {name: o.base for name, o in CONVERTER_TYPES.items()}  # convert_lora_to_gguf.py's --outtype
 ALORA_TOKENS_KEY = "alora_invocation_tokens"
 # llama.cpp's tensor names for the input embedding and the output projection (LLM_TENSOR_TOKEN_EMBD / OUTPUT)
 TOKEN_EMBD = "token_embd.weight"

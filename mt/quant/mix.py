@@ -13,23 +13,10 @@ from gguf import GGML_QUANT_SIZES, LlamaFileType
 from gguf import GGMLQuantizationType as T
 
 from mt.errors import MtError
+from mt.quant.outtypes import QUANTIZER_TYPES
 
-DEFAULT_TYPE: dict[LlamaFileType, T] = {
-    LlamaFileType.MOSTLY_Q8_0: T.Q8_0,
-    LlamaFileType.MOSTLY_Q4_0: T.Q4_0,
-    LlamaFileType.MOSTLY_Q5_0: T.Q5_0,
-    LlamaFileType.MOSTLY_Q5_1: T.Q5_1,
-    LlamaFileType.MOSTLY_Q4_K_S: T.Q4_K,
-    LlamaFileType.MOSTLY_Q4_K_M: T.Q4_K,
-    LlamaFileType.MOSTLY_Q5_K_S: T.Q5_K,
-    LlamaFileType.MOSTLY_Q5_K_M: T.Q5_K,
-    LlamaFileType.MOSTLY_Q6_K: T.Q6_K,
-}
-FILE_TYPES: dict[str, LlamaFileType] = {
-    "q8_0": LlamaFileType.MOSTLY_Q8_0, "q4_0": LlamaFileType.MOSTLY_Q4_0, "q5_0": LlamaFileType.MOSTLY_Q5_0,
-    "q5_1": LlamaFileType.MOSTLY_Q5_1, "q4_k_s": LlamaFileType.MOSTLY_Q4_K_S, "q4_k_m": LlamaFileType.MOSTLY_Q4_K_M,
-    "q5_k_s": LlamaFileType.MOSTLY_Q5_K_S, "q5_k_m": LlamaFileType.MOSTLY_Q5_K_M, "q6_k": LlamaFileType.MOSTLY_Q6_K,
-}
+DEFAULT_TYPE: dict[LlamaFileType, T] = {o.file_type: o.base for o in QUANTIZER_TYPES.values()}
+FILE_TYPES: dict[str, LlamaFileType] = {name: o.file_type for name, o in QUANTIZER_TYPES.items()}
 # a K-quant whose block does not divide the row falls back to a 32-block type, else F16
 FALLBACK = {T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0}
 # substrings of tensors llama.cpp never quantizes (llama-quant.cpp tensor_allows_quantization)

@@ -12,9 +12,9 @@ from typing import Any
 from gguf import GGMLQuantizationType as T
 from gguf import LlamaFileType
 
-from mt.convert.plan import OUTTYPES, tensor_type
 from mt.io.gguf_in import GGUFHeader
-from mt.quant.mix import DEFAULT_TYPE, MixOptions, ModelFacts, TensorSpec, allows_quantization, choose_types, llama_order
+from mt.quant.mix import MixOptions, ModelFacts, TensorSpec, allows_quantization, choose_types, llama_order
+from mt.quant.outtypes import OutType, by_file_type, converter_tensor_type
 from mt.verify.report import Check, Status
 from mt.verify.thresholds import file_type_name
 
@@ -71,18 +71,18 @@ def check_metadata(checked: GGUFHeader, reference: GGUFHeader) -> Check:
     return Check("metadata", Status.PASS, summary)
 
 
-def _expected_types(checked: GGUFHeader, ftype: LlamaFileType, pure: bool) -> dict[str, T]:
-    """What llama.cpp would give each tensor for `ftype`: the converter's rule for 16/32-bit types, llama-quantize's otherwise."""
+def _expected_types(checked: GGUFHeader, out: OutType, pure: bool) -> dict[str, T]:
+    """What llama.cpp would give each tensor for `out`: the converter's rule for the types only it writes,
+    llama-quantize's otherwise."""
     infos = {t.name: t for t in checked.tensors}
-    converter = {int(f): q for f, q in OUTTYPES.values()}
-    if int(ftype) in converter and ftype not in DEFAULT_TYPE:
-        return {t.name: tensor_type(t.name, tuple(reversed(t.shape)), converter[int(ftype)]) for t in infos.values()}
+    if not out.quantizer:
+        return {t.name: converter_tensor_type(t.name, tuple(reversed(t.shape)), out.base) for t in infos.values()}
     arch = str(checked.value("general.architecture", ""))
     facts = ModelFacts(arch=arch, n_layer=int(checked.value(f"{arch}.block_count", 0) or 0),
                        n_expert=int(checked.value(f"{arch}.expert_count", 0) or 0))
     options = MixOptions(pure=pure, has_imatrix=any(k.startswith("quantize.imatrix.") for k in checked.kv))
     specs = [TensorSpec(n, infos[n].shape, T.F32) for n in llama_order(list(infos))]
-    return choose_types(specs, ftype, facts, options)
+    return choose_types(specs, out.file_type, facts, options)
 
 
 def file_type_findings(checked: GGUFHeader) -> tuple[list[str], list[str]]:
@@ -91,14 +91,15 @@ def file_type_findings(checked: GGUFHeader) -> tuple[list[str], list[str]]:
     raw = checked.value("general.file_type")
     name = file_type_name(raw)
     try:
-        ftype = LlamaFileType(raw)
+        LlamaFileType(raw)
     except (TypeError, ValueError):
         return [f"general.file_type is {name}"], []
-    if ftype not in DEFAULT_TYPE and int(ftype) not in {int(f) for f, _ in OUTTYPES.values()}:
+    out = by_file_type(raw)
+    if out is None:
         return [], [f"mt cannot tell which tensor types general.file_type {name} implies"]
     actual = {t.name: t.type for t in checked.tensors}
     quantizable = [t.name for t in checked.tensors if allows_quantization(TensorSpec(t.name, t.shape, t.type), MixOptions())]
-    choices = [_expected_types(checked, ftype, pure) for pure in (False, True)]
+    choices = [_expected_types(checked, out, pure) for pure in (False, True)]
     off = [n for n in quantizable if all(actual[n] != c[n] for c in choices)]
     if not off:
         return [], []

@@ -168,7 +168,7 @@ def test_internal_error_is_one_line_and_debug_shows_traceback(src, tmp_path, mon
     def broken(*args, **kwargs):
         raise ZeroDivisionError("boom")
 
-    monkeypatch.setattr(plan, "tensor_type", broken)
+    monkeypatch.setattr(plan, "converter_tensor_type", broken)
     out = tmp_path / "o.gguf"
     assert_clean_failure(run_convert(src, out), out, "internal error: ZeroDivisionError: boom", "MT_DEBUG=1")
     monkeypatch.setenv("MT_DEBUG", "1")

@@ -1,0 +1,58 @@
+"""Output types: every type `mt convert --outtype`, `mt quantize` and `mt convert-lora` can write, in one table.
+
+llama.cpp has two writers with their own per-tensor rules: its converter (F32, F16, BF16, Q8_0: 1-D tensors and
+norms stay F32, rows a block does not divide fall back to F16) and llama-quantize (the mixes: `mix.choose_types`).
+A type says which of them makes it; `mt convert --outtype q4_k_m` is the converter's F32 file quantized.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gguf import GGML_QUANT_SIZES
+from gguf import GGMLQuantizationType as T
+from gguf import LlamaFileType as F
+
+
+@dataclass(frozen=True)
+class OutType:
+    name: str
+    file_type: F
+    base: T  # what a weight tensor gets when no rule says otherwise
+    converter: bool  # convert_hf_to_gguf.py writes it (--outtype), under the converter's rule
+    quantizer: bool  # llama-quantize makes it, under llama-quant.cpp's rules
+
+
+OUT_TYPES: dict[str, OutType] = {o.name: o for o in (
+    OutType("f32", F.ALL_F32, T.F32, converter=True, quantizer=False),
+    OutType("f16", F.MOSTLY_F16, T.F16, converter=True, quantizer=False),
+    OutType("bf16", F.MOSTLY_BF16, T.BF16, converter=True, quantizer=False),
+    OutType("q8_0", F.MOSTLY_Q8_0, T.Q8_0, converter=True, quantizer=True),
+    OutType("q4_0", F.MOSTLY_Q4_0, T.Q4_0, converter=False, quantizer=True),
+    OutType("q5_0", F.MOSTLY_Q5_0, T.Q5_0, converter=False, quantizer=True),
+    OutType("q5_1", F.MOSTLY_Q5_1, T.Q5_1, converter=False, quantizer=True),
+    OutType("q4_k_s", F.MOSTLY_Q4_K_S, T.Q4_K, converter=False, quantizer=True),
+    OutType("q4_k_m", F.MOSTLY_Q4_K_M, T.Q4_K, converter=False, quantizer=True),
+    OutType("q5_k_s", F.MOSTLY_Q5_K_S, T.Q5_K, converter=False, quantizer=True),
+    OutType("q5_k_m", F.MOSTLY_Q5_K_M, T.Q5_K, converter=False, quantizer=True),
+    OutType("q6_k", F.MOSTLY_Q6_K, T.Q6_K, converter=False, quantizer=True),
+)}
+CONVERTER_TYPES = {name: o for name, o in OUT_TYPES.items() if o.converter}
+QUANTIZER_TYPES = {name: o for name, o in OUT_TYPES.items() if o.quantizer}
+CONVERT_CHOICES = [*CONVERTER_TYPES, "auto", *(n for n in QUANTIZER_TYPES if n not in CONVERTER_TYPES)]  # mt convert
+
+
+def by_file_type(file_type: int) -> OutType | None:
+    return next((o for o in OUT_TYPES.values() if int(o.file_type) == int(file_type)), None)
+
+
+def row_fits(qtype: T, n_per_row: int) -> bool:
+    return n_per_row % GGML_QUANT_SIZES[qtype][0] == 0
+
+
+def converter_tensor_type(name: str, shape: tuple[int, ...], base: T) -> T:
+    """llama.cpp's converter: 1-D, norms and non-weights stay F32; rows a block does not divide fall back to F16.
+    `shape` in numpy order (the row last)."""
+    if len(shape) <= 1 or name.endswith("_norm.weight") or not name.endswith(".weight"):
+        return T.F32
+    return base if row_fits(base, shape[-1]) else T.F16
