@@ -22,7 +22,6 @@ from mt.quant.types import quant_type
 if TYPE_CHECKING:
     from mt.quant.device import GpuQuantizer
 
-OUTTYPES: dict[str, tuple[LlamaFileType, T]] = {name: (o.file_type, o.base) for name, o in CONVERTER_TYPES.items()}
 
 
 @dataclass(frozen=True)
@@ -60,9 +59,10 @@ def resolve_outtype(outtype: str, ckpt: Checkpoint) -> tuple[LlamaFileType, T]:
     if outtype == "auto":
         first = next((t for t in ckpt.tensors.values() if len(t.shape) >= 2), None)
         outtype = {"BF16": "bf16", "F16": "f16"}.get(first.dtype if first else "", "f16")
-    if outtype not in OUTTYPES:
+    out = CONVERTER_TYPES.get(outtype)
+    if out is None:
         raise MtError(f"unknown --outtype {outtype!r}", f"choose one of {', '.join(CONVERT_CHOICES)}")
-    return OUTTYPES[outtype]
+    return out.file_type, out.base
 
 
 def build_plan(ckpt: Checkpoint, arch: Architecture, outtype: str) -> TensorPlan:

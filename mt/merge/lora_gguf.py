@@ -37,7 +37,6 @@ from mt.merge.merged import OUTPUT_NAME, check_fits, tied_embedding
 from mt.quant.outtypes import CONVERTER_TYPES
 from mt.quant.types import quant_type
 
-OUTTYPES: dict[str, T] = {name: o.base for name, o in CONVERTER_TYPES.items()}  # convert_lora_to_gguf.py's --outtype
 ALORA_TOKENS_KEY = "alora_invocation_tokens"
 # llama.cpp's tensor names for the input embedding and the output projection (LLM_TENSOR_TOKEN_EMBD / OUTPUT)
 TOKEN_EMBD = "token_embd.weight"
@@ -95,9 +94,9 @@ def convert_lora(adapter_dir: Path, base_dir: Path, out: Path, outtype: str = "f
 
 
 def _outtype(outtype: str) -> T:
-    if outtype not in OUTTYPES:
-        raise AdapterError(f"unknown --outtype {outtype!r} for a LoRA adapter", f"choose one of {', '.join(OUTTYPES)}")
-    return OUTTYPES[outtype]
+    if outtype not in CONVERTER_TYPES:  # convert_lora_to_gguf.py's --outtype choices
+        raise AdapterError(f"unknown --outtype {outtype!r} for a LoRA adapter", f"choose one of {', '.join(CONVERTER_TYPES)}")
+    return CONVERTER_TYPES[outtype].base
 
 
 # ---------------------------------------------------------------- what a llama.cpp LoRA can carry

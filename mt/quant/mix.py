@@ -9,11 +9,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from gguf import GGML_QUANT_SIZES, LlamaFileType
+from gguf import LlamaFileType
 from gguf import GGMLQuantizationType as T
 
 from mt.errors import MtError
-from mt.quant.outtypes import QUANTIZER_TYPES
+from mt.quant.outtypes import QUANTIZER_TYPES, row_fits
 
 DEFAULT_TYPE: dict[LlamaFileType, T] = {o.file_type: o.base for o in QUANTIZER_TYPES.values()}
 FILE_TYPES: dict[str, LlamaFileType] = {name: o.file_type for name, o in QUANTIZER_TYPES.items()}
@@ -73,10 +73,6 @@ class _Counters:
     i_ffn_down: int = 0
     tied_embeddings: bool = True
     seen: dict[str, int] = field(default_factory=dict)
-
-
-def block_size(t: T) -> int:
-    return GGML_QUANT_SIZES[t][0]
 
 
 def category(name: str) -> str:
@@ -139,7 +135,7 @@ def _mixed_type(spec: TensorSpec, new: T, cat: str, ftype: LlamaFileType, model:
     if cat == "output" or (c.tied_embeddings and cat == "token_embd"):
         if options.output_tensor_type is not None:
             return options.output_tensor_type
-        if model.arch == "falcon" or spec.ne[0] % block_size(new) != 0:
+        if model.arch == "falcon" or not row_fits(new, spec.ne[0]):
             return T.Q8_0
         return T.Q6_K if new != T.Q8_0 else new
     if cat == "token_embd":
@@ -189,7 +185,7 @@ def _layer(name: str, counter: int, model: ModelFacts) -> tuple[int, int]:
 
 
 def _fallback(spec: TensorSpec, new: T) -> T:
-    if spec.ne[0] % block_size(new) == 0:
+    if row_fits(new, spec.ne[0]):
         return new
     fallback = FALLBACK.get(new, new)
-    return fallback if spec.ne[0] % block_size(fallback) == 0 else T.F16
+    return fallback if row_fits(fallback, spec.ne[0]) else T.F16

@@ -15,13 +15,12 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 
 from mt.convert.plan import PlanEntry, read_whole
-from mt.io.stream import row_ranges
-from mt.io.dtypes import to_f32
-from mt.io.gguf_in import GGUFHeader, TensorInfo
-from mt.quant.imatrix import Imatrix
 from mt.errors import QuantizationError
+from mt.io.dtypes import bf16_bits_to_f32, f32_to_bf16_bits, to_f32
+from mt.io.gguf_in import GGUFHeader, TensorInfo
+from mt.io.stream import row_ranges
+from mt.quant.imatrix import Imatrix
 from mt.quant.types import quant_type
-from mt.io.dtypes import bf16_bits_to_f32, f32_to_bf16_bits
 from mt.quant.weighted import quantize_weighted, uses_weights
 from mt.verify.report import Check, Status
 

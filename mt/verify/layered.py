@@ -16,6 +16,7 @@ import numpy as np
 
 from mt.io.checkpoint import Checkpoint, LazyTensor
 from mt.io.dtypes import to_f32
+from mt.io.stream import row_ranges
 from mt.errors import CheckpointError
 
 if TYPE_CHECKING:
@@ -196,7 +197,6 @@ def _slab_forward(source: LazyTensor, bias: torch.Tensor | None) -> Callable[[to
     import torch.nn.functional as F
 
     n_rows, width = source.shape
-    step = max(1, SLAB_BYTES // (4 * width))
 
     def slab(hidden: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         weight = _f32(source.read_rows(start, stop), source.dtype)
@@ -204,8 +204,8 @@ def _slab_forward(source: LazyTensor, bias: torch.Tensor | None) -> Callable[[to
 
     def forward(hidden: torch.Tensor) -> torch.Tensor:
         out = hidden.new_empty(*hidden.shape[:-1], n_rows)
-        for start in range(0, n_rows, step):
-            out[..., start:start + step] = slab(hidden, start, min(n_rows, start + step))
+        for start, stop in row_ranges(n_rows, 4 * width, SLAB_BYTES):
+            out[..., start:stop] = slab(hidden, start, stop)
         return out
 
     return forward

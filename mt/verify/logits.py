@@ -68,17 +68,6 @@ def llama_cpp_logits(gguf_path: Path, ids: list[int], n_ctx: int = 512, lora: Pa
         gc.collect()
 
 
-def llama_cpp_tokenize(gguf_path: Path, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
-    from llama_cpp import Llama
-
-    with native_stderr_silenced():
-        llm = Llama(model_path=str(gguf_path), vocab_only=True, verbose=False)
-    try:
-        return llm.tokenize(text.encode("utf-8"), add_bos=add_special, special=parse_special)
-    finally:
-        llm.close()
-
-
 def hf_logits(folder: Path, ids: list[int], adapter: Path | None = None) -> np.ndarray:
     """[len(ids), vocab] float32 logits of the checkpoint in transformers, in float32 (+ a PEFT adapter, merged)."""
     import torch

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import resource
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
@@ -39,3 +41,15 @@ def release_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+@contextmanager
+def phase(peaks: dict[str, float], name: str) -> Iterator[None]:
+    """Measure the enclosed work's peak RSS from a clean start (freed memory handed back, the high-water mark reset)
+    and keep the largest under `name`."""
+    release_freed_memory()
+    reset_peak_rss()
+    try:
+        yield
+    finally:
+        peaks[name] = max(peaks.get(name, 0.0), peak_rss_mib())

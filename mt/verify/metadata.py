@@ -16,13 +16,13 @@ from mt.io.gguf_in import GGUFHeader
 from mt.quant.mix import MixOptions, ModelFacts, TensorSpec, allows_quantization, choose_types, llama_order
 from mt.quant.outtypes import OutType, by_file_type, converter_tensor_type
 from mt.verify.report import Check, Status
+from mt.verify.template import TEMPLATE_KEY as TEMPLATE
 from mt.verify.thresholds import file_type_name
 
 SET_BY_QUANTIZER = ("general.file_type",)  # compared with the tensor types instead
 NOT_COMPARED = ("quantize.imatrix.", "split.", "GGUF.")  # what the imatrix run and gguf-split record
 INFORMATIONAL = "general."  # names, licence, tags …: reported, never failing (llama.cpp reads none of it to compute)
 VOCABULARY = "tokenizer.ggml."
-TEMPLATE = "tokenizer.chat_template"
 TOKEN_TYPES = {1: "normal", 2: "unknown", 3: "control", 4: "user-defined", 5: "unused", 6: "byte"}
 SHOWN = 20
 

@@ -1,4 +1,5 @@
-"""Tokenization: llama.cpp's tokenizer on the GGUF vs the source's tokenizer, text by text."""
+"""Tokenization: llama.cpp on the checked file against llama.cpp on mt's conversion of the source, text by text, and
+both against the source's own tokenizer."""
 
 from __future__ import annotations
 
@@ -88,7 +89,7 @@ def check_tokenization(checked: Path, reference: Path, ref: Reference, user_text
     hf = reference_tokenizer(ref)
     try:
         with llama_cpp_tokenizer(checked) as mine, llama_cpp_tokenizer(reference) as theirs:
-            failures, limits = _compare(texts, mine, theirs, hf, str(ref.folder))
+            failures, limits = _compare(texts, mine, theirs, hf)
     except ValueError as e:  # llama-cpp-python: "Failed to load model from file"
         return Check("tokenization", Status.FAIL, f"llama.cpp cannot load the GGUF's vocabulary ({e})")
     data = {"texts": len(texts), "mismatches": failures, "llama_cpp_limits": limits}
@@ -103,8 +104,8 @@ def check_tokenization(checked: Path, reference: Path, ref: Reference, user_text
     return Check("tokenization", Status.PASS, f"{summary} and as the source's tokenizer does", [], data)
 
 
-def _compare(texts: dict[str, str], mine: LlamaCppVocab, theirs: LlamaCppVocab, hf: Tokenize,
-             source: str) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+def _compare(texts: dict[str, str], mine: LlamaCppVocab, theirs: LlamaCppVocab,
+             hf: Tokenize) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
     failures: dict[str, dict[str, Any]] = {}
     limits: dict[str, dict[str, Any]] = {}
     for name, text in texts.items():

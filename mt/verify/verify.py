@@ -23,11 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
-from mt.convert.arch import MODULES, load_architecture
+from mt.convert.arch import load_architecture
 from mt.io.checkpoint import Checkpoint
 from mt.convert.convert import load, prepare_writer, write_conversion
 from mt.convert.plan import TensorPlan, build_plan
-from mt.errors import CheckpointError, UnsupportedArchitecture, VerifyError
+from mt.errors import CheckpointError, VerifyError
 from mt.io.gguf_in import GGUFHeader, read_header
 from mt.quant.imatrix import Imatrix, load_imatrix
 from mt.verify.corpus import CORPUS
@@ -35,9 +35,9 @@ from mt.verify.exact import check_tensors
 from mt.verify.layered import reference_logits, truncated_config
 from mt.verify.logit_check import conversion_check, divergence, quality_check
 from mt.verify.logits import llama_cpp_logits
-from mt.verify.memory import peak_rss_mib, release_freed_memory, reset_peak_rss
+from mt.verify.memory import phase
 from mt.verify.metadata import check_metadata, check_vocabulary
-from mt.verify.reference import open_gguf, open_reference
+from mt.verify.reference import GGUFModel, open_gguf, open_reference
 from mt.verify.report import Check, Status, VerifyReport
 from mt.verify.template import check_chat_template, check_llama_cpp_chat
 from mt.verify.thresholds import QualityBars, conversion_limits, file_type_name
@@ -65,7 +65,7 @@ def _check_adapter(adapter: Path | None) -> None:
 
 
 def _layer_index(name: str) -> int | None:
-    m = re.search(r"\.layers\.(\d+)\.", name) or re.match(r"blk\.(\d+)\.", name)
+    m = re.search(r"\.layers\.(\d+)\.", name)
     return int(m.group(1)) if m else None
 
 
@@ -167,20 +167,14 @@ class Verifier:
         return reference_tokenizer(self.ref)(text)[: min(self.options.max_tokens, self.options.n_ctx)]
 
     def _llama_cpp(self, path: Path) -> np.ndarray:
-        release_freed_memory()
-        reset_peak_rss()
-        try:
+        with phase(self.peak_rss, "llama.cpp"):
             return llama_cpp_logits(path, self.ids, n_ctx=self.options.n_ctx)
-        finally:
-            self.peak_rss["llama.cpp"] = max(self.peak_rss.get("llama.cpp", 0.0), peak_rss_mib())
 
     def source_logits(self, n_layers: int) -> np.ndarray:
         key = f"transformers:{n_layers}"
         if key not in self._logits:
-            release_freed_memory()
-            reset_peak_rss()
-            self._logits[key] = reference_logits(self.ckpt, self.ids, None if n_layers == self.n_layers else n_layers)
-            self.peak_rss["transformers"] = max(self.peak_rss.get("transformers", 0.0), peak_rss_mib())
+            with phase(self.peak_rss, "transformers"):
+                self._logits[key] = reference_logits(self.ckpt, self.ids, None if n_layers == self.n_layers else n_layers)
         return self._logits[key]
 
     def reference_conversion_logits(self) -> np.ndarray:
@@ -204,28 +198,33 @@ class Verifier:
         return {"file_type": self.reference_type, "layers": self.reference_layers, "of_layers": self.n_layers,
                 **conversion_limits(self.reference_type).to_dict()}
 
+    @property
+    def bars(self) -> QualityBars:
+        return QualityBars(self.options.max_kld, self.options.min_top1)
+
     def verify(self, gguf_path: Path) -> VerifyReport:
+        return self.check(open_gguf(gguf_path))
+
+    def check(self, gguf: GGUFModel) -> VerifyReport:
         """Every check of one file; llama.cpp runs before transformers (one model in memory at a time)."""
-        gguf = open_gguf(gguf_path)
         self._check_architecture(gguf.arch)
         header = gguf.header
-        checks = [check_metadata(header, self.header), check_vocabulary(header, self.header),
-                  check_chat_template(header, self.header, self.ref),
-                  check_tensors(header, self.f32_plan.entries, self.ckpt.config, self.imatrix),
-                  check_tokenization(gguf.path, self.runtime_file, self.ref, self.options.text)]
-        self.peak_rss["checks"] = max(self.peak_rss.get("checks", 0.0), peak_rss_mib())
+        file_type = file_type_name(header.value("general.file_type"))
+        with phase(self.peak_rss, "checks"):
+            checks = [check_metadata(header, self.header), check_vocabulary(header, self.header),
+                      check_chat_template(header, self.header, self.ref),
+                      check_tensors(header, self.f32_plan.entries, self.ckpt.config, self.imatrix),
+                      check_tokenization(gguf.path, self.runtime_file, self.ref, self.options.text)]
         same_as_reference = (checks[3].status is Status.PASS and self.reference_layers == self.n_layers
-                             and file_type_name(header.value("general.file_type")) == self.reference_type)
+                             and file_type == self.reference_type)
         if "conversion" not in self.__dict__:
             self.reference_conversion_logits()  # llama.cpp runs before transformers loads anything
         candidate = self._logits["reference"] if same_as_reference else self._file_logits(gguf.path, len(gguf.tokens))
         checks.append(self.conversion)
         checks.append(self._quality(candidate))
         checks.append(check_llama_cpp_chat(header, self.ref))
-        bars = QualityBars(self.options.max_kld, self.options.min_top1)
-        return VerifyReport(str(gguf.path), str(self.reference_dir), self.arch.gguf_arch,
-                            file_type_name(header.value("general.file_type")), self.describe(), bars.to_dict(),
-                            checks, dict(self.peak_rss))
+        return VerifyReport(str(gguf.path), str(self.reference_dir), self.arch.gguf_arch, file_type, self.describe(),
+                            self.bars.to_dict(), checks, dict(self.peak_rss))
 
     def _file_logits(self, path: Path, n_vocab: int) -> np.ndarray | str:
         if any(i >= n_vocab for i in self.ids):
@@ -239,22 +238,20 @@ class Verifier:
         if isinstance(candidate, str):
             return Check("quality", Status.FAIL, candidate, [candidate])
         stats, kld = divergence(self.source_logits(self.n_layers), candidate, self.ids)
-        return quality_check(stats, kld, QualityBars(self.options.max_kld, self.options.min_top1))
+        return quality_check(stats, kld, self.bars)
 
     def _check_architecture(self, gguf_arch: str) -> None:
-        hf_arch = self.ref.hf_architecture
-        if hf_arch not in MODULES:
-            raise UnsupportedArchitecture(f"the reference's architecture {hf_arch or '(none)'!r} is not supported",
-                                          f"mt verifies {', '.join(sorted(MODULES))}")
+        """(An architecture mt does not know was refused when the source was loaded.)"""
         if gguf_arch != self.arch.gguf_arch:
-            raise VerifyError(f"the GGUF is a {gguf_arch or 'unnamed'!r} model but {self.reference_dir} is {hf_arch} "
-                              f"({self.arch.gguf_arch!r} in GGUF)", "pass the folder this GGUF was made from")
+            raise VerifyError(f"the GGUF is a {gguf_arch or 'unnamed'!r} model but {self.reference_dir} is "
+                              f"{self.ckpt.architecture} ({self.arch.gguf_arch!r} in GGUF)",
+                              "pass the folder this GGUF was made from")
 
 
 def verify(gguf_path: Path, reference_dir: Path, options: VerifyOptions = VerifyOptions()) -> VerifyReport:
     """Inputs are checked before any model is loaded."""
-    open_gguf(gguf_path)
+    gguf = open_gguf(gguf_path)
     if not Path(reference_dir).is_dir():
         raise CheckpointError(f"reference {reference_dir} is not a folder", "pass the Hugging Face folder the GGUF was made from")
     with Verifier(reference_dir, options) as verifier:
-        return verifier.verify(gguf_path)
+        return verifier.check(gguf)
