@@ -202,7 +202,7 @@ class ProgressBar:
 def verify_command(gguf: Path, reference: Path, options: VerifyOptions, *, text_file: Path | None,
                    json_out: Path | None, markdown_out: Path | None, force: bool) -> bool:
     """Run every check, print the summary (or JSON with --json -), write the reports; returns the verdict."""
-    from mt.io.gguf_out import atomic_path, check_output
+    from mt.io.atomic import atomic_path, check_output
     from mt.verify.verify import verify
 
     files = {p: render for p, render in ((json_out, "to_json"), (markdown_out, "to_markdown")) if p and str(p) != "-"}

@@ -73,21 +73,20 @@ def write_gguf_tensors(path: Path, tensors: dict[str, np.ndarray], datasets: lis
                        chunk_count: int = 1, chunk_size: int = 512) -> Path:
     """An imatrix GGUF as llama-imatrix lays it out, holding exactly `tensors`; no imatrix.* keys when
     datasets is None."""
-    import gguf
+    from gguf import GGMLQuantizationType as T
 
-    w = gguf.GGUFWriter(path, arch="imatrix")
-    w.kv_data[0].pop("general.architecture", None)  # llama-imatrix writes no architecture
+    from mt.io import gguf_out
+
+    w = gguf_out.GGUFContents("imatrix")
+    w.remove("general.architecture")  # llama-imatrix writes no architecture
     w.add_string("general.type", "imatrix")
     if datasets is not None:
         w.add_array("imatrix.datasets", datasets)
         w.add_uint32("imatrix.chunk_count", chunk_count)
         w.add_uint32("imatrix.chunk_size", chunk_size)
     for name, data in tensors.items():
-        w.add_tensor(name, data)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+        w.add_slot(name, data.shape, {np.dtype(np.float32): T.F32, np.dtype(np.float16): T.F16}[data.dtype], data.nbytes)
+    gguf_out.write_gguf(path, w, ([data] for data in tensors.values()))
     return path
 
 

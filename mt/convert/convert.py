@@ -5,21 +5,21 @@ from __future__ import annotations
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import gguf
-import numpy as np
-from gguf import GGUFWriter, LlamaFileType
+from gguf import LlamaFileType
 
 from mt.convert.arch import load_architecture
 from mt.convert.arch.base import Architecture, Companion
-from mt.io.checkpoint import Checkpoint, open_checkpoint
+from mt.io.checkpoint import Checkpoint
 from mt.convert.plan import TensorPlan, build_plan, by_entry, companion_plans, start_producing
 from mt.io.stream import Prefetcher, Progress, reporting
 from mt.convert.special import read_tokenizer_json
 from mt.convert.vocab import VocabSummary
 from mt.errors import MtError
-from mt.io.gguf_out import FastArrayGGUFWriter, TensorStream, check_output
-from mt.io.atomic import atomic_paths
+from mt.io.atomic import atomic_paths, check_output
+from mt.io.gguf_out import Chunk, GGUFContents, write_gguf
 from mt.quant.device import GPU_TYPES, select_device
 from mt.quant.quantize import put_quantization_keys_last
 
@@ -42,12 +42,12 @@ class ConvertResult:
     companions: list[CompanionOutput] = field(default_factory=list)
 
 
-def prepare_writer(ckpt: Checkpoint, arch: Architecture, plan: TensorPlan, vocab_only: bool) -> tuple[GGUFWriter, VocabSummary]:
+def gguf_contents(ckpt: Checkpoint, arch: Architecture, plan: TensorPlan, vocab_only: bool) -> tuple[GGUFContents, VocabSummary]:
     """Metadata in llama.cpp's converter order: general.*, hyperparameters, quantization version, vocab."""
-    w = FastArrayGGUFWriter(path=None, arch=arch.gguf_arch)
+    w = GGUFContents(arch.gguf_arch)
     if not vocab_only:
         for e in plan.entries:
-            w.add_tensor_info(e.name, e.shape, _INFO_DTYPE, e.nbytes, raw_dtype=e.qtype)
+            w.add_slot(e.name, e.shape, e.qtype, e.nbytes)
         arch.write_tensor_pass_keys(w)
     w.add_type(gguf.GGUFType.MODEL)
     write_general_metadata(w, ckpt.folder)
@@ -60,7 +60,7 @@ def prepare_writer(ckpt: Checkpoint, arch: Architecture, plan: TensorPlan, vocab
     return w, vocab
 
 
-def write_general_metadata(w: GGUFWriter, folder: Path, fallback_name: str | None = None) -> None:
+def write_general_metadata(w: GGUFContents, folder: Path, fallback_name: str | None = None) -> None:
     """general.name, size label, license, sampling defaults … from the model card and config, via gguf-py.
     Without a name there, `fallback_name` (default: the folder's name)."""
     total, shared, expert, expert_count = w.get_total_parameter_count()
@@ -72,21 +72,10 @@ def write_general_metadata(w: GGUFWriter, folder: Path, fallback_name: str | Non
     meta.set_gguf_meta_model(w)
 
 
-_INFO_DTYPE = np.dtype(np.float32)  # gguf-py ignores it when raw_dtype is given
-
-
-def _write_tensors(w: GGUFWriter, plan: TensorPlan, producer: Prefetcher, progress: Progress | None,
-                   total: int | None = None) -> int:
-    """`total`: the bytes of every file this conversion writes, for the progress bar (default: this plan's)."""
-    w.write_ti_data_to_file()
-    stream = TensorStream(w)
-    written = 0
-    total = plan.nbytes if total is None else total
-    for entry, chunks in by_entry(plan, producer):
-        chunks = reporting(chunks, progress, total)
-        written += stream.write_tensor(chunks, entry.nbytes)
-    stream.finish()
-    return written
+def _payloads(plan: TensorPlan, producer: Prefetcher, progress: Progress | None, total: int) -> Iterator[Iterator[Chunk]]:
+    """`total`: the bytes of every file this conversion writes, for the progress bar."""
+    for _, chunks in by_entry(plan, producer):
+        yield reporting(chunks, progress, total)
 
 
 def _plan_uses_gpu_types(plan: TensorPlan) -> bool:
@@ -97,13 +86,10 @@ def load(src: Path, outtype: str, allow_pickle: bool = False, adapter: Path | No
          dequantized_base: bool = False, stack: ExitStack | None = None) -> tuple[Checkpoint, Architecture, TensorPlan]:
     """The source (with `adapter` merged in on the fly; its temporary folder lives as long as `stack`), its
     architecture and the tensor plan."""
-    if adapter is not None:
-        from mt.merge.source import merged_source
+    from mt.merge.source import open_source
 
-        assert stack is not None, "an adapter needs a stack to hold its temporary folder"
-        ckpt = merged_source(src, adapter, stack, dequantized_base=dequantized_base, allow_pickle=allow_pickle)
-    else:
-        ckpt = open_checkpoint(src, allow_pickle=allow_pickle)
+    assert adapter is None or stack is not None, "an adapter needs a stack to hold its temporary folder"
+    ckpt = open_source(src, adapter, stack or ExitStack(), dequantized_base=dequantized_base, allow_pickle=allow_pickle)
     arch = load_architecture(ckpt.architecture, ckpt.config)
     return ckpt, arch, build_plan(ckpt, arch, outtype)
 
@@ -149,15 +135,10 @@ def _convert(ckpt: Checkpoint, arch: Architecture, plan: TensorPlan, out: Path, 
     total = plan.nbytes + sum(c.plan.nbytes for c in companions)
     written = 0
     try:
-        w, vocab = prepare_writer(ckpt, arch, plan, vocab_only)
+        contents, vocab = gguf_contents(ckpt, arch, plan, vocab_only)
         with atomic_paths([out, *(c.path for c in companions)]) as (tmp, *companion_tmps):
-            try:
-                w.write_header_to_file(path=tmp)
-                w.write_kv_data_to_file()
-                if producer is not None:
-                    written = _write_tensors(w, plan, producer, progress, total)
-            finally:
-                w.close()
+            payloads = None if producer is None else _payloads(plan, producer, progress, total)
+            written = write_gguf(tmp, contents, payloads)
             for c, companion_tmp in zip(companions, companion_tmps):
                 written += write_companion(ckpt, c, companion_tmp, progress, total)
     finally:
@@ -169,18 +150,15 @@ def _convert(ckpt: Checkpoint, arch: Architecture, plan: TensorPlan, out: Path, 
 def write_companion(ckpt: Checkpoint, output: CompanionOutput, path: Path, progress: Progress | None, total: int) -> int:
     """The companion GGUF: general metadata, the family's own keys under its arch name, its tensors."""
     plan = output.plan
-    w = FastArrayGGUFWriter(path=None, arch=output.companion.gguf_arch)
+    w = GGUFContents(output.companion.gguf_arch)
     for e in plan.entries:
-        w.add_tensor_info(e.name, e.shape, _INFO_DTYPE, e.nbytes, raw_dtype=e.qtype)
+        w.add_slot(e.name, e.shape, e.qtype, e.nbytes)
     w.add_type(gguf.GGUFType.MODEL)
     write_general_metadata(w, ckpt.folder)
     w.add_file_type(int(plan.file_type))
     output.companion.write_metadata(w, ckpt.config)
     producer = start_producing(plan, ckpt.config)
     try:
-        w.write_header_to_file(path=path)
-        w.write_kv_data_to_file()
-        return _write_tensors(w, plan, producer, progress, total)
+        return write_gguf(path, w, _payloads(plan, producer, progress, total))
     finally:
         producer.close()
-        w.close()

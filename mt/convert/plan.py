@@ -15,8 +15,9 @@ from mt.io.checkpoint import Checkpoint, LazyTensor
 from mt.io.dtypes import FLOAT_DTYPE_NAMES, FLOAT_DTYPES, to_f32
 from mt.io.safetensors import FileSpan
 from mt.io.stream import Chunk, Prefetcher, grouped, row_ranges
-from mt.quant.outtypes import CONVERT_CHOICES, CONVERTER_TYPES, QUANTIZER_TYPES, converter_tensor_type
-from mt.quant.mix import ModelFacts, TensorSpec, choose_types, llama_order
+from mt.quant.choose import Writer, tensor_types
+from mt.quant.mix import ModelFacts, TensorSpec, llama_order
+from mt.quant.outtypes import CONVERT_CHOICES, CONVERTER_TYPES, QUANTIZER_TYPES, OutType, by_file_type
 from mt.quant.types import quant_type
 
 if TYPE_CHECKING:
@@ -55,14 +56,14 @@ class TensorPlan:
         return sum(e.nbytes for e in self.entries)
 
 
-def resolve_outtype(outtype: str, ckpt: Checkpoint) -> tuple[LlamaFileType, T]:
+def resolve_outtype(outtype: str, ckpt: Checkpoint) -> OutType:
     if outtype == "auto":
         first = next((t for t in ckpt.tensors.values() if len(t.shape) >= 2), None)
         outtype = {"BF16": "bf16", "F16": "f16"}.get(first.dtype if first else "", "f16")
     out = CONVERTER_TYPES.get(outtype)
     if out is None:
         raise MtError(f"unknown --outtype {outtype!r}", f"choose one of {', '.join(CONVERT_CHOICES)}")
-    return out.file_type, out.base
+    return out
 
 
 def build_plan(ckpt: Checkpoint, arch: Architecture, outtype: str) -> TensorPlan:
@@ -77,8 +78,9 @@ def build_plan(ckpt: Checkpoint, arch: Architecture, outtype: str) -> TensorPlan
 def mix_plan(f32_plan: TensorPlan, file_type: LlamaFileType, n_layer: int, gguf_arch: str) -> TensorPlan:
     by_name = {e.name: e for e in f32_plan.entries}
     ordered = [by_name[n] for n in llama_order(list(by_name))]
-    specs = [TensorSpec(e.name, tuple(reversed(e.shape)), e.qtype) for e in ordered]
-    types = choose_types(specs, file_type, ModelFacts(arch=gguf_arch, n_layer=n_layer))
+    out = by_file_type(file_type)
+    assert out is not None and out.quantizer, file_type
+    types = tensor_types(out, Writer.QUANTIZER, [_spec(e) for e in ordered], ModelFacts(arch=gguf_arch, n_layer=n_layer))
     entries = [replace(e, qtype=types[e.name]) for e in ordered]
     return TensorPlan(file_type, entries, llama_quantize_layout=True)
 
@@ -87,8 +89,8 @@ NOT_DATA_SUFFIXES = (".attention.masked_bias", ".attention.bias", ".rotary_emb.i
 
 
 def _converter_plan(ckpt: Checkpoint, arch: Architecture, outtype: str) -> TensorPlan:
-    file_type, file_qtype = resolve_outtype(outtype, ckpt)
-    entries = [PlanEntry(x.name, x.shape, converter_tensor_type(x.name, x.shape, file_qtype), extra=x) for x in arch.extra_tensors()]
+    out = resolve_outtype(outtype, ckpt)
+    entries = [PlanEntry(x.name, x.shape, T.F32, extra=x) for x in arch.extra_tensors()]
     for hf_name, ref in arch.source_tensors(ckpt.tensors).items():
         if hf_name.endswith(NOT_DATA_SUFFIXES):
             continue
@@ -96,9 +98,13 @@ def _converter_plan(ckpt: Checkpoint, arch: Architecture, outtype: str) -> Tenso
             continue
         check_float(hf_name, ref)
         name = arch.names.map(hf_name)
-        qtype = converter_tensor_type(name, ref.shape, file_qtype)
-        entries.append(PlanEntry(name, ref.shape, qtype, source=ref, transform=arch.transform_for(name)))
-    return TensorPlan(file_type, entries)
+        entries.append(PlanEntry(name, ref.shape, T.F32, source=ref, transform=arch.transform_for(name)))
+    types = tensor_types(out, Writer.CONVERTER, [_spec(e) for e in entries])
+    return TensorPlan(out.file_type, [replace(e, qtype=types[e.name]) for e in entries])
+
+
+def _spec(entry: PlanEntry) -> TensorSpec:
+    return TensorSpec(entry.name, tuple(reversed(entry.shape)), entry.qtype)
 
 
 def check_float(hf_name: str, ref: LazyTensor, remedy: str = "mt converts float checkpoints (F32/F16/BF16)") -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mt.io.checkpoint import Checkpoint, LazyTensor, open_checkpoint
+from mt.io.checkpoint import Checkpoint, LazyTensor
 from mt.convert.plan import check_float
 from mt.io.stream import Progress
 from mt.io.dtypes import to_f32
@@ -21,7 +21,7 @@ from mt.io.dtypes import STORAGE_DTYPES
 from mt.io.safetensors_out import parse_size
 from mt.merge.merge import write_folder
 from mt.merge.merged import merged_config
-from mt.merge.source import SideFile, folder_side_files
+from mt.merge.source import SideFile, folder_side_files, open_source
 from mt.io.dtypes import f32_to_bf16_bits
 
 SAFETENSORS_OUTTYPES = {"bf16": "BF16", "f16": "F16", "f32": "F32"}
@@ -88,18 +88,10 @@ def reexport(src: Path, out: Path, outtype: str, *, force: bool = False, allow_p
              progress: Progress | None = None) -> ReexportResult:
     dtype = safetensors_dtype(outtype)
     with ExitStack() as stack:
-        ckpt = _source(src, allow_pickle, adapter, dequantized_base, stack)
+        ckpt = open_source(src, adapter, stack, dequantized_base=dequantized_base, allow_pickle=allow_pickle)
         tensors = cast_tensors(ckpt, dtype)
         total, shards = write_folder(out, tensors, _side_files(ckpt, dtype), parse_size(max_shard_size), force, progress)
     return ReexportResult(out, dtype, len(tensors), total, shards)
-
-
-def _source(src: Path, allow_pickle: bool, adapter: Path | None, dequantized_base: bool, stack: ExitStack) -> Checkpoint:
-    if adapter is None:
-        return open_checkpoint(src, allow_pickle=allow_pickle)
-    from mt.merge.source import merged_source
-
-    return merged_source(src, adapter, stack, dequantized_base=dequantized_base, allow_pickle=allow_pickle)
 
 
 def _side_files(ckpt: Checkpoint, dtype: str) -> dict[str, SideFile]:

@@ -14,8 +14,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from gguf import GGUFWriter
 
+from mt.io.gguf_out import GGUFContents
 from mt.errors import TokenizerError
 
 log = logging.getLogger(__name__)
@@ -31,7 +31,7 @@ class SpecialVocab:
     lowercase: bool | None = None
     strip_accents: bool | None = None
 
-    def write(self, w: GGUFWriter) -> None:
+    def write(self, w: GGUFContents) -> None:
         if self.merges:
             w.add_token_merges(self.merges)
         for typ, tid in self.token_ids.items():

@@ -13,8 +13,9 @@ from hashlib import sha256
 from pathlib import Path
 from typing import Any, Callable
 
-from gguf import GGUFWriter, TokenType
+from gguf import TokenType
 
+from mt.io.gguf_out import GGUFContents
 from mt.convert.special import load_special_vocab, read_tokenizer_json
 from mt.errors import TokenizerError
 
@@ -122,7 +123,7 @@ def detect_pre_tokenizer(folder: Path, tokenizer: Any, tokenizer_json: dict[str,
     )
 
 
-def write_gpt2(folder: Path, config: dict[str, Any], w: GGUFWriter) -> VocabSummary:
+def write_gpt2(folder: Path, config: dict[str, Any], w: GGUFContents) -> VocabSummary:
     """Byte-level BPE from tokenizer.json (Llama-3, Qwen2, GPT-2 …)."""
     tj = read_tokenizer_json(folder / "tokenizer.json")
     tokenizer = _load_fast_tokenizer(folder)
@@ -167,7 +168,7 @@ def write_gpt2(folder: Path, config: dict[str, Any], w: GGUFWriter) -> VocabSumm
     return VocabSummary("gpt2", pre, len(tokens))
 
 
-def write_sentencepiece(folder: Path, config: dict[str, Any], w: GGUFWriter) -> VocabSummary:
+def write_sentencepiece(folder: Path, config: dict[str, Any], w: GGUFContents) -> VocabSummary:
     """SentencePiece tokenizer.model (Llama-2, Mistral …) with added tokens from the JSON files."""
     from sentencepiece import SentencePieceProcessor
 
@@ -211,7 +212,7 @@ def spm_pieces(sp: Any, folder: Path, vocab_size: int) -> tuple[list[bytes], lis
     return tokens, scores, types
 
 
-def write_spm_arrays(folder: Path, w: GGUFWriter, tokens: list[bytes], scores: list[float], types: list[int]) -> VocabSummary:
+def write_spm_arrays(folder: Path, w: GGUFContents, tokens: list[bytes], scores: list[float], types: list[int]) -> VocabSummary:
     w.add_tokenizer_model("llama")
     w.add_tokenizer_pre("default")
     w.add_token_list(tokens)
@@ -238,20 +239,20 @@ def _is_byte_fallback_bpe(folder: Path) -> bool:
     return model.get("type") == "BPE" and bool(model.get("byte_fallback", False))
 
 
-def write_add_space_prefix(folder: Path, w: GGUFWriter) -> None:
+def write_add_space_prefix(folder: Path, w: GGUFContents) -> None:
     path = folder / "tokenizer_config.json"
     if path.is_file() and (value := read_json(path).get("add_prefix_space")) is not None:
         w.add_add_space_prefix(value)
 
 
 # loader name -> (applies to this folder?, writer)
-LOADERS: dict[str, tuple[Callable[[Path], bool], Callable[[Path, dict[str, Any], GGUFWriter], VocabSummary]]] = {
+LOADERS: dict[str, tuple[Callable[[Path], bool], Callable[[Path, dict[str, Any], GGUFContents], VocabSummary]]] = {
     "sentencepiece": (lambda f: (f / "tokenizer.model").is_file(), write_sentencepiece),
     "gpt2": (lambda f: (f / "tokenizer.json").is_file() and not _is_byte_fallback_bpe(f), write_gpt2),
 }
 
 
-def write_vocab(folder: Path, config: dict[str, Any], w: GGUFWriter, loaders: tuple[str, ...]) -> VocabSummary:
+def write_vocab(folder: Path, config: dict[str, Any], w: GGUFContents, loaders: tuple[str, ...]) -> VocabSummary:
     for name in loaders:
         if name not in LOADERS:
             continue

@@ -1,10 +1,10 @@
 """The model families `mt finetune` trains, by config.architectures[0] (a static map, as mt/convert/arch).
 
-Each entry lists the decoder's linear layers (what `--target all-linear` resolves to) and so the short names
---target takes (each name without "_proj": q,k,v,o,gate,up,down; Phi-3: qkv,o,gate_up,down). Phi-3 fuses q, k, v
-into qkv_proj and gate, up into gate_up_proj: a LoRA there adapts the fused projection as one, so --target q (or
-q_proj, gate, ...) on Phi-3 is an error that names the fused layer to target instead. Which modules take mt's
-Triton kernels is mt/finetune/patch.py's table.
+Each entry, read from the family's record (mt/convert/arch/family.py), lists the decoder's linear layers (what
+`--target all-linear` resolves to) and so the short names --target takes (each name without "_proj":
+q,k,v,o,gate,up,down; Phi-3: qkv,o,gate_up,down). Phi-3 fuses q, k, v into qkv_proj and gate, up into gate_up_proj:
+a LoRA there adapts the fused projection as one, so --target q (or q_proj, gate, ...) on Phi-3 is an error that
+names the fused layer to target instead.
 """
 
 from __future__ import annotations
@@ -13,20 +13,16 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mt.convert.arch import families
+from mt.convert.arch import family as arch_family
 from mt.errors import CheckpointError, TrainingError, UnsupportedArchitecture
-
-DECODER_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-PHI3_LINEAR = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
-PHI3_FUSED = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "gate_proj": "gate_up_proj",
-              "up_proj": "gate_up_proj"}
-
 
 def short_name(module: str) -> str:
     return module.removesuffix("_proj")
 
 
 @dataclass(frozen=True)
-class Family:
+class LoraTargets:
     linear: tuple[str, ...]
     fused_into: dict[str, str] = field(default_factory=dict, hash=False)  # q_proj -> qkv_proj where fused
 
@@ -35,15 +31,17 @@ class Family:
         return {short_name(name): name for name in self.linear}
 
 
-FAMILIES: dict[str, Family] = {
-    "LlamaForCausalLM": Family(DECODER_LINEAR),
-    "MistralForCausalLM": Family(DECODER_LINEAR),
-    "Qwen2ForCausalLM": Family(DECODER_LINEAR),
-    "Qwen3ForCausalLM": Family(DECODER_LINEAR),  # q_norm/k_norm are RMSNorms, not trained
-    "Gemma2ForCausalLM": Family(DECODER_LINEAR),
-    "Gemma3ForCausalLM": Family(DECODER_LINEAR),  # the text-only class; Gemma3ForConditionalGeneration is not here
-    "Phi3ForCausalLM": Family(PHI3_LINEAR, PHI3_FUSED),
-}
+def _module(path: str) -> str:
+    return path.rpartition(".")[2]
+
+
+def training_view(record: arch_family.Family) -> LoraTargets:
+    """A family record's linear layers by module name (q_proj …), as LoRA targets them."""
+    fused_into = {_module(part): _module(fused) for fused, parts in record.fused.items() for part in parts}
+    return LoraTargets(tuple(_module(m) for m in record.linear), fused_into)
+
+
+FAMILIES: dict[str, LoraTargets] = {hf_arch: training_view(f) for hf_arch, f in families().items() if f.trainable}
 
 
 def base_architecture(base: Path) -> str:
@@ -66,7 +64,7 @@ def base_architecture(base: Path) -> str:
     return arch
 
 
-def _fused_error(spec: str, fused: list[str], family: Family) -> TrainingError:
+def _fused_error(spec: str, fused: list[str], family: LoraTargets) -> TrainingError:
     into = sorted({family.fused_into[name] for name in fused})
     return TrainingError(
         f"--target {spec!r}: this model fuses {', '.join(short_name(n) for n in fused)} into "
@@ -74,7 +72,7 @@ def _fused_error(spec: str, fused: list[str], family: Family) -> TrainingError:
         f"target {','.join(short_name(n) for n in into)} instead, or all-linear")
 
 
-def resolve_targets(spec: str, family: Family) -> list[str]:
+def resolve_targets(spec: str, family: LoraTargets) -> list[str]:
     """--target: 'all-linear' or a comma list of the family's short (q,k,v,o,gate,up,down) or full (q_proj, ...)
     names."""
     if spec.strip() == "all-linear":

@@ -15,7 +15,7 @@ import torch
 from safetensors import SafetensorError
 
 from mt.errors import AdapterError, CheckpointError, MtError, TrainingError
-from mt.finetune.families import Family, resolve_targets
+from mt.finetune.families import LoraTargets, resolve_targets
 
 DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
 
@@ -88,7 +88,7 @@ def meta_base(base: Path, *, dtype: torch.dtype) -> Any:
     return model
 
 
-def add_lora(model: Any, options: LoraOptions, family: Family, grad_checkpointing: bool) -> Any:
+def add_lora(model: Any, options: LoraOptions, family: LoraTargets, grad_checkpointing: bool) -> Any:
     """A trainable PEFT LoRA around `model` (frozen base; LoRA weights in float32, peft's autocast_adapter_dtype)."""
     from peft import LoraConfig, get_peft_model
 

@@ -41,6 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mt.convert.arch import families
+from mt.convert.arch.family import Kernels
 from mt.errors import DeviceUnavailable, MtError
 
 MODES = ("auto", "triton", "torch")
@@ -57,40 +59,7 @@ class PatchError(MtError):
     """patch_model or causal_lm_loss was asked for something it does not do (an unknown kernels mode)."""
 
 
-@dataclass(frozen=True)
-class KernelFamily:
-    """Where a family's pieces are: the transformers module holding its classes (and apply_rotary_pos_emb), the
-    class names to patch, and the attribute of the *ForCausalLM holding the decoder; how its norm computes
-    (norm_style, a key of NORM_FORWARDS), how its MLP holds gate and up (mlp_layout, a key of MLP_FORWARDS), and
-    the config attribute naming its activation."""
-    modeling: str
-    norm: str
-    mlp: str
-    attention: str
-    decoder: str = "model"
-    norm_style: str = "weight_times_normed"
-    mlp_layout: str = "gate_and_up"
-    activation_key: str = "hidden_act"
-
-
-FAMILIES: dict[str, KernelFamily] = {
-    "LlamaForCausalLM": KernelFamily("transformers.models.llama.modeling_llama", "LlamaRMSNorm", "LlamaMLP",
-                                     "LlamaAttention"),
-    "MistralForCausalLM": KernelFamily("transformers.models.mistral.modeling_mistral", "MistralRMSNorm",
-                                       "MistralMLP", "MistralAttention"),
-    "Qwen2ForCausalLM": KernelFamily("transformers.models.qwen2.modeling_qwen2", "Qwen2RMSNorm", "Qwen2MLP",
-                                     "Qwen2Attention"),
-    "Qwen3ForCausalLM": KernelFamily("transformers.models.qwen3.modeling_qwen3", "Qwen3RMSNorm", "Qwen3MLP",
-                                     "Qwen3Attention"),
-    "Gemma2ForCausalLM": KernelFamily("transformers.models.gemma2.modeling_gemma2", "Gemma2RMSNorm", "Gemma2MLP",
-                                      "Gemma2Attention", norm_style="one_plus_weight",
-                                      activation_key="hidden_activation"),
-    "Gemma3ForCausalLM": KernelFamily("transformers.models.gemma3.modeling_gemma3", "Gemma3RMSNorm", "Gemma3MLP",
-                                      "Gemma3Attention", norm_style="one_plus_weight",
-                                      activation_key="hidden_activation"),
-    "Phi3ForCausalLM": KernelFamily("transformers.models.phi3.modeling_phi3", "Phi3RMSNorm", "Phi3MLP",
-                                    "Phi3Attention", mlp_layout="fused_gate_up"),
-}
+FAMILIES: dict[str, Kernels] = {hf_arch: f.kernels for hf_arch, f in families().items() if f.trainable and f.kernels}
 
 
 @dataclass(frozen=True)
@@ -185,7 +154,7 @@ def base_model(model: Any) -> nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def family_of(base: nn.Module) -> tuple[str, KernelFamily | None]:
+def family_of(base: nn.Module) -> tuple[str, Kernels | None]:
     """(architecture name, its kernel family or None): the class name first, then config.architectures[0]."""
     archs = getattr(getattr(base, "config", None), "architectures", None) or []
     for name in (type(base).__name__, archs[0] if archs else None):
@@ -380,7 +349,7 @@ def _set_forward(module: nn.Module, forward: Callable[..., Any], kind: str) -> N
 
 
 class _Patcher:
-    def __init__(self, base: nn.Module, family: KernelFamily, kernels: KernelSet, report: PatchReport) -> None:
+    def __init__(self, base: nn.Module, family: Kernels, kernels: KernelSet, report: PatchReport) -> None:
         modeling = importlib.import_module(family.modeling)
         self.norm_cls = getattr(modeling, family.norm)
         self.mlp_cls = getattr(modeling, family.mlp)
@@ -470,7 +439,7 @@ def unpatch_model(model: Any) -> int:
 
 
 def patch(model: Any) -> list[str]:
-    """The trainer's seam (Family.kernel_patch): patch_model in "auto" mode, the report as log lines."""
+    """The trainer's seam (a family's kernel patch): patch_model in "auto" mode, the report as log lines."""
     return patch_model(model).lines()
 
 

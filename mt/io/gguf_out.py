@@ -1,46 +1,162 @@
-"""Streaming, atomic GGUF output on top of gguf-py's writer state machine.
+"""mt's one GGUF writer, on gguf-py's public API.
 
-Header, KV data and tensor infos go through `gguf.GGUFWriter`; tensor data is then streamed one
-chunk at a time into a temporary file beside the target, renamed over it only when complete.
+A `GGUFContents` collects what a file will hold (gguf-py's add_* helpers fill it); `write_gguf` writes the
+header, metadata and tensor infos through a `gguf.GGUFWriter`, then streams each tensor's bytes one chunk at a
+time. Callers give it a temporary path (`mt.io.atomic`) that is renamed over the target only when complete.
 """
 
 from __future__ import annotations
 
 import errno
 import os
-import struct
-from typing import Any, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
 
 import numpy as np
-from gguf import GGUFEndian, GGUFValueType, GGUFWriter
+from gguf import GGMLQuantizationType, GGUFValueType, GGUFWriter
 
 from mt.errors import MtError
-from mt.io.atomic import atomic_path, check_output  # noqa: F401  (re-exported: convert, quantize, commands use them from here)
 from mt.io.safetensors import FileSpan
 
+Chunk = np.ndarray | FileSpan
 
-class FastArrayGGUFWriter(GGUFWriter):
-    """gguf-py's writer, with long metadata arrays packed in one step instead of one call per item.
 
-    Same bytes; the per-item loop costs ~2 s for a 128k-token vocabulary.
+@dataclass(frozen=True)
+class MetaValue:
+    value: Any
+    vtype: GGUFValueType
+    sub_type: GGUFValueType | None = None
+
+
+@dataclass(frozen=True)
+class TensorSlot:
+    """One tensor info: `shape` in gguf-py's order (outermost first), `nbytes` of its encoded data."""
+
+    name: str
+    shape: tuple[int, ...]
+    ggml_type: GGMLQuantizationType
+    nbytes: int
+
+
+class GGUFContents(GGUFWriter):
+    """What one GGUF file will hold: metadata in order and tensor infos, never a file of its own.
+
+    gguf-py's add_* helpers all end in `add_key_value`, which keeps the value in this object's ordered
+    `metadata`, so a key can be read back, removed or moved to the end (llama-quantize re-sets some keys).
     """
 
-    def _pack_val(self, val: Any, vtype: GGUFValueType, add_vtype: bool, sub_type: GGUFValueType | None = None) -> bytes:
-        if vtype != GGUFValueType.ARRAY or self.endianess != GGUFEndian.LITTLE or not isinstance(val, list) or len(val) < 256:
-            return super()._pack_val(val, vtype, add_vtype, sub_type)
-        ltype = sub_type if sub_type is not None else GGUFValueType.get_type(val[0])
-        examples = dict(zip(map(type, val), val))  # one item per Python type, at C speed
-        if sub_type is None and any(GGUFValueType.get_type(item) is not ltype for item in examples.values()):
-            raise ValueError("All items in a GGUF array should be of the same type")
-        head = (struct.pack("<I", vtype) if add_vtype else b"") + struct.pack("<IQ", ltype, len(val))
-        if ltype == GGUFValueType.STRING:
-            encoded = [item.encode("utf-8") if isinstance(item, str) else bytes(item) for item in val]
-            lengths = np.array([len(e) for e in encoded], dtype="<u8")
-            parts = [b for length, e in zip(lengths.view(np.uint8).reshape(-1, 8), encoded) for b in (length.tobytes(), e)]
-            return head + b"".join(parts)
-        if (fmt := self._simple_value_packing.get(ltype)) is not None:
-            return head + np.asarray(val, dtype=np.dtype("<" + fmt)).tobytes()
-        return super()._pack_val(val, vtype, add_vtype, sub_type)
+    def __init__(self, arch: str) -> None:
+        self.metadata: dict[str, MetaValue] = {}
+        self.slots: list[TensorSlot] = []
+        super().__init__(path=None, arch=arch)
+
+    def add_key_value(self, key: str, val: Any, vtype: GGUFValueType, sub_type: GGUFValueType | None = None) -> None:
+        self.metadata[key] = MetaValue(val, vtype, sub_type)
+
+    def add_tensor_info(self, name: str, tensor_shape: Sequence[int], tensor_dtype: np.dtype, tensor_nbytes: int,
+                        raw_dtype: GGMLQuantizationType | None = None) -> None:
+        """Only encoded tensors (`raw_dtype` given): mt always knows the GGML type and byte size it writes."""
+        if raw_dtype is None:
+            raise TypeError("GGUFContents takes tensor infos with their GGML type (raw_dtype)")
+        super().add_tensor_info(name, tensor_shape, tensor_dtype, tensor_nbytes, raw_dtype)
+        self.slots.append(TensorSlot(name, tuple(int(d) for d in tensor_shape), raw_dtype, int(tensor_nbytes)))
+
+    def add_slot(self, name: str, shape: Sequence[int], ggml_type: GGMLQuantizationType, nbytes: int) -> None:
+        self.add_tensor_info(name, shape, np.dtype(np.float32), nbytes, raw_dtype=ggml_type)
+
+    def value(self, key: str) -> Any:
+        field = self.metadata.get(key)
+        return None if field is None else field.value
+
+    def remove(self, key: str) -> None:
+        self.metadata.pop(key, None)
+
+
+class _HeaderWriter(GGUFWriter):
+    """gguf-py's writer taking every key from a GGUFContents, general.architecture included, in its order."""
+
+    def add_architecture(self) -> None:
+        pass
+
+
+def write_gguf(path: Path, contents: GGUFContents, payloads: Iterable[Iterable[Chunk]] | None = None) -> int:
+    """Write `contents` to `path`; `payloads` gives each tensor's chunks, in the order of its slots (None: the
+    header alone, no tensor data). Returns the tensor bytes written. The contents' metadata is dropped once it
+    is on disk (a 128k-token vocabulary is ~100 MB of Python objects)."""
+    header = _HeaderWriter(path=None, arch=contents.arch)
+    header.data_alignment = contents.data_alignment
+    for key, field in contents.metadata.items():
+        header.add_key_value(key, field.value, field.vtype, field.sub_type)
+    for slot in contents.slots:
+        header.add_tensor_info(slot.name, slot.shape, np.dtype(np.float32), slot.nbytes, raw_dtype=slot.ggml_type)
+    try:
+        header.write_header_to_file(path=path)
+        header.write_kv_data_to_file()
+        header.write_ti_data_to_file()
+    finally:
+        header.close()
+    if payloads is None:
+        return 0
+    del header
+    contents.metadata.clear()
+    release_freed_memory()
+    with open(path, "r+b") as fout:
+        fout.seek(0, os.SEEK_END)
+        return _write_payloads(fout, contents.slots, payloads, contents.data_alignment)
+
+
+def _write_payloads(fout: Any, slots: list[TensorSlot], payloads: Iterable[Iterable[Chunk]], alignment: int) -> int:
+    """The payloads are read to their end, so a generator's code after its last yield (progress) runs."""
+    written = 0
+    count = 0
+    for chunks in payloads:
+        if count == len(slots):
+            raise MtError(f"internal error: more tensors written than the {len(slots)} planned", "please report it")
+        slot = slots[count]
+        _pad(fout, fout.tell(), alignment)
+        nbytes = sum(_copy_span(fout, c) if isinstance(c, FileSpan) else _write_array(fout, c) for c in chunks)
+        if nbytes != slot.nbytes:
+            raise MtError(f"internal error: tensor {slot.name} wrote {nbytes} bytes, planned {slot.nbytes}", "please report it")
+        _pad(fout, nbytes, alignment)
+        written += nbytes
+        count += 1
+    if count != len(slots):
+        raise MtError(f"internal error: {count} tensors written, {len(slots)} planned", "please report it")
+    # no fsync: like llama.cpp's tools; the rename still makes a half-written file impossible to see
+    fout.flush()
+    return written
+
+
+def _pad(fout: Any, n: int, alignment: int) -> None:
+    if pad := GGUFWriter.ggml_pad(n, alignment) - n:
+        fout.write(bytes(pad))
+
+
+def _write_array(fout: Any, chunk: np.ndarray) -> int:
+    data = np.ascontiguousarray(chunk)
+    fout.write(memoryview(data).cast("B"))
+    return data.nbytes
+
+
+def _copy_span(fout: Any, span: FileSpan) -> int:
+    """Source bytes straight into the output, in the kernel (copy_file_range), else through a buffer."""
+    fout.flush()
+    out_fd = fout.fileno()
+    with open(span.path, "rb") as src:
+        done = 0
+        try:
+            while done < span.nbytes:
+                n = os.copy_file_range(src.fileno(), out_fd, span.nbytes - done, span.offset + done)
+                if n == 0:
+                    raise MtError(f"{span.path.name} ended while copying a tensor", "the file is truncated; download it again")
+                done += n
+        except OSError as e:
+            if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP) or done:
+                raise
+            src.seek(span.offset)
+            fout.write(src.read(span.nbytes))
+    return span.nbytes
 
 
 def release_freed_memory() -> None:
@@ -53,53 +169,3 @@ def release_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc
         pass
-
-
-class TensorStream:
-    """Writes tensor payloads, in the order their infos were added, after the header is out."""
-
-    def __init__(self, writer: GGUFWriter) -> None:
-        assert writer.fout is not None and len(writer.fout) == 1
-        self.writer = writer
-        self.fout = writer.fout[0]
-        writer.kv_data = [{}]  # already on disk; a 128k vocabulary is ~100 MB of Python objects
-        release_freed_memory()
-
-    def write_tensor(self, chunks: Iterable[np.ndarray | FileSpan], nbytes: int) -> int:
-        self.writer.write_padding(self.fout, self.fout.tell())
-        written = 0
-        for chunk in chunks:
-            if isinstance(chunk, FileSpan):
-                written += self._copy_span(chunk)
-                continue
-            data = np.ascontiguousarray(chunk)
-            self.fout.write(memoryview(data).cast("B"))
-            written += data.nbytes
-        if written != nbytes:
-            raise MtError(f"internal error: tensor wrote {written} bytes, planned {nbytes}", "please report it")
-        self.writer.write_padding(self.fout, nbytes)
-        return written
-
-    def _copy_span(self, span: FileSpan) -> int:
-        """Source bytes straight into the output, in the kernel (copy_file_range), else through a buffer."""
-        self.fout.flush()
-        out_fd = self.fout.fileno()
-        with open(span.path, "rb") as src:
-            done = 0
-            try:
-                while done < span.nbytes:
-                    n = os.copy_file_range(src.fileno(), out_fd, span.nbytes - done, span.offset + done)
-                    if n == 0:
-                        raise MtError(f"{span.path.name} ended while copying a tensor", "the file is truncated; download it again")
-                    done += n
-            except OSError as e:
-                if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP) or done:
-                    raise
-                src.seek(span.offset)
-                self.fout.write(src.read(span.nbytes))
-        return span.nbytes
-
-    def finish(self) -> None:
-        # no fsync: like llama.cpp's tools; the rename still makes a half-written file impossible to see
-        self.fout.flush()
-        self.writer.close()

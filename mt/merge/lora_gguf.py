@@ -30,11 +30,14 @@ from mt.convert.plan import encode, read_whole
 from mt.io.stream import row_ranges
 from mt.io.dtypes import to_f32
 from mt.errors import AdapterError, UnknownTensor
-from mt.io.gguf_out import FastArrayGGUFWriter, TensorStream, atomic_path, check_output
+from mt.io.atomic import atomic_path, check_output
+from mt.io.gguf_out import GGUFContents, write_gguf
 from mt.merge.adapter import CONFIG_NAME, PREFIX, Adapter, LoraConfig, LoraDelta, open_adapter
 from mt.merge.fused import fuse_parts
 from mt.merge.merged import OUTPUT_NAME, check_fits, tied_embedding
-from mt.quant.outtypes import CONVERTER_TYPES
+from mt.quant.choose import Writer, tensor_types
+from mt.quant.mix import TensorSpec
+from mt.quant.outtypes import CONVERTER_TYPES, OutType
 from mt.quant.types import quant_type
 
 ALORA_TOKENS_KEY = "alora_invocation_tokens"
@@ -75,28 +78,23 @@ def convert_lora(adapter_dir: Path, base_dir: Path, out: Path, outtype: str = "f
     """Write `adapter_dir` (a PEFT LoRA folder) as a GGUF LoRA adapter for the GGUF of `base_dir`. The base folder
     gives the architecture, name table and Q/K permutation, and its tensors' shapes (and, for tensors the adapter
     saves whole, values) are checked against the adapter before anything is written."""
-    qtype = _outtype(outtype)
+    out_type = _outtype(outtype)
     base = open_checkpoint(base_dir)
     adapter = fuse_parts(base, open_adapter(adapter_dir))
     arch = load_architecture(base.architecture, base.config)
     check_expressible(base, adapter, arch)
-    tensors = plan_norm_copies(adapter, arch) + plan_lora_tensors(adapter, arch, qtype)
+    tensors = plan_norm_copies(adapter, arch) + plan_lora_tensors(adapter, arch, out_type)
     check_output(out, force)
-    writer = _writer(adapter, base, arch, tensors)
+    contents = _contents(adapter, base, arch, tensors)
     with atomic_path(out) as tmp:
-        try:
-            writer.write_header_to_file(path=tmp)
-            writer.write_kv_data_to_file()
-            written = _write_tensors(writer, tensors)
-        finally:
-            writer.close()
+        written = write_gguf(tmp, contents, ([encode(t.values, "F32", t.qtype)] for t in tensors))
     return LoraGGUFResult(out, arch.gguf_arch, adapter.config.alpha, tensors, written)
 
 
-def _outtype(outtype: str) -> T:
+def _outtype(outtype: str) -> OutType:
     if outtype not in CONVERTER_TYPES:  # convert_lora_to_gguf.py's --outtype choices
         raise AdapterError(f"unknown --outtype {outtype!r} for a LoRA adapter", f"choose one of {', '.join(CONVERTER_TYPES)}")
-    return CONVERTER_TYPES[outtype].base
+    return CONVERTER_TYPES[outtype]
 
 
 # ---------------------------------------------------------------- what a llama.cpp LoRA can carry
@@ -170,7 +168,7 @@ def _check_same_as_base(name: str, saved: LazyTensor, base: Checkpoint) -> None:
 # ---------------------------------------------------------------- the tensors
 
 
-def plan_lora_tensors(adapter: Adapter, arch: Architecture, qtype: T) -> list[LoraTensor]:
+def plan_lora_tensors(adapter: Adapter, arch: Architecture, out: OutType) -> list[LoraTensor]:
     """lora_a/lora_b for every target, in convert_lora_to_gguf.py's order (the adapter's keys, sorted); the parts of a
     fused weight (mt/merge/fused.py) become one pair."""
     groups: dict[str, list[LoraDelta]] = {}
@@ -179,7 +177,7 @@ def plan_lora_tensors(adapter: Adapter, arch: Architecture, qtype: T) -> list[Lo
     tensors: list[LoraTensor] = []
     for gguf_name, deltas in groups.items():
         a, b = lora_pair(deltas, gguf_name, arch, adapter.config.alpha)
-        tensors += [_tensor(f"{gguf_name}.lora_a", a, qtype), _tensor(f"{gguf_name}.lora_b", b, qtype)]
+        tensors += [_tensor(f"{gguf_name}.lora_a", a, out), _tensor(f"{gguf_name}.lora_b", b, out)]
     return tensors
 
 
@@ -206,15 +204,10 @@ def _first_key(delta: LoraDelta) -> str:
     return PREFIX + delta.module + (".lora_embedding_A" if delta.embedding else ".lora_A.weight")
 
 
-def _tensor(name: str, values: np.ndarray, qtype: T) -> LoraTensor:
-    return LoraTensor(name, lora_tensor_type(values.shape, qtype), values)
-
-
-def lora_tensor_type(shape: tuple[int, ...], qtype: T) -> T:
-    """As llama.cpp's converter: the out type, F16 where a quantized block does not divide the row (often B's rank)."""
-    if len(shape) <= 1:
-        return T.F32
-    return qtype if quant_type(qtype).row_fits(shape[-1]) else T.F16
+def _tensor(name: str, values: np.ndarray, out: OutType) -> LoraTensor:
+    """F16 where a quantized block does not divide the row (often B's rank)."""
+    spec = TensorSpec(name, tuple(reversed(values.shape)), T.F32)
+    return LoraTensor(name, tensor_types(out, Writer.LORA_CONVERTER, [spec])[name], values)
 
 
 def lora_pair(deltas: list[LoraDelta], gguf_name: str, arch: Architecture, alpha: float) -> tuple[np.ndarray, np.ndarray]:
@@ -263,10 +256,10 @@ def row_order(arch: Architecture, gguf_name: str, rows: int) -> np.ndarray | Non
 # ---------------------------------------------------------------- the file
 
 
-def _writer(adapter: Adapter, base: Checkpoint, arch: Architecture, tensors: list[LoraTensor]) -> FastArrayGGUFWriter:
-    w = FastArrayGGUFWriter(path=None, arch=arch.gguf_arch)
+def _contents(adapter: Adapter, base: Checkpoint, arch: Architecture, tensors: list[LoraTensor]) -> GGUFContents:
+    w = GGUFContents(arch.gguf_arch)
     for t in tensors:
-        w.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.qtype)
+        w.add_slot(t.name, t.shape, t.qtype, t.nbytes)
     w.add_type(gguf.GGUFType.ADAPTER)
     w.add_string(gguf.Keys.Adapter.TYPE, "lora")
     write_general_metadata(w, adapter.folder, fallback_name=base.folder.resolve().name)
@@ -286,11 +279,3 @@ def alora_invocation_tokens(config: LoraConfig) -> list[int]:
     if tokens and not (isinstance(tokens, list) and all(isinstance(t, int) and 0 <= t < 2**32 for t in tokens)):
         raise AdapterError(f"{CONFIG_NAME}: {ALORA_TOKENS_KEY} is not a list of token ids", "fix or re-save the adapter")
     return list(tokens or [])
-
-
-def _write_tensors(w: FastArrayGGUFWriter, tensors: list[LoraTensor]) -> int:
-    w.write_ti_data_to_file()
-    stream = TensorStream(w)
-    written = sum(stream.write_tensor([encode(t.values, "F32", t.qtype)], t.nbytes) for t in tensors)
-    stream.finish()
-    return written

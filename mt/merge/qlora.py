@@ -27,6 +27,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from mt.convert.arch import families
+from mt.convert.arch.family import Family
 from mt.io.checkpoint import Checkpoint, LazyTensor, torch_to_storage
 from mt.errors import AdapterError, CheckpointError, DeviceUnavailable
 from mt.io.dtypes import FLOAT_DTYPES, STORAGE_DTYPES
@@ -50,17 +52,11 @@ class LinearLayout:
     default_skips: tuple[str, ...]
 
 
-_DECODER = LinearLayout(
-    linears=tuple(f"model.layers.{{bid}}.{m}" for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
-                                                         "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
-                                                         "mlp.down_proj")) + ("lm_head",),
-    default_skips=("lm_head",),
-)
-LAYOUTS: dict[str, LinearLayout] = {
-    "LlamaForCausalLM": _DECODER,
-    "MistralForCausalLM": _DECODER,
-    "Qwen2ForCausalLM": _DECODER,
-}
+def linear_layout(record: Family) -> LinearLayout:
+    return LinearLayout(tuple(f"model.layers.{{bid}}.{m}" for m in record.linear) + ("lm_head",), ("lm_head",))
+
+
+LAYOUTS: dict[str, LinearLayout] = {hf_arch: linear_layout(f) for hf_arch, f in families().items() if f.qlora}
 QUANT_PARTS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")  # beside a saved 4-bit weight
 STATE_KEY = re.compile(r"^(?P<weight>.+)\.quant_state\.bitsandbytes__(?P<type>nf4|fp4)$")
 

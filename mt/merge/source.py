@@ -68,3 +68,12 @@ def merged_source(base_dir: Path, adapter_dir: Path, stack: ExitStack, dequantiz
         else:
             (folder / name).symlink_to(data.resolve())
     return replace(merged, folder=folder)
+
+
+def open_source(src: Path, adapter: Path | None, stack: ExitStack, *, dequantized_base: bool = False,
+                allow_pickle: bool = False) -> Checkpoint:
+    """What convert, re-export and verify read: the checkpoint folder `src`, or with `adapter` the merged model
+    (`merged_source`, its temporary folder held by `stack`)."""
+    if adapter is None:
+        return open_checkpoint(src, allow_pickle=allow_pickle)
+    return merged_source(src, adapter, stack, dequantized_base=dequantized_base, allow_pickle=allow_pickle)

@@ -1,8 +1,8 @@
 """Output types: every type `mt convert --outtype`, `mt quantize` and `mt convert-lora` can write, in one table.
 
-llama.cpp has two writers with their own per-tensor rules: its converter (F32, F16, BF16, Q8_0: 1-D tensors and
-norms stay F32, rows a block does not divide fall back to F16) and llama-quantize (the mixes: `mix.choose_types`).
-A type says which of them makes it; `mt convert --outtype q4_k_m` is the converter's F32 file quantized.
+A type says which of llama.cpp's writers makes it: its converter (F32, F16, BF16, Q8_0) or llama-quantize (the
+mixes); `mt convert --outtype q4_k_m` is the converter's F32 file quantized. The type each tensor of a file gets
+is `choose.tensor_types`.
 """
 
 from __future__ import annotations
@@ -49,10 +49,3 @@ def by_file_type(file_type: int) -> OutType | None:
 def row_fits(qtype: T, n_per_row: int) -> bool:
     return n_per_row % GGML_QUANT_SIZES[qtype][0] == 0
 
-
-def converter_tensor_type(name: str, shape: tuple[int, ...], base: T) -> T:
-    """llama.cpp's converter: 1-D, norms and non-weights stay F32; rows a block does not divide fall back to F16.
-    `shape` in numpy order (the row last)."""
-    if len(shape) <= 1 or name.endswith("_norm.weight") or not name.endswith(".weight"):
-        return T.F32
-    return base if row_fits(base, shape[-1]) else T.F16

@@ -13,14 +13,17 @@ from typing import Callable, Iterator
 import gguf
 import numpy as np
 from gguf import GGMLQuantizationType as T
-from gguf import GGUFWriter, LlamaFileType
+from gguf import LlamaFileType
 
 from mt.errors import MtError, NonFiniteWeights
 from mt.io.dtypes import STORAGE_DTYPES, to_f32
 from mt.io.gguf_in import GGUFHeader, TensorInfo, read_header
-from mt.io.gguf_out import FastArrayGGUFWriter, TensorStream, atomic_path, check_output
+from mt.io.atomic import atomic_path, check_output
+from mt.io.gguf_out import GGUFContents, write_gguf
 from mt.io.stream import Prefetcher, grouped, row_ranges
-from mt.quant.mix import FILE_TYPES, MixOptions, ModelFacts, TensorSpec, choose_types, llama_order
+from mt.quant.choose import Writer, tensor_types
+from mt.quant.mix import FILE_TYPES, MixOptions, ModelFacts, TensorSpec, llama_order
+from mt.quant.outtypes import by_file_type
 from mt.quant.imatrix import Imatrix, load_imatrix, output_keys
 from mt.quant.device import GPU_TYPES, GpuQuantizer, select_device
 from mt.quant.types import quant_type
@@ -63,7 +66,9 @@ def plan_types(header: GGUFHeader, facts: ModelFacts, file_type: LlamaFileType, 
     by_name = {t.name: t for t in header.tensors}
     ordered = [by_name[n] for n in llama_order(list(by_name))]
     specs = [TensorSpec(t.name, t.shape, t.type) for t in ordered]
-    types = choose_types(specs, file_type, facts, options)
+    out = by_file_type(file_type)
+    assert out is not None and out.quantizer, file_type
+    types = tensor_types(out, Writer.QUANTIZER, specs, facts, options)
     for t in ordered:
         if types[t.name] != t.type and t.type not in SOURCE_TYPES:
             raise MtError(
@@ -96,10 +101,10 @@ def tensor_weights(imx: Imatrix, ordered: list[TensorInfo], types: dict[str, T])
     return {name: w for name, w in found.items() if w is not None and uses_weights(types[name])}
 
 
-def put_quantization_keys_last(w: GGUFWriter, file_type: LlamaFileType) -> None:
+def put_quantization_keys_last(w: GGUFContents, file_type: LlamaFileType) -> None:
     """llama-quantize re-sets these two keys, which moves them after all the copied metadata."""
     for key in MOVED_TO_END:
-        w.kv_data[0].pop(key, None)
+        w.remove(key)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     w.add_file_type(int(file_type))
 
@@ -158,7 +163,7 @@ def quantize_gguf(src: Path, out: Path, file_type: str, *, options: MixOptions |
     weights = tensor_weights(imx, ordered, types) if imx is not None else {}
     uses_gpu_types = any(types[t.name] in GPU_TYPES and types[t.name] != t.type for t in ordered)
     gpu = select_device(device) if device == "cuda" or uses_gpu_types else None
-    w = FastArrayGGUFWriter(path=None, arch=facts.arch)
+    w = GGUFContents(facts.arch)
     if (alignment := header.value("general.alignment")) is not None:
         w.data_alignment = int(alignment)
     for key, (vtype, value) in header.kv.items():
@@ -167,29 +172,27 @@ def quantize_gguf(src: Path, out: Path, file_type: str, *, options: MixOptions |
     put_quantization_keys_last(w, ftype)
     if imx is not None:
         for key, vtype, value in output_keys(imx, str(imatrix)):
-            w.kv_data[0].pop(key, None)  # llama.cpp re-sets the key: it moves to the end
+            w.remove(key)  # llama.cpp re-sets the key: it moves to the end
             w.add_key_value(key, value, vtype)
     sizes = {t.name: quant_type(types[t.name]).nbytes(tuple(reversed(t.shape))) for t in ordered}
     for t in ordered:
-        w.add_tensor_info(t.name, tuple(reversed(t.shape)), np.dtype(np.float32), sizes[t.name], raw_dtype=types[t.name])
+        w.add_slot(t.name, tuple(reversed(t.shape)), types[t.name], sizes[t.name])
     total = sum(sizes.values())
     with atomic_path(out) as tmp:
+        # reading and quantizing run one slab ahead on a worker thread while this one writes
+        producer = Prefetcher(((i, chunk) for i, t in enumerate(ordered)
+                               for chunk in tensor_chunks(header, t, types[t.name], weights.get(t.name), gpu)), depth=2)
         try:
-            w.write_header_to_file(path=tmp)
-            w.write_kv_data_to_file()
-            w.write_ti_data_to_file()
-            stream = TensorStream(w)
-            # reading and quantizing run one slab ahead on a worker thread while this one writes
-            producer = Prefetcher(((i, chunk) for i, t in enumerate(ordered)
-                                   for chunk in tensor_chunks(header, t, types[t.name], weights.get(t.name), gpu)), depth=2)
-            try:
-                for t, chunks in grouped(ordered, producer):
-                    stream.write_tensor(chunks, sizes[t.name])
-                    if progress is not None:
-                        progress(sizes[t.name], total)
-            finally:
-                producer.close()
-            stream.finish()
+            write_gguf(tmp, w, _reported(grouped(ordered, producer), sizes, total, progress))
         finally:
-            w.close()
+            producer.close()
     return QuantizeResult(out, ftype, types, total)
+
+
+def _reported(tensors: Iterator[tuple[TensorInfo, Iterator[np.ndarray]]], sizes: dict[str, int], total: int,
+              progress: Callable[[int, int], None] | None) -> Iterator[Iterator[np.ndarray]]:
+    """Each tensor's chunks; `progress` hears of a tensor once its chunks are all written."""
+    for t, chunks in tensors:
+        yield chunks
+        if progress is not None:
+            progress(sizes[t.name], total)

@@ -13,8 +13,9 @@ from gguf import GGMLQuantizationType as T
 from gguf import LlamaFileType
 
 from mt.io.gguf_in import GGUFHeader
-from mt.quant.mix import MixOptions, ModelFacts, TensorSpec, allows_quantization, choose_types, llama_order
-from mt.quant.outtypes import OutType, by_file_type, converter_tensor_type
+from mt.quant.choose import Writer, tensor_types
+from mt.quant.mix import MixOptions, ModelFacts, TensorSpec, allows_quantization, llama_order
+from mt.quant.outtypes import OutType, by_file_type
 from mt.verify.report import Check, Status
 from mt.verify.template import TEMPLATE_KEY as TEMPLATE
 from mt.verify.thresholds import file_type_name
@@ -76,13 +77,13 @@ def _expected_types(checked: GGUFHeader, out: OutType, pure: bool) -> dict[str, 
     llama-quantize's otherwise."""
     infos = {t.name: t for t in checked.tensors}
     if not out.quantizer:
-        return {t.name: converter_tensor_type(t.name, tuple(reversed(t.shape)), out.base) for t in infos.values()}
+        return tensor_types(out, Writer.CONVERTER, [TensorSpec(t.name, t.shape, T.F32) for t in infos.values()])
     arch = str(checked.value("general.architecture", ""))
     facts = ModelFacts(arch=arch, n_layer=int(checked.value(f"{arch}.block_count", 0) or 0),
                        n_expert=int(checked.value(f"{arch}.expert_count", 0) or 0))
     options = MixOptions(pure=pure, has_imatrix=any(k.startswith("quantize.imatrix.") for k in checked.kv))
     specs = [TensorSpec(n, infos[n].shape, T.F32) for n in llama_order(list(infos))]
-    return choose_types(specs, out.file_type, facts, options)
+    return tensor_types(out, Writer.QUANTIZER, specs, facts, options)
 
 
 def file_type_findings(checked: GGUFHeader) -> tuple[list[str], list[str]]:

@@ -25,10 +25,11 @@ import numpy as np
 
 from mt.convert.arch import load_architecture
 from mt.io.checkpoint import Checkpoint
-from mt.convert.convert import load, prepare_writer, write_conversion
+from mt.convert.convert import gguf_contents, load, write_conversion
 from mt.convert.plan import TensorPlan, build_plan
 from mt.errors import CheckpointError, VerifyError
 from mt.io.gguf_in import GGUFHeader, read_header
+from mt.io.gguf_out import write_gguf
 from mt.quant.imatrix import Imatrix, load_imatrix
 from mt.verify.corpus import CORPUS
 from mt.verify.exact import check_tensors
@@ -135,13 +136,8 @@ class Verifier:
     def header(self) -> GGUFHeader:
         """What mt writes for the whole source: metadata, vocabulary and tensor infos (no tensor data)."""
         path = self.workdir / "reference-header.gguf"
-        w, _ = prepare_writer(self.ckpt, self.arch, self.plan, vocab_only=False)
-        try:
-            w.write_header_to_file(path=path)
-            w.write_kv_data_to_file()
-            w.write_ti_data_to_file()
-        finally:
-            w.close()
+        contents, _ = gguf_contents(self.ckpt, self.arch, self.plan, vocab_only=False)
+        write_gguf(path, contents)
         return read_header(path)
 
     @cached_property

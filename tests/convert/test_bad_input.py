@@ -141,15 +141,15 @@ def test_interrupt_and_disk_full_leave_nothing(src, tmp_path, monkeypatch, exc, 
     from mt.io import gguf_out
 
     calls = {"n": 0}
-    original = gguf_out.TensorStream.write_tensor
+    original = gguf_out._pad  # called before and after each tensor's data
 
-    def failing(self, chunks, nbytes):
+    def failing(fout, n, alignment):
         calls["n"] += 1
         if calls["n"] == 5:
             raise exc
-        return original(self, chunks, nbytes)
+        return original(fout, n, alignment)
 
-    monkeypatch.setattr(gguf_out.TensorStream, "write_tensor", failing)
+    monkeypatch.setattr(gguf_out, "_pad", failing)
     out = tmp_path / "o.gguf"
     result = run_convert(src, out)
     assert result.exit_code != 0
@@ -168,7 +168,7 @@ def test_internal_error_is_one_line_and_debug_shows_traceback(src, tmp_path, mon
     def broken(*args, **kwargs):
         raise ZeroDivisionError("boom")
 
-    monkeypatch.setattr(plan, "converter_tensor_type", broken)
+    monkeypatch.setattr(plan, "tensor_types", broken)
     out = tmp_path / "o.gguf"
     assert_clean_failure(run_convert(src, out), out, "internal error: ZeroDivisionError: boom", "MT_DEBUG=1")
     monkeypatch.setenv("MT_DEBUG", "1")

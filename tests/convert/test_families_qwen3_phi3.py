@@ -12,8 +12,8 @@ from typing import Callable
 
 import numpy as np
 import pytest
-from gguf import GGUFWriter
 
+from mt.io.gguf_out import GGUFContents
 from mt.convert.arch import load_architecture
 from mt.convert.convert import convert
 from mt.quant.quantize import parse_file_type, quantize_gguf
@@ -235,7 +235,7 @@ def test_sliding_window_warning(request, caplog, fixture, warned):
     config = json.loads((src / "config.json").read_text())
     arch = load_architecture(config["architectures"][0], config)
     caplog.set_level(logging.WARNING)
-    arch.write_hparams(GGUFWriter(None, arch.gguf_arch), 1)
+    arch.write_hparams(GGUFContents(arch.gguf_arch), 1)
     lines = [r.getMessage() for r in caplog.records if WARNED in r.getMessage()]
     assert len(lines) == (1 if warned else 0), lines
 
@@ -353,9 +353,9 @@ def test_qwen3_without_head_dim_takes_transformers_default(qwen3_dir, tmp_path):
 
     src = edited_copy(qwen3_dir, tmp_path / "src", lambda c: c.pop("head_dim"))
     config = json.loads((src / "config.json").read_text())
-    w = GGUFWriter(None, "qwen3")
+    w = GGUFContents("qwen3")
     load_architecture("Qwen3ForCausalLM", config).write_hparams(w, 1)
-    written = {key: field.value for key, field in w.kv_data[0].items()}
+    written = {key: field.value for key, field in w.metadata.items()}
     assert written["qwen3.attention.key_length"] == written["qwen3.attention.value_length"] == AutoConfig.from_pretrained(src).head_dim
 
 

@@ -8,7 +8,7 @@ from gguf import GGMLQuantizationType as T
 
 from mt.cli import main
 from mt.errors import MtError
-from mt.quant.outtypes import CONVERT_CHOICES, CONVERTER_TYPES, OUT_TYPES, QUANTIZER_TYPES, by_file_type, converter_tensor_type
+from mt.quant.outtypes import CONVERT_CHOICES, CONVERTER_TYPES, OUT_TYPES, QUANTIZER_TYPES, by_file_type
 from mt.quant.quantize import parse_file_type
 from mt.quant.types import quant_type
 
@@ -29,9 +29,3 @@ def test_commands_offer_the_tables_types():
     lora = CliRunner().invoke(main, ["convert-lora", "x", "--base", "y", "-o", "z", "--outtype", "q4_k_m"])
     assert lora.exit_code == 2 and all(name in lora.output for name in CONVERTER_TYPES)
 
-
-def test_the_converters_rule():
-    assert converter_tensor_type("blk.0.attn_norm.weight", (64, 64), T.Q8_0) == T.F32
-    assert converter_tensor_type("blk.0.attn_q.bias", (64,), T.F16) == T.F32
-    assert converter_tensor_type("blk.0.ffn_down.weight", (64, 80), T.Q8_0) == T.F16  # 80 is not a multiple of 32
-    assert converter_tensor_type("blk.0.ffn_down.weight", (64, 96), T.Q8_0) == T.Q8_0

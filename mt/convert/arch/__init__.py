@@ -6,6 +6,7 @@ import importlib
 from typing import Any
 
 from mt.convert.arch.base import Architecture
+from mt.convert.arch.family import Family
 from mt.errors import UnsupportedArchitecture
 
 MODULES: dict[str, str] = {
@@ -34,3 +35,8 @@ def load_architecture(hf_arch: str, config: dict[str, Any]) -> Architecture:
         )
     cls = importlib.import_module(f"mt.convert.arch.{module}").ARCH
     return cls(config)
+
+
+def families() -> dict[str, Family]:
+    """Every architecture's family record, by config.architectures[0]."""
+    return {hf_arch: importlib.import_module(f"mt.convert.arch.{module}").FAMILY for hf_arch, module in MODULES.items()}

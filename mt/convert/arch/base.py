@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Mapping
 
 import numpy as np
-from gguf import GGUFWriter
 
+from mt.io.gguf_out import GGUFContents
 from mt.convert.vocab import VocabSummary, write_vocab
 from mt.errors import MtError, UnknownTensor
 
@@ -91,7 +91,7 @@ class Companion:
     prefixes: tuple[str, ...]
     gguf_arch: str
     names: NameTable
-    write_metadata: Callable[[GGUFWriter, dict[str, Any]], None]
+    write_metadata: Callable[[GGUFContents, dict[str, Any]], None]
 
     def takes(self, hf_name: str) -> bool:
         return hf_name.startswith(self.prefixes)
@@ -126,7 +126,7 @@ class Architecture:
     def block_count(self) -> int:
         return int(find_key(self.config, ("n_layers", "num_hidden_layers", "n_layer", "num_layers")))
 
-    def write_hparams(self, w: GGUFWriter, file_type: int) -> None:
+    def write_hparams(self, w: GGUFContents, file_type: int) -> None:
         raise NotImplementedError
 
     def transform_for(self, gguf_name: str) -> Transform | None:
@@ -135,7 +135,7 @@ class Architecture:
     def extra_tensors(self) -> list[ExtraTensor]:
         return []
 
-    def write_tensor_pass_keys(self, w: GGUFWriter) -> None:
+    def write_tensor_pass_keys(self, w: GGUFContents) -> None:
         """Keys llama.cpp's converter adds while it generates the tensors, i.e. before general.type and the
         hyperparameters (and not in a vocab-only file)."""
 
@@ -159,5 +159,5 @@ class Architecture:
 
     vocab_loaders: ClassVar[tuple[str, ...]] = ("gpt2",)
 
-    def write_vocab(self, folder: Path, w: GGUFWriter) -> VocabSummary | None:
+    def write_vocab(self, folder: Path, w: GGUFContents) -> VocabSummary | None:
         return write_vocab(folder, self.config, w, self.vocab_loaders)

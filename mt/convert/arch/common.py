@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from gguf import GGUFWriter, RopeScalingType
+from gguf import RopeScalingType
 
+from mt.io.gguf_out import GGUFContents
 from mt.convert.arch.base import find_key
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,7 @@ def full_attention_rope(config: dict[str, Any]) -> dict[str, Any]:
     return rope.get("full_attention", rope)
 
 
-def write_rope_scaling(w: GGUFWriter, rope: dict[str, Any]) -> None:
+def write_rope_scaling(w: GGUFContents, rope: dict[str, Any]) -> None:
     rope_type, factor = rope.get("rope_type"), rope.get("factor")
     if rope_type is None:
         return
@@ -66,7 +67,7 @@ def write_rope_scaling(w: GGUFWriter, rope: dict[str, Any]) -> None:
         log.warning("unknown rope type %r: written without scaling", rope_type)
 
 
-def write_text_hparams(w: GGUFWriter, config: dict[str, Any], block_count: int, file_type: int) -> None:
+def write_text_hparams(w: GGUFContents, config: dict[str, Any], block_count: int, file_type: int) -> None:
     """The keys llama.cpp's TextModel.set_gguf_parameters writes, in its order."""
     w.add_block_count(block_count)
     scalar_keys = (

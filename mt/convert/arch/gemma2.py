@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from gguf import GGUFWriter
 
+from mt.io.gguf_out import GGUFContents
+from mt.convert.arch.family import decoder_family
 from mt.convert.arch.base import Architecture, NameTable
 from mt.convert.vocab import VocabSummary
 from mt.errors import UnsupportedArchitecture
@@ -122,7 +123,7 @@ def require_attention_scale(config: dict[str, Any], n_layer: int, layers_27b: in
         )
 
 
-def write_gemma_vocab(arch: Architecture, folder: Path, w: GGUFWriter) -> VocabSummary:
+def write_gemma_vocab(arch: Architecture, folder: Path, w: GGUFContents) -> VocabSummary:
     """SentencePiece vocabulary, then add_space_prefix false (Gemma's tokenizer.model adds no "▁")."""
     summary = Architecture.write_vocab(arch, folder, w)
     w.add_add_space_prefix(False)
@@ -135,7 +136,7 @@ class Gemma2(Architecture):
     transforms = NORM_OFFSET
     vocab_loaders = ("sentencepiece",)
 
-    def write_hparams(self, w: GGUFWriter, file_type: int) -> None:
+    def write_hparams(self, w: GGUFContents, file_type: int) -> None:
         """Gemma2Model.set_gguf_parameters' keys, in its order (it does not write the rope base: llama.cpp's
         default 10000 is Gemma 2's)."""
         c = with_defaults(self.config, DEFAULTS)
@@ -157,8 +158,9 @@ class Gemma2(Architecture):
         w.add_final_logit_softcapping(c["final_logit_softcapping"])
         w.add_sliding_window(c["sliding_window"])
 
-    def write_vocab(self, folder: Path, w: GGUFWriter) -> VocabSummary:
+    def write_vocab(self, folder: Path, w: GGUFContents) -> VocabSummary:
         return write_gemma_vocab(self, folder, w)
 
 
+FAMILY = decoder_family("Gemma2", "gemma2", norm_style="one_plus_weight", activation_key="hidden_activation")
 ARCH = Gemma2

@@ -10,8 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from gguf import GGUFWriter
 
+from mt.io.gguf_out import GGUFContents
+from mt.convert.arch.family import decoder_family
 from mt.convert.arch.base import Architecture, NameTable
 from mt.convert.arch.common import write_text_hparams
 from mt.convert.arch.gemma2 import (
@@ -46,7 +47,7 @@ class Gemma3(Architecture):
     transforms = NORM_OFFSET
     vocab_loaders = ("sentencepiece",)
 
-    def write_hparams(self, w: GGUFWriter, file_type: int) -> None:
+    def write_hparams(self, w: GGUFContents, file_type: int) -> None:
         """The common text keys, then Gemma3Model's (those it sets again keep their place)."""
         c = with_defaults(self.config, DEFAULTS)
         global_only = c.get("sliding_window_pattern") == 1
@@ -58,8 +59,9 @@ class Gemma3(Architecture):
         if not global_only:
             w.add_sliding_window(c["sliding_window"])
 
-    def write_vocab(self, folder: Path, w: GGUFWriter) -> VocabSummary:
+    def write_vocab(self, folder: Path, w: GGUFContents) -> VocabSummary:
         return write_gemma_vocab(self, folder, w)
 
 
+FAMILY = decoder_family("Gemma3", "gemma3", norm_style="one_plus_weight", activation_key="hidden_activation")
 ARCH = Gemma3

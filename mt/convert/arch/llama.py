@@ -7,8 +7,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from gguf import GGUFWriter
 
+from mt.io.gguf_out import GGUFContents
+from mt.convert.arch.family import decoder_family
 from mt.convert.arch.base import Architecture, ExtraTensor, NameTable, find_key
 from mt.convert.arch.common import full_attention_rope, write_text_hparams
 from mt.convert.vocab import VocabSummary, write_add_space_prefix
@@ -97,7 +98,7 @@ class Llama(Architecture):
         "attn_k.bias": _permute_k,
     }
 
-    def write_hparams(self, w: GGUFWriter, file_type: int) -> None:
+    def write_hparams(self, w: GGUFContents, file_type: int) -> None:
         write_text_hparams(w, self.config, self.block_count(), file_type)
         w.add_vocab_size(self.config["vocab_size"])
         w.add_rope_dimension_count(head_dim(self.config))
@@ -111,7 +112,7 @@ class Llama(Architecture):
 
     vocab_loaders = ("sentencepiece", "gpt2")
 
-    def write_vocab(self, folder: Path, w: GGUFWriter) -> VocabSummary:
+    def write_vocab(self, folder: Path, w: GGUFContents) -> VocabSummary:
         write_add_space_prefix(folder, w)
         summary = super().write_vocab(folder, w)
         if self.config.get("vocab_size", 32000) == GRANITE_SMALL_VOCAB:
@@ -119,4 +120,5 @@ class Llama(Architecture):
         return summary
 
 
+FAMILY = decoder_family("Llama", "llama", qlora=True)
 ARCH = Llama

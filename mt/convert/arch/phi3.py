@@ -9,9 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from gguf import GGUFWriter
 
+from mt.io.gguf_out import GGUFContents
 from mt.convert.arch.base import Architecture, ExtraTensor, NameTable, find_key
+from mt.convert.arch.family import Family, Kernels
 from mt.convert.arch.common import rope_parameters, warn_if_window_ignored
 from mt.convert.vocab import SPM_TYPES, VocabSummary, read_json, spm_pieces, write_gpt2, write_spm_arrays
 from mt.errors import CheckpointError, TokenizerError, UnsupportedArchitecture
@@ -77,12 +78,10 @@ class Phi3(Architecture):
         c = self.config
         head_dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
         q_rows, kv_rows, ffn_rows = c["num_attention_heads"] * head_dim, c["num_key_value_heads"] * head_dim, c["intermediate_size"]
-        return {
-            "self_attn.qkv_proj": (("self_attn.q_proj", q_rows), ("self_attn.k_proj", kv_rows), ("self_attn.v_proj", kv_rows)),
-            "mlp.gate_up_proj": (("mlp.gate_proj", ffn_rows), ("mlp.up_proj", ffn_rows)),
-        }
+        rows = {"q_proj": q_rows, "k_proj": kv_rows, "v_proj": kv_rows, "gate_proj": ffn_rows, "up_proj": ffn_rows}
+        return {fused: tuple((part, rows[part.rpartition(".")[2]]) for part in parts) for fused, parts in FAMILY.fused.items()}
 
-    def write_hparams(self, w: GGUFWriter, file_type: int) -> None:
+    def write_hparams(self, w: GGUFContents, file_type: int) -> None:
         """Phi3MiniModel.set_gguf_parameters' keys in its order (no rope scaling type: longrope is the factor tensors)."""
         c, window = self.config, self.config["sliding_window"]
         warn_if_window_ignored(c, window, "Phi-3")
@@ -120,7 +119,7 @@ class Phi3(Architecture):
             )
         return list(long), list(short)
 
-    def write_tensor_pass_keys(self, w: GGUFWriter) -> None:
+    def write_tensor_pass_keys(self, w: GGUFContents) -> None:
         if self._factors() is not None:
             w.add_rope_scaling_attn_factors(longrope_attn_factor(self._context() / self._orig_ctx(), self._orig_ctx()))
 
@@ -133,7 +132,7 @@ class Phi3(Architecture):
             ExtraTensor("rope_factors_short.weight", lambda: np.array(short, dtype=np.float32), (len(short),)),
         ]
 
-    def write_vocab(self, folder: Path, w: GGUFWriter) -> VocabSummary:
+    def write_vocab(self, folder: Path, w: GGUFContents) -> VocabSummary:
         tconfig_path = folder / "tokenizer_config.json"
         tconfig = read_json(tconfig_path) if tconfig_path.is_file() else {}
         if tconfig.get("tokenizer_class") == "GPT2Tokenizer":  # Phi-4
@@ -142,10 +141,9 @@ class Phi3(Architecture):
         return write_phi3_sentencepiece(folder, self.config, tconfig, w)
 
 
-def warn_if_name_hides_phi3(w: GGUFWriter) -> None:
+def warn_if_name_hides_phi3(w: GGUFContents) -> None:
     """llama.cpp gives Phi-3's special tokens their rstrip only when general.name says phi3 / phi-3."""
-    field = w.kv_data[0].get("general.name")
-    name = str(field.value) if field is not None else ""
+    name = str(w.value("general.name") or "")
     if not any(marker in name.lower() for marker in ("phi3", "phi-3")):
         log.warning(
             "mt: warning: general.name %r does not contain 'phi3' or 'phi-3', so llama.cpp keeps the whitespace after "
@@ -176,7 +174,7 @@ def _added_tokens(folder: Path, tconfig: dict[str, Any]) -> list[tuple[int, str,
     return found
 
 
-def write_phi3_sentencepiece(folder: Path, config: dict[str, Any], tconfig: dict[str, Any], w: GGUFWriter) -> VocabSummary:
+def write_phi3_sentencepiece(folder: Path, config: dict[str, Any], tconfig: dict[str, Any], w: GGUFContents) -> VocabSummary:
     """Phi3MiniModel.set_vocab: like Llama's SentencePiece vocab, but every added token is CONTROL when marked
     special and USER_DEFINED otherwise, as written (no look-special guess, no ▁ -> space), from both JSON files."""
     sp = _load_sentencepiece(folder / "tokenizer.model")
@@ -194,4 +192,11 @@ def write_phi3_sentencepiece(folder: Path, config: dict[str, Any], tconfig: dict
     return write_spm_arrays(folder, w, tokens, scores, types)
 
 
+FAMILY = Family(
+    linear=("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"),
+    fused={"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+           "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")},
+    kernels=Kernels("transformers.models.phi3.modeling_phi3", "Phi3RMSNorm", "Phi3MLP", "Phi3Attention",
+                    mlp_layout="fused_gate_up"),
+)
 ARCH = Phi3

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from gguf import GGUFWriter
 
+from mt.io.gguf_out import GGUFContents
+from mt.convert.arch.family import decoder_family
 from mt.convert.arch.base import NameTable
 from mt.convert.arch.common import warn_if_window_ignored
 from mt.convert.arch.llama import DECODER_NAMES, DROPPED
@@ -29,10 +30,11 @@ class Qwen3(Qwen2):
     def __init__(self, config: dict[str, Any]) -> None:
         super().__init__({**config, "head_dim": config.get("head_dim") or DEFAULT_HEAD_DIM})
 
-    def write_hparams(self, w: GGUFWriter, file_type: int) -> None:
+    def write_hparams(self, w: GGUFContents, file_type: int) -> None:
         window = self.config.get("sliding_window") if self.config.get("use_sliding_window") else None
         warn_if_window_ignored(self.config, window, "Qwen3")
         super().write_hparams(w, file_type)
 
 
+FAMILY = decoder_family("Qwen3", "qwen3")  # q_norm/k_norm are RMSNorms, not trained
 ARCH = Qwen3

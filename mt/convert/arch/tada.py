@@ -12,8 +12,9 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, Mapping
 
-from gguf import GGUFWriter
 
+from mt.io.gguf_out import GGUFContents
+from mt.convert.arch.family import Family
 from mt.convert.arch.base import Companion, NameTable
 from mt.convert.arch.llama import Llama
 from mt.io.checkpoint import LazyTensor
@@ -48,22 +49,22 @@ EMBEDDED_CODEC_PREFIXES = ("_decoder.", "decoder.")
 HEAD_RMS_NORM_EPS = 1e-5  # TadaForCausalLM builds the head with rms_norm_eps=1e-05 whatever config.rms_norm_eps is
 TIMESTEP_FREQUENCY_SIZE = 256  # VibeVoice TimestepEmbedder: sinusoidal features (cos, sin halves) of this size
 
-Writer = Callable[[GGUFWriter, str, Any], None]
+Writer = Callable[[GGUFContents, str, Any], None]
 
 
-def _u32(w: GGUFWriter, key: str, value: Any) -> None:
+def _u32(w: GGUFContents, key: str, value: Any) -> None:
     w.add_uint32(key, int(value))
 
 
-def _i32(w: GGUFWriter, key: str, value: Any) -> None:
+def _i32(w: GGUFContents, key: str, value: Any) -> None:
     w.add_int32(key, int(value))
 
 
-def _f32(w: GGUFWriter, key: str, value: Any) -> None:
+def _f32(w: GGUFContents, key: str, value: Any) -> None:
     w.add_float32(key, float(value))
 
 
-def _str(w: GGUFWriter, key: str, value: Any) -> None:
+def _str(w: GGUFContents, key: str, value: Any) -> None:
     w.add_string(key, str(value))
 
 
@@ -103,7 +104,7 @@ def head_dims(config: dict[str, Any]) -> dict[str, int]:
     }
 
 
-def write_acoustic_metadata(w: GGUFWriter, config: dict[str, Any]) -> None:
+def write_acoustic_metadata(w: GGUFContents, config: dict[str, Any]) -> None:
     ns = ACOUSTIC_GGUF_ARCH
     _u32(w, f"{ns}.embedding_length", config["hidden_size"])
     for key, (write, _) in CONFIG_KEYS.items():
@@ -134,4 +135,5 @@ class Tada(Llama):
         return {name: t for name, t in tensors.items() if not name.startswith(EMBEDDED_CODEC_PREFIXES)}
 
 
+FAMILY = Family()
 ARCH = Tada

@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
-from gguf import GGUFWriter
 
+from mt.io.gguf_out import GGUFContents
+from mt.convert.arch.family import Family
 from mt.convert.arch.base import Architecture, KeptNames
 from mt.io.checkpoint import LazyTensor
 from mt.io.dtypes import to_f32
@@ -153,7 +154,7 @@ class TadaCodecDecoder(Architecture):
                                       "fix config.json or re-download the decoder")
         return folded
 
-    def write_hparams(self, w: GGUFWriter, file_type: int) -> None:
+    def write_hparams(self, w: GGUFContents, file_type: int) -> None:
         ns = GGUF_ARCH
         w.add_file_type(file_type)
         for key, value in self.dims.items():
@@ -166,8 +167,9 @@ class TadaCodecDecoder(Architecture):
         w.add_float32(f"{ns}.layer_norm_eps", LAYER_NORM_EPS)
         w.add_uint32(f"{ns}.sample_rate", SAMPLE_RATE)
 
-    def write_vocab(self, folder: Path, w: GGUFWriter) -> VocabSummary | None:
+    def write_vocab(self, folder: Path, w: GGUFContents) -> VocabSummary | None:
         return None  # the codec has no tokenizer
 
 
+FAMILY = Family()
 ARCH = TadaCodecDecoder
