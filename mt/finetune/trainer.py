@@ -24,7 +24,6 @@ forward DDP runs; under FSDP as a method FSDP runs as a forward, register_fsdp_c
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
 import random
