@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
-from contextlib import ExitStack
 from dataclasses import replace
 import sys
 import time
@@ -70,9 +69,8 @@ def convert_command(src: Path, out: Path | None, outtype: str, *, force: bool, v
     if threads:
         set_threads(threads)
     if dry_run:
-        with ExitStack() as stack:
-            ckpt, arch, plan = load(src, outtype, allow_pickle, adapter, dequantized_base, stack)
-            companions = companion_plans(ckpt, arch, outtype)
+        ckpt, arch, plan = load(src, outtype, allow_pickle, adapter, dequantized_base)
+        companions = companion_plans(ckpt, arch, outtype)
         if as_json:
             click.echo(json.dumps({"arch": arch.gguf_arch, "file_type": plan.file_type.name,
                                    "tensor_bytes": plan.nbytes, "tensors": plan_rows(plan),

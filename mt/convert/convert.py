@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -53,7 +52,7 @@ def gguf_contents(ckpt: Checkpoint, arch: Architecture, plan: TensorPlan, vocab_
     write_general_metadata(w, ckpt.folder)
     arch.write_hparams(w, int(LlamaFileType.ALL_F32 if plan.llama_quantize_layout else plan.file_type))
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    vocab = arch.write_vocab(ckpt.folder, w)
+    vocab = arch.write_vocab(ckpt.side_files, w)
     read_tokenizer_json.cache_clear()
     if plan.llama_quantize_layout:
         put_quantization_keys_last(w, plan.file_type)
@@ -83,13 +82,11 @@ def _plan_uses_gpu_types(plan: TensorPlan) -> bool:
 
 
 def load(src: Path, outtype: str, allow_pickle: bool = False, adapter: Path | None = None,
-         dequantized_base: bool = False, stack: ExitStack | None = None) -> tuple[Checkpoint, Architecture, TensorPlan]:
-    """The source (with `adapter` merged in on the fly; its temporary folder lives as long as `stack`), its
-    architecture and the tensor plan."""
+         dequantized_base: bool = False) -> tuple[Checkpoint, Architecture, TensorPlan]:
+    """The source (with `adapter` merged in on the fly), its architecture and the tensor plan."""
     from mt.merge.source import open_source
 
-    assert adapter is None or stack is not None, "an adapter needs a stack to hold its temporary folder"
-    ckpt = open_source(src, adapter, stack or ExitStack(), dequantized_base=dequantized_base, allow_pickle=allow_pickle)
+    ckpt = open_source(src, adapter, dequantized_base=dequantized_base, allow_pickle=allow_pickle)
     arch = load_architecture(ckpt.architecture, ckpt.config)
     return ckpt, arch, build_plan(ckpt, arch, outtype)
 
@@ -107,12 +104,11 @@ def convert(
     adapter: Path | None = None,
     dequantized_base: bool = False,
 ) -> ConvertResult:
-    with ExitStack() as stack:
-        ckpt, arch, plan = load(src, outtype, allow_pickle, adapter, dequantized_base, stack)
-        companions = [] if vocab_only else companion_outputs(ckpt, arch, out, outtype)
-        for path in [out, *(c.path for c in companions)]:
-            check_output(path, force)
-        return _convert(ckpt, arch, plan, out, vocab_only, progress, device, companions)
+    ckpt, arch, plan = load(src, outtype, allow_pickle, adapter, dequantized_base)
+    companions = [] if vocab_only else companion_outputs(ckpt, arch, out, outtype)
+    for path in [out, *(c.path for c in companions)]:
+        check_output(path, force)
+    return _convert(ckpt, arch, plan, out, vocab_only, progress, device, companions)
 
 
 def write_conversion(ckpt: Checkpoint, arch: Architecture, plan: TensorPlan, out: Path, device: str = "cpu") -> ConvertResult:

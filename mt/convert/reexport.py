@@ -6,13 +6,12 @@ For TADA this is the model card's fp16/bf16 deployment option (its int8 option i
 from __future__ import annotations
 
 import json
-from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from mt.io.checkpoint import Checkpoint, LazyTensor
+from mt.io.checkpoint import Checkpoint, LazyTensor, SideData
 from mt.convert.plan import check_float
 from mt.io.stream import Progress
 from mt.io.dtypes import to_f32
@@ -21,7 +20,7 @@ from mt.io.dtypes import STORAGE_DTYPES
 from mt.io.safetensors_out import parse_size
 from mt.merge.merge import write_folder
 from mt.merge.merged import merged_config
-from mt.merge.source import SideFile, folder_side_files, open_source
+from mt.merge.source import open_source
 from mt.io.dtypes import f32_to_bf16_bits
 
 SAFETENSORS_OUTTYPES = {"bf16": "BF16", "f16": "F16", "f32": "F32"}
@@ -87,14 +86,13 @@ def reexport(src: Path, out: Path, outtype: str, *, force: bool = False, allow_p
              adapter: Path | None = None, dequantized_base: bool = False, max_shard_size: str = "5GB",
              progress: Progress | None = None) -> ReexportResult:
     dtype = safetensors_dtype(outtype)
-    with ExitStack() as stack:
-        ckpt = open_source(src, adapter, stack, dequantized_base=dequantized_base, allow_pickle=allow_pickle)
-        tensors = cast_tensors(ckpt, dtype)
-        total, shards = write_folder(out, tensors, _side_files(ckpt, dtype), parse_size(max_shard_size), force, progress)
+    ckpt = open_source(src, adapter, dequantized_base=dequantized_base, allow_pickle=allow_pickle)
+    tensors = cast_tensors(ckpt, dtype)
+    total, shards = write_folder(out, tensors, _side_files(ckpt, dtype), parse_size(max_shard_size), force, progress)
     return ReexportResult(out, dtype, len(tensors), total, shards)
 
 
-def _side_files(ckpt: Checkpoint, dtype: str) -> dict[str, SideFile]:
-    files = folder_side_files(ckpt.folder)
+def _side_files(ckpt: Checkpoint, dtype: str) -> dict[str, SideData]:
+    files = ckpt.side_files.mapping()
     files["config.json"] = (json.dumps(merged_config(ckpt.config, None, dtype), indent=2, sort_keys=True) + "\n").encode()
     return files

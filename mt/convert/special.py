@@ -11,10 +11,10 @@ import json
 import logging
 from dataclasses import dataclass, field
 from functools import lru_cache
-from pathlib import Path
 from typing import Any
 
 
+from mt.io.checkpoint import SideFile, SideFiles
 from mt.io.gguf_out import GGUFContents
 from mt.errors import TokenizerError
 
@@ -47,22 +47,21 @@ class SpecialVocab:
             w.add_bool("tokenizer.ggml.normalizer.strip_accents", self.strip_accents)
 
 
-def _read_json(path: Path) -> Any:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+def _read_json(path: SideFile) -> Any:
+    return json.loads(path.read_bytes())
 
 
 @lru_cache(maxsize=4)
-def _read_json_cached(path: Path, mtime_ns: int) -> Any:
+def _read_json_cached(key: tuple[Any, ...], path: SideFile) -> Any:
     try:
         return _read_json(path)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise TokenizerError(f"{path} is not valid JSON ({e})", "replace it with the model's own") from None
 
 
-def read_tokenizer_json(path: Path) -> dict[str, Any]:
+def read_tokenizer_json(path: SideFile) -> dict[str, Any]:
     """tokenizer.json parsed once per conversion (it is read by several steps and can be 10+ MB)."""
-    return _read_json_cached(path, path.stat().st_mtime_ns)
+    return _read_json_cached(path.cache_key, path)
 
 
 read_tokenizer_json.cache_clear = _read_json_cached.cache_clear  # type: ignore[attr-defined]
@@ -76,8 +75,8 @@ def encode_merges(merges: list[Any]) -> list[str]:
 
 
 class _Loader:
-    def __init__(self, folder: Path, load_merges: bool, n_vocab: int | None) -> None:
-        self.folder = folder
+    def __init__(self, files: SideFiles, load_merges: bool, n_vocab: int | None) -> None:
+        self.files = files
         self.load_merges = load_merges
         self.n_vocab = n_vocab
         self.types: tuple[str, ...] = DEFAULT_TYPES
@@ -107,9 +106,9 @@ class _Loader:
                 self.parse_normalizer(inner)
 
     def load(self) -> SpecialVocab:
-        tokenizer_json = self.folder / "tokenizer.json"
+        tokenizer_json = self.files / "tokenizer.json"
         tokenizer = read_tokenizer_json(tokenizer_json) if tokenizer_json.is_file() else None
-        config_path = self.folder / "tokenizer_config.json"
+        config_path = self.files / "tokenizer_config.json"
         tconfig = _read_json(config_path) if config_path.is_file() else None
         added_tokens: list[dict[str, Any]] = []
         if tokenizer:
@@ -210,10 +209,10 @@ class _Loader:
 
     def chat_template(self, tc: dict[str, Any]) -> str | list[dict[str, str]] | None:
         alt: Any = None
-        jinja, as_json = self.folder / "chat_template.jinja", self.folder / "chat_template.json"
+        jinja, as_json = self.files / "chat_template.jinja", self.files / "chat_template.json"
         if jinja.is_file():
             alt = jinja.read_text(encoding="utf-8")
-            if extra := list((self.folder / "additional_chat_templates").glob("*.jinja")):
+            if extra := self.files.templates():
                 alt = [{"name": "default", "template": alt}]
                 alt += [{"name": p.stem, "template": p.read_text(encoding="utf-8")} for p in extra]
         elif as_json.is_file():
@@ -225,7 +224,7 @@ class _Loader:
         return None
 
     def config_json(self) -> None:
-        path = self.folder / "config.json"
+        path = self.files / "config.json"
         if not path.is_file():
             return
         config = _read_json(path)
@@ -236,7 +235,7 @@ class _Loader:
             self.set_token(typ, tid)
 
     def merges_txt(self) -> None:
-        path = self.folder / "merges.txt"
+        path = self.files / "merges.txt"
         if not path.is_file():
             return
         lines = path.read_text(encoding="utf-8").splitlines()
@@ -248,5 +247,5 @@ class _Loader:
                 self.sv.merges.append(f"{parts[0]} {parts[1]}")
 
 
-def load_special_vocab(folder: Path, load_merges: bool = False, n_vocab: int | None = None) -> SpecialVocab:
-    return _Loader(folder, load_merges, n_vocab).load()
+def load_special_vocab(files: SideFiles, load_merges: bool = False, n_vocab: int | None = None) -> SpecialVocab:
+    return _Loader(files, load_merges, n_vocab).load()

@@ -10,11 +10,11 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from hashlib import sha256
-from pathlib import Path
 from typing import Any, Callable
 
 from gguf import TokenType
 
+from mt.io.checkpoint import SideFile, SideFiles
 from mt.io.gguf_out import GGUFContents
 from mt.convert.special import load_special_vocab, read_tokenizer_json
 from mt.errors import TokenizerError
@@ -85,20 +85,20 @@ class VocabSummary:
     n_tokens: int
 
 
-def read_json(path: Path) -> Any:
+def read_json(path: SideFile) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise TokenizerError(f"{path} is not valid JSON ({e})", "fix or replace the tokenizer file") from None
 
 
-def _load_fast_tokenizer(folder: Path):
+def _load_fast_tokenizer(files: SideFiles):
     from tokenizers import Tokenizer
 
     try:
-        return Tokenizer.from_file(str(folder / "tokenizer.json"))
+        return Tokenizer.from_str((files / "tokenizer.json").read_text())
     except Exception as e:  # tokenizers raises a bare Exception for a bad file
-        raise TokenizerError(f"{folder / 'tokenizer.json'} cannot be loaded ({e})", "replace it with the model's own") from None
+        raise TokenizerError(f"{files / 'tokenizer.json'} cannot be loaded ({e})", "replace it with the model's own") from None
 
 
 def _clean_up_spaces(text: str) -> str:
@@ -108,7 +108,7 @@ def _clean_up_spaces(text: str) -> str:
     return text
 
 
-def detect_pre_tokenizer(folder: Path, tokenizer: Any, tokenizer_json: dict[str, Any]) -> str:
+def detect_pre_tokenizer(files: SideFiles, tokenizer: Any, tokenizer_json: dict[str, Any]) -> str:
     ids = tokenizer.encode(PROBE_TEXT, add_special_tokens=True).ids
     digest = sha256(str(ids).encode()).hexdigest()
     if name := PROBE_HASHES.get(digest):
@@ -117,16 +117,16 @@ def detect_pre_tokenizer(folder: Path, tokenizer: Any, tokenizer_json: dict[str,
     if name := PRE_TOKENIZER_DEFINITIONS.get(signature):
         return name
     raise TokenizerError(
-        f"the BPE pre-tokenizer in {folder / 'tokenizer.json'} is not one llama.cpp knows (probe hash {digest[:16]}…, "
+        f"the BPE pre-tokenizer in {files / 'tokenizer.json'} is not one llama.cpp knows (probe hash {digest[:16]}…, "
         f"definition {signature})",
         "use the tokenizer files of the base model this checkpoint was finetuned from",
     )
 
 
-def write_gpt2(folder: Path, config: dict[str, Any], w: GGUFContents) -> VocabSummary:
+def write_gpt2(files: SideFiles, config: dict[str, Any], w: GGUFContents) -> VocabSummary:
     """Byte-level BPE from tokenizer.json (Llama-3, Qwen2, GPT-2 …)."""
-    tj = read_tokenizer_json(folder / "tokenizer.json")
-    tokenizer = _load_fast_tokenizer(folder)
+    tj = read_tokenizer_json(files / "tokenizer.json")
+    tokenizer = _load_fast_tokenizer(files)
     vocab = tokenizer.get_vocab(with_added_tokens=True)
     vocab_size = config.get("vocab_size", len(vocab))
     if vocab and max(vocab.values()) >= vocab_size:
@@ -134,10 +134,10 @@ def write_gpt2(folder: Path, config: dict[str, Any], w: GGUFContents) -> VocabSu
             f"tokenizer has token id {max(vocab.values())} but config.json vocab_size is {vocab_size}",
             "resize the embeddings or fix vocab_size in config.json",
         )
-    pre = detect_pre_tokenizer(folder, tokenizer, tj)
+    pre = detect_pre_tokenizer(files, tokenizer, tj)
     added = tokenizer.get_added_tokens_decoder()
     added_by_content = {t.content for t in added.values()}
-    tconfig = read_json(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").is_file() else {}
+    tconfig = read_json(files / "tokenizer_config.json") if (files / "tokenizer_config.json").is_file() else {}
     clean_up = bool(tconfig.get("clean_up_tokenization_spaces", False))
     reverse = {i: t for t, i in vocab.items()}
     tokens: list[str] = []
@@ -164,22 +164,22 @@ def write_gpt2(folder: Path, config: dict[str, Any], w: GGUFContents) -> VocabSu
     w.add_tokenizer_pre(pre)
     w.add_token_list(tokens)
     w.add_token_types(types)
-    load_special_vocab(folder, load_merges=True).write(w)
+    load_special_vocab(files, load_merges=True).write(w)
     return VocabSummary("gpt2", pre, len(tokens))
 
 
-def write_sentencepiece(folder: Path, config: dict[str, Any], w: GGUFContents) -> VocabSummary:
+def write_sentencepiece(files: SideFiles, config: dict[str, Any], w: GGUFContents) -> VocabSummary:
     """SentencePiece tokenizer.model (Llama-2, Mistral …) with added tokens from the JSON files."""
     from sentencepiece import SentencePieceProcessor
 
     sp = SentencePieceProcessor()
     try:
-        sp.LoadFromFile(str(folder / "tokenizer.model"))
+        sp.LoadFromSerializedProto((files / "tokenizer.model").read_bytes())
     except Exception as e:  # sentencepiece raises OSError/RuntimeError for a bad model
-        raise TokenizerError(f"{folder / 'tokenizer.model'} cannot be loaded ({e})", "replace it with the model's own") from None
+        raise TokenizerError(f"{files / 'tokenizer.model'} cannot be loaded ({e})", "replace it with the model's own") from None
     vocab_size = config.get("vocab_size") or sp.vocab_size()
-    tokens, scores, types = spm_pieces(sp, folder, vocab_size)
-    tconfig_path = folder / "tokenizer_config.json"
+    tokens, scores, types = spm_pieces(sp, files, vocab_size)
+    tconfig_path = files / "tokenizer_config.json"
     decoder = read_json(tconfig_path).get("added_tokens_decoder", {}) if tconfig_path.is_file() else {}
     for tid_text, data in decoder.items():
         tid, text = int(tid_text), data["content"]
@@ -191,10 +191,10 @@ def write_sentencepiece(folder: Path, config: dict[str, Any], w: GGUFContents) -
             text = text.replace("\u2581", " ")
             types[tid] = SPM_TYPES["user_defined"]
         scores[tid], tokens[tid] = -1000.0, text.encode("utf-8")
-    return write_spm_arrays(folder, w, tokens, scores, types)
+    return write_spm_arrays(files, w, tokens, scores, types)
 
 
-def spm_pieces(sp: Any, folder: Path, vocab_size: int) -> tuple[list[bytes], list[float], list[int]]:
+def spm_pieces(sp: Any, files: SideFiles, vocab_size: int) -> tuple[list[bytes], list[float], list[int]]:
     """Token bytes, scores and types for ids 0..vocab_size-1: the model's pieces, then added_tokens.json,
     padding ids as [PADn] (unused)."""
     tokens = [f"[PAD{i}]".encode() for i in range(vocab_size)]
@@ -204,7 +204,7 @@ def spm_pieces(sp: Any, folder: Path, vocab_size: int) -> tuple[list[bytes], lis
         tokens[i] = sp.IdToPiece(i).encode("utf-8")
         scores[i] = sp.GetScore(i)
         types[i] = _spm_type(sp, i)
-    added_json = folder / "added_tokens.json"
+    added_json = files / "added_tokens.json"
     if added_json.is_file():
         for text, tid in read_json(added_json).items():
             if tid < vocab_size:
@@ -212,13 +212,13 @@ def spm_pieces(sp: Any, folder: Path, vocab_size: int) -> tuple[list[bytes], lis
     return tokens, scores, types
 
 
-def write_spm_arrays(folder: Path, w: GGUFContents, tokens: list[bytes], scores: list[float], types: list[int]) -> VocabSummary:
+def write_spm_arrays(files: SideFiles, w: GGUFContents, tokens: list[bytes], scores: list[float], types: list[int]) -> VocabSummary:
     w.add_tokenizer_model("llama")
     w.add_tokenizer_pre("default")
     w.add_token_list(tokens)
     w.add_token_scores(scores)
     w.add_token_types(types)
-    load_special_vocab(folder, n_vocab=len(tokens)).write(w)
+    load_special_vocab(files, n_vocab=len(tokens)).write(w)
     return VocabSummary("llama", "default", len(tokens))
 
 
@@ -234,37 +234,37 @@ def _spm_type(sp: Any, i: int) -> int:
     return SPM_TYPES["normal"]
 
 
-def _is_byte_fallback_bpe(folder: Path) -> bool:
-    model = read_tokenizer_json(folder / "tokenizer.json").get("model", {})
+def _is_byte_fallback_bpe(files: SideFiles) -> bool:
+    model = read_tokenizer_json(files / "tokenizer.json").get("model", {})
     return model.get("type") == "BPE" and bool(model.get("byte_fallback", False))
 
 
-def write_add_space_prefix(folder: Path, w: GGUFContents) -> None:
-    path = folder / "tokenizer_config.json"
+def write_add_space_prefix(files: SideFiles, w: GGUFContents) -> None:
+    path = files / "tokenizer_config.json"
     if path.is_file() and (value := read_json(path).get("add_prefix_space")) is not None:
         w.add_add_space_prefix(value)
 
 
 # loader name -> (applies to this folder?, writer)
-LOADERS: dict[str, tuple[Callable[[Path], bool], Callable[[Path, dict[str, Any], GGUFContents], VocabSummary]]] = {
+LOADERS: dict[str, tuple[Callable[[SideFiles], bool], Callable[[SideFiles, dict[str, Any], GGUFContents], VocabSummary]]] = {
     "sentencepiece": (lambda f: (f / "tokenizer.model").is_file(), write_sentencepiece),
     "gpt2": (lambda f: (f / "tokenizer.json").is_file() and not _is_byte_fallback_bpe(f), write_gpt2),
 }
 
 
-def write_vocab(folder: Path, config: dict[str, Any], w: GGUFContents, loaders: tuple[str, ...]) -> VocabSummary:
+def write_vocab(files: SideFiles, config: dict[str, Any], w: GGUFContents, loaders: tuple[str, ...]) -> VocabSummary:
     for name in loaders:
         if name not in LOADERS:
             continue
         applies, write = LOADERS[name]
-        if applies(folder):
-            return write(folder, config, w)
-    if (folder / "tokenizer.json").is_file():
+        if applies(files):
+            return write(files, config, w)
+    if (files / "tokenizer.json").is_file():
         raise TokenizerError(
-            f"{folder / 'tokenizer.json'} is a SentencePiece-style BPE without tokenizer.model",
+            f"{files / 'tokenizer.json'} is a SentencePiece-style BPE without tokenizer.model",
             "copy tokenizer.model from the base model into the folder",
         )
     raise TokenizerError(
-        f"no tokenizer in {folder} (tokenizer.json or tokenizer.model)",
+        f"no tokenizer in {files} (tokenizer.json or tokenizer.model)",
         "copy the tokenizer files (tokenizer.json or tokenizer.model, tokenizer_config.json) from the base model",
     )

@@ -1,11 +1,12 @@
-"""A Hugging Face checkpoint folder: config, lazily read tensors, tokenizer files."""
+"""A Hugging Face checkpoint: config, lazily read tensors, and its side files (tokenizer, chat templates …), which
+are the folder's own or, for a model merged in memory, the folder's with some replaced."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Mapping, Protocol
 
 import numpy as np
 
@@ -13,6 +14,9 @@ from mt.errors import CheckpointError
 from mt.io.safetensors import TensorRef, read_header
 
 INDEX_NAME = "model.safetensors.index.json"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".h5", ".msgpack", ".pkl")
+TEMPLATES_DIR = "additional_chat_templates"
+SideData = Path | bytes  # a side file on disk, or its bytes
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "chat_template.jinja",
                    "chat_template.json", "special_tokens_map.json", "added_tokens.json")
 
@@ -28,12 +32,83 @@ class LazyTensor(Protocol):
     def read(self) -> np.ndarray: ...
 
 
+@dataclass(frozen=True)
+class SideFile:
+    """One side file, read as a path is: `is_file`, `read_text`, `read_bytes`; printed as where it comes from."""
+
+    name: str
+    source: SideData  # a path that may not exist, or the bytes
+
+    def is_file(self) -> bool:
+        return isinstance(self.source, bytes) or self.source.is_file()
+
+    def read_bytes(self) -> bytes:
+        return self.source if isinstance(self.source, bytes) else self.source.read_bytes()
+
+    def read_text(self, encoding: str = "utf-8") -> str:
+        return self.read_bytes().decode(encoding)
+
+    @property
+    def stem(self) -> str:
+        return Path(self.name).stem
+
+    @property
+    def cache_key(self) -> tuple[Any, ...]:
+        """Equal while the content is: the path and its mtime, or the bytes."""
+        if isinstance(self.source, Path):
+            return (self.source, self.source.stat().st_mtime_ns)
+        return (self.name, self.source)
+
+    def __str__(self) -> str:
+        return str(self.source) if isinstance(self.source, Path) else f"{self.name} (merged)"
+
+
+@dataclass(frozen=True)
+class SideFiles:
+    """A checkpoint's non-weight files by name: those in `folder`, with `replaced` taking the place of some
+    (a merged model's config.json, an adapter's tokenizer). `files / "tokenizer.json"` reads as a path does."""
+
+    folder: Path
+    replaced: Mapping[str, SideData] = field(default_factory=dict)
+
+    def __truediv__(self, name: str) -> SideFile:
+        return SideFile(name, self.replaced.get(name, self.folder / name))
+
+    def templates(self) -> list[SideFile]:
+        """The additional chat templates (additional_chat_templates/*.jinja) in the folder's listing order, as
+        gguf-py globs them, then any replaced ones."""
+        names = [f"{TEMPLATES_DIR}/{p.name}" for p in (self.folder / TEMPLATES_DIR).glob("*.jinja")]
+        names += [n for n in self.replaced if n.startswith(f"{TEMPLATES_DIR}/") and n.endswith(".jinja") and n not in names]
+        return [self / name for name in names]
+
+    def mapping(self) -> dict[str, SideData]:
+        """Every side file: the folder's top-level non-weight files and its additional chat templates, then the
+        replaced ones."""
+        files: dict[str, SideData] = {
+            p.name: p for p in sorted(self.folder.iterdir())
+            if p.is_file() and not p.name.startswith(".") and not p.name.endswith(WEIGHT_SUFFIXES) and p.name != INDEX_NAME
+        }
+        templates = self.folder / TEMPLATES_DIR
+        if templates.is_dir():
+            files.update({f"{TEMPLATES_DIR}/{p.name}": p for p in sorted(templates.glob("*.jinja"))})
+        files.update(self.replaced)
+        return files
+
+    def __str__(self) -> str:
+        return str(self.folder)
+
+
 @dataclass
 class Checkpoint:
     folder: Path
     config: dict[str, Any]
     tensors: dict[str, LazyTensor]
     files: list[Path] = field(default_factory=list)
+    replaced_files: Mapping[str, SideData] = field(default_factory=dict)  # side files not the folder's own
+
+    @property
+    def side_files(self) -> SideFiles:
+        return SideFiles(self.folder, self.replaced_files)
 
     @property
     def architecture(self) -> str:
@@ -46,13 +121,7 @@ class Checkpoint:
         return archs[0]
 
     def has_file(self, name: str) -> bool:
-        return (self.folder / name).is_file()
-
-    def read_json(self, name: str) -> dict[str, Any] | None:
-        path = self.folder / name
-        if not path.is_file():
-            return None
-        return _load_json(path)
+        return (self.side_files / name).is_file()
 
     @property
     def total_bytes(self) -> int:

@@ -8,11 +8,11 @@ from typing import Iterator, Mapping
 
 import numpy as np
 
-from mt.io.checkpoint import LazyTensor
+from mt.io.checkpoint import LazyTensor, SideData
 from mt.io.stream import SLAB_BYTES, Progress, reporting, row_ranges
 from mt.io.safetensors_out import SafetensorsFolderWriter, TensorSpec, parse_size
 from mt.merge.merged import MergedTensor
-from mt.merge.source import SideFile, open_merged, side_files
+from mt.merge.source import open_merged
 
 
 @dataclass
@@ -30,14 +30,14 @@ def merge(base: Path, adapter: Path, out: Path, *, dtype: str | None = None, max
     """Merge `adapter` into `base` and write `out` (safetensors shards + index, config, tokenizer, generation config).
     Arithmetic in float32, cast once to `dtype` (f32/f16/bf16; default: each tensor's own dtype)."""
     merged, base_ckpt, adapter_info = open_merged(base, adapter, dtype, dequantized_base)
-    total, n_shards = write_folder(out, merged.tensors, side_files(base_ckpt, merged.config, adapter_info),
+    total, n_shards = write_folder(out, merged.tensors, merged.side_files.mapping(),
                                    parse_size(max_shard_size), force, progress)
     changed = sum(isinstance(t, MergedTensor) and bool(t.deltas or t.bias_deltas or t.source is not base_ckpt.tensors.get(n))
                   for n, t in merged.tensors.items())
     return MergeResult(out, len(merged.tensors), changed, total, n_shards, merged.config.get("vocab_size"))
 
 
-def write_folder(out: Path, tensors: Mapping[str, LazyTensor], files: Mapping[str, SideFile], shard_bytes: int,
+def write_folder(out: Path, tensors: Mapping[str, LazyTensor], files: Mapping[str, SideData], shard_bytes: int,
                  force: bool, progress: Progress | None) -> tuple[int, int]:
     """`tensors` (each already in its output dtype) as save_pretrained's shards and index, with `files` beside
     them, written atomically slab by slab; the tensor bytes and the number of shards."""

@@ -30,6 +30,7 @@ from mt.convert.plan import TensorPlan, build_plan
 from mt.errors import CheckpointError, VerifyError
 from mt.io.gguf_in import GGUFHeader, read_header
 from mt.io.gguf_out import write_gguf
+from mt.merge.source import on_disk
 from mt.quant.imatrix import Imatrix, load_imatrix
 from mt.verify.corpus import CORPUS
 from mt.verify.exact import check_tensors
@@ -95,8 +96,9 @@ class Verifier:
         _check_adapter(options.adapter)
         self._stack = ExitStack()
         try:
-            self.ckpt, self.arch, self.plan = load(Path(reference_dir), "auto", adapter=options.adapter, stack=self._stack)
-            self.ref = open_reference(self.ckpt.folder)
+            self.ckpt, self.arch, self.plan = load(Path(reference_dir), "auto", adapter=options.adapter)
+            self.source_folder = on_disk(self.ckpt, self._stack)  # transformers reads folders
+            self.ref = open_reference(self.source_folder)
             self.reference_dir = Path(reference_dir)
             self.workdir = Path(self._stack.enter_context(tempfile.TemporaryDirectory(prefix="mt-verify-")))
             self.imatrix: Imatrix | None = load_imatrix(options.imatrix) if options.imatrix else None
@@ -125,7 +127,7 @@ class Verifier:
         sixth layer is its first global one): the tensor check covers the rest, which repeat those kinds."""
         wanted = self.options.reference_layers
         if wanted is None:
-            wanted = self.n_layers if self.plan.nbytes <= FULL_DEPTH_BYTES else layers_of_every_kind(self.ckpt.folder)
+            wanted = self.n_layers if self.plan.nbytes <= FULL_DEPTH_BYTES else layers_of_every_kind(self.source_folder)
         return max(1, min(wanted, self.n_layers))
 
     @property

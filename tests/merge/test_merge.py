@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -96,13 +97,20 @@ def test_resized_vocabulary_takes_the_adapters_tokenizer(built: Callable[[str], 
 @pytest.mark.parametrize("outtype", ["f16", "q8_0", "q4_k_m"])
 @pytest.mark.parametrize("name", ["dora", "resized_targeted", "tied_dora_lm_head"])
 def test_convert_adapter_equals_converting_the_merged_folder(name: str, outtype: str, built: Callable[[str], Path],
-                                                             request: pytest.FixtureRequest, tmp_path: Path) -> None:
-    """Merged on the fly inside the conversion loop: the same bytes as mt merge followed by mt convert."""
+                                                             request: pytest.FixtureRequest, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Merged on the fly inside the conversion loop, its side files in memory: the same bytes as mt merge followed
+    by mt convert, and no temporary folder."""
     base, adapter = base_for(request, name), built(name)
     merged = tmp_path / "merged" / base.name  # the same folder name, so general.name agrees too
     merged.parent.mkdir()
     merge(base, adapter, merged)
     convert(merged, tmp_path / "two_steps.gguf", outtype)
+
+    def no_folder(*args: object, **kwargs: object) -> str:
+        raise AssertionError("the merged source made a temporary folder")
+
+    monkeypatch.setattr(tempfile, "mkdtemp", no_folder)
     convert(base, tmp_path / "on_the_fly.gguf", outtype, adapter=adapter)
     assert (tmp_path / "two_steps.gguf").read_bytes() == (tmp_path / "on_the_fly.gguf").read_bytes()
 

@@ -14,7 +14,7 @@ from mt.convert.vocab import VocabSummary, write_vocab
 from mt.errors import MtError, UnknownTensor
 
 if TYPE_CHECKING:
-    from mt.io.checkpoint import LazyTensor
+    from mt.io.checkpoint import LazyTensor, SideFiles
 
 # A transform takes the tensor (storage dtype, full) and the config and returns the new tensor.
 Transform = Callable[[np.ndarray, dict[str, Any]], np.ndarray]
@@ -159,5 +159,5 @@ class Architecture:
 
     vocab_loaders: ClassVar[tuple[str, ...]] = ("gpt2",)
 
-    def write_vocab(self, folder: Path, w: GGUFContents) -> VocabSummary | None:
-        return write_vocab(folder, self.config, w, self.vocab_loaders)
+    def write_vocab(self, files: SideFiles, w: GGUFContents) -> VocabSummary | None:
+        return write_vocab(files, self.config, w, self.vocab_loaders)

@@ -6,11 +6,11 @@ take Gemma2Config's defaults; `DEFAULTS` holds those that reach the GGUF.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from mt.io.checkpoint import SideFiles
 from mt.io.gguf_out import GGUFContents
 from mt.convert.arch.family import decoder_family
 from mt.convert.arch.base import Architecture, NameTable
@@ -123,9 +123,9 @@ def require_attention_scale(config: dict[str, Any], n_layer: int, layers_27b: in
         )
 
 
-def write_gemma_vocab(arch: Architecture, folder: Path, w: GGUFContents) -> VocabSummary:
+def write_gemma_vocab(arch: Architecture, files: SideFiles, w: GGUFContents) -> VocabSummary:
     """SentencePiece vocabulary, then add_space_prefix false (Gemma's tokenizer.model adds no "▁")."""
-    summary = Architecture.write_vocab(arch, folder, w)
+    summary = Architecture.write_vocab(arch, files, w)
     w.add_add_space_prefix(False)
     return summary
 
@@ -158,8 +158,8 @@ class Gemma2(Architecture):
         w.add_final_logit_softcapping(c["final_logit_softcapping"])
         w.add_sliding_window(c["sliding_window"])
 
-    def write_vocab(self, folder: Path, w: GGUFContents) -> VocabSummary:
-        return write_gemma_vocab(self, folder, w)
+    def write_vocab(self, files: SideFiles, w: GGUFContents) -> VocabSummary:
+        return write_gemma_vocab(self, files, w)
 
 
 FAMILY = decoder_family("Gemma2", "gemma2", norm_style="one_plus_weight", activation_key="hidden_activation")

@@ -7,10 +7,10 @@ size; the converter writes neither `layer_types` nor `query_pre_attn_scalar`, so
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 
+from mt.io.checkpoint import SideFiles
 from mt.io.gguf_out import GGUFContents
 from mt.convert.arch.family import decoder_family
 from mt.convert.arch.base import Architecture, NameTable
@@ -59,8 +59,8 @@ class Gemma3(Architecture):
         if not global_only:
             w.add_sliding_window(c["sliding_window"])
 
-    def write_vocab(self, folder: Path, w: GGUFContents) -> VocabSummary:
-        return write_gemma_vocab(self, folder, w)
+    def write_vocab(self, files: SideFiles, w: GGUFContents) -> VocabSummary:
+        return write_gemma_vocab(self, files, w)
 
 
 FAMILY = decoder_family("Gemma3", "gemma3", norm_style="one_plus_weight", activation_key="hidden_activation")

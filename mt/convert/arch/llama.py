@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from mt.io.checkpoint import SideFiles
 from mt.io.gguf_out import GGUFContents
 from mt.convert.arch.family import decoder_family
 from mt.convert.arch.base import Architecture, ExtraTensor, NameTable, find_key
@@ -112,9 +112,9 @@ class Llama(Architecture):
 
     vocab_loaders = ("sentencepiece", "gpt2")
 
-    def write_vocab(self, folder: Path, w: GGUFContents) -> VocabSummary:
-        write_add_space_prefix(folder, w)
-        summary = super().write_vocab(folder, w)
+    def write_vocab(self, files: SideFiles, w: GGUFContents) -> VocabSummary:
+        write_add_space_prefix(files, w)
+        summary = super().write_vocab(files, w)
         if self.config.get("vocab_size", 32000) == GRANITE_SMALL_VOCAB:
             w.add_add_bos_token(False)  # a key the tokenizer already set keeps its place and takes this value
         return summary

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import logging
 import math
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from mt.io.checkpoint import SideFile, SideFiles
 from mt.io.gguf_out import GGUFContents
 from mt.convert.arch.base import Architecture, ExtraTensor, NameTable, find_key
 from mt.convert.arch.family import Family, Kernels
@@ -132,13 +132,13 @@ class Phi3(Architecture):
             ExtraTensor("rope_factors_short.weight", lambda: np.array(short, dtype=np.float32), (len(short),)),
         ]
 
-    def write_vocab(self, folder: Path, w: GGUFContents) -> VocabSummary:
-        tconfig_path = folder / "tokenizer_config.json"
+    def write_vocab(self, files: SideFiles, w: GGUFContents) -> VocabSummary:
+        tconfig_path = files / "tokenizer_config.json"
         tconfig = read_json(tconfig_path) if tconfig_path.is_file() else {}
         if tconfig.get("tokenizer_class") == "GPT2Tokenizer":  # Phi-4
-            return write_gpt2(folder, self.config, w)
+            return write_gpt2(files, self.config, w)
         warn_if_name_hides_phi3(w)
-        return write_phi3_sentencepiece(folder, self.config, tconfig, w)
+        return write_phi3_sentencepiece(files, self.config, tconfig, w)
 
 
 def warn_if_name_hides_phi3(w: GGUFContents) -> None:
@@ -152,44 +152,44 @@ def warn_if_name_hides_phi3(w: GGUFContents) -> None:
         )
 
 
-def _load_sentencepiece(path: Path) -> Any:
+def _load_sentencepiece(path: SideFile) -> Any:
     from sentencepiece import SentencePieceProcessor
 
     if not path.is_file():
         raise TokenizerError(f"{path} is missing", "copy tokenizer.model from the base model into the folder")
     sp = SentencePieceProcessor()
     try:
-        sp.LoadFromFile(str(path))
+        sp.LoadFromSerializedProto(path.read_bytes())
     except Exception as e:  # sentencepiece raises OSError/RuntimeError for a bad model
         raise TokenizerError(f"{path} cannot be loaded ({e})", "replace it with the model's own") from None
     return sp
 
 
-def _added_tokens(folder: Path, tconfig: dict[str, Any]) -> list[tuple[int, str, bool]]:
+def _added_tokens(files: SideFiles, tconfig: dict[str, Any]) -> list[tuple[int, str, bool]]:
     """(id, text, special) from tokenizer_config.json's added_tokens_decoder, then tokenizer.json's added_tokens."""
     found = [(int(tid), data["content"], bool(data.get("special"))) for tid, data in tconfig.get("added_tokens_decoder", {}).items()]
-    if (folder / "tokenizer.json").is_file():
-        tokenizer_json = read_json(folder / "tokenizer.json")
+    if (files / "tokenizer.json").is_file():
+        tokenizer_json = read_json(files / "tokenizer.json")
         found += [(int(t["id"]), t["content"], bool(t.get("special"))) for t in tokenizer_json.get("added_tokens", [])]
     return found
 
 
-def write_phi3_sentencepiece(folder: Path, config: dict[str, Any], tconfig: dict[str, Any], w: GGUFContents) -> VocabSummary:
+def write_phi3_sentencepiece(files: SideFiles, config: dict[str, Any], tconfig: dict[str, Any], w: GGUFContents) -> VocabSummary:
     """Phi3MiniModel.set_vocab: like Llama's SentencePiece vocab, but every added token is CONTROL when marked
     special and USER_DEFINED otherwise, as written (no look-special guess, no ▁ -> space), from both JSON files."""
-    sp = _load_sentencepiece(folder / "tokenizer.model")
+    sp = _load_sentencepiece(files / "tokenizer.model")
     vocab_size = config.get("vocab_size") or sp.vocab_size()
     if sp.vocab_size() > vocab_size:
         raise TokenizerError(f"tokenizer.model has {sp.vocab_size()} pieces but config.json vocab_size is {vocab_size}",
                              "fix vocab_size in config.json")
-    tokens, scores, types = spm_pieces(sp, folder, vocab_size)
-    for tid, text, special in _added_tokens(folder, tconfig):
+    tokens, scores, types = spm_pieces(sp, files, vocab_size)
+    for tid, text, special in _added_tokens(files, tconfig):
         if tid >= vocab_size:
             raise TokenizerError(f"added token {text!r} has id {tid} but config.json vocab_size is {vocab_size}",
                                  "resize the embeddings or fix vocab_size in config.json")
         tokens[tid], scores[tid] = text.encode("utf-8"), -1000.0
         types[tid] = SPM_TYPES["control"] if special else SPM_TYPES["user_defined"]
-    return write_spm_arrays(folder, w, tokens, scores, types)
+    return write_spm_arrays(files, w, tokens, scores, types)
 
 
 FAMILY = Family(

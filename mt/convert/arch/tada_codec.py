@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
@@ -23,7 +22,7 @@ import numpy as np
 from mt.io.gguf_out import GGUFContents
 from mt.convert.arch.family import Family
 from mt.convert.arch.base import Architecture, KeptNames
-from mt.io.checkpoint import LazyTensor
+from mt.io.checkpoint import LazyTensor, SideFiles
 from mt.io.dtypes import to_f32
 from mt.convert.vocab import VocabSummary
 from mt.errors import CheckpointError, MissingTensor
@@ -167,7 +166,7 @@ class TadaCodecDecoder(Architecture):
         w.add_float32(f"{ns}.layer_norm_eps", LAYER_NORM_EPS)
         w.add_uint32(f"{ns}.sample_rate", SAMPLE_RATE)
 
-    def write_vocab(self, folder: Path, w: GGUFContents) -> VocabSummary | None:
+    def write_vocab(self, files: SideFiles, w: GGUFContents) -> VocabSummary | None:
         return None  # the codec has no tokenizer
 
 
