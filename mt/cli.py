@@ -11,7 +11,7 @@ from typing import Any, Callable
 import click
 
 from mt.errors import MtError
-from mt.quant.outtypes import CONVERT_CHOICES, CONVERTER_TYPES
+from mt.quant.outtypes import CONVERT_CHOICES, CONVERTER_TYPES, OUT_TYPES
 
 OUTTYPE_CHOICES = CONVERT_CHOICES
 
@@ -232,6 +232,36 @@ def inspect(path: Path, as_json: bool) -> None:
 
     report = run_reporting_errors(lambda: inspect_path(path))
     click.echo(json.dumps(report, indent=2, default=str) if as_json else report["text"])
+
+
+@main.command()
+@click.argument("src", type=click.Path(path_type=Path))
+@click.option("-o", "--output", "dist", type=click.Path(path_type=Path, file_okay=False), required=True,
+              help="Folder to write the release into (it appears only when every file is written and verified).")
+@click.option("--quants", default="f16,q8_0,q4_k_m", show_default=True,
+              help="Comma-separated types, each written once: " + ", ".join(OUT_TYPES) + ".")
+@click.option("--name", default=None, help="File name stem: NAME-Q4_K_M.gguf (default: the source folder's name).")
+@click.option("--adapter", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="PEFT LoRA adapter folder merged in on the fly.")
+@DEQUANTIZED_BASE_OPTION
+@click.option("--no-verify", is_flag=True, help="Do not run mt verify on each file.")
+@click.option("--verify-text", "text_file", type=click.Path(path_type=Path, dir_okay=False),
+              help="UTF-8 text for verify's logits checks (default: the built-in corpus).")
+@click.option("--max-kld", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Fail the release when a file's mean KLD from the source exceeds this.")
+@click.option("--threads", type=int, default=None, help="Worker threads for quantization (default: all cores).")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--quiet", is_flag=True, help="No progress bar or summary.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def release(src: Path, dist: Path, quants: str, name: str | None, adapter: Path | None, dequantized_base: bool,
+            no_verify: bool, text_file: Path | None, max_kld: float | None, threads: int | None, force: bool,
+            quiet: bool, as_json: bool) -> None:
+    """Write every type in --quants from one read of the checkpoint SRC into the -o folder, each file verified."""
+    from mt.commands import release_command
+
+    run_reporting_errors(lambda: release_command(
+        src, dist, quants, name=name, adapter=adapter, dequantized_base=dequantized_base, verify=not no_verify,
+        text_file=text_file, max_kld=max_kld, threads=threads, force=force, quiet=quiet, as_json=as_json))
 
 
 @main.command()

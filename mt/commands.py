@@ -9,7 +9,7 @@ from dataclasses import replace
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 import click
 
@@ -261,3 +261,40 @@ class TrainProgress:
     def close(self) -> None:
         if self._width:
             click.echo("", err=True)
+
+
+def release_command(src: Path, dist: Path, quants: str, *, name: str | None, adapter: Path | None,
+                    dequantized_base: bool, verify: bool, text_file: Path | None, max_kld: float | None,
+                    threads: int | None, force: bool, quiet: bool, as_json: bool) -> None:
+    from mt.release.release import parse_quants, release
+    from mt.verify.verify import VerifyOptions
+
+    if threads:
+        set_threads(threads)
+    types = parse_quants(quants)
+    options = VerifyOptions(text=_read_text(text_file) if text_file else None, max_kld=max_kld) if verify else None
+    result, elapsed = with_progress(not quiet and not as_json, lambda progress: release(
+        src, dist, types, name=name, adapter=adapter, dequantized_base=dequantized_base, verify=options, force=force,
+        progress=progress))
+    files = [{"file": f.path.name, "type": f.outtype, "file_type": f.plan.file_type.name, "bytes": f.path.stat().st_size,
+              "tensors": len(f.plan.entries), "verify": _verify_summary(f.report)} for f in result.files]
+    summary = {"dist": str(result.dist), "arch": result.arch, "files": files,
+               "bytes": sum(f["bytes"] for f in files), "seconds": round(elapsed, 3)}
+    if as_json:
+        click.echo(json.dumps(summary))
+    elif not quiet:
+        for f in files:
+            quality = f["verify"] and f["verify"].get("quality")
+            numbers = f", KLD mean {quality['kld_mean']:.3g}, top-1 {quality['top1_agreement']:.1%}" if quality else ""
+            verdict = "verified" if f["verify"] else "not verified"
+            click.echo(f"  {f['file']}: {format_bytes(f['bytes'])}, {verdict}{numbers}")
+        click.echo(f"wrote {summary['dist']}: {len(files)} files, {format_bytes(summary['bytes'])} in {elapsed:.1f} s")
+
+
+def _verify_summary(report: Any) -> dict | None:
+    """The verdict and the quality numbers of a file's verify report (None: not verified)."""
+    if report is None:
+        return None
+    quality = next((c.data for c in report.checks if c.name == "quality"), {})
+    keys = ("kld_mean", "kld_p99", "top1_agreement", "delta_ppl")
+    return {"passed": report.passed, "quality": {k: quality[k] for k in keys if k in quality}}

@@ -13,6 +13,7 @@ LAYERS: list[set[str]] = [  # lowest first: a package may import its own modules
     {"quant", "kernels"},
     {"convert", "merge"},
     {"verify", "finetune"},
+    {"release"},  # convert, quantize, verify and package many files at once
     {"commands", "demo", "inspect"},  # the typed functions behind the commands
     {"cli"},
     {"__main__"},

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
 from gguf import GGMLQuantizationType as T
@@ -188,14 +188,23 @@ def read_whole(src: LazyTensor, transform: Transform | None, config: dict) -> tu
 
 def produce(entry: PlanEntry, config: dict, gpu: GpuQuantizer | None = None) -> Iterator[Chunk]:
     """Output bytes of one entry, in row slabs where the tensor needs no whole-tensor transform."""
+    for chunks in produce_types(entry, (entry.qtype,), config, gpu):
+        yield chunks[0]
+
+
+def produce_types(entry: PlanEntry, qtypes: Sequence[T], config: dict, gpu: GpuQuantizer | None = None) -> Iterator[list[Chunk]]:
+    """Output bytes of one entry for each of `qtypes`, from one read of the source: a list per row slab."""
     if entry.extra is not None:
-        yield encode(entry.extra.make(), "F32", entry.qtype, gpu)
+        values = entry.extra.make()
+        yield [encode(values, "F32", q, gpu) for q in qtypes]
         return
     src = entry.source
     assert src is not None
     if entry.transform is not None or len(src.shape) < 2:
-        yield encode(*read_whole(src, entry.transform, config), entry.qtype, gpu)
+        raw, dtype = read_whole(src, entry.transform, config)
+        yield [encode(raw, dtype, q, gpu) for q in qtypes]
         return
     for start, stop in row_ranges(src.shape[0], src.nbytes // src.shape[0]):
-        span = _copyable_span(src, start, stop, entry.qtype)
-        yield span if span is not None else encode(src.read_rows(start, stop), src.dtype, entry.qtype, gpu)
+        spans = [_copyable_span(src, start, stop, q) for q in qtypes]
+        raw = src.read_rows(start, stop) if any(span is None for span in spans) else None
+        yield [span if span is not None else encode(raw, src.dtype, q, gpu) for span, q in zip(spans, qtypes)]

@@ -106,6 +106,72 @@ def write_gguf(path: Path, contents: GGUFContents, payloads: Iterable[Iterable[C
         return _write_payloads(fout, contents.slots, payloads, contents.data_alignment)
 
 
+class PlacedTensors:
+    """A GGUF whose header is written first and whose tensors are then written at their own offsets, in any order
+    of tensors (each tensor's chunks in order): several files can be filled from one read of the source."""
+
+    def __init__(self, path: Path, contents: GGUFContents) -> None:
+        write_gguf(path, contents)
+        position = GGUFWriter.ggml_pad(path.stat().st_size, contents.data_alignment)
+        self.offsets: dict[str, int] = {}
+        for slot in contents.slots:
+            self.offsets[slot.name] = position
+            position += GGUFWriter.ggml_pad(slot.nbytes, contents.data_alignment)
+        self.path, self.size = path, position
+        self.planned = {slot.name: slot.nbytes for slot in contents.slots}
+        self.written = dict.fromkeys(self.planned, 0)
+        self.fd = os.open(path, os.O_WRONLY)
+
+    def write(self, name: str, chunk: Chunk) -> int:
+        """The next chunk of tensor `name`."""
+        at = self.offsets[name] + self.written[name]
+        n = _place_span(self.fd, chunk, at) if isinstance(chunk, FileSpan) else _place_array(self.fd, chunk, at)
+        self.written[name] += n
+        return n
+
+    def finish(self) -> None:
+        """Check every tensor is whole, and end the file where its last tensor's padding ends."""
+        try:
+            for name, nbytes in self.planned.items():
+                if self.written[name] != nbytes:
+                    raise MtError(f"internal error: tensor {name} wrote {self.written[name]} bytes, planned {nbytes}",
+                                  "please report it")
+            os.ftruncate(self.fd, self.size)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _place_array(fd: int, chunk: np.ndarray, at: int) -> int:
+    view = memoryview(np.ascontiguousarray(chunk)).cast("B")
+    done = 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:], at + done)
+    return len(view)
+
+
+def _place_span(fd: int, span: FileSpan, at: int) -> int:
+    """Source bytes copied in the kernel to offset `at`, else through a buffer."""
+    with open(span.path, "rb") as src:
+        done = 0
+        try:
+            while done < span.nbytes:
+                n = os.copy_file_range(src.fileno(), fd, span.nbytes - done, span.offset + done, at + done)
+                if n == 0:
+                    raise MtError(f"{span.path.name} ended while copying a tensor", "the file is truncated; download it again")
+                done += n
+        except OSError as e:
+            if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP) or done:
+                raise
+            src.seek(span.offset)
+            _place_array(fd, np.frombuffer(src.read(span.nbytes), dtype=np.uint8), at)
+    return span.nbytes
+
+
 def _write_payloads(fout: Any, slots: list[TensorSlot], payloads: Iterable[Iterable[Chunk]], alignment: int) -> int:
     """The payloads are read to their end, so a generator's code after its last yield (progress) runs."""
     written = 0
@@ -140,23 +206,10 @@ def _write_array(fout: Any, chunk: np.ndarray) -> int:
 
 
 def _copy_span(fout: Any, span: FileSpan) -> int:
-    """Source bytes straight into the output, in the kernel (copy_file_range), else through a buffer."""
     fout.flush()
-    out_fd = fout.fileno()
-    with open(span.path, "rb") as src:
-        done = 0
-        try:
-            while done < span.nbytes:
-                n = os.copy_file_range(src.fileno(), out_fd, span.nbytes - done, span.offset + done)
-                if n == 0:
-                    raise MtError(f"{span.path.name} ended while copying a tensor", "the file is truncated; download it again")
-                done += n
-        except OSError as e:
-            if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP) or done:
-                raise
-            src.seek(span.offset)
-            fout.write(src.read(span.nbytes))
-    return span.nbytes
+    n = _place_span(fout.fileno(), span, fout.tell())
+    fout.seek(n, os.SEEK_CUR)
+    return n
 
 
 def release_freed_memory() -> None:

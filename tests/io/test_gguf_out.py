@@ -3,7 +3,7 @@ import pytest
 from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
 
 from mt.errors import MtError
-from mt.io.gguf_out import GGUFContents, write_gguf
+from mt.io.gguf_out import GGUFContents, PlacedTensors, write_gguf
 from mt.io.safetensors import FileSpan
 
 VOCAB = ["a", "ü", "🦙", "", "x y"] * 100
@@ -99,3 +99,23 @@ def test_payloads_that_miss_the_plan_are_an_error(tmp_path, payloads, needle):
 def test_tensor_info_without_ggml_type_refused():
     with pytest.raises(TypeError, match="raw_dtype"):
         GGUFContents("tiny").add_tensor_info("x", (2,), np.dtype(np.float32), 8)
+
+
+@pytest.mark.parametrize("alignment", [32, 64])
+def test_placed_tensors_in_any_order_make_the_same_file(tmp_path, alignment):
+    src = tmp_path / "src.bin"
+    src.write_bytes(b"junk" + TENSORS["b.weight"].tobytes())
+    placed = PlacedTensors(tmp_path / "mt.gguf", contents(alignment))
+    placed.write("b.weight", FileSpan(src, 4, TENSORS["b.weight"].nbytes))
+    a = TENSORS["a.weight"]
+    placed.write("a.weight", a[:2])
+    placed.write("a.weight", a[2:])
+    placed.finish()
+    assert (tmp_path / "mt.gguf").read_bytes() == gguf_py_file(tmp_path / "ref.gguf", alignment)
+
+
+def test_a_placed_tensor_left_short_is_an_error(tmp_path):
+    placed = PlacedTensors(tmp_path / "mt.gguf", contents())
+    placed.write("a.weight", TENSORS["a.weight"])
+    with pytest.raises(MtError, match="b.weight wrote 0 bytes, planned 10"):
+        placed.finish()

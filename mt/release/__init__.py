@@ -1,0 +1,1 @@
+"""mt release: one read of a checkpoint (and adapter) to a folder of GGUF files, one per type."""

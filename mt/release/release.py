@@ -1,0 +1,136 @@
+"""`mt release`: every requested type from one read of the source, written side by side into a folder that appears
+only when every file is complete.
+
+Each source tensor is read (and, with an adapter, merged) once; each file's bytes of it are encoded from that read
+and written at the tensor's place in the file (`io.gguf_out.PlacedTensors`), since a llama.cpp mix (Q4_K_M …) lays
+its tensors out in llama-quantize's order and the converter's types in the checkpoint's. Every file is the file
+`mt convert --outtype TYPE` writes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Iterator
+
+from mt.convert.arch import load_architecture
+from mt.convert.arch.base import Architecture
+from mt.convert.convert import gguf_contents
+from mt.convert.plan import PlanEntry, TensorPlan, build_plan, produce_types
+from mt.errors import MtError
+from mt.io.atomic import atomic_dir, check_output
+from mt.io.checkpoint import Checkpoint
+from mt.io.gguf_out import PlacedTensors
+from mt.io.stream import Chunk, Prefetcher, Progress
+from mt.merge.source import open_source
+from mt.quant.outtypes import OUT_TYPES
+from mt.verify.report import VerifyReport
+from mt.verify.verify import Verifier, VerifyOptions
+
+QUANT_CHOICES = list(OUT_TYPES)
+
+
+@dataclass(frozen=True)
+class ReleaseFile:
+    outtype: str
+    path: Path
+    plan: TensorPlan
+    report: VerifyReport | None = None
+
+
+@dataclass(frozen=True)
+class ReleaseResult:
+    dist: Path
+    arch: str
+    files: list[ReleaseFile]
+    nbytes_written: int
+
+
+class ReleaseVerifyFailed(MtError):
+    """A file of the release failed mt verify: nothing is released."""
+
+
+def parse_quants(spec: str) -> list[str]:
+    """`--quants f16,q8_0,q4_k_m`: known types, each once, in the order given."""
+    names = [n.strip().lower() for n in spec.split(",") if n.strip()]
+    if not names:
+        raise MtError("--quants names no type", f"list some of {', '.join(QUANT_CHOICES)}, e.g. --quants q8_0,q4_k_m")
+    if unknown := [n for n in names if n not in QUANT_CHOICES]:
+        raise MtError(f"--quants: unknown type {unknown[0]!r}", f"choose from {', '.join(QUANT_CHOICES)}")
+    if repeated := sorted({n for n in names if names.count(n) > 1}):
+        raise MtError(f"--quants names {repeated[0]} twice", "list each type once")
+    return names
+
+
+def file_name(name: str, outtype: str) -> str:
+    """As GGUF repositories on the Hub name their files: NAME-Q4_K_M.gguf."""
+    return f"{name}-{outtype.upper()}.gguf"
+
+
+def release(src: Path, dist: Path, quants: list[str], *, name: str | None = None, adapter: Path | None = None,
+            dequantized_base: bool = False, verify: VerifyOptions | None = VerifyOptions(), force: bool = False,
+            progress: Progress | None = None) -> ReleaseResult:
+    """`verify`: the options every file is verified with (None: not verified); a failure releases nothing."""
+    ckpt = open_source(Path(src), adapter, dequantized_base=dequantized_base)
+    arch = load_architecture(ckpt.architecture, ckpt.config)
+    if arch.companions:
+        raise MtError(f"{ckpt.architecture} converts to several files (a model and its companions)",
+                      "convert it with mt convert, one type at a time")
+    plans = {q: build_plan(ckpt, arch, q) for q in quants}
+    check_output(dist, force)
+    name = name or Path(src).resolve().name
+    with atomic_dir(dist) as stage:
+        files = [ReleaseFile(q, stage / file_name(name, q), plans[q]) for q in quants]
+        written = _write_all(ckpt, arch, files, progress)
+        reports = _verified(Path(src), files, replace(verify, adapter=adapter)) if verify is not None else [None] * len(files)
+    final = [ReleaseFile(f.outtype, dist / f.path.name, f.plan, r and replace(r, gguf=str(dist / f.path.name)))
+             for f, r in zip(files, reports)]
+    return ReleaseResult(dist, arch.gguf_arch, final, written)
+
+
+def _write_all(ckpt: Checkpoint, arch: Architecture, files: list[ReleaseFile], progress: Progress | None) -> int:
+    outputs = [PlacedTensors(f.path, gguf_contents(ckpt, arch, f.plan, vocab_only=False)[0]) for f in files]
+    try:
+        order = build_plan(ckpt, arch, "f32").entries  # the checkpoint's order: each tensor read once, in turn
+        total = sum(f.plan.nbytes for f in files)
+        written = 0
+        producer = Prefetcher(_encoded(order, files, ckpt.config), depth=2)
+        try:
+            for entry_name, chunks in producer:
+                for out, chunk in zip(outputs, chunks):
+                    n = out.write(entry_name, chunk)
+                    written += n
+                    if progress is not None:
+                        progress(n, total)
+        finally:
+            producer.close()
+        for out in outputs:
+            out.finish()
+        return written
+    finally:
+        for out in outputs:
+            out.close()
+
+
+def _verified(src: Path, files: list[ReleaseFile], options: VerifyOptions) -> list[VerifyReport]:
+    """Every file verified against the source, the work that does not depend on the file done once."""
+    with Verifier(src, options) as verifier:
+        reports = []
+        for f in files:
+            report = verifier.verify(f.path)
+            if not report.passed:
+                failed = report.failed_checks()
+                raise ReleaseVerifyFailed(
+                    f"{f.path.name} failed mt verify: {failed[0].name}: {failed[0].summary}",
+                    f"nothing was released; run mt verify on mt convert --outtype {f.outtype} for the whole report")
+            reports.append(report)
+        return reports
+
+
+def _encoded(order: list[PlanEntry], files: list[ReleaseFile], config: dict) -> Iterator[tuple[str, list[Chunk]]]:
+    """(tensor name, a chunk per file) for every row slab of every tensor."""
+    by_name = [{e.name: e for e in f.plan.entries} for f in files]
+    for entry in order:
+        qtypes = [entries[entry.name].qtype for entries in by_name]
+        for chunks in produce_types(entry, qtypes, config):
+            yield entry.name, chunks

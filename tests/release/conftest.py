@@ -1,0 +1,1 @@
+from tests.merge.conftest import built  # noqa: F401  (the adapters built for the merge tests)

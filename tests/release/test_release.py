@@ -1,0 +1,116 @@
+"""mt release: every type from one read of the source, each file the one mt convert writes, verified, atomic."""
+
+from __future__ import annotations
+
+import errno
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from mt.cli import main
+from mt.convert.convert import convert
+from mt.io import gguf_out
+from mt.release.release import file_name, release
+from mt.verify.verify import VerifyOptions
+
+TYPES = ["f32", "f16", "bf16", "q8_0", "q4_0", "q5_1", "q4_k_m", "q5_k_s", "q6_k"]
+
+
+def no_stray_files(dist: Path) -> bool:
+    return not dist.exists() and not [p for p in dist.parent.iterdir() if "mt-partial" in p.name]
+
+
+@pytest.mark.parametrize("fixture", ["llama3_dir", "llama2_odd_rows_f16_dir"])
+def test_every_file_is_the_file_mt_convert_writes(fixture, request, tmp_path):
+    src = request.getfixturevalue(fixture)
+    result = release(src, tmp_path / "dist", TYPES, name="tiny", verify=None)
+    assert [f.path.name for f in result.files] == [f"tiny-{t.upper()}.gguf" for t in TYPES]
+    assert sorted(p.name for p in (tmp_path / "dist").iterdir()) == sorted(f.path.name for f in result.files)
+    for outtype, f in zip(TYPES, result.files):
+        convert(src, tmp_path / "one.gguf", outtype, force=True)
+        assert f.path.read_bytes() == (tmp_path / "one.gguf").read_bytes(), outtype
+
+
+def test_adapter_merged_once_for_every_type(built: Callable[[str], Path], llama3_f32_untied_dir, tmp_path):
+    adapter = built("dora")
+    result = release(llama3_f32_untied_dir, tmp_path / "dist", ["f16", "q4_k_m"], adapter=adapter, verify=None)
+    for f in result.files:
+        convert(llama3_f32_untied_dir, tmp_path / "one.gguf", f.outtype, adapter=adapter, force=True)
+        assert f.path.read_bytes() == (tmp_path / "one.gguf").read_bytes(), f.outtype
+
+
+def test_verified_release_reports_each_file(llama3_dir, tmp_path):
+    out = CliRunner().invoke(main, ["release", str(llama3_dir), "-o", str(tmp_path / "dist"), "--quants", "f16,q4_k_m",
+                                    "--name", "tiny", "--json"])
+    assert out.exit_code == 0, out.output
+    summary = json.loads(out.output.strip().splitlines()[-1])
+    assert [f["file"] for f in summary["files"]] == ["tiny-F16.gguf", "tiny-Q4_K_M.gguf"]
+    for f in summary["files"]:
+        assert f["verify"]["passed"] is True
+        assert f["bytes"] == (tmp_path / "dist" / f["file"]).stat().st_size
+    f16, q4 = (f["verify"]["quality"]["kld_mean"] for f in summary["files"])
+    assert 0 <= f16 < q4  # a 4-bit file moves further from the source than the 16-bit one
+
+
+def test_a_file_failing_verify_releases_nothing(llama3_dir, tmp_path):
+    dist = tmp_path / "dist"
+    out = CliRunner().invoke(main, ["release", str(llama3_dir), "-o", str(dist), "--quants", "q8_0,q4_k_m",
+                                    "--name", "tiny", "--max-kld", "1e-12"])
+    assert out.exit_code == 1
+    lines = [line for line in out.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "tiny-Q8_0.gguf failed mt verify: quality" in lines[0], out.output
+    assert no_stray_files(dist)
+
+
+@pytest.mark.parametrize("quants, needle", [("q8_0,q3_zz", "unknown type 'q3_zz'"), ("q8_0,f16,q8_0", "q8_0 twice"),
+                                            (",", "names no type")])
+def test_bad_quant_lists(llama3_dir, tmp_path, quants, needle):
+    out = CliRunner().invoke(main, ["release", str(llama3_dir), "-o", str(tmp_path / "dist"), "--quants", quants])
+    assert out.exit_code == 1 and needle in out.output and len(out.output.strip().splitlines()) == 1, out.output
+    assert no_stray_files(tmp_path / "dist")
+
+
+def test_existing_dist_needs_force(llama3_dir, tmp_path):
+    dist = tmp_path / "dist"
+    dist.mkdir()
+    (dist / "keep.txt").write_text("x")
+    args = ["release", str(llama3_dir), "-o", str(dist), "--quants", "q8_0", "--no-verify", "--quiet"]
+    out = CliRunner().invoke(main, args)
+    assert out.exit_code == 1 and "--force" in out.output
+    assert (dist / "keep.txt").exists()
+    assert CliRunner().invoke(main, [*args, "--force"]).exit_code == 0
+    assert [p.name for p in dist.iterdir()] == [file_name(llama3_dir.name, "q8_0")]
+
+
+def test_a_family_with_companion_files_is_refused(tada_dir, tmp_path):
+    out = CliRunner().invoke(main, ["release", str(tada_dir), "-o", str(tmp_path / "dist"), "--quants", "f16"])
+    assert out.exit_code == 1 and "mt convert" in out.output
+    assert no_stray_files(tmp_path / "dist")
+
+
+@pytest.mark.parametrize("exc, needle", [(KeyboardInterrupt(), "interrupted"), (OSError(errno.ENOSPC, "No space left"), "disk full")])
+def test_interrupt_or_full_disk_mid_release_leaves_nothing(llama3_dir, tmp_path, monkeypatch, exc, needle):
+    calls = {"n": 0}
+    original = gguf_out.PlacedTensors.write
+
+    def failing(self, name, chunk):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise exc
+        return original(self, name, chunk)
+
+    monkeypatch.setattr(gguf_out.PlacedTensors, "write", failing)
+    dist = tmp_path / "dist"
+    out = CliRunner().invoke(main, ["release", str(llama3_dir), "-o", str(dist), "--quants", "f16,q4_k_m", "--no-verify"])
+    assert out.exit_code != 0 and needle in out.output
+    assert no_stray_files(dist)
+
+
+def test_verify_options_reach_every_file(llama3_dir, tmp_path):
+    text = "The quick brown fox jumps over the lazy dog. " * 8
+    result = release(llama3_dir, tmp_path / "dist", ["q8_0"], verify=VerifyOptions(text=text, max_tokens=32))
+    (report,) = [f.report for f in result.files]
+    assert report is not None and report.passed and report.gguf == str(tmp_path / "dist" / result.files[0].path.name)
