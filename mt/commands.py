@@ -9,7 +9,7 @@ from dataclasses import replace
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, TypeVar
+from typing import TYPE_CHECKING, Callable, TypeVar
 
 import click
 
@@ -266,7 +266,7 @@ class TrainProgress:
 def release_command(src: Path, dist: Path, quants: str, *, name: str | None, adapter: Path | None,
                     dequantized_base: bool, verify: bool, text_file: Path | None, max_kld: float | None,
                     threads: int | None, force: bool, quiet: bool, as_json: bool) -> None:
-    from mt.release.release import parse_quants, release
+    from mt.release.release import parse_quants, release, verify_numbers
     from mt.verify.verify import VerifyOptions
 
     if threads:
@@ -277,7 +277,7 @@ def release_command(src: Path, dist: Path, quants: str, *, name: str | None, ada
         src, dist, types, name=name, adapter=adapter, dequantized_base=dequantized_base, verify=options, force=force,
         progress=progress))
     files = [{"file": f.path.name, "type": f.outtype, "file_type": f.plan.file_type.name, "bytes": f.path.stat().st_size,
-              "tensors": len(f.plan.entries), "verify": _verify_summary(f.report)} for f in result.files]
+              "tensors": len(f.plan.entries), "verify": f.report and verify_numbers(f.report)} for f in result.files]
     summary = {"dist": str(result.dist), "arch": result.arch, "files": files,
                "bytes": sum(f["bytes"] for f in files), "seconds": round(elapsed, 3)}
     if as_json:
@@ -289,12 +289,3 @@ def release_command(src: Path, dist: Path, quants: str, *, name: str | None, ada
             verdict = "verified" if f["verify"] else "not verified"
             click.echo(f"  {f['file']}: {format_bytes(f['bytes'])}, {verdict}{numbers}")
         click.echo(f"wrote {summary['dist']}: {len(files)} files, {format_bytes(summary['bytes'])} in {elapsed:.1f} s")
-
-
-def _verify_summary(report: Any) -> dict | None:
-    """The verdict and the quality numbers of a file's verify report (None: not verified)."""
-    if report is None:
-        return None
-    quality = next((c.data for c in report.checks if c.name == "quality"), {})
-    keys = ("kld_mean", "kld_p99", "top1_agreement", "delta_ppl")
-    return {"passed": report.passed, "quality": {k: quality[k] for k in keys if k in quality}}

@@ -9,9 +9,10 @@ its tensors out in llama-quantize's order and the converter's types in the check
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 from mt.convert.arch import load_architecture
 from mt.convert.arch.base import Architecture
@@ -23,6 +24,7 @@ from mt.io.checkpoint import Checkpoint
 from mt.io.gguf_out import PlacedTensors
 from mt.io.stream import Chunk, Prefetcher, Progress
 from mt.merge.source import open_source
+from mt.release.card import CardRow, model_card, read_source_card
 from mt.quant.outtypes import OUT_TYPES
 from mt.verify.report import VerifyReport
 from mt.verify.verify import Verifier, VerifyOptions
@@ -83,6 +85,8 @@ def release(src: Path, dist: Path, quants: list[str], *, name: str | None = None
         files = [ReleaseFile(q, stage / file_name(name, q), plans[q]) for q in quants]
         written = _write_all(ckpt, arch, files, progress)
         reports = _verified(Path(src), files, replace(verify, adapter=adapter)) if verify is not None else [None] * len(files)
+        card = model_card(name, read_source_card(ckpt.folder), ckpt.config, Path(src).resolve().name, _card_rows(files, reports))
+        (stage / "README.md").write_text(card, encoding="utf-8")
     final = [ReleaseFile(f.outtype, dist / f.path.name, f.plan, r and replace(r, gguf=str(dist / f.path.name)))
              for f, r in zip(files, reports)]
     return ReleaseResult(dist, arch.gguf_arch, final, written)
@@ -110,6 +114,22 @@ def _write_all(ckpt: Checkpoint, arch: Architecture, files: list[ReleaseFile], p
     finally:
         for out in outputs:
             out.close()
+
+
+def _card_rows(files: list[ReleaseFile], reports: list[VerifyReport | None]) -> list[CardRow]:
+    rows = []
+    for f, report in zip(files, reports):
+        n_params = sum(math.prod(e.shape) for e in f.plan.entries)
+        quality = verify_numbers(report)["quality"] if report is not None else None
+        rows.append(CardRow(f.path.name, f.outtype, f.path.stat().st_size, f.plan.nbytes * 8 / n_params, quality))
+    return rows
+
+
+def verify_numbers(report: VerifyReport) -> dict[str, Any]:
+    """The verdict and the quality numbers of a file's verify report."""
+    quality = next((c.data for c in report.checks if c.name == "quality"), {})
+    keys = ("kld_mean", "kld_p99", "top1_agreement", "delta_ppl")
+    return {"passed": report.passed, "quality": {k: quality[k] for k in keys if k in quality}}
 
 
 def _verified(src: Path, files: list[ReleaseFile], options: VerifyOptions) -> list[VerifyReport]:

@@ -28,7 +28,7 @@ def test_every_file_is_the_file_mt_convert_writes(fixture, request, tmp_path):
     src = request.getfixturevalue(fixture)
     result = release(src, tmp_path / "dist", TYPES, name="tiny", verify=None)
     assert [f.path.name for f in result.files] == [f"tiny-{t.upper()}.gguf" for t in TYPES]
-    assert sorted(p.name for p in (tmp_path / "dist").iterdir()) == sorted(f.path.name for f in result.files)
+    assert sorted(p.name for p in (tmp_path / "dist").iterdir()) == sorted([*(f.path.name for f in result.files), "README.md"])
     for outtype, f in zip(TYPES, result.files):
         convert(src, tmp_path / "one.gguf", outtype, force=True)
         assert f.path.read_bytes() == (tmp_path / "one.gguf").read_bytes(), outtype
@@ -82,7 +82,7 @@ def test_existing_dist_needs_force(llama3_dir, tmp_path):
     assert out.exit_code == 1 and "--force" in out.output
     assert (dist / "keep.txt").exists()
     assert CliRunner().invoke(main, [*args, "--force"]).exit_code == 0
-    assert [p.name for p in dist.iterdir()] == [file_name(llama3_dir.name, "q8_0")]
+    assert sorted(p.name for p in dist.iterdir()) == sorted([file_name(llama3_dir.name, "q8_0"), "README.md"])
 
 
 def test_a_family_with_companion_files_is_refused(tada_dir, tmp_path):
