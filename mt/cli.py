@@ -226,11 +226,15 @@ def quantize(src: Path, out: Path, file_type: str, pure: bool, output_tensor_typ
 @main.command()
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def inspect(path: Path, as_json: bool) -> None:
+@click.option("--memory", is_flag=True, help="What running the GGUF takes: weights + KV cache at 2k/8k/32k and its maximum context.")
+@click.option("--ctx", "n_ctx", type=click.IntRange(min=1), default=None, help="With --memory: this context only.")
+def inspect(path: Path, as_json: bool, memory: bool, n_ctx: int | None) -> None:
     """Show a GGUF file's metadata and tensors, or a checkpoint folder's summary."""
-    from mt.inspect import inspect_path
+    from mt.inspect import inspect_path, memory_report
 
-    report = run_reporting_errors(lambda: inspect_path(path))
+    if n_ctx is not None and not memory:
+        raise click.UsageError("--ctx goes with --memory")
+    report = run_reporting_errors(lambda: memory_report(path, n_ctx) if memory else inspect_path(path))
     click.echo(json.dumps(report, indent=2, default=str) if as_json else report["text"])
 
 

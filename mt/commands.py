@@ -266,7 +266,7 @@ class TrainProgress:
 def release_command(src: Path, dist: Path, quants: str, *, name: str | None, adapter: Path | None,
                     dequantized_base: bool, verify: bool, text_file: Path | None, max_kld: float | None,
                     threads: int | None, force: bool, quiet: bool, as_json: bool) -> None:
-    from mt.release.release import parse_quants, release, verify_numbers
+    from mt.release.release import file_entry, parse_quants, release
     from mt.verify.verify import VerifyOptions
 
     if threads:
@@ -276,8 +276,7 @@ def release_command(src: Path, dist: Path, quants: str, *, name: str | None, ada
     result, elapsed = with_progress(not quiet and not as_json, lambda progress: release(
         src, dist, types, name=name, adapter=adapter, dequantized_base=dequantized_base, verify=options, force=force,
         progress=progress))
-    files = [{"file": f.path.name, "type": f.outtype, "file_type": f.plan.file_type.name, "bytes": f.path.stat().st_size,
-              "tensors": len(f.plan.entries), "verify": f.report and verify_numbers(f.report)} for f in result.files]
+    files = [{k: v for k, v in file_entry(f).items() if k != "path"} for f in result.files]
     summary = {"dist": str(result.dist), "arch": result.arch, "files": files,
                "bytes": sum(f["bytes"] for f in files), "seconds": round(elapsed, 3)}
     if as_json:

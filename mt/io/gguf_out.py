@@ -8,6 +8,7 @@ time. Callers give it a temporary path (`mt.io.atomic`) that is renamed over the
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,11 +109,16 @@ def write_gguf(path: Path, contents: GGUFContents, payloads: Iterable[Iterable[C
 
 class PlacedTensors:
     """A GGUF whose header is written first and whose tensors are then written at their own offsets, in any order
-    of tensors (each tensor's chunks in order): several files can be filled from one read of the source."""
+    of tensors (each tensor's chunks in order): several files can be filled from one read of the source.
+
+    Its sha256 is computed as it is written: bytes that arrive in file order are hashed from memory; those that
+    arrive ahead of a gap wait in the file until the gap is filled, and are then read back from the page cache.
+    """
 
     def __init__(self, path: Path, contents: GGUFContents) -> None:
         write_gguf(path, contents)
-        position = GGUFWriter.ggml_pad(path.stat().st_size, contents.data_alignment)
+        header = path.read_bytes()
+        position = GGUFWriter.ggml_pad(len(header), contents.data_alignment)
         self.offsets: dict[str, int] = {}
         for slot in contents.slots:
             self.offsets[slot.name] = position
@@ -120,23 +126,60 @@ class PlacedTensors:
         self.path, self.size = path, position
         self.planned = {slot.name: slot.nbytes for slot in contents.slots}
         self.written = dict.fromkeys(self.planned, 0)
-        self.fd = os.open(path, os.O_WRONLY)
+        self.order = [slot.name for slot in contents.slots]
+        self.fd = os.open(path, os.O_RDWR)
+        self._sha = hashlib.sha256(header)
+        self._hashed = len(header)  # bytes [0, _hashed) are in the hash
+        self._next = 0  # index in `order` of the first tensor not yet wholly hashed
+        self.sha256: str | None = None
 
     def write(self, name: str, chunk: Chunk) -> int:
         """The next chunk of tensor `name`."""
         at = self.offsets[name] + self.written[name]
-        n = _place_span(self.fd, chunk, at) if isinstance(chunk, FileSpan) else _place_array(self.fd, chunk, at)
+        if isinstance(chunk, FileSpan):
+            n = _place_span(self.fd, chunk, at)
+        else:
+            view = memoryview(np.ascontiguousarray(chunk)).cast("B")
+            n = _place_bytes(self.fd, view, at)
+            if self._next < len(self.order) and self.order[self._next] == name:
+                self._hash_zeros_to(self.offsets[name])
+                if at == self._hashed:
+                    self._sha.update(view)
+                    self._hashed += n
         self.written[name] += n
+        self._catch_up()
         return n
 
+    def _catch_up(self) -> None:
+        """Hash what has become contiguous: padding as zeros, tensor bytes read back."""
+        while self._next < len(self.order):
+            name = self.order[self._next]
+            start = self.offsets[name]
+            self._hash_zeros_to(start)
+            done = start + self.written[name]
+            while self._hashed < done:
+                piece = os.pread(self.fd, min(done - self._hashed, 16 << 20), self._hashed)
+                self._sha.update(piece)
+                self._hashed += len(piece)
+            if self.written[name] < self.planned[name]:
+                return
+            self._next += 1
+
+    def _hash_zeros_to(self, offset: int) -> None:
+        if self._hashed < offset:
+            self._sha.update(bytes(offset - self._hashed))
+            self._hashed = offset
+
     def finish(self) -> None:
-        """Check every tensor is whole, and end the file where its last tensor's padding ends."""
+        """Check every tensor is whole, end the file where its last tensor's padding ends, and take the sha256."""
         try:
             for name, nbytes in self.planned.items():
                 if self.written[name] != nbytes:
                     raise MtError(f"internal error: tensor {name} wrote {self.written[name]} bytes, planned {nbytes}",
                                   "please report it")
             os.ftruncate(self.fd, self.size)
+            self._hash_zeros_to(self.size)
+            self.sha256 = self._sha.hexdigest()
         finally:
             self.close()
 
@@ -146,12 +189,15 @@ class PlacedTensors:
             self.fd = -1
 
 
-def _place_array(fd: int, chunk: np.ndarray, at: int) -> int:
-    view = memoryview(np.ascontiguousarray(chunk)).cast("B")
+def _place_bytes(fd: int, view: memoryview, at: int) -> int:
     done = 0
     while done < len(view):
         done += os.pwrite(fd, view[done:], at + done)
     return len(view)
+
+
+def _place_array(fd: int, chunk: np.ndarray, at: int) -> int:
+    return _place_bytes(fd, memoryview(np.ascontiguousarray(chunk)).cast("B"), at)
 
 
 def _place_span(fd: int, span: FileSpan, at: int) -> int:

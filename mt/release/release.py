@@ -9,6 +9,7 @@ its tensors out in llama-quantize's order and the converter's types in the check
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -24,7 +25,8 @@ from mt.io.checkpoint import Checkpoint
 from mt.io.gguf_out import PlacedTensors
 from mt.io.stream import Chunk, Prefetcher, Progress
 from mt.merge.source import open_source
-from mt.release.card import CardRow, model_card, read_source_card
+from mt.release.card import CardRow, base_model, model_card, read_source_card
+from mt.release.manifest import manifest
 from mt.quant.outtypes import OUT_TYPES
 from mt.verify.report import VerifyReport
 from mt.verify.verify import Verifier, VerifyOptions
@@ -37,6 +39,7 @@ class ReleaseFile:
     outtype: str
     path: Path
     plan: TensorPlan
+    sha256: str = ""
     report: VerifyReport | None = None
 
 
@@ -83,16 +86,24 @@ def release(src: Path, dist: Path, quants: list[str], *, name: str | None = None
     name = name or Path(src).resolve().name
     with atomic_dir(dist) as stage:
         files = [ReleaseFile(q, stage / file_name(name, q), plans[q]) for q in quants]
-        written = _write_all(ckpt, arch, files, progress)
-        reports = _verified(Path(src), files, replace(verify, adapter=adapter)) if verify is not None else [None] * len(files)
-        card = model_card(name, read_source_card(ckpt.folder), ckpt.config, Path(src).resolve().name, _card_rows(files, reports))
-        (stage / "README.md").write_text(card, encoding="utf-8")
-    final = [ReleaseFile(f.outtype, dist / f.path.name, f.plan, r and replace(r, gguf=str(dist / f.path.name)))
-             for f, r in zip(files, reports)]
+        files, written = _write_all(ckpt, arch, files, progress)
+        if verify is not None:
+            files = [replace(f, report=r) for f, r in zip(files, _verified(Path(src), files, replace(verify, adapter=adapter)))]
+        rows = _card_rows(files)
+        folder_name = Path(src).resolve().name
+        (stage / "README.md").write_text(model_card(name, read_source_card(ckpt.folder), ckpt.config, folder_name, rows),
+                                         encoding="utf-8")
+        listing = manifest(name, base_model(ckpt.config, folder_name), arch.gguf_arch, n_parameters(files[0].plan),
+                           [file_entry(f) for f in files])
+        (stage / "manifest.json").write_text(json.dumps(listing, indent=2) + "\n", encoding="utf-8")
+    final = [replace(f, path=dist / f.path.name, report=f.report and replace(f.report, gguf=str(dist / f.path.name)))
+             for f in files]
     return ReleaseResult(dist, arch.gguf_arch, final, written)
 
 
-def _write_all(ckpt: Checkpoint, arch: Architecture, files: list[ReleaseFile], progress: Progress | None) -> int:
+def _write_all(ckpt: Checkpoint, arch: Architecture, files: list[ReleaseFile],
+               progress: Progress | None) -> tuple[list[ReleaseFile], int]:
+    """Every file written from one read of the source; the files with their sha256, and the tensor bytes written."""
     outputs = [PlacedTensors(f.path, gguf_contents(ckpt, arch, f.plan, vocab_only=False)[0]) for f in files]
     try:
         order = build_plan(ckpt, arch, "f32").entries  # the checkpoint's order: each tensor read once, in turn
@@ -110,19 +121,30 @@ def _write_all(ckpt: Checkpoint, arch: Architecture, files: list[ReleaseFile], p
             producer.close()
         for out in outputs:
             out.finish()
-        return written
+        return [replace(f, sha256=out.sha256 or "") for f, out in zip(files, outputs)], written
     finally:
         for out in outputs:
             out.close()
 
 
-def _card_rows(files: list[ReleaseFile], reports: list[VerifyReport | None]) -> list[CardRow]:
-    rows = []
-    for f, report in zip(files, reports):
-        n_params = sum(math.prod(e.shape) for e in f.plan.entries)
-        quality = verify_numbers(report)["quality"] if report is not None else None
-        rows.append(CardRow(f.path.name, f.outtype, f.path.stat().st_size, f.plan.nbytes * 8 / n_params, quality))
-    return rows
+def _card_rows(files: list[ReleaseFile]) -> list[CardRow]:
+    return [CardRow(f.path.name, f.outtype, f.path.stat().st_size, bits_per_weight(f.plan),
+                    verify_numbers(f.report)["quality"] if f.report is not None else None) for f in files]
+
+
+def file_entry(f: ReleaseFile) -> dict[str, Any]:
+    """A file as the manifest and --json describe it (`path`: where it is now, for the memory estimate)."""
+    return {"file": f.path.name, "path": f.path, "type": f.outtype, "file_type": f.plan.file_type.name,
+            "bytes": f.path.stat().st_size, "sha256": f.sha256, "bits_per_weight": round(bits_per_weight(f.plan), 4),
+            "verify": verify_numbers(f.report) if f.report is not None else None}
+
+
+def n_parameters(plan: TensorPlan) -> int:
+    return sum(math.prod(e.shape) for e in plan.entries)
+
+
+def bits_per_weight(plan: TensorPlan) -> float:
+    return plan.nbytes * 8 / n_parameters(plan)
 
 
 def verify_numbers(report: VerifyReport) -> dict[str, Any]:

@@ -1,3 +1,6 @@
+import hashlib
+import os
+
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
@@ -112,6 +115,16 @@ def test_placed_tensors_in_any_order_make_the_same_file(tmp_path, alignment):
     placed.write("a.weight", a[2:])
     placed.finish()
     assert (tmp_path / "mt.gguf").read_bytes() == gguf_py_file(tmp_path / "ref.gguf", alignment)
+    assert placed.sha256 == hashlib.sha256((tmp_path / "mt.gguf").read_bytes()).hexdigest()
+
+
+def test_placed_tensors_hash_from_memory_when_written_in_order(tmp_path, monkeypatch):
+    placed = PlacedTensors(tmp_path / "mt.gguf", contents())
+    monkeypatch.setattr(os, "pread", lambda *args: pytest.fail("read back bytes that came in order"))
+    for name, t in TENSORS.items():
+        placed.write(name, t)
+    placed.finish()
+    assert placed.sha256 == hashlib.sha256((tmp_path / "mt.gguf").read_bytes()).hexdigest()
 
 
 def test_a_placed_tensor_left_short_is_an_error(tmp_path):

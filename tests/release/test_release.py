@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from gguf import GGUFReader
 
 from mt.cli import main
 from mt.convert.convert import convert
@@ -28,7 +30,7 @@ def test_every_file_is_the_file_mt_convert_writes(fixture, request, tmp_path):
     src = request.getfixturevalue(fixture)
     result = release(src, tmp_path / "dist", TYPES, name="tiny", verify=None)
     assert [f.path.name for f in result.files] == [f"tiny-{t.upper()}.gguf" for t in TYPES]
-    assert sorted(p.name for p in (tmp_path / "dist").iterdir()) == sorted([*(f.path.name for f in result.files), "README.md"])
+    assert sorted(p.name for p in (tmp_path / "dist").iterdir()) == sorted([*(f.path.name for f in result.files), "README.md", "manifest.json"])
     for outtype, f in zip(TYPES, result.files):
         convert(src, tmp_path / "one.gguf", outtype, force=True)
         assert f.path.read_bytes() == (tmp_path / "one.gguf").read_bytes(), outtype
@@ -82,7 +84,7 @@ def test_existing_dist_needs_force(llama3_dir, tmp_path):
     assert out.exit_code == 1 and "--force" in out.output
     assert (dist / "keep.txt").exists()
     assert CliRunner().invoke(main, [*args, "--force"]).exit_code == 0
-    assert sorted(p.name for p in dist.iterdir()) == sorted([file_name(llama3_dir.name, "q8_0"), "README.md"])
+    assert sorted(p.name for p in dist.iterdir()) == sorted([file_name(llama3_dir.name, "q8_0"), "README.md", "manifest.json"])
 
 
 def test_a_family_with_companion_files_is_refused(tada_dir, tmp_path):
@@ -114,3 +116,22 @@ def test_verify_options_reach_every_file(llama3_dir, tmp_path):
     result = release(llama3_dir, tmp_path / "dist", ["q8_0"], verify=VerifyOptions(text=text, max_tokens=32))
     (report,) = [f.report for f in result.files]
     assert report is not None and report.passed and report.gguf == str(tmp_path / "dist" / result.files[0].path.name)
+
+
+def test_manifest_names_each_file_with_its_hash_verdict_and_memory(llama3_dir, tmp_path):
+    dist = tmp_path / "dist"
+    out = CliRunner().invoke(main, ["release", str(llama3_dir), "-o", str(dist), "--quants", "bf16,q4_k_m", "--json"])
+    assert out.exit_code == 0, out.output
+    listing = json.loads((dist / "manifest.json").read_text())
+    assert listing["schema"] == "mt-release-manifest" and listing["version"] == 1
+    assert listing["architecture"] == "llama" and listing["context_length"] == json.loads(
+        (llama3_dir / "config.json").read_text())["max_position_embeddings"]
+    summary = json.loads(out.output.strip().splitlines()[-1])
+    for entry, printed in zip(listing["files"], summary["files"]):
+        path = dist / entry["file"]
+        assert entry["sha256"] == printed["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+        assert entry["bytes"] == path.stat().st_size and entry["verify"]["passed"] is True
+        tensors = GGUFReader(path).tensors
+        assert {row["weights_bytes"] for row in entry["memory"]} == {sum(int(t.n_bytes) for t in tensors)}
+        assert max(row["n_ctx"] for row in entry["memory"]) == listing["context_length"]
+        assert {row["kv_cache_type"] for row in entry["memory"]} == {"f16"}  # 16-wide heads: no q8_0 cache
