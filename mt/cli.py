@@ -254,18 +254,19 @@ def inspect(path: Path, as_json: bool, memory: bool, n_ctx: int | None) -> None:
 @click.option("--max-kld", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Fail the release when a file's mean KLD from the source exceeds this.")
 @click.option("--threads", type=int, default=None, help="Worker threads for quantization (default: all cores).")
+@DEVICE_OPTION
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--quiet", is_flag=True, help="No progress bar or summary.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def release(src: Path, dist: Path, quants: str, name: str | None, adapter: Path | None, dequantized_base: bool,
-            no_verify: bool, text_file: Path | None, max_kld: float | None, threads: int | None, force: bool,
-            quiet: bool, as_json: bool) -> None:
+            no_verify: bool, text_file: Path | None, max_kld: float | None, threads: int | None, device: str,
+            force: bool, quiet: bool, as_json: bool) -> None:
     """Write every type in --quants from one read of the checkpoint SRC into the -o folder, each file verified."""
     from mt.commands import release_command
 
     run_reporting_errors(lambda: release_command(
         src, dist, quants, name=name, adapter=adapter, dequantized_base=dequantized_base, verify=not no_verify,
-        text_file=text_file, max_kld=max_kld, threads=threads, force=force, quiet=quiet, as_json=as_json))
+        text_file=text_file, max_kld=max_kld, threads=threads, device=device, force=force, quiet=quiet, as_json=as_json))
 
 
 @main.command()

@@ -265,7 +265,7 @@ class TrainProgress:
 
 def release_command(src: Path, dist: Path, quants: str, *, name: str | None, adapter: Path | None,
                     dequantized_base: bool, verify: bool, text_file: Path | None, max_kld: float | None,
-                    threads: int | None, force: bool, quiet: bool, as_json: bool) -> None:
+                    threads: int | None, device: str, force: bool, quiet: bool, as_json: bool) -> None:
     from mt.release.release import file_entry, parse_quants, release
     from mt.verify.verify import VerifyOptions
 
@@ -274,8 +274,8 @@ def release_command(src: Path, dist: Path, quants: str, *, name: str | None, ada
     types = parse_quants(quants)
     options = VerifyOptions(text=_read_text(text_file) if text_file else None, max_kld=max_kld) if verify else None
     result, elapsed = with_progress(not quiet and not as_json, lambda progress: release(
-        src, dist, types, name=name, adapter=adapter, dequantized_base=dequantized_base, verify=options, force=force,
-        progress=progress))
+        src, dist, types, name=name, adapter=adapter, dequantized_base=dequantized_base, verify=options, device=device,
+        force=force, progress=progress))
     files = [{k: v for k, v in file_entry(f).items() if k != "path"} for f in result.files]
     summary = {"dist": str(result.dist), "arch": result.arch, "files": files,
                "bytes": sum(f["bytes"] for f in files), "seconds": round(elapsed, 3)}

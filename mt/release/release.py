@@ -27,6 +27,7 @@ from mt.io.stream import Chunk, Prefetcher, Progress
 from mt.merge.source import open_source
 from mt.release.card import CardRow, base_model, model_card, read_source_card
 from mt.release.manifest import manifest
+from mt.quant.device import GPU_TYPES, GpuQuantizer, select_device
 from mt.quant.outtypes import OUT_TYPES
 from mt.verify.report import VerifyReport
 from mt.verify.verify import Verifier, VerifyOptions
@@ -73,20 +74,23 @@ def file_name(name: str, outtype: str) -> str:
 
 
 def release(src: Path, dist: Path, quants: list[str], *, name: str | None = None, adapter: Path | None = None,
-            dequantized_base: bool = False, verify: VerifyOptions | None = VerifyOptions(), force: bool = False,
-            progress: Progress | None = None) -> ReleaseResult:
-    """`verify`: the options every file is verified with (None: not verified); a failure releases nothing."""
+            dequantized_base: bool = False, verify: VerifyOptions | None = VerifyOptions(), device: str = "auto",
+            force: bool = False, progress: Progress | None = None) -> ReleaseResult:
+    """`verify`: the options every file is verified with (None: not verified); a failure releases nothing.
+    `device`: where the types a GPU computes are quantized (auto | cpu | cuda), as for mt convert."""
     ckpt = open_source(Path(src), adapter, dequantized_base=dequantized_base)
     arch = load_architecture(ckpt.architecture, ckpt.config)
     if arch.companions:
         raise MtError(f"{ckpt.architecture} converts to several files (a model and its companions)",
                       "convert it with mt convert, one type at a time")
     plans = {q: build_plan(ckpt, arch, q) for q in quants}
+    uses_gpu_types = any(e.qtype in GPU_TYPES for plan in plans.values() for e in plan.entries)
+    gpu = select_device(device) if device == "cuda" or uses_gpu_types else None
     check_output(dist, force)
     name = name or Path(src).resolve().name
     with atomic_dir(dist) as stage:
         files = [ReleaseFile(q, stage / file_name(name, q), plans[q]) for q in quants]
-        files, written = _write_all(ckpt, arch, files, progress)
+        files, written = _write_all(ckpt, arch, files, gpu, progress)
         if verify is not None:
             files = [replace(f, report=r) for f, r in zip(files, _verified(Path(src), files, replace(verify, adapter=adapter)))]
         rows = _card_rows(files)
@@ -101,7 +105,7 @@ def release(src: Path, dist: Path, quants: list[str], *, name: str | None = None
     return ReleaseResult(dist, arch.gguf_arch, final, written)
 
 
-def _write_all(ckpt: Checkpoint, arch: Architecture, files: list[ReleaseFile],
+def _write_all(ckpt: Checkpoint, arch: Architecture, files: list[ReleaseFile], gpu: GpuQuantizer | None,
                progress: Progress | None) -> tuple[list[ReleaseFile], int]:
     """Every file written from one read of the source; the files with their sha256, and the tensor bytes written."""
     outputs = [PlacedTensors(f.path, gguf_contents(ckpt, arch, f.plan, vocab_only=False)[0]) for f in files]
@@ -109,7 +113,7 @@ def _write_all(ckpt: Checkpoint, arch: Architecture, files: list[ReleaseFile],
         order = build_plan(ckpt, arch, "f32").entries  # the checkpoint's order: each tensor read once, in turn
         total = sum(f.plan.nbytes for f in files)
         written = 0
-        producer = Prefetcher(_encoded(order, files, ckpt.config), depth=2)
+        producer = Prefetcher(_encoded(order, files, ckpt.config, gpu), depth=2)
         try:
             for entry_name, chunks in producer:
                 for out, chunk in zip(outputs, chunks):
@@ -169,10 +173,11 @@ def _verified(src: Path, files: list[ReleaseFile], options: VerifyOptions) -> li
         return reports
 
 
-def _encoded(order: list[PlanEntry], files: list[ReleaseFile], config: dict) -> Iterator[tuple[str, list[Chunk]]]:
+def _encoded(order: list[PlanEntry], files: list[ReleaseFile], config: dict,
+             gpu: GpuQuantizer | None) -> Iterator[tuple[str, list[Chunk]]]:
     """(tensor name, a chunk per file) for every row slab of every tensor."""
     by_name = [{e.name: e for e in f.plan.entries} for f in files]
     for entry in order:
         qtypes = [entries[entry.name].qtype for entries in by_name]
-        for chunks in produce_types(entry, qtypes, config):
+        for chunks in produce_types(entry, qtypes, config, gpu):
             yield entry.name, chunks

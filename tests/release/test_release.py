@@ -135,3 +135,13 @@ def test_manifest_names_each_file_with_its_hash_verdict_and_memory(llama3_dir, t
         assert {row["weights_bytes"] for row in entry["memory"]} == {sum(int(t.n_bytes) for t in tensors)}
         assert max(row["n_ctx"] for row in entry["memory"]) == listing["context_length"]
         assert {row["kv_cache_type"] for row in entry["memory"]} == {"f16"}  # 16-wide heads: no q8_0 cache
+
+
+def test_cuda_asked_for_without_one_is_one_line(llama3_dir, tmp_path, monkeypatch):
+    from mt.quant import device
+
+    monkeypatch.setattr(device, "cuda_unusable_reason", lambda probe_nodes=True: "torch 2.13.0+cpu sees no CUDA device")
+    out = CliRunner().invoke(main, ["release", str(llama3_dir), "-o", str(tmp_path / "dist"), "--quants", "q8_0",
+                                    "--device", "cuda", "--no-verify"])
+    assert out.exit_code == 1 and "--device cuda" in out.output and len(out.output.strip().splitlines()) == 1
+    assert no_stray_files(tmp_path / "dist")
