@@ -131,12 +131,12 @@ def memory_report(path: Path, n_ctx: int | None = None) -> dict[str, Any]:
     """Weights and KV cache (f16 and q8_0 where the heads allow it) at 2k/8k/32k and the model's maximum context,
     or at `n_ctx` alone."""
     from mt.io.gguf_in import read_header
-    from mt.release.memory import cache_types, contexts, estimate
+    from mt.release.memory import estimates
 
     if not path.is_file():
         raise MtError(f"{path} is not a GGUF file", "pass a GGUF file to inspect --memory")
     header = read_header(path)
-    rows = [estimate(header, ctx, cache) for ctx in ([n_ctx] if n_ctx else contexts(header)) for cache in cache_types(header)]
+    rows = estimates(header, n_ctx)
     lines = [f"{'context':>8}  {'KV cache':<8} {'weights':>11} {'KV':>11} {'total':>11}"]
     lines += [f"{r.n_ctx:>8}  {r.cache_type:<8} {_mib(r.weights):>11} {_mib(r.kv_cache):>11} {_mib(r.total):>11}" for r in rows]
     lines.append("llama-cli/llama-server defaults; compute buffers not counted (docs/RELEASE.md#memory)")

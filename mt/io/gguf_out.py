@@ -123,14 +123,12 @@ class PlacedTensors:
         for slot in contents.slots:
             self.offsets[slot.name] = position
             position += GGUFWriter.ggml_pad(slot.nbytes, contents.data_alignment)
-        self.path, self.size = path, position
-        self.planned = {slot.name: slot.nbytes for slot in contents.slots}
-        self.written = dict.fromkeys(self.planned, 0)
-        self.order = [slot.name for slot in contents.slots]
+        self.path, self.size, self.slots = path, position, contents.slots
+        self.written = {slot.name: 0 for slot in contents.slots}
         self.fd = os.open(path, os.O_RDWR)
         self._sha = hashlib.sha256(header)
         self._hashed = len(header)  # bytes [0, _hashed) are in the hash
-        self._next = 0  # index in `order` of the first tensor not yet wholly hashed
+        self._next = 0  # index in `slots` of the first tensor not yet wholly hashed
         self.sha256: str | None = None
 
     def write(self, name: str, chunk: Chunk) -> int:
@@ -141,7 +139,7 @@ class PlacedTensors:
         else:
             view = memoryview(np.ascontiguousarray(chunk)).cast("B")
             n = _place_bytes(self.fd, view, at)
-            if self._next < len(self.order) and self.order[self._next] == name:
+            if self._next < len(self.slots) and self.slots[self._next].name == name:
                 self._hash_zeros_to(self.offsets[name])
                 if at == self._hashed:
                     self._sha.update(view)
@@ -152,16 +150,16 @@ class PlacedTensors:
 
     def _catch_up(self) -> None:
         """Hash what has become contiguous: padding as zeros, tensor bytes read back."""
-        while self._next < len(self.order):
-            name = self.order[self._next]
-            start = self.offsets[name]
+        while self._next < len(self.slots):
+            slot = self.slots[self._next]
+            start = self.offsets[slot.name]
             self._hash_zeros_to(start)
-            done = start + self.written[name]
+            done = start + self.written[slot.name]
             while self._hashed < done:
                 piece = os.pread(self.fd, min(done - self._hashed, 16 << 20), self._hashed)
                 self._sha.update(piece)
                 self._hashed += len(piece)
-            if self.written[name] < self.planned[name]:
+            if self.written[slot.name] < slot.nbytes:
                 return
             self._next += 1
 
@@ -173,10 +171,10 @@ class PlacedTensors:
     def finish(self) -> None:
         """Check every tensor is whole, end the file where its last tensor's padding ends, and take the sha256."""
         try:
-            for name, nbytes in self.planned.items():
-                if self.written[name] != nbytes:
-                    raise MtError(f"internal error: tensor {name} wrote {self.written[name]} bytes, planned {nbytes}",
-                                  "please report it")
+            for slot in self.slots:
+                if self.written[slot.name] != slot.nbytes:
+                    raise MtError(f"internal error: tensor {slot.name} wrote {self.written[slot.name]} bytes, "
+                                  f"planned {slot.nbytes}", "please report it")
             os.ftruncate(self.fd, self.size)
             self._hash_zeros_to(self.size)
             self.sha256 = self._sha.hexdigest()
@@ -196,10 +194,6 @@ def _place_bytes(fd: int, view: memoryview, at: int) -> int:
     return len(view)
 
 
-def _place_array(fd: int, chunk: np.ndarray, at: int) -> int:
-    return _place_bytes(fd, memoryview(np.ascontiguousarray(chunk)).cast("B"), at)
-
-
 def _place_span(fd: int, span: FileSpan, at: int) -> int:
     """Source bytes copied in the kernel to offset `at`, else through a buffer."""
     with open(span.path, "rb") as src:
@@ -214,7 +208,7 @@ def _place_span(fd: int, span: FileSpan, at: int) -> int:
             if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP) or done:
                 raise
             src.seek(span.offset)
-            _place_array(fd, np.frombuffer(src.read(span.nbytes), dtype=np.uint8), at)
+            _place_bytes(fd, memoryview(src.read(span.nbytes)), at)
     return span.nbytes
 
 

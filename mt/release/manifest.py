@@ -13,21 +13,15 @@ from pathlib import Path
 from typing import Any
 
 from mt.io.gguf_in import read_header
-from mt.release.memory import cache_types, contexts, estimate
+from mt.release.memory import estimates
 
 SCHEMA = "mt-release-manifest"
 VERSION = 1
 
 
 def memory_rows(path: Path) -> list[dict[str, int | str]]:
-    header = read_header(path)
-    rows = []
-    for n_ctx in contexts(header):
-        for cache in cache_types(header):
-            e = estimate(header, n_ctx, cache)
-            rows.append({"n_ctx": n_ctx, "kv_cache_type": cache, "weights_bytes": e.weights,
-                         "kv_cache_bytes": e.kv_cache, "total_bytes": e.total})
-    return rows
+    return [{"n_ctx": e.n_ctx, "kv_cache_type": e.cache_type, "weights_bytes": e.weights, "kv_cache_bytes": e.kv_cache,
+             "total_bytes": e.total} for e in estimates(read_header(path))]
 
 
 def manifest(name: str, base_model: str, arch: str, parameters: int, files: list[dict[str, Any]]) -> dict[str, Any]:

@@ -94,3 +94,8 @@ def contexts(header: GGUFHeader) -> list[int]:
     arch = str(header.value("general.architecture"))
     longest = int(header.value(f"{arch}.context_length") or CONTEXTS[-1])
     return sorted({*(c for c in CONTEXTS if c < longest), longest})
+
+
+def estimates(header: GGUFHeader, n_ctx: int | None = None) -> list[MemoryEstimate]:
+    """Every cache type the model takes, at `n_ctx` or else at each of `contexts`."""
+    return [estimate(header, ctx, cache) for ctx in ([n_ctx] if n_ctx else contexts(header)) for cache in cache_types(header)]
