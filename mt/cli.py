@@ -19,6 +19,17 @@ DEVICE_OPTION = click.option(
     "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
     help="Where Q8_0/Q4_K/Q5_K/Q6_K are computed: auto uses a CUDA GPU when torch and triton can, else the CPU.")
 
+SPLIT_SIZE_OPTION = click.option(
+    "--split-max-size", default=None,
+    help="Split a file into parts of at most this much tensor data: 2G, 500M (decimal units, as gguf-split).")
+SPLIT_TENSORS_OPTION = click.option(
+    "--split-max-tensors", type=int, default=None, help="Split a file into parts of at most this many tensors.")
+
+IMATRIX_OPTION = click.option(
+    "--imatrix", "imatrix", default=None, metavar="FILE",
+    help="Importance matrix from llama-imatrix (GGUF or legacy .dat) to weigh the quantization errors of llama.cpp's "
+         "mixes (q4_k_m …), as llama-quantize --imatrix.")
+
 DEQUANTIZED_BASE_OPTION = click.option(
     "--dequantized-base", is_flag=True,
     help="QLoRA: merge onto the base as bitsandbytes' NF4 round trip gives it (what the adapter was trained against), "
@@ -69,28 +80,30 @@ def main() -> None:
 @click.option("--adapter", type=click.Path(path_type=Path), default=None,
               help="PEFT LoRA adapter folder to merge in on the fly (same tensors as converting mt merge's output).")
 @DEQUANTIZED_BASE_OPTION
+@IMATRIX_OPTION
 @click.option("--threads", type=int, default=None, help="Worker threads for quantization (default: all cores).")
 @DEVICE_OPTION
 @click.option("--quiet", is_flag=True, help="No progress bar or summary.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def convert(src: Path, out: Path | None, outtype: str, out_format: str, force: bool, vocab_only: bool, dry_run: bool,
-            allow_pickle: bool, adapter: Path | None, dequantized_base: bool, threads: int | None, device: str,
-            quiet: bool, as_json: bool) -> None:
+            allow_pickle: bool, adapter: Path | None, dequantized_base: bool, imatrix: str | None, threads: int | None,
+            device: str, quiet: bool, as_json: bool) -> None:
     """Convert the checkpoint folder SRC to a GGUF file (or, with --format safetensors, a smaller safetensors folder)."""
     from mt.commands import convert_command, reexport_command
 
     if out is None and not dry_run:
         raise click.UsageError("-o/--output is required (unless --dry-run)")
     if out_format == "safetensors":
-        if vocab_only or dry_run:
-            raise click.UsageError("--vocab-only and --dry-run apply to GGUF output only")
+        if vocab_only or dry_run or imatrix:
+            raise click.UsageError("--vocab-only, --dry-run and --imatrix apply to GGUF output only")
         assert out is not None
         run_reporting_errors(lambda: reexport_command(src, out, outtype, force=force, allow_pickle=allow_pickle, quiet=quiet,
                                                       as_json=as_json, adapter=adapter, dequantized_base=dequantized_base))
         return
     run_reporting_errors(lambda: convert_command(src, out, outtype, force=force, vocab_only=vocab_only, dry_run=dry_run,
                                                  allow_pickle=allow_pickle, threads=threads, device=device, quiet=quiet,
-                                                 as_json=as_json, adapter=adapter, dequantized_base=dequantized_base))
+                                                 as_json=as_json, adapter=adapter, dequantized_base=dequantized_base,
+                                                 imatrix=imatrix))
 
 
 @main.command()
@@ -206,8 +219,7 @@ def finetune(base: Path, data: Path, out: Path, qlora: bool, lora_r: int, lora_a
 @click.option("--pure", is_flag=True, help="Every quantizable tensor gets the base type (no Q4_K_M-style mix).")
 @click.option("--output-tensor-type", default=None, help="Type for output.weight (e.g. q8_0).")
 @click.option("--token-embedding-type", default=None, help="Type for token_embd.weight.")
-@click.option("--imatrix", "imatrix", default=None, metavar="FILE",
-              help="Importance matrix from llama-imatrix (GGUF or legacy .dat) to weigh the quantization errors.")
+@IMATRIX_OPTION
 @click.option("--threads", type=int, default=None, help="Worker threads (default: all cores).")
 @DEVICE_OPTION
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
@@ -248,6 +260,9 @@ def inspect(path: Path, as_json: bool, memory: bool, n_ctx: int | None) -> None:
 @click.option("--adapter", type=click.Path(path_type=Path, file_okay=False), default=None,
               help="PEFT LoRA adapter folder merged in on the fly.")
 @DEQUANTIZED_BASE_OPTION
+@IMATRIX_OPTION
+@SPLIT_SIZE_OPTION
+@SPLIT_TENSORS_OPTION
 @click.option("--no-verify", is_flag=True, help="Do not run mt verify on each file.")
 @click.option("--verify-text", "text_file", type=click.Path(path_type=Path, dir_okay=False),
               help="UTF-8 text for verify's logits checks (default: the built-in corpus).")
@@ -259,14 +274,32 @@ def inspect(path: Path, as_json: bool, memory: bool, n_ctx: int | None) -> None:
 @click.option("--quiet", is_flag=True, help="No progress bar or summary.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def release(src: Path, dist: Path, quants: str, name: str | None, adapter: Path | None, dequantized_base: bool,
-            no_verify: bool, text_file: Path | None, max_kld: float | None, threads: int | None, device: str,
-            force: bool, quiet: bool, as_json: bool) -> None:
+            imatrix: str | None, split_max_size: str | None, split_max_tensors: int | None, no_verify: bool, text_file: Path | None,
+            max_kld: float | None, threads: int | None, device: str, force: bool, quiet: bool, as_json: bool) -> None:
     """Write every type in --quants from one read of the checkpoint SRC into the -o folder, each file verified."""
     from mt.commands import release_command
 
     run_reporting_errors(lambda: release_command(
-        src, dist, quants, name=name, adapter=adapter, dequantized_base=dequantized_base, verify=not no_verify,
+        src, dist, quants, name=name, adapter=adapter, dequantized_base=dequantized_base, imatrix=imatrix,
+        split_max_size=split_max_size, split_max_tensors=split_max_tensors, verify=not no_verify,
         text_file=text_file, max_kld=max_kld, threads=threads, device=device, force=force, quiet=quiet, as_json=as_json))
+
+
+@main.command()
+@click.argument("src", type=click.Path(path_type=Path, dir_okay=False))
+@click.argument("out", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--merge", is_flag=True, help="SRC is a split file's first part: write it whole to OUT.")
+@SPLIT_SIZE_OPTION
+@SPLIT_TENSORS_OPTION
+@click.option("--force", is_flag=True, help="Replace existing output files.")
+def split(src: Path, out: Path, merge: bool, split_max_size: str | None, split_max_tensors: int | None,
+          force: bool) -> None:
+    """Split the GGUF SRC into parts OUT-00001-of-0000N.gguf … as llama.cpp's gguf-split does (by default 128
+    tensors a part), or with --merge write the split file whose first part is SRC back as the one file OUT."""
+    from mt.commands import split_command
+
+    run_reporting_errors(lambda: split_command(src, out, merge=merge, split_max_size=split_max_size,
+                                               split_max_tensors=split_max_tensors, force=force))
 
 
 @main.command()
@@ -309,12 +342,13 @@ def verify(gguf: Path, reference: Path, text_file: Path | None, max_tokens: int,
 
 
 @main.command()
-@click.option("--workdir", type=click.Path(path_type=Path), default=None, help="Where to build (default: a temp folder).")
-def demo(workdir: Path | None) -> None:
-    """Build a tiny model, convert it, quantize it to Q4_K_M and verify both files against the source."""
+@click.option("--workdir", type=click.Path(path_type=Path), default=None, help="Where to write (default: a temp folder).")
+@click.option("--tiny", is_flag=True, help="Use the built-in tiny random model (no download).")
+def demo(workdir: Path | None, tiny: bool) -> None:
+    """Release SmolLM2-135M-Instruct as F16, Q8_0 and Q4_K_M, each verified, then ask the Q4_K_M file a question."""
     from mt.demo import run_demo
 
-    sys.exit(0 if run_reporting_errors(lambda: run_demo(workdir)) else 1)
+    sys.exit(0 if run_reporting_errors(lambda: run_demo(workdir, tiny)) else 1)
 
 
 if __name__ == "__main__":

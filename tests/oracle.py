@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+
+from mt.cache import cache_root
 
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 
@@ -24,11 +25,6 @@ _WANTED_PREFIXES = (
 )
 _WANTED_FILES = (f"{_VENDOR}/convert_hf_to_gguf.py", f"{_VENDOR}/convert_lora_to_gguf.py")
 _VOCAB_TEST_SEP = "\n__ggml_vocab_test__\n"
-
-
-def cache_root() -> Path:
-    env = os.environ.get("MT_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "mt"
 
 
 def sdist_dir() -> Path:

@@ -8,8 +8,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent / "mt"
 LAYERS: list[set[str]] = [  # lowest first: a package may import its own modules and any lower layer
-    {"errors"},
-    {"io"},  # checkpoints, safetensors and GGUF reading and writing, dtypes, streaming, atomic outputs
+    {"errors", "cache"},
+    {"io", "smollm2"},  # checkpoints, safetensors and GGUF reading and writing, dtypes, streaming, atomic outputs;
+    # the demo's real model, fetched from the package registry
     {"quant", "kernels"},
     {"convert", "merge"},
     {"verify", "finetune"},

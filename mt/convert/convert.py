@@ -12,7 +12,7 @@ from gguf import LlamaFileType
 from mt.convert.arch import load_architecture
 from mt.convert.arch.base import Architecture, Companion
 from mt.io.checkpoint import Checkpoint
-from mt.convert.plan import TensorPlan, build_plan, by_entry, companion_plans, start_producing
+from mt.convert.plan import TensorPlan, build_plan, by_entry, companion_plans, is_mix, start_producing
 from mt.io.stream import Prefetcher, Progress, reporting
 from mt.convert.special import read_tokenizer_json
 from mt.convert.vocab import VocabSummary
@@ -20,6 +20,7 @@ from mt.errors import MtError
 from mt.io.atomic import atomic_paths, check_output
 from mt.io.gguf_out import Chunk, GGUFContents, write_gguf
 from mt.quant.device import GPU_TYPES, select_device
+from mt.quant.imatrix import open_imatrix
 from mt.quant.quantize import put_quantization_keys_last
 
 @dataclass
@@ -56,6 +57,9 @@ def gguf_contents(ckpt: Checkpoint, arch: Architecture, plan: TensorPlan, vocab_
     read_tokenizer_json.cache_clear()
     if plan.llama_quantize_layout:
         put_quantization_keys_last(w, plan.file_type)
+    for key, vtype, value in plan.imatrix_keys:
+        w.remove(key)  # llama-quantize re-sets the key: it moves to the end
+        w.add_key_value(key, value, vtype)
     return w, vocab
 
 
@@ -82,13 +86,18 @@ def _plan_uses_gpu_types(plan: TensorPlan) -> bool:
 
 
 def load(src: Path, outtype: str, allow_pickle: bool = False, adapter: Path | None = None,
-         dequantized_base: bool = False) -> tuple[Checkpoint, Architecture, TensorPlan]:
-    """The source (with `adapter` merged in on the fly), its architecture and the tensor plan."""
+         dequantized_base: bool = False, imatrix: str | Path | None = None) -> tuple[Checkpoint, Architecture, TensorPlan]:
+    """The source (with `adapter` merged in on the fly), its architecture and the tensor plan (with `imatrix`:
+    a llama.cpp mix quantized as llama-quantize --imatrix does)."""
     from mt.merge.source import open_source
 
+    given = open_imatrix(imatrix) if imatrix is not None else None
     ckpt = open_source(src, adapter, dequantized_base=dequantized_base, allow_pickle=allow_pickle)
     arch = load_architecture(ckpt.architecture, ckpt.config)
-    return ckpt, arch, build_plan(ckpt, arch, outtype)
+    if given is not None and not is_mix(arch.check_outtype(outtype)):
+        raise MtError(f"--imatrix goes with llama.cpp's mixes (q4_k_m …); {outtype} is written by the converter, "
+                      "which takes none", "drop --imatrix, or pick a mix such as q4_k_m")
+    return ckpt, arch, build_plan(ckpt, arch, outtype, given)
 
 
 def convert(
@@ -103,8 +112,9 @@ def convert(
     device: str = "auto",
     adapter: Path | None = None,
     dequantized_base: bool = False,
+    imatrix: str | Path | None = None,
 ) -> ConvertResult:
-    ckpt, arch, plan = load(src, outtype, allow_pickle, adapter, dequantized_base)
+    ckpt, arch, plan = load(src, outtype, allow_pickle, adapter, dequantized_base, imatrix)
     companions = [] if vocab_only else companion_outputs(ckpt, arch, out, outtype)
     for path in [out, *(c.path for c in companions)]:
         check_output(path, force)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import numpy as np
 from gguf import GGMLQuantizationType as T
@@ -16,9 +16,11 @@ from mt.io.dtypes import FLOAT_DTYPE_NAMES, FLOAT_DTYPES, to_f32
 from mt.io.safetensors import FileSpan
 from mt.io.stream import Chunk, Prefetcher, grouped, row_ranges
 from mt.quant.choose import Writer, tensor_types
-from mt.quant.mix import ModelFacts, TensorSpec, llama_order
+from mt.quant.imatrix import GivenImatrix, output_keys
+from mt.quant.mix import MixOptions, ModelFacts, TensorSpec, llama_order
 from mt.quant.outtypes import CONVERT_CHOICES, CONVERTER_TYPES, QUANTIZER_TYPES, OutType, by_file_type
 from mt.quant.types import quant_type
+from mt.quant.weighted import quantize_weighted, uses_weights
 
 if TYPE_CHECKING:
     from mt.quant.device import GpuQuantizer
@@ -33,6 +35,7 @@ class PlanEntry:
     source: LazyTensor | None = None
     extra: ExtraTensor | None = None
     transform: Transform | None = None
+    weights: np.ndarray | None = field(default=None, compare=False)  # the imatrix's column weights [ne0], if used
 
     @property
     def nbytes(self) -> int:
@@ -50,6 +53,7 @@ class TensorPlan:
     # a llama.cpp mix (Q4_K_M …) is laid out as llama-quantize writes it from the F32 conversion:
     # the hyperparameters carry that file's type, and the final type goes last in the metadata
     llama_quantize_layout: bool = False
+    imatrix_keys: list[tuple[str, Any, object]] = field(default_factory=list)  # quantize.imatrix.*, after the rest
 
     @property
     def nbytes(self) -> int:
@@ -66,23 +70,46 @@ def resolve_outtype(outtype: str, ckpt: Checkpoint) -> OutType:
     return out
 
 
-def build_plan(ckpt: Checkpoint, arch: Architecture, outtype: str) -> TensorPlan:
-    """The converter's plan, or for a llama.cpp mix the plan llama-quantize makes from the F32 file."""
+def is_mix(outtype: str) -> bool:
+    """A llama.cpp mix (Q4_K_M …), which llama-quantize writes; the other types are the converter's."""
+    return outtype in QUANTIZER_TYPES and outtype not in CONVERTER_TYPES
+
+
+def build_plan(ckpt: Checkpoint, arch: Architecture, outtype: str, imatrix: GivenImatrix | None = None) -> TensorPlan:
+    """The converter's plan, or for a llama.cpp mix the plan llama-quantize makes from the F32 file (with
+    `imatrix`, as `llama-quantize --imatrix` makes it; the converter's types take none)."""
     outtype = arch.check_outtype(outtype)
-    if outtype in QUANTIZER_TYPES and outtype not in CONVERTER_TYPES:
+    if is_mix(outtype):
         mix = QUANTIZER_TYPES[outtype].file_type
-        return mix_plan(_converter_plan(ckpt, arch, "f32"), mix, arch.block_count(), arch.gguf_arch)
+        return mix_plan(_converter_plan(ckpt, arch, "f32"), mix, arch.block_count(), arch.gguf_arch, imatrix)
     return _converter_plan(ckpt, arch, outtype)
 
 
-def mix_plan(f32_plan: TensorPlan, file_type: LlamaFileType, n_layer: int, gguf_arch: str) -> TensorPlan:
+def mix_plan(f32_plan: TensorPlan, file_type: LlamaFileType, n_layer: int, gguf_arch: str,
+             imatrix: GivenImatrix | None = None) -> TensorPlan:
     by_name = {e.name: e for e in f32_plan.entries}
     ordered = [by_name[n] for n in llama_order(list(by_name))]
     out = by_file_type(file_type)
     assert out is not None and out.quantizer, file_type
-    types = tensor_types(out, Writer.QUANTIZER, [_spec(e) for e in ordered], ModelFacts(arch=gguf_arch, n_layer=n_layer))
-    entries = [replace(e, qtype=types[e.name]) for e in ordered]
-    return TensorPlan(file_type, entries, llama_quantize_layout=True)
+    types = tensor_types(out, Writer.QUANTIZER, [_spec(e) for e in ordered], ModelFacts(arch=gguf_arch, n_layer=n_layer),
+                         MixOptions(has_imatrix=imatrix is not None))
+    entries = [replace(e, qtype=types[e.name], weights=_imatrix_weights(imatrix, e, types[e.name])) for e in ordered]
+    keys = output_keys(imatrix.imatrix, imatrix.given_as) if imatrix is not None else []
+    return TensorPlan(file_type, entries, llama_quantize_layout=True, imatrix_keys=keys)
+
+
+def _imatrix_weights(imatrix: GivenImatrix | None, entry: PlanEntry, qtype: T) -> np.ndarray | None:
+    """As llama-quant.cpp: every tensor it converts is looked up (a misfitting entry is an error), and the weights
+    are used by the types that take them."""
+    if imatrix is None or qtype == entry.qtype:
+        return None
+    found = imatrix.imatrix.weights_for(entry.name, tuple(reversed(entry.shape)))
+    if found is None or not uses_weights(qtype):
+        return None
+    if found.shape[0] != 1:
+        raise MtError(f"{entry.name} holds {found.shape[0]} matrices (experts), each with its own imatrix weights",
+                      "convert to bf16, then mt quantize --imatrix")
+    return found[0]
 
 
 NOT_DATA_SUFFIXES = (".attention.masked_bias", ".attention.bias", ".rotary_emb.inv_freq")  # buffers, not weights
@@ -153,8 +180,12 @@ def _copyable_span(src: LazyTensor, start: int, stop: int, qtype: T) -> FileSpan
     return span
 
 
-def encode(raw: np.ndarray, dtype: str, qtype: T, gpu: GpuQuantizer | None = None) -> np.ndarray:
-    """Source values in their storage dtype -> output bytes of `qtype`, as llama.cpp's converter writes them."""
+def encode(raw: np.ndarray, dtype: str, qtype: T, gpu: GpuQuantizer | None = None,
+           weights: np.ndarray | None = None) -> np.ndarray:
+    """Source values in their storage dtype -> output bytes of `qtype`, as llama.cpp's converter writes them (with
+    an imatrix's column `weights`, as llama-quantize --imatrix does, on the CPU)."""
+    if weights is not None:
+        return quantize_weighted(qtype, raw.reshape(-1, raw.shape[-1]), weights, lambda chunk: to_f32(chunk, dtype))
     if _passes_through(dtype, qtype) and not (dtype == "BF16" and _bf16_has_nan(raw)):
         return raw
     if gpu is not None and gpu.handles(qtype, raw.shape[-1]):
@@ -188,23 +219,39 @@ def read_whole(src: LazyTensor, transform: Transform | None, config: dict) -> tu
 
 def produce(entry: PlanEntry, config: dict, gpu: GpuQuantizer | None = None) -> Iterator[Chunk]:
     """Output bytes of one entry, in row slabs where the tensor needs no whole-tensor transform."""
-    for chunks in produce_types(entry, (entry.qtype,), config, gpu):
+    for chunks in produce_types(entry, (entry.qtype,), config, gpu, (entry.weights,)):
         yield chunks[0]
 
 
-def produce_types(entry: PlanEntry, qtypes: Sequence[T], config: dict, gpu: GpuQuantizer | None = None) -> Iterator[list[Chunk]]:
-    """Output bytes of one entry for each of `qtypes`, from one read of the source: a list per row slab."""
+def produce_types(entry: PlanEntry, qtypes: Sequence[T], config: dict, gpu: GpuQuantizer | None = None,
+                  weights: Sequence[np.ndarray | None] | None = None) -> Iterator[list[Chunk]]:
+    """Output bytes of one entry for each of `qtypes` (with the imatrix `weights` given for it), from one read of
+    the source: a list per row slab."""
+    targets = list(zip(qtypes, weights or [None] * len(qtypes)))
     if entry.extra is not None:
-        values = entry.extra.make()
-        yield [encode(values, "F32", q, gpu) for q in qtypes]
+        yield _encode_each(entry.extra.make(), "F32", targets, gpu)
         return
     src = entry.source
     assert src is not None
     if entry.transform is not None or len(src.shape) < 2:
         raw, dtype = read_whole(src, entry.transform, config)
-        yield [encode(raw, dtype, q, gpu) for q in qtypes]
+        yield _encode_each(raw, dtype, targets, gpu)
         return
     for start, stop in row_ranges(src.shape[0], src.nbytes // src.shape[0]):
-        spans = [_copyable_span(src, start, stop, q) for q in qtypes]
-        raw = src.read_rows(start, stop) if any(span is None for span in spans) else None
-        yield [span if span is not None else encode(raw, src.dtype, q, gpu) for span, q in zip(spans, qtypes)]
+        spans = [_copyable_span(src, start, stop, q) if w is None else None for q, w in targets]
+        if all(span is not None for span in spans):
+            yield spans
+            continue
+        encoded = _encode_each(src.read_rows(start, stop), src.dtype, targets, gpu)
+        yield [span if span is not None else chunk for span, chunk in zip(spans, encoded)]
+
+
+def _encode_each(raw: np.ndarray, dtype: str, targets: list[tuple[T, np.ndarray | None]],
+                 gpu: GpuQuantizer | None) -> list[np.ndarray]:
+    """`raw` encoded for each (type, weights); a pair asked for twice (Q6_K in Q4_K_M, Q5_K_M and Q6_K files) once."""
+    done: dict[tuple[T, int], np.ndarray] = {}
+    for q, w in targets:
+        key = (q, id(w))
+        if key not in done:
+            done[key] = encode(raw, dtype, q, gpu, w)
+    return [done[(q, id(w))] for q, w in targets]

@@ -7,7 +7,7 @@ vocabulary; this reads the same header in a fraction of a second and leaves tens
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -15,6 +15,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
 from mt.errors import GGUFError
+from mt.io.shards import SPLIT_COUNT, SPLIT_KEYS, SPLIT_NO, SPLIT_TENSORS_COUNT, part_path, split_prefix
 
 GGUF_MAGIC = b"GGUF"
 _SCALARS = {
@@ -29,7 +30,8 @@ class TensorInfo:
     name: str
     shape: tuple[int, ...]  # ggml order (fastest dimension first)
     type: GGMLQuantizationType
-    offset: int  # absolute, in the file
+    offset: int  # absolute, in `path`
+    path: Path  # the file holding its bytes (a part of a split model, or the one file)
 
     @property
     def n_elements(self) -> int:
@@ -48,12 +50,13 @@ class GGUFHeader:
     kv: dict[str, tuple[GGUFValueType, Any]]
     tensors: list[TensorInfo]
     array_types: dict[str, GGUFValueType]  # element type of each array-valued key
+    parts: list[Path] = field(default_factory=list)  # a split model's files (the first is `path`); empty for one file
 
     def value(self, key: str, default: Any = None) -> Any:
         return self.kv[key][1] if key in self.kv else default
 
     def read_tensor(self, info: TensorInfo) -> bytes:
-        with open(self.path, "rb") as f:
+        with open(info.path, "rb") as f:
             f.seek(info.offset)
             return f.read(info.nbytes)
 
@@ -97,7 +100,51 @@ class _Reader:
 
 
 def read_header(path: Path, raw_strings: bool = False) -> GGUFHeader:
-    """The header of a GGUF file; string values as str, or as bytes with raw_strings (for copying)."""
+    """The header of a GGUF file; string values as str, or as bytes with raw_strings (for copying).
+
+    Given the first part of a split model it reads every part: the metadata is the first part's without the
+    split keys (as llama.cpp loads it), the tensors are all the parts' with the file each lives in."""
+    first = _read_file(Path(path), raw_strings)
+    count = int(first.value(SPLIT_COUNT, 0) or 0)
+    if count == 0:  # one file (gguf-split --merge leaves split.count = 0 in it)
+        return _without_split_keys(first, [first], split=False)
+    index = int(first.value(SPLIT_NO, 0))
+    named = split_prefix(first.path)
+    if index != 0:
+        hint = f"pass {part_path(named[0], 0, count).name}" if named else "pass the split model's first part"
+        raise GGUFError(f"{path} is part {index + 1} of {count} of a split model", hint)
+    if count > 1 and (named is None or named[1:] != (0, count)):
+        raise GGUFError(f"{path} is the first of {count} parts but is not named PREFIX-00001-of-{count:05d}.gguf",
+                        "rename the parts as gguf-split names them; llama.cpp finds the others by name")
+    parts = [first] + [_read_part(part_path(named[0], i, count), i, count, raw_strings) for i in range(1, count)]
+    n_tensors = sum(len(part.tensors) for part in parts)
+    if n_tensors != first.value(SPLIT_TENSORS_COUNT, n_tensors):
+        raise GGUFError(f"{path}: the parts hold {n_tensors} tensors, split.tensors.count says "
+                        f"{first.value(SPLIT_TENSORS_COUNT)}", "split the model again")
+    return _without_split_keys(first, parts, split=True)
+
+
+def _without_split_keys(first: GGUFHeader, parts: list[GGUFHeader], split: bool) -> GGUFHeader:
+    kv = {k: v for k, v in first.kv.items() if k not in SPLIT_KEYS}
+    array_types = {k: v for k, v in first.array_types.items() if k in kv}
+    tensors = [t for part in parts for t in part.tensors]
+    return GGUFHeader(first.path, first.version, kv, tensors, array_types, [p.path for p in parts] if split else [])
+
+
+def _read_part(path: Path, index: int, count: int, raw_strings: bool) -> GGUFHeader:
+    if not path.is_file():
+        raise GGUFError(f"part {index + 1} of {count} of the split model is missing: {path}",
+                        "put every part in the same folder")
+    part = _read_file(path, raw_strings)
+    if (part.value(SPLIT_NO), part.value(SPLIT_COUNT)) != (index, count):
+        raise GGUFError(f"{path} is not part {index + 1} of {count} (split.no {part.value(SPLIT_NO)}, "
+                        f"split.count {part.value(SPLIT_COUNT)})", "keep the parts of one split together")
+    return part
+
+
+def _read_file(path: Path, raw_strings: bool) -> GGUFHeader:
+    if not path.is_file():
+        raise GGUFError(f"{path} does not exist", "check the path")
     with open(path, "rb") as f:
         if f.read(4) != GGUF_MAGIC:
             raise GGUFError(f"{path} is not a GGUF file (bad magic)", "check the path or re-create the file")
@@ -122,5 +169,5 @@ def read_header(path: Path, raw_strings: bool = False) -> GGUFHeader:
         alignment = kv.get("general.alignment", (None, 32))[1]
         start = f.tell()
         data_offset = start + (-start % alignment)
-    tensors = [TensorInfo(n, d, t, data_offset + off) for n, d, t, off in raw_infos]
+    tensors = [TensorInfo(n, d, t, data_offset + off, Path(path)) for n, d, t, off in raw_infos]
     return GGUFHeader(Path(path), version, kv, tensors, array_types)

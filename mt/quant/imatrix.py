@@ -62,6 +62,18 @@ class Imatrix:
                            f"({ne[0]} per row x {n_mat} matrices)", "use the imatrix computed for this model")
 
 
+@dataclass(frozen=True)
+class GivenImatrix:
+    """An importance matrix and its path as the user gave it (llama-quantize records that string in the file)."""
+
+    imatrix: Imatrix
+    given_as: str
+
+
+def open_imatrix(path: str | Path) -> GivenImatrix:
+    return GivenImatrix(load_imatrix(Path(path)), str(path))
+
+
 def load_imatrix(path: Path) -> Imatrix:
     path = Path(path)
     try:

@@ -109,14 +109,14 @@ def put_quantization_keys_last(w: GGUFContents, file_type: LlamaFileType) -> Non
     w.add_file_type(int(file_type))
 
 
-def tensor_chunks(header: GGUFHeader, info: TensorInfo, new_type: T, weights: np.ndarray | None = None,
+def tensor_chunks(info: TensorInfo, new_type: T, weights: np.ndarray | None = None,
                   gpu: GpuQuantizer | None = None) -> Iterator[np.ndarray]:
     """Output bytes of one tensor, a slab of rows at a time; weights [n_mat, ne0] from an imatrix; on the GPU
     where `gpu` handles the type (the imatrix path runs on the CPU)."""
     n_rows = info.n_elements // info.shape[0]
     rows_per_matrix = info.shape[1] if len(info.shape) > 1 else 1
     row_bytes = info.nbytes // max(1, n_rows)
-    with open(header.path, "rb") as f:
+    with open(info.path, "rb") as f:
         for start, stop in row_ranges(n_rows, row_bytes, ROWS_PER_STEP_BYTES):
             count = stop - start
             f.seek(info.offset + start * row_bytes)
@@ -181,7 +181,7 @@ def quantize_gguf(src: Path, out: Path, file_type: str, *, options: MixOptions |
     with atomic_path(out) as tmp:
         # reading and quantizing run one slab ahead on a worker thread while this one writes
         producer = Prefetcher(((i, chunk) for i, t in enumerate(ordered)
-                               for chunk in tensor_chunks(header, t, types[t.name], weights.get(t.name), gpu)), depth=2)
+                               for chunk in tensor_chunks(t, types[t.name], weights.get(t.name), gpu)), depth=2)
         try:
             write_gguf(tmp, w, _reported(grouped(ordered, producer), sizes, total, progress))
         finally:

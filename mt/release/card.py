@@ -19,6 +19,8 @@ class CardRow:
     nbytes: int
     bits_per_weight: float
     quality: dict[str, float] | None  # kld_mean, kld_p99, top1_agreement, delta_ppl; None: not verified
+    n_parts: int = 1  # a split file: `file` is its first part
+    memory: tuple[tuple[int, int], ...] = ()  # (context, weights + f16 KV cache bytes) as mt.release.memory estimates
 
 
 def split_card(text: str) -> tuple[dict[str, Any], str]:
@@ -65,8 +67,25 @@ def quality_table(rows: list[CardRow]) -> list[str]:
         q = r.quality
         numbers = (f"{q['kld_mean']:.4g} | {q['kld_p99']:.4g} | {q['top1_agreement']:.1%} | {q['delta_ppl']:+.4g}"
                    if q else "not verified | | | ")
-        lines.append(f"| [{r.file}](./{r.file}) | {r.outtype.upper()} | {_size(r.nbytes)} | {r.bits_per_weight:.2f} | {numbers} |")
+        parts = f" ({r.n_parts} parts)" if r.n_parts > 1 else ""
+        lines.append(f"| [{r.file}](./{r.file}){parts} | {r.outtype.upper()} | {_size(r.nbytes)} | {r.bits_per_weight:.2f} | {numbers} |")
     return lines
+
+
+def _tokens(n: int) -> str:
+    return f"{n // 1024}k" if n % 1024 == 0 else f"{n:,}"
+
+
+def memory_table(rows: list[CardRow]) -> list[str]:
+    """What each file takes in llama.cpp (weights + f16 KV cache) at each context."""
+    contexts = [n for n, _ in rows[0].memory]
+    if not contexts:
+        return []
+    lines = ["| File | " + " | ".join(f"{_tokens(n)} tokens" for n in contexts) + " |",
+             "|---|" + "---|" * len(contexts)]
+    lines += [f"| {r.file} | " + " | ".join(_size(total) for _, total in r.memory) + " |" for r in rows]
+    return ["Memory llama.cpp needs for the weights and an f16 KV cache (its compute buffers come on top; a q8_0 "
+            "cache roughly halves the cache's share; `mt inspect FILE --memory` shows both):", "", *lines]
 
 
 def which_file(rows: list[CardRow]) -> list[str]:
@@ -105,7 +124,8 @@ def model_card(name: str, source_card: str | None, config: dict[str, Any], folde
     parts = ["---", yaml.safe_dump(front_matter(source_meta, base), sort_keys=False, allow_unicode=True).rstrip(), "---",
              "", f"# {name} GGUF", "",
              f"GGUF files of [{base}](https://huggingface.co/{base}) for llama.cpp and the tools built on it, written by mt "
-             f"from one read of the checkpoint. {_checked(rows)}", "", *quality_table(rows), "", "## Which file", "", *which_file(rows), "", "## Run", "",
+             f"from one read of the checkpoint. {_checked(rows)}", "", *quality_table(rows), "", "## Which file", "", *which_file(rows), "",
+             *memory_table(rows), "", "## Run", "",
              *how_to_run(name, rows)]
     if source_body.strip():
         parts += ["", "## Original model card", "", source_body.rstrip()]

@@ -1,10 +1,12 @@
 """DIST/manifest.json: what a device or a pipeline needs to pick and check a file of the release without opening it.
 
 Schema (version 1): {"schema": "mt-release-manifest", "version": 1, "name", "base_model", "architecture",
-"parameters", "context_length", "files": [{"file", "type", "file_type", "bytes", "sha256", "bits_per_weight",
-"verify": null | {"passed", "quality": {"kld_mean", "kld_p99", "top1_agreement", "delta_ppl"}},
+"parameters", "context_length", "files": [{"file", "type", "file_type", "bytes", "sha256",
+"parts": [{"file", "bytes", "sha256"}], "bits_per_weight", "verify": null | {"passed", "quality": {"kld_mean", "kld_p99", "top1_agreement", "delta_ppl"}},
 "memory": [{"n_ctx", "kv_cache_type", "weights_bytes", "kv_cache_bytes", "total_bytes"}]}]}. Memory is llama.cpp's
-weights plus KV cache at 2k/8k/32k tokens and the model's maximum context (mt.release.memory).
+weights plus KV cache at 2k/8k/32k tokens and the model's maximum context (mt.release.memory). A file split in parts
+is named by its first part (what llama.cpp is given); its `sha256` is null and `parts` lists each part; a whole file
+has one part, itself.
 """
 
 from __future__ import annotations

@@ -22,12 +22,15 @@ from mt.convert.plan import PlanEntry, TensorPlan, build_plan, produce_types
 from mt.errors import MtError
 from mt.io.atomic import atomic_dir, check_output
 from mt.io.checkpoint import Checkpoint
-from mt.io.gguf_out import PlacedTensors
+from mt.io.gguf_in import read_header
+from mt.io.gguf_split import SplitLimit, SplitPlacedTensors, WrittenPart
 from mt.io.stream import Chunk, Prefetcher, Progress
 from mt.merge.source import open_source
 from mt.release.card import CardRow, base_model, model_card, read_source_card
 from mt.release.manifest import manifest
+from mt.release.memory import estimates
 from mt.quant.device import GPU_TYPES, GpuQuantizer, select_device
+from mt.quant.imatrix import open_imatrix
 from mt.quant.outtypes import OUT_TYPES
 from mt.verify.report import VerifyReport
 from mt.verify.verify import Verifier, VerifyOptions
@@ -38,10 +41,14 @@ QUANT_CHOICES = list(OUT_TYPES)
 @dataclass(frozen=True)
 class ReleaseFile:
     outtype: str
-    path: Path
+    path: Path  # the file, or a split file's first part (what llama.cpp is given)
     plan: TensorPlan
-    sha256: str = ""
+    parts: tuple[WrittenPart, ...] = ()  # once written: the file, or each part of a split file
     report: VerifyReport | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.parts)
 
 
 @dataclass(frozen=True)
@@ -74,23 +81,28 @@ def file_name(name: str, outtype: str) -> str:
 
 
 def release(src: Path, dist: Path, quants: list[str], *, name: str | None = None, adapter: Path | None = None,
-            dequantized_base: bool = False, verify: VerifyOptions | None = VerifyOptions(), device: str = "auto",
-            force: bool = False, progress: Progress | None = None) -> ReleaseResult:
+            dequantized_base: bool = False, imatrix: str | Path | None = None,
+            verify: VerifyOptions | None = VerifyOptions(), device: str = "auto",
+            split: SplitLimit = SplitLimit(), force: bool = False, progress: Progress | None = None) -> ReleaseResult:
     """`verify`: the options every file is verified with (None: not verified); a failure releases nothing.
-    `device`: where the types a GPU computes are quantized (auto | cpu | cuda), as for mt convert."""
+    `device`: where the types a GPU computes are quantized (auto | cpu | cuda), as for mt convert.
+    `imatrix`: llama.cpp's mixes (q4_k_m …) quantized with it, as llama-quantize --imatrix (with `verify`, pass it in
+    its options too); the converter's types (f16, q8_0 …) take none.
+    `split`: a file over the limit is written in parts NAME-TYPE-00001-of-0000N.gguf, as gguf-split writes them."""
     ckpt = open_source(Path(src), adapter, dequantized_base=dequantized_base)
     arch = load_architecture(ckpt.architecture, ckpt.config)
     if arch.companions:
         raise MtError(f"{ckpt.architecture} converts to several files (a model and its companions)",
                       "convert it with mt convert, one type at a time")
-    plans = {q: build_plan(ckpt, arch, q) for q in quants}
+    given = open_imatrix(imatrix) if imatrix is not None else None
+    plans = {q: build_plan(ckpt, arch, q, given) for q in quants}
     uses_gpu_types = any(e.qtype in GPU_TYPES for plan in plans.values() for e in plan.entries)
     gpu = select_device(device) if device == "cuda" or uses_gpu_types else None
     check_output(dist, force)
     name = name or Path(src).resolve().name
     with atomic_dir(dist) as stage:
         files = [ReleaseFile(q, stage / file_name(name, q), plans[q]) for q in quants]
-        files, written = _write_all(ckpt, arch, files, gpu, progress)
+        files, written = _write_all(ckpt, arch, files, gpu, split, progress)
         if verify is not None:
             files = [replace(f, report=r) for f, r in zip(files, _verified(Path(src), files, replace(verify, adapter=adapter)))]
         rows = _card_rows(files)
@@ -100,16 +112,19 @@ def release(src: Path, dist: Path, quants: list[str], *, name: str | None = None
         listing = manifest(name, base_model(ckpt.config, folder_name), arch.gguf_arch, n_parameters(files[0].plan),
                            [file_entry(f) for f in files])
         (stage / "manifest.json").write_text(json.dumps(listing, indent=2) + "\n", encoding="utf-8")
-    final = [replace(f, path=dist / f.path.name, report=f.report and replace(f.report, gguf=str(dist / f.path.name)))
-             for f in files]
+    final = [replace(f, path=dist / f.path.name, parts=tuple(replace(p, path=dist / p.path.name) for p in f.parts),
+                     report=f.report and replace(f.report, gguf=str(dist / f.path.name))) for f in files]
     return ReleaseResult(dist, arch.gguf_arch, final, written)
 
 
 def _write_all(ckpt: Checkpoint, arch: Architecture, files: list[ReleaseFile], gpu: GpuQuantizer | None,
-               progress: Progress | None) -> tuple[list[ReleaseFile], int]:
-    """Every file written from one read of the source; the files with their sha256, and the tensor bytes written."""
-    outputs = [PlacedTensors(f.path, gguf_contents(ckpt, arch, f.plan, vocab_only=False)[0]) for f in files]
+               split: SplitLimit, progress: Progress | None) -> tuple[list[ReleaseFile], int]:
+    """Every file written from one read of the source; the files with their parts (sha256 each), and the tensor
+    bytes written."""
+    outputs: list[SplitPlacedTensors] = []
     try:
+        for f in files:
+            outputs.append(SplitPlacedTensors(f.path, gguf_contents(ckpt, arch, f.plan, vocab_only=False)[0], split))
         order = build_plan(ckpt, arch, "f32").entries  # the checkpoint's order: each tensor read once, in turn
         total = sum(f.plan.nbytes for f in files)
         written = 0
@@ -123,23 +138,27 @@ def _write_all(ckpt: Checkpoint, arch: Architecture, files: list[ReleaseFile], g
                         progress(n, total)
         finally:
             producer.close()
-        for out in outputs:
-            out.finish()
-        return [replace(f, sha256=out.sha256 or "") for f, out in zip(files, outputs)], written
+        return [replace(f, path=out.paths[0], parts=tuple(out.finish())) for f, out in zip(files, outputs)], written
     finally:
         for out in outputs:
             out.close()
 
 
 def _card_rows(files: list[ReleaseFile]) -> list[CardRow]:
-    return [CardRow(f.path.name, f.outtype, f.path.stat().st_size, bits_per_weight(f.plan),
-                    verify_numbers(f.report)["quality"] if f.report is not None else None) for f in files]
+    return [CardRow(f.path.name, f.outtype, f.nbytes, bits_per_weight(f.plan),
+                    verify_numbers(f.report)["quality"] if f.report is not None else None, len(f.parts),
+                    tuple((e.n_ctx, e.total) for e in estimates(read_header(f.path)) if e.cache_type == "f16"))
+            for f in files]
 
 
 def file_entry(f: ReleaseFile) -> dict[str, Any]:
-    """A file as the manifest and --json describe it (`path`: where it is now, for the memory estimate)."""
+    """A file as the manifest and --json describe it (`path`: where it is now, for the memory estimate). A split
+    file is named by its first part; `sha256` is then null and each of its `parts` has its own."""
+    whole = len(f.parts) == 1
     return {"file": f.path.name, "path": f.path, "type": f.outtype, "file_type": f.plan.file_type.name,
-            "bytes": f.path.stat().st_size, "sha256": f.sha256, "bits_per_weight": round(bits_per_weight(f.plan), 4),
+            "bytes": f.nbytes, "sha256": f.parts[0].sha256 if whole else None,
+            "parts": [{"file": p.path.name, "bytes": p.nbytes, "sha256": p.sha256} for p in f.parts],
+            "bits_per_weight": round(bits_per_weight(f.plan), 4),
             "verify": verify_numbers(f.report) if f.report is not None else None}
 
 
@@ -178,6 +197,6 @@ def _encoded(order: list[PlanEntry], files: list[ReleaseFile], config: dict,
     """(tensor name, a chunk per file) for every row slab of every tensor."""
     by_name = [{e.name: e for e in f.plan.entries} for f in files]
     for entry in order:
-        qtypes = [entries[entry.name].qtype for entries in by_name]
-        for chunks in produce_types(entry, qtypes, config, gpu):
+        planned = [entries[entry.name] for entries in by_name]
+        for chunks in produce_types(entry, [e.qtype for e in planned], config, gpu, [e.weights for e in planned]):
             yield entry.name, chunks

@@ -8,7 +8,6 @@ each tensor is also tried from its values rounded to F16 and to BF16, and the re
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -89,8 +88,7 @@ def _first_block(expected: np.ndarray, actual: np.ndarray, qtype: T, first_row: 
 class TensorChecker:
     """Compares tensor after tensor, remembering which intermediate the file's quantizer read."""
 
-    def __init__(self, path: Path, config: dict, imatrix: Imatrix | None, made_with_imatrix: bool) -> None:
-        self.path = path
+    def __init__(self, config: dict, imatrix: Imatrix | None, made_with_imatrix: bool) -> None:
         self.config = config
         self.imatrix = imatrix
         self.made_with_imatrix = made_with_imatrix
@@ -112,7 +110,7 @@ class TensorChecker:
         """One tensor: the first slab picks the intermediate that reproduces it, the rest must follow."""
         weights = self._weights(info)
         ambiguous = self.made_with_imatrix and self.imatrix is None and uses_weights(info.type)
-        with open(self.path, "rb") as f:
+        with open(info.path, "rb") as f:
             chosen: str | None = None
             for start, values in source_rows(entry, self.config):
                 actual = _file_rows(f, info, start, values.shape[0])
@@ -158,7 +156,7 @@ def _has_quantizer(qtype: T) -> bool:
 def check_tensors(header: GGUFHeader, entries: list[PlanEntry], config: dict, imatrix: Imatrix | None) -> Check:
     """Each tensor's name, shape and bytes against the reference plan (mt's conversion of the source)."""
     made_with_imatrix = any(k.startswith("quantize.imatrix.") for k in header.kv)
-    checker = TensorChecker(header.path, config, imatrix, made_with_imatrix)
+    checker = TensorChecker(config, imatrix, made_with_imatrix)
     by_name = {e.name: e for e in entries}
     in_file = {t.name for t in header.tensors}
     report = checker.report

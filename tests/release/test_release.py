@@ -145,3 +145,23 @@ def test_cuda_asked_for_without_one_is_one_line(llama3_dir, tmp_path, monkeypatc
                                     "--device", "cuda", "--no-verify"])
     assert out.exit_code == 1 and "--device cuda" in out.output and len(out.output.strip().splitlines()) == 1
     assert no_stray_files(tmp_path / "dist")
+
+
+def test_imatrix_weighs_the_mixes_and_verify_checks_them(llama2_256_dir, tmp_path):
+    """With --imatrix each mix is the file mt convert --imatrix writes (itself llama_model_quantize's, in
+    tests/convert/test_convert_imatrix.py); the converter's types take none; verify, given it, checks every tensor."""
+    from tests.imatrix_files import write_gguf
+    from tests.quant.test_quantize_imatrix import model_imatrix
+
+    convert(llama2_256_dir, tmp_path / "f32.gguf", "f32")
+    imatrix = write_gguf(model_imatrix(tmp_path / "f32.gguf"), tmp_path / "imatrix.gguf")
+    out = CliRunner().invoke(main, ["release", str(llama2_256_dir), "-o", str(tmp_path / "dist"), "--name", "m",
+                                    "--quants", "q8_0,q4_k_m,q5_k_s", "--imatrix", str(imatrix), "--json"])
+    assert out.exit_code == 0, out.output
+    assert all(f["verify"]["passed"] for f in json.loads(out.output.strip().splitlines()[-1])["files"])
+    for outtype in ("q8_0", "q4_k_m", "q5_k_s"):
+        weighed = {"imatrix": str(imatrix)} if outtype != "q8_0" else {}
+        convert(llama2_256_dir, tmp_path / "one.gguf", outtype, force=True, **weighed)
+        assert (tmp_path / "dist" / file_name("m", outtype)).read_bytes() == (tmp_path / "one.gguf").read_bytes(), outtype
+    convert(llama2_256_dir, tmp_path / "plain.gguf", "q4_k_m")
+    assert (tmp_path / "plain.gguf").read_bytes() != (tmp_path / "dist" / file_name("m", "q4_k_m")).read_bytes()
