@@ -279,7 +279,7 @@ def release_command(src: Path, dist: Path, quants: str, *, name: str | None, ada
     result, elapsed = with_progress(not quiet and not as_json, lambda progress: release(
         src, dist, types, name=name, adapter=adapter, dequantized_base=dequantized_base, imatrix=imatrix, verify=options,
         device=device, split=limit, force=force, progress=progress))
-    files = [{k: v for k, v in file_entry(f).items() if k != "path"} for f in result.files]
+    files = [file_entry(f) for f in result.files]
     summary = {"dist": str(result.dist), "arch": result.arch, "files": files,
                "bytes": sum(f["bytes"] for f in files), "seconds": round(elapsed, 3)}
     if as_json:

@@ -18,7 +18,7 @@ from mt.convert.special import read_tokenizer_json
 from mt.convert.vocab import VocabSummary
 from mt.errors import MtError
 from mt.io.atomic import atomic_paths, check_output
-from mt.io.gguf_out import Chunk, GGUFContents, write_gguf
+from mt.io.gguf_out import Chunk, GGUFContents, MetaValue, write_gguf
 from mt.quant.device import GPU_TYPES, select_device
 from mt.quant.imatrix import open_imatrix
 from mt.quant.quantize import put_quantization_keys_last
@@ -42,8 +42,32 @@ class ConvertResult:
     companions: list[CompanionOutput] = field(default_factory=list)
 
 
-def gguf_contents(ckpt: Checkpoint, arch: Architecture, plan: TensorPlan, vocab_only: bool) -> tuple[GGUFContents, VocabSummary]:
-    """Metadata in llama.cpp's converter order: general.*, hyperparameters, quantization version, vocab."""
+@dataclass
+class VocabKeys:
+    """The keys a source's tokenizer adds to a file, kept from the first file for the next ones (`mt release` writes
+    one source's vocabulary into several files; a 128k-token vocabulary takes about a second to build)."""
+
+    keys: dict[str, MetaValue] | None = None
+    summary: VocabSummary | None = None
+
+
+def _add_vocab(ckpt: Checkpoint, arch: Architecture, w: GGUFContents, kept: VocabKeys | None) -> VocabSummary | None:
+    if kept is not None and kept.keys is not None:
+        w.metadata.update(kept.keys)  # a key set before keeps its place, as it does when the tokenizer sets it
+        return kept.summary
+    before = dict(w.metadata)
+    summary = arch.write_vocab(ckpt.side_files, w)
+    read_tokenizer_json.cache_clear()
+    if kept is not None:
+        kept.keys = {key: value for key, value in w.metadata.items() if before.get(key) is not value}
+        kept.summary = summary
+    return summary
+
+
+def gguf_contents(ckpt: Checkpoint, arch: Architecture, plan: TensorPlan, vocab_only: bool,
+                  vocab: VocabKeys | None = None) -> tuple[GGUFContents, VocabSummary]:
+    """Metadata in llama.cpp's converter order: general.*, hyperparameters, quantization version, vocab (taken from
+    `vocab` when it holds the keys already, else built, and kept there)."""
     w = GGUFContents(arch.gguf_arch)
     if not vocab_only:
         for e in plan.entries:
@@ -53,14 +77,13 @@ def gguf_contents(ckpt: Checkpoint, arch: Architecture, plan: TensorPlan, vocab_
     write_general_metadata(w, ckpt.folder)
     arch.write_hparams(w, int(LlamaFileType.ALL_F32 if plan.llama_quantize_layout else plan.file_type))
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    vocab = arch.write_vocab(ckpt.side_files, w)
-    read_tokenizer_json.cache_clear()
+    summary = _add_vocab(ckpt, arch, w, vocab)
     if plan.llama_quantize_layout:
         put_quantization_keys_last(w, plan.file_type)
     for key, vtype, value in plan.imatrix_keys:
         w.remove(key)  # llama-quantize re-sets the key: it moves to the end
         w.add_key_value(key, value, vtype)
-    return w, vocab
+    return w, summary
 
 
 def write_general_metadata(w: GGUFContents, folder: Path, fallback_name: str | None = None) -> None:

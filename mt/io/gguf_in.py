@@ -18,7 +18,8 @@ from mt.errors import GGUFError
 from mt.io.shards import SPLIT_COUNT, SPLIT_KEYS, SPLIT_NO, SPLIT_TENSORS_COUNT, part_path, split_prefix
 
 GGUF_MAGIC = b"GGUF"
-_SCALARS = {
+SCALAR_FORMATS = {  # GGUF's fixed-size value types, as struct formats
+
     GGUFValueType.UINT8: "<B", GGUFValueType.INT8: "<b", GGUFValueType.UINT16: "<H", GGUFValueType.INT16: "<h",
     GGUFValueType.UINT32: "<I", GGUFValueType.INT32: "<i", GGUFValueType.FLOAT32: "<f", GGUFValueType.BOOL: "<?",
     GGUFValueType.UINT64: "<Q", GGUFValueType.INT64: "<q", GGUFValueType.FLOAT64: "<d",
@@ -92,11 +93,11 @@ class _Reader:
             sub = GGUFValueType(self.unpack("<I"))
             self.last_array_type = sub
             n = self.unpack("<Q")
-            if sub in _SCALARS:
-                dtype = np.dtype(_SCALARS[sub])
+            if sub in SCALAR_FORMATS:
+                dtype = np.dtype(SCALAR_FORMATS[sub])
                 return np.frombuffer(self.f.read(n * dtype.itemsize), dtype=dtype).tolist()
             return [self.value(sub) for _ in range(n)]
-        return self.unpack(_SCALARS[vtype])
+        return self.unpack(SCALAR_FORMATS[vtype])
 
 
 def read_header(path: Path, raw_strings: bool = False) -> GGUFHeader:

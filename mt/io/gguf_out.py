@@ -10,6 +10,8 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -18,6 +20,7 @@ import numpy as np
 from gguf import GGMLQuantizationType, GGUFValueType, GGUFWriter
 
 from mt.errors import MtError
+from mt.io.gguf_in import SCALAR_FORMATS
 from mt.io.safetensors import FileSpan
 
 Chunk = np.ndarray | FileSpan
@@ -53,6 +56,8 @@ class GGUFContents(GGUFWriter):
         super().__init__(path=None, arch=arch)
 
     def add_key_value(self, key: str, val: Any, vtype: GGUFValueType, sub_type: GGUFValueType | None = None) -> None:
+        if vtype == GGUFValueType.ARRAY and sub_type is None:
+            sub_type = _element_type(val)
         self.metadata[key] = MetaValue(val, vtype, sub_type)
 
     def add_tensor_info(self, name: str, tensor_shape: Sequence[int], tensor_dtype: np.dtype, tensor_nbytes: int,
@@ -72,6 +77,19 @@ class GGUFContents(GGUFWriter):
 
     def remove(self, key: str) -> None:
         self.metadata.pop(key, None)
+
+
+def _element_type(val: Any) -> GGUFValueType | None:
+    """The element type of an array whose items are all of one Python type (gguf-py would otherwise find it by
+    checking every item as it writes the file); None leaves it to gguf-py."""
+    if isinstance(val, (bytes, bytearray)) or not isinstance(val, Sequence) or len(val) == 0:
+        return None
+    if len({type(item) for item in val}) != 1:
+        return None
+    try:
+        return GGUFValueType.get_type(val[0])
+    except ValueError:
+        return None
 
 
 class _HeaderWriter(GGUFWriter):
@@ -107,29 +125,86 @@ def write_gguf(path: Path, contents: GGUFContents, payloads: Iterable[Iterable[C
         return _write_payloads(fout, contents.slots, payloads, contents.data_alignment)
 
 
+_VALUE_SIZES = {vtype: struct.calcsize(fmt) for vtype, fmt in SCALAR_FORMATS.items()}
+
+
+def header_size(contents: GGUFContents) -> int:
+    """The bytes `write_gguf` writes before the tensor data's padding: magic, version, counts, metadata, tensor
+    infos (known without packing a 128k-token vocabulary)."""
+    size = 4 + 4 + 8 + 8
+    for key, field in contents.metadata.items():
+        size += _string_size(key) + 4 + _value_size(field.value, field.vtype, field.sub_type)
+    for slot in contents.slots:
+        size += _string_size(slot.name) + 4 + 8 * len(slot.shape) + 4 + 8
+    return size
+
+
+def _string_size(value: str | bytes) -> int:
+    return 8 + len(value.encode("utf-8") if isinstance(value, str) else value)
+
+
+def _value_size(value: Any, vtype: GGUFValueType, sub_type: GGUFValueType | None) -> int:
+    if vtype in _VALUE_SIZES:
+        return _VALUE_SIZES[vtype]
+    if vtype == GGUFValueType.STRING:
+        return _string_size(value)
+    item = sub_type or (GGUFValueType.UINT8 if isinstance(value, bytes) else GGUFValueType.get_type(value[0]))
+    if item in _VALUE_SIZES:
+        return 4 + 8 + _VALUE_SIZES[item] * len(value)
+    return 4 + 8 + sum(_value_size(v, item, None) for v in value)
+
+
 class PlacedTensors:
-    """A GGUF whose header is written first and whose tensors are then written at their own offsets, in any order
-    of tensors (each tensor's chunks in order): several files can be filled from one read of the source.
+    """A GGUF whose tensors are written at their own offsets, in any order of tensors (each tensor's chunks in
+    order): several files can be filled from one read of the source. The header is written first, or, with
+    `header_later`, by `write_header` at any time before `finish` (from another thread too: packing a vocabulary
+    is Python work that can run while the quantizers do).
 
     Its sha256 is computed as it is written: bytes that arrive in file order are hashed from memory; those that
-    arrive ahead of a gap wait in the file until the gap is filled, and are then read back from the page cache.
+    arrive ahead of a gap (the header, when it comes later) wait in the file until the gap is filled, and are then
+    read back from the page cache.
     """
 
-    def __init__(self, path: Path, contents: GGUFContents) -> None:
-        write_gguf(path, contents)
-        header = path.read_bytes()
-        position = GGUFWriter.ggml_pad(len(header), contents.data_alignment)
+    def __init__(self, path: Path, contents: GGUFContents, header_later: bool = False) -> None:
+        self.header_length = header_size(contents)
+        position = GGUFWriter.ggml_pad(self.header_length, contents.data_alignment)
         self.offsets: dict[str, int] = {}
         for slot in contents.slots:
             self.offsets[slot.name] = position
             position += GGUFWriter.ggml_pad(slot.nbytes, contents.data_alignment)
         self.path, self.size, self.slots = path, position, contents.slots
         self.written = {slot.name: 0 for slot in contents.slots}
-        self.fd = os.open(path, os.O_RDWR)
-        self._sha = hashlib.sha256(header)
-        self._hashed = len(header)  # bytes [0, _hashed) are in the hash
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o666)
+        self._contents: GGUFContents | None = contents
+        self._lock = threading.Lock()
+        self._sha = hashlib.sha256()
+        self._hashed = 0  # bytes [0, _hashed) are in the hash
         self._next = 0  # index in `slots` of the first tensor not yet wholly hashed
         self.sha256: str | None = None
+        if not header_later:
+            self.write_header()
+
+    def write_header(self) -> None:
+        """Pack the header with gguf-py (through a file beside the output, as its writer writes to files) and place
+        it at the start; the contents' metadata is dropped once it is written."""
+        contents = self._contents
+        assert contents is not None, "the header is written once"
+        scratch = self.path.with_name(f".{self.path.name}.header")
+        try:
+            write_gguf(scratch, contents)
+            header = scratch.read_bytes()
+        finally:
+            scratch.unlink(missing_ok=True)
+        if len(header) != self.header_length:
+            raise MtError(f"internal error: {self.path.name}'s header is {len(header)} bytes, planned "
+                          f"{self.header_length}", "please report it")
+        _place_bytes(self.fd, memoryview(header), 0)
+        self._contents = None
+        contents.metadata.clear()
+        with self._lock:
+            self._sha.update(header)
+            self._hashed = len(header)
+            self._catch_up()
 
     def write(self, name: str, chunk: Chunk) -> int:
         """The next chunk of tensor `name`."""
@@ -139,17 +214,21 @@ class PlacedTensors:
         else:
             view = memoryview(np.ascontiguousarray(chunk)).cast("B")
             n = _place_bytes(self.fd, view, at)
-            if self._next < len(self.slots) and self.slots[self._next].name == name:
+        with self._lock:
+            if not isinstance(chunk, FileSpan) and self._hashed and self._next < len(self.slots) \
+                    and self.slots[self._next].name == name:
                 self._hash_zeros_to(self.offsets[name])
                 if at == self._hashed:
                     self._sha.update(view)
                     self._hashed += n
-        self.written[name] += n
-        self._catch_up()
+            self.written[name] += n
+            self._catch_up()
         return n
 
     def _catch_up(self) -> None:
-        """Hash what has become contiguous: padding as zeros, tensor bytes read back."""
+        """Hash what has become contiguous: padding as zeros, tensor bytes read back (after the header)."""
+        if not self._hashed:
+            return
         while self._next < len(self.slots):
             slot = self.slots[self._next]
             start = self.offsets[slot.name]
@@ -169,8 +248,11 @@ class PlacedTensors:
             self._hashed = offset
 
     def finish(self) -> None:
-        """Check every tensor is whole, end the file where its last tensor's padding ends, and take the sha256."""
+        """Check the header and every tensor are whole, end the file where its last tensor's padding ends, and take
+        the sha256."""
         try:
+            if self._contents is not None:
+                raise MtError(f"internal error: {self.path.name}'s header was never written", "please report it")
             for slot in self.slots:
                 if self.written[slot.name] != slot.nbytes:
                     raise MtError(f"internal error: tensor {slot.name} wrote {self.written[slot.name]} bytes, "

@@ -106,18 +106,22 @@ class WrittenPart:
 
 class SplitPlacedTensors:
     """`PlacedTensors` over the parts of a split file (one part, named `path`, when the limit keeps it whole):
-    each tensor's chunks go to the part that holds it."""
+    each tensor's chunks go to the part that holds it. `header_later`: the headers wait for `write_headers`."""
 
-    def __init__(self, path: Path, contents: GGUFContents, limit: SplitLimit) -> None:
+    def __init__(self, path: Path, contents: GGUFContents, limit: SplitLimit, header_later: bool = False) -> None:
         groups = group_slots(contents.slots, limit, contents.data_alignment) if limit else [contents.slots]
         if len(groups) == 1:
-            self.files = [PlacedTensors(path, contents)]
+            self.files = [PlacedTensors(path, contents, header_later)]
         else:
             prefix = prefix_of(path)
             self.files = []
             for i, part in enumerate(part_contents(contents, groups)):
-                self.files.append(PlacedTensors(part_path(prefix, i, len(groups)), part))
+                self.files.append(PlacedTensors(part_path(prefix, i, len(groups)), part, header_later))
         self.home = {slot.name: f for f in self.files for slot in f.slots}
+
+    def write_headers(self) -> None:
+        for f in self.files:
+            f.write_header()
 
     @property
     def paths(self) -> list[Path]:

@@ -11,24 +11,26 @@ from __future__ import annotations
 
 import json
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator
 
 from mt.convert.arch import load_architecture
 from mt.convert.arch.base import Architecture
-from mt.convert.convert import gguf_contents
+from mt.convert.convert import VocabKeys, gguf_contents
 from mt.convert.plan import PlanEntry, TensorPlan, build_plan, produce_types
 from mt.errors import MtError
 from mt.io.atomic import atomic_dir, check_output
 from mt.io.checkpoint import Checkpoint
-from mt.io.gguf_in import read_header
+from mt.io.gguf_in import GGUFHeader, TensorInfo
+from mt.io.gguf_out import GGUFContents
 from mt.io.gguf_split import SplitLimit, SplitPlacedTensors, WrittenPart
 from mt.io.stream import Chunk, Prefetcher, Progress
 from mt.merge.source import open_source
 from mt.release.card import CardRow, base_model, model_card, read_source_card
 from mt.release.manifest import manifest
-from mt.release.memory import estimates
+from mt.release.memory import MemoryEstimate, estimates
 from mt.quant.device import GPU_TYPES, GpuQuantizer, select_device
 from mt.quant.imatrix import open_imatrix
 from mt.quant.outtypes import OUT_TYPES
@@ -44,6 +46,8 @@ class ReleaseFile:
     path: Path  # the file, or a split file's first part (what llama.cpp is given)
     plan: TensorPlan
     parts: tuple[WrittenPart, ...] = ()  # once written: the file, or each part of a split file
+    memory: tuple[MemoryEstimate, ...] = ()  # what llama.cpp needs to run it (mt.release.memory)
+    context_length: int | None = None  # from its metadata
     report: VerifyReport | None = None
 
     @property
@@ -110,7 +114,7 @@ def release(src: Path, dist: Path, quants: list[str], *, name: str | None = None
         (stage / "README.md").write_text(model_card(name, read_source_card(ckpt.folder), ckpt.config, folder_name, rows),
                                          encoding="utf-8")
         listing = manifest(name, base_model(ckpt.config, folder_name), arch.gguf_arch, n_parameters(files[0].plan),
-                           [file_entry(f) for f in files])
+                           files[0].context_length, [file_entry(f) for f in files])
         (stage / "manifest.json").write_text(json.dumps(listing, indent=2) + "\n", encoding="utf-8")
     final = [replace(f, path=dist / f.path.name, parts=tuple(replace(p, path=dist / p.path.name) for p in f.parts),
                      report=f.report and replace(f.report, gguf=str(dist / f.path.name))) for f in files]
@@ -122,44 +126,63 @@ def _write_all(ckpt: Checkpoint, arch: Architecture, files: list[ReleaseFile], g
     """Every file written from one read of the source; the files with their parts (sha256 each), and the tensor
     bytes written."""
     outputs: list[SplitPlacedTensors] = []
+    vocab = VocabKeys()
     try:
-        for f in files:
-            outputs.append(SplitPlacedTensors(f.path, gguf_contents(ckpt, arch, f.plan, vocab_only=False)[0], split))
+        for i, f in enumerate(files):
+            contents = gguf_contents(ckpt, arch, f.plan, vocab_only=False, vocab=vocab)[0]
+            summary = _summary(f.path, contents)
+            files[i] = replace(f, memory=tuple(estimates(summary)),
+                               context_length=summary.value(f"{arch.gguf_arch}.context_length"))
+            outputs.append(SplitPlacedTensors(f.path, contents, split, header_later=True))
         order = build_plan(ckpt, arch, "f32").entries  # the checkpoint's order: each tensor read once, in turn
         total = sum(f.plan.nbytes for f in files)
         written = 0
-        producer = Prefetcher(_encoded(order, files, ckpt.config, gpu), depth=2)
-        try:
-            for entry_name, chunks in producer:
-                for out, chunk in zip(outputs, chunks):
-                    n = out.write(entry_name, chunk)
-                    written += n
-                    if progress is not None:
-                        progress(n, total)
-        finally:
-            producer.close()
+        # the headers are packed (Python) on a thread of their own while the quantizers (numba, no GIL) run
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mt-headers") as pool:
+            headers = pool.submit(lambda: [out.write_headers() for out in outputs])
+            producer = Prefetcher(_encoded(order, files, ckpt.config, gpu), depth=2)
+            try:
+                for entry_name, chunks in producer:
+                    for out, chunk in zip(outputs, chunks):
+                        n = out.write(entry_name, chunk)
+                        written += n
+                        if progress is not None:
+                            progress(n, total)
+            finally:
+                producer.close()
+            headers.result()
         return [replace(f, path=out.paths[0], parts=tuple(out.finish())) for f, out in zip(files, outputs)], written
     finally:
         for out in outputs:
             out.close()
 
 
+def _summary(path: Path, contents: GGUFContents) -> GGUFHeader:
+    """The header of a file about to be written, as far as the memory estimate reads it (no vocabulary): the file is
+    not read back for it."""
+    kv = {key: (m.vtype, m.value) for key, m in contents.metadata.items() if not key.startswith("tokenizer.")}
+    tensors = [TensorInfo(s.name, tuple(reversed(s.shape)), s.ggml_type, 0, path) for s in contents.slots]
+    return GGUFHeader(path, 3, kv, tensors, {})
+
+
 def _card_rows(files: list[ReleaseFile]) -> list[CardRow]:
     return [CardRow(f.path.name, f.outtype, f.nbytes, bits_per_weight(f.plan),
                     verify_numbers(f.report)["quality"] if f.report is not None else None, len(f.parts),
-                    tuple((e.n_ctx, e.total) for e in estimates(read_header(f.path)) if e.cache_type == "f16"))
+                    tuple((e.n_ctx, e.total) for e in f.memory if e.cache_type == "f16"))
             for f in files]
 
 
 def file_entry(f: ReleaseFile) -> dict[str, Any]:
-    """A file as the manifest and --json describe it (`path`: where it is now, for the memory estimate). A split
-    file is named by its first part; `sha256` is then null and each of its `parts` has its own."""
+    """A file as the manifest and --json describe it. A split file is named by its first part; `sha256` is then null
+    and each of its `parts` has its own."""
     whole = len(f.parts) == 1
-    return {"file": f.path.name, "path": f.path, "type": f.outtype, "file_type": f.plan.file_type.name,
+    return {"file": f.path.name, "type": f.outtype, "file_type": f.plan.file_type.name,
             "bytes": f.nbytes, "sha256": f.parts[0].sha256 if whole else None,
             "parts": [{"file": p.path.name, "bytes": p.nbytes, "sha256": p.sha256} for p in f.parts],
             "bits_per_weight": round(bits_per_weight(f.plan), 4),
-            "verify": verify_numbers(f.report) if f.report is not None else None}
+            "verify": verify_numbers(f.report) if f.report is not None else None,
+            "memory": [{"n_ctx": e.n_ctx, "kv_cache_type": e.cache_type, "weights_bytes": e.weights,
+                        "kv_cache_bytes": e.kv_cache, "total_bytes": e.total} for e in f.memory]}
 
 
 def n_parameters(plan: TensorPlan) -> int:

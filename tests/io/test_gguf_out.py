@@ -132,3 +132,43 @@ def test_a_placed_tensor_left_short_is_an_error(tmp_path):
     placed.write("a.weight", TENSORS["a.weight"])
     with pytest.raises(MtError, match="b.weight wrote 0 bytes, planned 10"):
         placed.finish()
+
+
+def test_header_written_last_from_another_thread_makes_the_same_file(tmp_path):
+    """The tensors placed first, the header packed on another thread after them: the same bytes, the same hash."""
+    import threading
+
+    placed = PlacedTensors(tmp_path / "mt.gguf", contents(), header_later=True)
+    for name, t in TENSORS.items():
+        placed.write(name, t)
+    worker = threading.Thread(target=placed.write_header)
+    worker.start()
+    worker.join()
+    placed.finish()
+    data = (tmp_path / "mt.gguf").read_bytes()
+    assert data == gguf_py_file(tmp_path / "ref.gguf")
+    assert placed.sha256 == hashlib.sha256(data).hexdigest()
+    assert [p.name for p in tmp_path.iterdir() if "header" in p.name] == []
+
+
+def test_a_header_never_written_is_an_error(tmp_path):
+    placed = PlacedTensors(tmp_path / "mt.gguf", contents(), header_later=True)
+    for name, t in TENSORS.items():
+        placed.write(name, t)
+    with pytest.raises(MtError, match="header was never written"):
+        placed.finish()
+
+
+@pytest.mark.parametrize("value, vtype, sub_type", [
+    (["a", "ü", "🦙", ""], GGUFValueType.ARRAY, None), ([b"\xff", b"ab"], GGUFValueType.ARRAY, GGUFValueType.STRING),
+    ([1.5, 2.0], GGUFValueType.ARRAY, None), ([True, False], GGUFValueType.ARRAY, None),
+    ([[1, 2], [3]], GGUFValueType.ARRAY, None), (b"raw", GGUFValueType.ARRAY, None), ("名前", GGUFValueType.STRING, None),
+    (7, GGUFValueType.UINT64, None), (-1, GGUFValueType.INT8, None), (True, GGUFValueType.BOOL, None),
+])
+def test_header_size_is_what_gguf_py_writes(tmp_path, value, vtype, sub_type):
+    from mt.io.gguf_out import header_size
+
+    c = contents()
+    c.add_key_value("x.value", value, vtype, sub_type)
+    write_gguf(tmp_path / "h.gguf", c)
+    assert header_size(c) == (tmp_path / "h.gguf").stat().st_size

@@ -135,6 +135,9 @@ def test_manifest_names_each_file_with_its_hash_verdict_and_memory(llama3_dir, t
         assert {row["weights_bytes"] for row in entry["memory"]} == {sum(int(t.n_bytes) for t in tensors)}
         assert max(row["n_ctx"] for row in entry["memory"]) == listing["context_length"]
         assert {row["kv_cache_type"] for row in entry["memory"]} == {"f16"}  # 16-wide heads: no q8_0 cache
+        from_disk = json.loads(CliRunner().invoke(main, ["inspect", str(path), "--memory", "--json"]).output)["memory"]
+        assert [[r["n_ctx"], r["cache_type"], r["weights"], r["kv_cache"]] for r in from_disk] == [
+            [r["n_ctx"], r["kv_cache_type"], r["weights_bytes"], r["kv_cache_bytes"]] for r in entry["memory"]]
 
 
 def test_cuda_asked_for_without_one_is_one_line(llama3_dir, tmp_path, monkeypatch):
