@@ -325,17 +325,18 @@ def split(src: Path, out: Path, merge: bool, split_max_size: str | None, split_m
                    "first layers holding one of each kind, at least 2).")
 @click.option("--adapter", type=click.Path(path_type=Path, file_okay=False),
               help="PEFT adapter the GGUF was merged from: merged into the reference.")
+@click.option("--allow-pickle", is_flag=True, help="A reference of pytorch_model*.bin: load it with torch.load(weights_only=True).")
 @click.option("--force", is_flag=True, help="Overwrite existing report files.")
 def verify(gguf: Path, reference: Path, text_file: Path | None, max_tokens: int, n_ctx: int, json_out: Path | None,
            markdown_out: Path | None, max_kld: float | None, min_top1: float | None, imatrix: Path | None,
-           reference_layers: int | None, adapter: Path | None, force: bool) -> None:
+           reference_layers: int | None, adapter: Path | None, allow_pickle: bool, force: bool) -> None:
     """Prove GGUF is mt's conversion of its source (metadata, vocabulary, every tensor's bytes, tokenization, the
     conversion run against transformers) and report its divergence from the source. Exit 0 pass, 1 fail."""
     from mt.commands import verify_command
     from mt.verify.verify import VerifyOptions
 
     options = VerifyOptions(max_tokens=max_tokens, n_ctx=n_ctx, max_kld=max_kld, min_top1=min_top1, adapter=adapter,
-                            imatrix=imatrix, reference_layers=reference_layers)
+                            imatrix=imatrix, reference_layers=reference_layers, allow_pickle=allow_pickle)
     passed = run_reporting_errors(lambda: verify_command(
         gguf, reference, options, text_file=text_file, json_out=json_out, markdown_out=markdown_out, force=force))
     sys.exit(0 if passed else 1)

@@ -75,7 +75,7 @@ def _rebuild(gguf_path: Path, out: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, name = gguf_path.parent, gguf_path.name
-    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32, trust_remote_code=False)
     # The loader marks the model as GGUF-quantized, which save_pretrained refuses: move its weights
     # into a plain model built from the same config.
     config = loaded.config
@@ -86,12 +86,12 @@ def _rebuild(gguf_path: Path, out: Path) -> None:
     if config.tie_word_embeddings != all(t.name != "output.weight" for t in reader.tensors):
         raise ValueError(f"{name}: tie_word_embeddings does not match the file's tensors")
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, trust_remote_code=False)
     model.load_state_dict({k: v.to(torch.bfloat16) for k, v in loaded.state_dict().items()}, assign=True)
     model.tie_weights()
     model.save_pretrained(out, safe_serialization=True)
 
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, trust_remote_code=False)
     tokenizer.save_pretrained(out)
     template = reader.fields["tokenizer.chat_template"].contents()
     if tokenizer.chat_template != template:

@@ -59,7 +59,7 @@ def load_base(base: Path, *, qlora: bool, dtype: torch.dtype, device: torch.devi
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, **extra)
+            model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, trust_remote_code=False, **extra)
             if not qlora:
                 model.to(device)
     except torch.OutOfMemoryError:
@@ -77,10 +77,10 @@ def meta_base(base: Path, *, dtype: torch.dtype) -> Any:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
-        config = AutoConfig.from_pretrained(base)
+        config = AutoConfig.from_pretrained(base, trust_remote_code=False)
         with warnings.catch_warnings(), torch.device("meta"):
             warnings.simplefilter("ignore")
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
     except (OSError, ValueError) as e:
         raise CheckpointError(f"transformers cannot build {base} from its config.json ({str(e).splitlines()[0]})",
                               "check that the folder holds a complete checkpoint") from None

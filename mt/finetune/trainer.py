@@ -197,8 +197,8 @@ def load_tokenizer(base: Path) -> Any:
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(base)
-    except (OSError, ValueError, TypeError) as e:
+        return AutoTokenizer.from_pretrained(base, trust_remote_code=False)
+    except Exception as e:  # transformers raises many types for a folder it cannot read
         raise MtError(f"cannot load the tokenizer of {base} ({str(e).splitlines()[0]})",
                       "the base folder needs its tokenizer files (tokenizer.json / tokenizer_config.json)") from None
 

@@ -74,7 +74,7 @@ def _skeleton(config: dict[str, Any]) -> nn.Module:
                               "use a checkpoint of a model family transformers supports")
     hf_config = CONFIG_MAPPING[model_type].from_dict(config)
     with parameters_on_meta():
-        model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32, trust_remote_code=False)
     if meta := [name for name, b in model.named_buffers() if b.is_meta]:
         raise RuntimeError(f"buffers {meta} were created on meta; this model cannot be built layer by layer")
     return model.eval()

@@ -76,7 +76,7 @@ def hf_logits(folder: Path, ids: list[int], adapter: Path | None = None) -> np.n
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, trust_remote_code=False)
     if adapter is not None:
         model = _with_adapter(model, folder, Path(adapter))
     try:

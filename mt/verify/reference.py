@@ -52,7 +52,7 @@ class Reference:
         from transformers import AutoTokenizer
 
         try:
-            return AutoTokenizer.from_pretrained(self.folder)
+            return AutoTokenizer.from_pretrained(self.folder, trust_remote_code=False)
         except Exception as e:  # transformers raises many types for a broken tokenizer
             raise TokenizerError(f"transformers cannot load the tokenizer in {self.folder} ({type(e).__name__}: {e})",
                                  "check tokenizer.json / tokenizer_config.json") from None

@@ -59,6 +59,7 @@ class VerifyOptions:
     adapter: Path | None = None  # a PEFT adapter folder the GGUF was merged from: merged into the source
     imatrix: Path | None = None  # the importance matrix the file was quantized with
     reference_layers: int | None = None  # layers the reference run covers; None: all up to FULL_DEPTH_BYTES
+    allow_pickle: bool = False  # a reference of pytorch_model*.bin, loaded with torch.load(weights_only=True)
 
 
 def _check_adapter(adapter: Path | None) -> None:
@@ -81,7 +82,7 @@ def layers_of_every_kind(folder: Path) -> int:
     """How many first layers hold one layer of each kind in transformers' `layer_types` (sliding, full …)."""
     from transformers import AutoConfig
 
-    kinds = getattr(AutoConfig.from_pretrained(folder), "layer_types", None) or []
+    kinds = getattr(AutoConfig.from_pretrained(folder, trust_remote_code=False), "layer_types", None) or []
     first: dict[str, int] = {}
     for i, kind in enumerate(kinds):
         first.setdefault(kind, i)
@@ -96,7 +97,8 @@ class Verifier:
         _check_adapter(options.adapter)
         self._stack = ExitStack()
         try:
-            self.ckpt, self.arch, self.plan = load(Path(reference_dir), "auto", adapter=options.adapter)
+            self.ckpt, self.arch, self.plan = load(Path(reference_dir), "auto", allow_pickle=options.allow_pickle,
+                                                   adapter=options.adapter)
             self.source_folder = on_disk(self.ckpt, self._stack)  # transformers reads folders
             self.ref = open_reference(self.source_folder)
             self.reference_dir = Path(reference_dir)
