@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Callable
 
 import click
 
-from mt.errors import MtError
+from mt.errors import MtError, Terminated
 from mt.quant.outtypes import CONVERT_CHOICES, CONVERTER_TYPES, OUT_TYPES
 
 OUTTYPE_CHOICES = CONVERT_CHOICES
@@ -41,8 +43,23 @@ def _fail(message: str, code: int) -> None:
     sys.exit(code)
 
 
+def _terminate(signum: int, frame: Any) -> None:
+    raise Terminated(signum)
+
+
 def run_reporting_errors(fn: Callable[[], Any]) -> Any:
-    """MtError -> one line and exit 1; MT_DEBUG=1 re-raises for the traceback."""
+    """MtError -> one line and exit 1; MT_DEBUG=1 re-raises for the traceback. SIGTERM and SIGHUP clean up as
+    Ctrl-C does (exit 128 + the signal's number)."""
+    handled = (signal.SIGTERM, signal.SIGHUP) if threading.current_thread() is threading.main_thread() else ()
+    previous = {sig: signal.signal(sig, _terminate) for sig in handled}
+    try:
+        return _run(fn)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _run(fn: Callable[[], Any]) -> Any:
     try:
         return fn()
     except MtError as e:
@@ -54,6 +71,8 @@ def run_reporting_errors(fn: Callable[[], Any]) -> Any:
         _fail(e.one_line() if rank == "0" else f"(rank {rank}) {e.one_line()}", 1)
     except KeyboardInterrupt:
         _fail("interrupted; no output was left behind", 130)
+    except Terminated as e:
+        _fail(f"stopped by {signal.Signals(e.signum).name}; no output was left behind", 128 + e.signum)
     except Exception as e:  # a bug in mt: still one line, and a way to see more
         if os.environ.get("MT_DEBUG") == "1":
             raise

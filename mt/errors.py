@@ -83,3 +83,12 @@ class DataError(MtError):
 
 class TrainingError(MtError):
     """Finetuning cannot go on: out of memory, a non-finite loss, options that contradict each other or a resume folder."""
+
+
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP arrived: raised in the main thread so that every output in progress is cleaned up, as for
+    Ctrl-C (a BaseException, so no `except Exception` on the way swallows it)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum

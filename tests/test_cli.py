@@ -1,8 +1,13 @@
-"""The CLI surface: dry-run plan, inspect of files and folders, JSON output."""
+"""The CLI surface: dry-run plan, inspect of files and folders, JSON output, signals."""
 
 import json
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from mt.cli import main
@@ -109,3 +114,23 @@ def test_inspect_tada_lists_backbone_and_companion_roles(tada_dir):
     assert roles["companion -acoustic: prediction_head.layers.*.ffn.gate_proj.weight"] == 2
     assert roles["companion -acoustic: acoustic_proj.weight"] == 1
     assert report["recognised"]["unknown"] == []
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_and_sighup_clean_up_as_ctrl_c_does(llama3_dir, tmp_path, signum):
+    """A release in progress (its hidden staging folder written) is stopped: exit 128 + the signal, one line,
+    nothing left in the folder."""
+    dist = tmp_path / "dist"
+    proc = subprocess.Popen([sys.executable, "-m", "mt", "release", str(llama3_dir), "-o", str(dist), "--quiet",
+                             "--quants", "f32,f16,q8_0,q4_k_m,q5_k_m,q6_k", "--no-verify"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not any(".mt-partial-" in p.name for p in tmp_path.iterdir()):
+        assert proc.poll() is None and time.monotonic() < deadline, "the release ended before it could be stopped"
+        time.sleep(0.01)
+    time.sleep(0.3)
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signum, err
+    assert err.strip().splitlines() == [f"mt: error: stopped by {signal.Signals(signum).name}; no output was left behind"]
+    assert list(tmp_path.iterdir()) == []

@@ -20,8 +20,46 @@ def check_output(path: Path, force: bool) -> None:
         raise MtError(f"output folder {path.parent} does not exist", "create it first")
 
 
+PARTIAL_MARK = ".mt-partial-"
+_OLD_MARK = ".mt-old-"
+
+
 def partial_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.mt-partial-{os.getpid()}")
+    return path.with_name(f".{path.name}{PARTIAL_MARK}{os.getpid()}")
+
+
+def remove_stale_partials(folder: Path) -> list[Path]:
+    """Delete what mt processes that no longer run left in `folder` (killed with SIGKILL, or by a power loss):
+    `.NAME.mt-partial-PID` and `.NAME.mt-old-PID`. Returns what was removed."""
+    removed = []
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        mark = PARTIAL_MARK if PARTIAL_MARK in entry.name else _OLD_MARK if _OLD_MARK in entry.name else None
+        if mark is None or not entry.name.startswith("."):
+            continue
+        pid = entry.name.rsplit(mark, 1)[1]
+        if pid.isdigit() and not _running(int(pid)):
+            try:
+                remove_path(entry)
+                removed.append(entry)
+            except OSError:
+                pass  # another run is removing it, or it is not ours to remove
+    return removed
+
+
+def _running(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
 
 
 @contextmanager
@@ -40,6 +78,8 @@ def atomic_paths(paths: Sequence[Path]) -> Iterator[list[Path]]:
     temporary path, and all are renamed into place only when every one is complete. A failed rename takes
     back the files the earlier renames created, so no new file is left behind alone."""
     tmps = [partial_path(p) for p in paths]
+    for folder in {p.parent for p in paths}:
+        remove_stale_partials(folder)
     try:
         with disk_full_is_an_error(paths[0]):
             yield tmps
@@ -76,6 +116,7 @@ def atomic_dir(path: Path) -> Iterator[Path]:
     """Yield a fresh temporary folder beside `path`; move it to `path` on success (replacing what was
     there, which only then is deleted), delete it otherwise."""
     tmp = partial_path(path)
+    remove_stale_partials(path.parent)
     remove_path(tmp)  # left by a dead process that had our pid
     tmp.mkdir()
     try:
@@ -91,7 +132,7 @@ def _move_over(src: Path, dst: Path) -> None:
     if not dst.exists() and not dst.is_symlink():
         os.rename(src, dst)
         return
-    old = dst.with_name(f".{dst.name}.mt-old-{os.getpid()}")
+    old = dst.with_name(f".{dst.name}{_OLD_MARK}{os.getpid()}")
     remove_path(old)
     os.rename(dst, old)
     try:
