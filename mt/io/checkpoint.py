@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Mapping, Protocol
 
 import numpy as np
@@ -184,15 +184,19 @@ def _sharded(folder: Path) -> tuple[list[Path], dict[str, TensorRef]]:
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise CheckpointError(f"{INDEX_NAME} has no 'weight_map'", "fix or re-download the index file")
-    root = folder.resolve()
+    if bad := [v for v in weight_map.values() if not isinstance(v, str) or not v]:
+        raise CheckpointError(f"{INDEX_NAME} maps a tensor to {bad[0]!r}, not a shard file name",
+                              "fix or re-download the index file")
     shards: list[Path] = []
     for shard_name in sorted(set(weight_map.values())):
-        path = (folder / str(shard_name)).resolve()
-        if root not in path.parents:
+        # judged by the name, not by where a link leads: a Hugging Face cache snapshot links each file into ../../blobs
+        inside = PurePosixPath(shard_name)
+        if inside.is_absolute() or ".." in inside.parts or "\\" in shard_name:
             raise CheckpointError(
                 f"{INDEX_NAME} names {shard_name!r}, a path outside {folder}",
                 "shards must sit in the checkpoint folder; fix the index",
             )
+        path = folder / inside
         if not path.is_file():
             raise CheckpointError(
                 f"{INDEX_NAME} names shard {shard_name!r}, which is missing", "download the missing shard"

@@ -100,6 +100,16 @@ def test_index_path_outside_folder(src, tmp_path):
     assert_clean_failure(run_convert(src, tmp_path / "o.gguf"), tmp_path / "o.gguf", "outside")
 
 
+@pytest.mark.parametrize("value", [None, "", 3])
+def test_index_maps_a_tensor_to_no_file(src, tmp_path, value):
+    from mt.io.safetensors import read_header
+
+    refs, _ = read_header(src / "model.safetensors")
+    weight_map = {n: "model.safetensors" for n in refs} | {next(iter(refs)): value}
+    (src / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    assert_clean_failure(run_convert(src, tmp_path / "o.gguf"), tmp_path / "o.gguf", "not a shard file name")
+
+
 def test_missing_tokenizer_says_how_to_proceed(src, tmp_path):
     (src / "tokenizer.json").unlink()
     assert_clean_failure(run_convert(src, tmp_path / "o.gguf"), tmp_path / "o.gguf", "no tokenizer", "copy the tokenizer files")
