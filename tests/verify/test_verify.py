@@ -270,3 +270,32 @@ def test_gguf_llama_cpp_cannot_load_fails(llama2_spm_dir, verifier_of, gguf_of, 
     report = verifier_of("llama2_spm_dir").verify(bad)
     assert {"tensors", "quality"} <= failed(report), report.to_text()
     assert "llama.cpp cannot run the GGUF" in check(report, "quality").summary
+
+
+NEVER_ENDS = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
+
+
+def test_a_template_that_never_ends_is_reported_not_waited_for(verifier_of, gguf_of, tmp_path, monkeypatch):
+    from mt.verify import template
+
+    monkeypatch.setattr(template, "RENDER_SECONDS", 0.3)
+    bad = _corrupt(gguf_of("llama2_spm_dir", "f16"), tmp_path, kv={"tokenizer.chat_template": NEVER_ENDS})
+    report = verifier_of("llama2_spm_dir").verify(bad)
+    assert failed(report) == {"chat template"}, report.to_text()
+    assert "rendering the file's template did not end (over 0.3 s)" in check(report, "chat template").summary
+
+
+def test_templates_failing_on_both_sides_prove_nothing(llama2_spm_dir, gguf_of, tmp_path):
+    import json
+    import shutil
+
+    src = Path(shutil.copytree(llama2_spm_dir, tmp_path / "src"))
+    tconfig = json.loads((src / "tokenizer_config.json").read_text())
+    tconfig["chat_template"] = "{{ raise_exception('this model has no chat format') }}"
+    (src / "tokenizer_config.json").write_text(json.dumps(tconfig))
+    out = tmp_path / "m.gguf"
+    convert(src, out, "f16")
+    bad = _corrupt(out, tmp_path, kv={"tokenizer.chat_template": lambda t: t + "{# reworded #}"})
+    with Verifier(src, FAST) as verifier:
+        result = check(verifier.verify(bad), "chat template")
+    assert result.status is Status.WARN and "fails on both sides" in result.summary
