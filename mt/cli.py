@@ -32,6 +32,10 @@ IMATRIX_OPTION = click.option(
     help="Importance matrix from llama-imatrix (GGUF or legacy .dat) to weigh the quantization errors of llama.cpp's "
          "mixes (q4_k_m …), as llama-quantize --imatrix.")
 
+ALLOW_NON_FINITE_OPTION = click.option(
+    "--allow-non-finite", is_flag=True,
+    help="Write NaN/Inf weights (and values too large for F16) as they are instead of refusing the model.")
+
 DEQUANTIZED_BASE_OPTION = click.option(
     "--dequantized-base", is_flag=True,
     help="QLoRA: merge onto the base as bitsandbytes' NF4 round trip gives it (what the adapter was trained against), "
@@ -100,13 +104,14 @@ def main() -> None:
               help="PEFT LoRA adapter folder to merge in on the fly (same tensors as converting mt merge's output).")
 @DEQUANTIZED_BASE_OPTION
 @IMATRIX_OPTION
+@ALLOW_NON_FINITE_OPTION
 @click.option("--threads", type=int, default=None, help="Worker threads for quantization (default: all cores).")
 @DEVICE_OPTION
 @click.option("--quiet", is_flag=True, help="No progress bar or summary.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def convert(src: Path, out: Path | None, outtype: str, out_format: str, force: bool, vocab_only: bool, dry_run: bool,
-            allow_pickle: bool, adapter: Path | None, dequantized_base: bool, imatrix: str | None, threads: int | None,
-            device: str, quiet: bool, as_json: bool) -> None:
+            allow_pickle: bool, adapter: Path | None, dequantized_base: bool, imatrix: str | None,
+            allow_non_finite: bool, threads: int | None, device: str, quiet: bool, as_json: bool) -> None:
     """Convert the checkpoint folder SRC to a GGUF file (or, with --format safetensors, a smaller safetensors folder)."""
     from mt.commands import convert_command, reexport_command
 
@@ -122,7 +127,7 @@ def convert(src: Path, out: Path | None, outtype: str, out_format: str, force: b
     run_reporting_errors(lambda: convert_command(src, out, outtype, force=force, vocab_only=vocab_only, dry_run=dry_run,
                                                  allow_pickle=allow_pickle, threads=threads, device=device, quiet=quiet,
                                                  as_json=as_json, adapter=adapter, dequantized_base=dequantized_base,
-                                                 imatrix=imatrix))
+                                                 imatrix=imatrix, allow_non_finite=allow_non_finite))
 
 
 @main.command()
@@ -239,19 +244,21 @@ def finetune(base: Path, data: Path, out: Path, qlora: bool, lora_r: int, lora_a
 @click.option("--output-tensor-type", default=None, help="Type for output.weight (e.g. q8_0).")
 @click.option("--token-embedding-type", default=None, help="Type for token_embd.weight.")
 @IMATRIX_OPTION
+@ALLOW_NON_FINITE_OPTION
 @click.option("--threads", type=int, default=None, help="Worker threads (default: all cores).")
 @DEVICE_OPTION
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
 @click.option("--quiet", is_flag=True)
 def quantize(src: Path, out: Path, file_type: str, pure: bool, output_tensor_type: str | None,
-             token_embedding_type: str | None, imatrix: str | None, threads: int | None, device: str, force: bool,
-             quiet: bool) -> None:
+             token_embedding_type: str | None, imatrix: str | None, allow_non_finite: bool, threads: int | None,
+             device: str, force: bool, quiet: bool) -> None:
     """Quantize an F32/F16/BF16 GGUF (SRC) to FILE_TYPE (Q4_K_M, Q5_K_M, Q4_K_S, Q5_K_S, Q6_K, Q8_0, Q4_0, Q5_0, Q5_1)."""
     from mt.commands import quantize_command
 
     run_reporting_errors(lambda: quantize_command(src, out, file_type, pure=pure, output_tensor_type=output_tensor_type,
                                                   token_embedding_type=token_embedding_type, imatrix=imatrix, threads=threads,
-                                                  device=device, force=force, quiet=quiet))
+                                                  device=device, force=force, quiet=quiet,
+                                                  allow_non_finite=allow_non_finite))
 
 
 @main.command()
@@ -280,6 +287,7 @@ def inspect(path: Path, as_json: bool, memory: bool, n_ctx: int | None) -> None:
               help="PEFT LoRA adapter folder merged in on the fly.")
 @DEQUANTIZED_BASE_OPTION
 @IMATRIX_OPTION
+@ALLOW_NON_FINITE_OPTION
 @SPLIT_SIZE_OPTION
 @SPLIT_TENSORS_OPTION
 @click.option("--no-verify", is_flag=True, help="Do not run mt verify on each file.")
@@ -293,14 +301,14 @@ def inspect(path: Path, as_json: bool, memory: bool, n_ctx: int | None) -> None:
 @click.option("--quiet", is_flag=True, help="No progress bar or summary.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def release(src: Path, dist: Path, quants: str, name: str | None, adapter: Path | None, dequantized_base: bool,
-            imatrix: str | None, split_max_size: str | None, split_max_tensors: int | None, no_verify: bool, text_file: Path | None,
+            imatrix: str | None, allow_non_finite: bool, split_max_size: str | None, split_max_tensors: int | None, no_verify: bool, text_file: Path | None,
             max_kld: float | None, threads: int | None, device: str, force: bool, quiet: bool, as_json: bool) -> None:
     """Write every type in --quants from one read of the checkpoint SRC into the -o folder, each file verified."""
     from mt.commands import release_command
 
     run_reporting_errors(lambda: release_command(
         src, dist, quants, name=name, adapter=adapter, dequantized_base=dequantized_base, imatrix=imatrix,
-        split_max_size=split_max_size, split_max_tensors=split_max_tensors, verify=not no_verify,
+        allow_non_finite=allow_non_finite, split_max_size=split_max_size, split_max_tensors=split_max_tensors, verify=not no_verify,
         text_file=text_file, max_kld=max_kld, threads=threads, device=device, force=force, quiet=quiet, as_json=as_json))
 
 

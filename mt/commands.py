@@ -65,7 +65,8 @@ def with_progress(show_bar: bool, run: Callable[[Callable[[int, int], None] | No
 
 def convert_command(src: Path, out: Path | None, outtype: str, *, force: bool, vocab_only: bool, dry_run: bool,
                     allow_pickle: bool, threads: int | None, quiet: bool, as_json: bool, device: str = "auto",
-                    adapter: Path | None = None, dequantized_base: bool = False, imatrix: str | None = None) -> None:
+                    adapter: Path | None = None, dequantized_base: bool = False, imatrix: str | None = None,
+                    allow_non_finite: bool = False) -> None:
     if threads:
         set_threads(threads)
     if dry_run:
@@ -86,7 +87,8 @@ def convert_command(src: Path, out: Path | None, outtype: str, *, force: bool, v
     assert out is not None
     result, elapsed = with_progress(not quiet and not as_json, lambda progress: convert(
         src, out, outtype, force=force, vocab_only=vocab_only, allow_pickle=allow_pickle, progress=progress,
-        device=device, adapter=adapter, dequantized_base=dequantized_base, imatrix=imatrix))
+        device=device, adapter=adapter, dequantized_base=dequantized_base, imatrix=imatrix,
+        allow_non_finite=allow_non_finite))
     summary = {"output": str(result.output), "arch": result.arch, "file_type": result.plan.file_type.name,
                "tensors": 0 if vocab_only else len(result.plan.entries), "bytes": result.output.stat().st_size,
                "seconds": round(elapsed, 3), "tokenizer": result.vocab.model if result.vocab else None,
@@ -148,7 +150,7 @@ def tensor_type_option(name: str | None) -> "GGMLQuantizationType | None":
 
 def quantize_command(src: Path, out: Path, file_type: str, *, pure: bool, output_tensor_type: str | None,
                      token_embedding_type: str | None, threads: int | None, force: bool, quiet: bool,
-                     imatrix: str | None = None, device: str = "auto") -> None:
+                     imatrix: str | None = None, device: str = "auto", allow_non_finite: bool = False) -> None:
     from mt.quant.mix import MixOptions
     from mt.quant.quantize import quantize_gguf
 
@@ -157,7 +159,8 @@ def quantize_command(src: Path, out: Path, file_type: str, *, pure: bool, output
     options = MixOptions(pure=pure, output_tensor_type=tensor_type_option(output_tensor_type),
                          token_embedding_type=tensor_type_option(token_embedding_type))
     result, elapsed = with_progress(not quiet, lambda progress: quantize_gguf(
-        src, out, file_type, options=options, force=force, progress=progress, imatrix=imatrix, device=device))
+        src, out, file_type, options=options, force=force, progress=progress, imatrix=imatrix, device=device,
+        allow_non_finite=allow_non_finite))
     if not quiet:
         counts = Counter(t.name for t in result.types.values())
         mix = ", ".join(f"{n} {name}" for name, n in sorted(counts.items()))
@@ -264,7 +267,7 @@ class TrainProgress:
 
 
 def release_command(src: Path, dist: Path, quants: str, *, name: str | None, adapter: Path | None,
-                    dequantized_base: bool, imatrix: str | None, split_max_size: str | None, split_max_tensors: int | None, verify: bool, text_file: Path | None, max_kld: float | None,
+                    dequantized_base: bool, imatrix: str | None, allow_non_finite: bool, split_max_size: str | None, split_max_tensors: int | None, verify: bool, text_file: Path | None, max_kld: float | None,
                     threads: int | None, device: str, force: bool, quiet: bool, as_json: bool) -> None:
     from mt.io.gguf_split import split_limit
     from mt.release.release import file_entry, parse_quants, release
@@ -278,7 +281,7 @@ def release_command(src: Path, dist: Path, quants: str, *, name: str | None, ada
                             imatrix=Path(imatrix) if imatrix else None) if verify else None
     result, elapsed = with_progress(not quiet and not as_json, lambda progress: release(
         src, dist, types, name=name, adapter=adapter, dequantized_base=dequantized_base, imatrix=imatrix, verify=options,
-        device=device, split=limit, force=force, progress=progress))
+        device=device, split=limit, allow_non_finite=allow_non_finite, force=force, progress=progress))
     files = [file_entry(f) for f in result.files]
     summary = {"dist": str(result.dist), "arch": result.arch, "files": files,
                "bytes": sum(f["bytes"] for f in files), "seconds": round(elapsed, 3)}

@@ -51,10 +51,13 @@ class QuantizationError(MtError):
 
 
 class NonFiniteWeights(QuantizationError):
-    """A weight to quantize is NaN or Inf."""
+    """A weight is NaN or Inf, or becomes Inf in the output type (an F16 overflow)."""
 
-    def __init__(self, tensor: str) -> None:
-        super().__init__(f"tensor {tensor!r} holds NaN or Inf values", "fix the checkpoint; these weights cannot be quantized")
+    def __init__(self, tensor: str, where: tuple[int, ...] | None = None, overflow: str | None = None) -> None:
+        at = f" (first at {list(where)})" if where is not None else ""
+        what = f"values too large for {overflow}{at}, which become Inf" if overflow else f"NaN or Inf values{at}"
+        super().__init__(f"tensor {tensor!r} holds {what}",
+                         "fix the checkpoint, or pass --allow-non-finite to write such values as they are")
 
 
 class GGUFError(MtError):

@@ -136,12 +136,14 @@ def convert(
     adapter: Path | None = None,
     dequantized_base: bool = False,
     imatrix: str | Path | None = None,
+    allow_non_finite: bool = False,
 ) -> ConvertResult:
+    """`allow_non_finite`: write NaN/Inf weights (and F16 overflows) as they come instead of refusing them."""
     ckpt, arch, plan = load(src, outtype, allow_pickle, adapter, dequantized_base, imatrix)
     companions = [] if vocab_only else companion_outputs(ckpt, arch, out, outtype)
     for path in [out, *(c.path for c in companions)]:
         check_output(path, force)
-    return _convert(ckpt, arch, plan, out, vocab_only, progress, device, companions)
+    return _convert(ckpt, arch, plan, out, vocab_only, progress, device, companions, not allow_non_finite)
 
 
 def write_conversion(ckpt: Checkpoint, arch: Architecture, plan: TensorPlan, out: Path, device: str = "cpu") -> ConvertResult:
@@ -157,10 +159,11 @@ def companion_outputs(ckpt: Checkpoint, arch: Architecture, out: Path, outtype: 
 
 
 def _convert(ckpt: Checkpoint, arch: Architecture, plan: TensorPlan, out: Path, vocab_only: bool,
-             progress: Progress | None, device: str, companions: list[CompanionOutput] | None = None) -> ConvertResult:
+             progress: Progress | None, device: str, companions: list[CompanionOutput] | None = None,
+             check_finite: bool = True) -> ConvertResult:
     companions = companions or []
     gpu = select_device(device) if not vocab_only and (device == "cuda" or _plan_uses_gpu_types(plan)) else None
-    producer = None if vocab_only else start_producing(plan, ckpt.config, gpu=gpu)
+    producer = None if vocab_only else start_producing(plan, ckpt.config, gpu=gpu, check_finite=check_finite)
     total = plan.nbytes + sum(c.plan.nbytes for c in companions)
     written = 0
     try:
@@ -169,14 +172,15 @@ def _convert(ckpt: Checkpoint, arch: Architecture, plan: TensorPlan, out: Path, 
             payloads = None if producer is None else _payloads(plan, producer, progress, total)
             written = write_gguf(tmp, contents, payloads)
             for c, companion_tmp in zip(companions, companion_tmps):
-                written += write_companion(ckpt, c, companion_tmp, progress, total)
+                written += write_companion(ckpt, c, companion_tmp, progress, total, check_finite)
     finally:
         if producer is not None:
             producer.close()
     return ConvertResult(out, plan, arch.gguf_arch, vocab, written, companions)
 
 
-def write_companion(ckpt: Checkpoint, output: CompanionOutput, path: Path, progress: Progress | None, total: int) -> int:
+def write_companion(ckpt: Checkpoint, output: CompanionOutput, path: Path, progress: Progress | None, total: int,
+                    check_finite: bool = True) -> int:
     """The companion GGUF: general metadata, the family's own keys under its arch name, its tensors."""
     plan = output.plan
     w = GGUFContents(output.companion.gguf_arch)
@@ -186,7 +190,7 @@ def write_companion(ckpt: Checkpoint, output: CompanionOutput, path: Path, progr
     write_general_metadata(w, ckpt.folder)
     w.add_file_type(int(plan.file_type))
     output.companion.write_metadata(w, ckpt.config)
-    producer = start_producing(plan, ckpt.config)
+    producer = start_producing(plan, ckpt.config, check_finite=check_finite)
     try:
         return write_gguf(path, w, _payloads(plan, producer, progress, total))
     finally:

@@ -10,9 +10,9 @@ from gguf import GGMLQuantizationType as T
 from gguf import LlamaFileType
 
 from mt.convert.arch.base import Architecture, Companion, ExtraTensor, Transform
-from mt.errors import MtError
+from mt.errors import MtError, NonFiniteWeights
 from mt.io.checkpoint import Checkpoint, LazyTensor
-from mt.io.dtypes import FLOAT_DTYPE_NAMES, FLOAT_DTYPES, to_f32
+from mt.io.dtypes import FLOAT_DTYPE_NAMES, FLOAT_DTYPES, NON_FINITE_EXPONENT, first_non_finite, to_f32
 from mt.io.safetensors import FileSpan
 from mt.io.stream import Chunk, Prefetcher, grouped, row_ranges
 from mt.quant.choose import Writer, tensor_types
@@ -170,16 +170,6 @@ def _passes_through(dtype: str, qtype: T) -> bool:
     return (dtype, qtype) in (("BF16", T.BF16), ("F16", T.F16), ("F32", T.F32))
 
 
-def _copyable_span(src: LazyTensor, start: int, stop: int, qtype: T) -> FileSpan | None:
-    """The source bytes themselves, when they are already the output bytes."""
-    if not _passes_through(src.dtype, qtype) or not hasattr(src, "span"):
-        return None
-    span = src.span(start, stop)
-    if src.dtype == "BF16" and span.nbytes and _bf16_nan_from_max(*span.max_u16_and_i16()):
-        return None  # NaNs get ggml's quieting on the slow path
-    return span
-
-
 def encode(raw: np.ndarray, dtype: str, qtype: T, gpu: GpuQuantizer | None = None,
            weights: np.ndarray | None = None) -> np.ndarray:
     """Source values in their storage dtype -> output bytes of `qtype`, as llama.cpp's converter writes them (with
@@ -195,11 +185,13 @@ def encode(raw: np.ndarray, dtype: str, qtype: T, gpu: GpuQuantizer | None = Non
 
 
 
-def start_producing(plan: TensorPlan, config: dict, depth: int = 2, gpu: GpuQuantizer | None = None) -> "Prefetcher":
+def start_producing(plan: TensorPlan, config: dict, depth: int = 2, gpu: GpuQuantizer | None = None,
+                    check_finite: bool = True) -> "Prefetcher":
     """Start computing every entry's chunks on a worker thread now, `depth` chunks ahead of the writer,
     so reading and quantizing overlap with the metadata work and with writing (numpy and file I/O
     release the GIL)."""
-    return Prefetcher(((i, chunk) for i, e in enumerate(plan.entries) for chunk in produce(e, config, gpu)), depth)
+    return Prefetcher(((i, chunk) for i, e in enumerate(plan.entries)
+                       for chunk in produce(e, config, gpu, check_finite)), depth)
 
 
 def by_entry(plan: TensorPlan, prefetcher: "Prefetcher") -> Iterator[tuple[PlanEntry, Iterator[Chunk]]]:
@@ -217,33 +209,79 @@ def read_whole(src: LazyTensor, transform: Transform | None, config: dict) -> tu
     return raw, FLOAT_DTYPE_NAMES[raw.dtype]
 
 
-def produce(entry: PlanEntry, config: dict, gpu: GpuQuantizer | None = None) -> Iterator[Chunk]:
+def produce(entry: PlanEntry, config: dict, gpu: GpuQuantizer | None = None, check_finite: bool = True) -> Iterator[Chunk]:
     """Output bytes of one entry, in row slabs where the tensor needs no whole-tensor transform."""
-    for chunks in produce_types(entry, (entry.qtype,), config, gpu, (entry.weights,)):
+    for chunks in produce_types(entry, (entry.qtype,), config, gpu, (entry.weights,), check_finite):
         yield chunks[0]
 
 
 def produce_types(entry: PlanEntry, qtypes: Sequence[T], config: dict, gpu: GpuQuantizer | None = None,
-                  weights: Sequence[np.ndarray | None] | None = None) -> Iterator[list[Chunk]]:
+                  weights: Sequence[np.ndarray | None] | None = None, check_finite: bool = True) -> Iterator[list[Chunk]]:
     """Output bytes of one entry for each of `qtypes` (with the imatrix `weights` given for it), from one read of
-    the source: a list per row slab."""
+    the source: a list per row slab. `check_finite`: a NaN or Inf in the source, or a value a float output type
+    cannot hold, is an error naming the tensor and the first place (read as the slab streams past, never again)."""
     targets = list(zip(qtypes, weights or [None] * len(qtypes)))
     if entry.extra is not None:
         yield _encode_each(entry.extra.make(), "F32", targets, gpu)
         return
     src = entry.source
     assert src is not None
+    checked = _FiniteCheck(entry, src.shape) if check_finite else None
     if entry.transform is not None or len(src.shape) < 2:
         raw, dtype = read_whole(src, entry.transform, config)
-        yield _encode_each(raw, dtype, targets, gpu)
+        if checked:
+            checked.source(raw, dtype, 0)
+        yield checked.outputs(_encode_each(raw, dtype, targets, gpu), targets, dtype, 0) if checked else \
+            _encode_each(raw, dtype, targets, gpu)
         return
     for start, stop in row_ranges(src.shape[0], src.nbytes // src.shape[0]):
-        spans = [_copyable_span(src, start, stop, q) if w is None else None for q, w in targets]
-        if all(span is not None for span in spans):
-            yield spans
+        copied = all(w is None and _passes_through(src.dtype, q) for q, w in targets) and hasattr(src, "span")
+        span = src.span(start, stop) if copied else None
+        if span is not None and checked:
+            checked.span(span, src.dtype, start)  # finite: no BF16 NaN to quiet either
+            yield [span] * len(targets)
             continue
-        encoded = _encode_each(src.read_rows(start, stop), src.dtype, targets, gpu)
-        yield [span if span is not None else chunk for span, chunk in zip(spans, encoded)]
+        if span is not None and not (src.dtype == "BF16" and span.nbytes and _bf16_nan_from_max(*span.max_u16_and_i16())):
+            yield [span] * len(targets)
+            continue
+        raw = src.read_rows(start, stop)
+        if checked:
+            checked.source(raw, src.dtype, start)
+        encoded = _encode_each(raw, src.dtype, targets, gpu)
+        yield checked.outputs(encoded, targets, src.dtype, start) if checked else encoded
+
+
+class _FiniteCheck:
+    """Where the first NaN or Inf of a tensor is, in the source's shape, from the slab that holds it."""
+
+    def __init__(self, entry: PlanEntry, shape: tuple[int, ...]) -> None:
+        # a transformed tensor (rows reordered …) is placed in the file's tensor, not the checkpoint's
+        self.name = entry.source_name if entry.transform is None else f"{entry.name} (from {entry.source_name})"
+        self.row = int(np.prod(shape[1:], dtype=np.int64)) if len(shape) > 1 else 0
+
+    def _where(self, start: int, flat: int) -> tuple[int, ...]:
+        return (flat,) if not self.row else (start + flat // self.row, flat % self.row)
+
+    def source(self, raw: np.ndarray, dtype: str, start: int) -> None:
+        if dtype in NON_FINITE_EXPONENT and (bad := first_non_finite(raw, dtype)) is not None:
+            raise NonFiniteWeights(self.name, self._where(start, bad))
+
+    def span(self, span: FileSpan, dtype: str, start: int) -> None:
+        if (bad := span.first_non_finite(dtype)) is not None:
+            raise NonFiniteWeights(self.name, self._where(start, bad))
+
+    def outputs(self, chunks: list[np.ndarray], targets: list[tuple[T, np.ndarray | None]], dtype: str,
+                start: int) -> list[np.ndarray]:
+        """A float output narrower than its source (F32 -> F16 …) holds Inf where a value was too large."""
+        for chunk, (q, _) in zip(chunks, targets):
+            name = _FLOAT_OUTPUTS.get(q)
+            narrower = name is not None and name != dtype and (name, dtype) != ("BF16", "F16")
+            if narrower and (bad := first_non_finite(chunk, name)) is not None:
+                raise NonFiniteWeights(self.name, self._where(start, bad), overflow=name)
+        return chunks
+
+
+_FLOAT_OUTPUTS = {T.F16: "F16", T.BF16: "BF16"}  # output types narrower than some source: F32 -> F16/BF16, BF16 -> F16
 
 
 def _encode_each(raw: np.ndarray, dtype: str, targets: list[tuple[T, np.ndarray | None]],

@@ -33,6 +33,21 @@ def bf16_bits_to_f32(bits: np.ndarray) -> np.ndarray:
     return (bits.astype(np.uint32) << 16).view(np.float32)
 
 
+# the exponent bits that are all ones in a NaN or an Inf, per float storage dtype (as unsigned integers of its width)
+NON_FINITE_EXPONENT = {"F32": (np.dtype(np.uint32), 0x7F800000), "F16": (np.dtype(np.uint16), 0x7C00),
+                       "BF16": (np.dtype(np.uint16), 0x7F80)}
+
+
+def first_non_finite(raw: np.ndarray | memoryview, dtype: str) -> int | None:
+    """Flat index of the first NaN or Inf among float storage values (an array or a buffer of them); None when all
+    are finite."""
+    bits_type, exponent = NON_FINITE_EXPONENT[dtype]
+    bits = np.frombuffer(raw, dtype=bits_type) if isinstance(raw, memoryview) else \
+        np.ascontiguousarray(raw).reshape(-1).view(bits_type)
+    all_ones = (bits & bits_type.type(exponent)) == exponent
+    return int(np.argmax(all_ones)) if all_ones.any() else None
+
+
 def to_f32(raw: np.ndarray, dtype: str) -> np.ndarray:
     if dtype == "BF16":
         return bf16_bits_to_f32(raw)

@@ -12,11 +12,14 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, TypeVar
 
 import numpy as np
 
 from mt.errors import CorruptTensorFile
-from mt.io.dtypes import STORAGE_DTYPES
+from mt.io.dtypes import STORAGE_DTYPES, first_non_finite
+
+T = TypeVar("T")
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
@@ -73,14 +76,24 @@ class FileSpan:
 
     def max_u16_and_i16(self) -> tuple[int, int]:
         """max over the range as uint16 and as int16, read through a temporary mapping (no copy)."""
+        return self._on_mapping(np.uint16, lambda view: (int(view.max()), int(view.view(np.int16).max())))
+
+    def first_non_finite(self, dtype: str) -> int | None:
+        """The index of the first NaN or Inf among the range's float values (`dtype`: F32, F16, BF16), read through a
+        temporary mapping; None when all are finite."""
+        return self._on_mapping(STORAGE_DTYPES[dtype], lambda view: first_non_finite(view, dtype))
+
+    def _on_mapping(self, dtype: np.dtype | type, fn: Callable[[np.ndarray], T]) -> T:
+        """`fn` of the range viewed as `dtype` through a mapping, which closes once no view of it is left."""
         import mmap
 
         page = mmap.ALLOCATIONGRANULARITY
         start = self.offset - self.offset % page
+        itemsize = np.dtype(dtype).itemsize
         with open(self.path, "rb") as f, mmap.mmap(f.fileno(), self.offset - start + self.nbytes, access=mmap.ACCESS_READ, offset=start) as m:
-            view = np.frombuffer(m, dtype=np.uint16, count=self.nbytes // 2, offset=self.offset - start)
+            view = np.frombuffer(m, dtype=dtype, count=self.nbytes // itemsize, offset=self.offset - start)
             try:
-                return int(view.max()), int(view.view(np.int16).max())
+                return fn(view)
             finally:
                 del view
 

@@ -16,7 +16,7 @@ from gguf import GGMLQuantizationType as T
 from gguf import LlamaFileType
 
 from mt.errors import MtError, NonFiniteWeights
-from mt.io.dtypes import STORAGE_DTYPES, to_f32
+from mt.io.dtypes import STORAGE_DTYPES, first_non_finite, to_f32
 from mt.io.gguf_in import GGUFHeader, TensorInfo, read_header
 from mt.io.atomic import atomic_path, check_output
 from mt.io.gguf_out import GGUFContents, write_gguf
@@ -82,16 +82,9 @@ FLOAT_NAMES = {T.BF16: "BF16", T.F16: "F16", T.F32: "F32"}  # a float GGML type 
 STORAGE = {t: (name, STORAGE_DTYPES[name]) for t, name in FLOAT_NAMES.items()}
 
 
-class _NonFinite(Exception):
-    """A chunk holds NaN or Inf; tensor_chunks names the tensor."""
-
-
-def _finite_f32(values: np.ndarray, src: T) -> np.ndarray:
-    """Decode a chunk of source values (in a pool thread) and refuse NaN/Inf."""
-    out = to_f32(values, STORAGE[src][0])
-    if not np.isfinite(out).all():
-        raise _NonFinite
-    return out
+def _f32(values: np.ndarray, src: T) -> np.ndarray:
+    """Decode a chunk of source values (in a pool thread)."""
+    return to_f32(values, STORAGE[src][0])
 
 
 def tensor_weights(imx: Imatrix, ordered: list[TensorInfo], types: dict[str, T]) -> dict[str, np.ndarray]:
@@ -110,9 +103,10 @@ def put_quantization_keys_last(w: GGUFContents, file_type: LlamaFileType) -> Non
 
 
 def tensor_chunks(info: TensorInfo, new_type: T, weights: np.ndarray | None = None,
-                  gpu: GpuQuantizer | None = None) -> Iterator[np.ndarray]:
+                  gpu: GpuQuantizer | None = None, check_finite: bool = True) -> Iterator[np.ndarray]:
     """Output bytes of one tensor, a slab of rows at a time; weights [n_mat, ne0] from an imatrix; on the GPU
-    where `gpu` handles the type (the imatrix path runs on the CPU)."""
+    where `gpu` handles the type (the imatrix path runs on the CPU). `check_finite`: a NaN or Inf in a tensor that
+    is quantized is an error naming its first place."""
     n_rows = info.n_elements // info.shape[0]
     rows_per_matrix = info.shape[1] if len(info.shape) > 1 else 1
     row_bytes = info.nbytes // max(1, n_rows)
@@ -128,13 +122,12 @@ def tensor_chunks(info: TensorInfo, new_type: T, weights: np.ndarray | None = No
                 yield gpu.quantize(raw, STORAGE[info.type][0], new_type, info.shape[0], tensor_name=info.name)
                 continue
             values = raw.view(STORAGE[info.type][1]).reshape(count, info.shape[0])
-            try:  # decoding and the NaN check run chunk by chunk on the quantizer's thread pool
-                if weights is None:
-                    yield quant_type(new_type).quantize(values, lambda chunk: _finite_f32(chunk, info.type))
-                else:
-                    yield from _quantize_by_matrix(new_type, _finite_f32(values, info.type), start, rows_per_matrix, weights)
-            except _NonFinite:
-                raise NonFiniteWeights(info.name) from None
+            if check_finite and (bad := first_non_finite(values, STORAGE[info.type][0])) is not None:
+                raise NonFiniteWeights(info.name, (start + bad // info.shape[0], bad % info.shape[0]))
+            if weights is None:  # decoding runs chunk by chunk on the quantizer's thread pool
+                yield quant_type(new_type).quantize(values, lambda chunk: _f32(chunk, info.type))
+            else:
+                yield from _quantize_by_matrix(new_type, _f32(values, info.type), start, rows_per_matrix, weights)
 
 
 def _quantize_by_matrix(new_type: T, values: np.ndarray, first_row: int, rows_per_matrix: int, weights: np.ndarray) -> Iterator[np.ndarray]:
@@ -149,8 +142,9 @@ def _quantize_by_matrix(new_type: T, values: np.ndarray, first_row: int, rows_pe
 
 def quantize_gguf(src: Path, out: Path, file_type: str, *, options: MixOptions | None = None, force: bool = False,
                   progress: Callable[[int, int], None] | None = None, imatrix: str | Path | None = None,
-                  device: str = "auto") -> QuantizeResult:
-    """`imatrix`: an importance-matrix file (GGUF or legacy .dat); the path is recorded as given."""
+                  device: str = "auto", allow_non_finite: bool = False) -> QuantizeResult:
+    """`imatrix`: an importance-matrix file (GGUF or legacy .dat); the path is recorded as given.
+    `allow_non_finite`: quantize NaN/Inf weights as they come instead of refusing them."""
     ftype = parse_file_type(file_type)
     options = options or MixOptions()
     header = read_header(src, raw_strings=True)
@@ -181,7 +175,8 @@ def quantize_gguf(src: Path, out: Path, file_type: str, *, options: MixOptions |
     with atomic_path(out) as tmp:
         # reading and quantizing run one slab ahead on a worker thread while this one writes
         producer = Prefetcher(((i, chunk) for i, t in enumerate(ordered)
-                               for chunk in tensor_chunks(t, types[t.name], weights.get(t.name), gpu)), depth=2)
+                               for chunk in tensor_chunks(t, types[t.name], weights.get(t.name), gpu,
+                                                                   not allow_non_finite)), depth=2)
         try:
             write_gguf(tmp, w, _reported(grouped(ordered, producer), sizes, total, progress))
         finally:

@@ -87,7 +87,8 @@ def file_name(name: str, outtype: str) -> str:
 def release(src: Path, dist: Path, quants: list[str], *, name: str | None = None, adapter: Path | None = None,
             dequantized_base: bool = False, imatrix: str | Path | None = None,
             verify: VerifyOptions | None = VerifyOptions(), device: str = "auto",
-            split: SplitLimit = SplitLimit(), force: bool = False, progress: Progress | None = None) -> ReleaseResult:
+            split: SplitLimit = SplitLimit(), allow_non_finite: bool = False, force: bool = False,
+            progress: Progress | None = None) -> ReleaseResult:
     """`verify`: the options every file is verified with (None: not verified); a failure releases nothing.
     `device`: where the types a GPU computes are quantized (auto | cpu | cuda), as for mt convert.
     `imatrix`: llama.cpp's mixes (q4_k_m …) quantized with it, as llama-quantize --imatrix (with `verify`, pass it in
@@ -106,7 +107,7 @@ def release(src: Path, dist: Path, quants: list[str], *, name: str | None = None
     name = name or Path(src).resolve().name
     with atomic_dir(dist) as stage:
         files = [ReleaseFile(q, stage / file_name(name, q), plans[q]) for q in quants]
-        files, written = _write_all(ckpt, arch, files, gpu, split, progress)
+        files, written = _write_all(ckpt, arch, files, gpu, split, progress, not allow_non_finite)
         if verify is not None:
             files = [replace(f, report=r) for f, r in zip(files, _verified(Path(src), files, replace(verify, adapter=adapter)))]
         rows = _card_rows(files)
@@ -122,7 +123,7 @@ def release(src: Path, dist: Path, quants: list[str], *, name: str | None = None
 
 
 def _write_all(ckpt: Checkpoint, arch: Architecture, files: list[ReleaseFile], gpu: GpuQuantizer | None,
-               split: SplitLimit, progress: Progress | None) -> tuple[list[ReleaseFile], int]:
+               split: SplitLimit, progress: Progress | None, check_finite: bool) -> tuple[list[ReleaseFile], int]:
     """Every file written from one read of the source; the files with their parts (sha256 each), and the tensor
     bytes written."""
     outputs: list[SplitPlacedTensors] = []
@@ -140,7 +141,7 @@ def _write_all(ckpt: Checkpoint, arch: Architecture, files: list[ReleaseFile], g
         # the headers are packed (Python) on a thread of their own while the quantizers (numba, no GIL) run
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mt-headers") as pool:
             headers = pool.submit(lambda: [out.write_headers() for out in outputs])
-            producer = Prefetcher(_encoded(order, files, ckpt.config, gpu), depth=2)
+            producer = Prefetcher(_encoded(order, files, ckpt.config, gpu, check_finite), depth=2)
             try:
                 for entry_name, chunks in producer:
                     for out, chunk in zip(outputs, chunks):
@@ -215,11 +216,12 @@ def _verified(src: Path, files: list[ReleaseFile], options: VerifyOptions) -> li
         return reports
 
 
-def _encoded(order: list[PlanEntry], files: list[ReleaseFile], config: dict,
-             gpu: GpuQuantizer | None) -> Iterator[tuple[str, list[Chunk]]]:
+def _encoded(order: list[PlanEntry], files: list[ReleaseFile], config: dict, gpu: GpuQuantizer | None,
+             check_finite: bool) -> Iterator[tuple[str, list[Chunk]]]:
     """(tensor name, a chunk per file) for every row slab of every tensor."""
     by_name = [{e.name: e for e in f.plan.entries} for f in files]
     for entry in order:
         planned = [entries[entry.name] for entries in by_name]
-        for chunks in produce_types(entry, [e.qtype for e in planned], config, gpu, [e.weights for e in planned]):
+        for chunks in produce_types(entry, [e.qtype for e in planned], config, gpu, [e.weights for e in planned],
+                                    check_finite):
             yield entry.name, chunks
