@@ -12,9 +12,10 @@ from gguf import LlamaFileType
 from mt.convert.arch import load_architecture
 from mt.convert.arch.base import Architecture, Companion
 from mt.io.checkpoint import Checkpoint
-from mt.convert.plan import TensorPlan, build_plan, by_entry, companion_plans, is_mix, start_producing
+from mt.convert.plan import NOT_DATA_SUFFIXES, TensorPlan, build_plan, by_entry, companion_plans, is_mix, start_producing
 from mt.io.stream import Prefetcher, Progress, reporting
 from mt.convert.special import read_tokenizer_json
+from mt.convert.validate import check_against_config
 from mt.convert.vocab import VocabSummary
 from mt.errors import MtError
 from mt.io.atomic import atomic_paths, check_output
@@ -108,15 +109,29 @@ def _plan_uses_gpu_types(plan: TensorPlan) -> bool:
     return any(e.qtype in GPU_TYPES for e in plan.entries)
 
 
+def open_model(src: Path, adapter: Path | None = None, dequantized_base: bool = False,
+               allow_pickle: bool = False) -> tuple[Checkpoint, Architecture]:
+    """The source (with `adapter` merged in on the fly) and its architecture, its tensors checked against its
+    config before anything is written."""
+    from mt.merge.source import open_source
+
+    ckpt = open_source(src, adapter, dequantized_base=dequantized_base, allow_pickle=allow_pickle)
+    arch = load_architecture(ckpt.architecture, ckpt.config)
+    if arch.decoder_config:
+        tensors = arch.source_tensors(ckpt.tensors)
+        for name in tensors:  # a tensor the family does not know is named as such, before any shape is judged
+            if not (name.endswith(NOT_DATA_SUFFIXES) or arch.names.is_dropped(name) or any(c.takes(name) for c in arch.companions)):
+                arch.names.map(name)
+        check_against_config(ckpt.config, tensors)
+    return ckpt, arch
+
+
 def load(src: Path, outtype: str, allow_pickle: bool = False, adapter: Path | None = None,
          dequantized_base: bool = False, imatrix: str | Path | None = None) -> tuple[Checkpoint, Architecture, TensorPlan]:
     """The source (with `adapter` merged in on the fly), its architecture and the tensor plan (with `imatrix`:
     a llama.cpp mix quantized as llama-quantize --imatrix does)."""
-    from mt.merge.source import open_source
-
     given = open_imatrix(imatrix) if imatrix is not None else None
-    ckpt = open_source(src, adapter, dequantized_base=dequantized_base, allow_pickle=allow_pickle)
-    arch = load_architecture(ckpt.architecture, ckpt.config)
+    ckpt, arch = open_model(src, adapter, dequantized_base, allow_pickle)
     if given is not None and not is_mix(arch.check_outtype(outtype)):
         raise MtError(f"--imatrix goes with llama.cpp's mixes (q4_k_m …); {outtype} is written by the converter, "
                       "which takes none", "drop --imatrix, or pick a mix such as q4_k_m")

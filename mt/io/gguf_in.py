@@ -6,6 +6,7 @@ vocabulary; this reads the same header in a fraction of a second and leaves tens
 
 from __future__ import annotations
 
+import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ from mt.errors import GGUFError
 from mt.io.shards import SPLIT_COUNT, SPLIT_KEYS, SPLIT_NO, SPLIT_TENSORS_COUNT, part_path, split_prefix
 
 GGUF_MAGIC = b"GGUF"
+KNOWN_VERSIONS = (2, 3)
 SCALAR_FORMATS = {  # GGUF's fixed-size value types, as struct formats
 
     GGUFValueType.UINT8: "<B", GGUFValueType.INT8: "<b", GGUFValueType.UINT16: "<H", GGUFValueType.INT16: "<h",
@@ -65,6 +67,7 @@ class GGUFHeader:
 class _Reader:
     def __init__(self, f: BinaryIO, raw_strings: bool) -> None:
         self.f = f
+        self.size = os.fstat(f.fileno()).st_size
         self.raw_strings = raw_strings
         self.last_array_type: GGUFValueType | None = None
 
@@ -75,15 +78,21 @@ class _Reader:
             raise EOFError
         return struct.unpack(fmt, raw)[0]
 
+    def _bounded(self, n: int) -> int:
+        """A length read from the file, refused before anything is allocated for it when the file cannot hold it."""
+        if n > 1 << 16 and n > self.size - self.f.tell():  # small lengths fail at the read instead
+            raise EOFError(f"a length of {n:,} bytes runs past the end of the file")
+        return n
+
     def string(self) -> str | bytes:
-        n = self.unpack("<Q")
+        n = self._bounded(self.unpack("<Q"))
         raw = self.f.read(n)
         if len(raw) != n:
             raise EOFError
         return raw if self.raw_strings else raw.decode("utf-8", errors="surrogateescape")
 
     def key(self) -> str:
-        n = self.unpack("<Q")
+        n = self._bounded(self.unpack("<Q"))
         return self.f.read(n).decode("utf-8", errors="surrogateescape")
 
     def value(self, vtype: GGUFValueType) -> Any:
@@ -92,9 +101,10 @@ class _Reader:
         if vtype == GGUFValueType.ARRAY:
             sub = GGUFValueType(self.unpack("<I"))
             self.last_array_type = sub
-            n = self.unpack("<Q")
+            n = self._bounded(self.unpack("<Q"))  # every item takes at least a byte
             if sub in SCALAR_FORMATS:
                 dtype = np.dtype(SCALAR_FORMATS[sub])
+                self._bounded(n * dtype.itemsize)
                 return np.frombuffer(self.f.read(n * dtype.itemsize), dtype=dtype).tolist()
             return [self.value(sub) for _ in range(n)]
         return self.unpack(SCALAR_FORMATS[vtype])
@@ -144,6 +154,8 @@ def _read_part(path: Path, index: int, count: int, raw_strings: bool) -> GGUFHea
 
 
 def _read_file(path: Path, raw_strings: bool) -> GGUFHeader:
+    if path.is_dir():
+        raise GGUFError(f"{path} is a folder, not a GGUF file", "pass the .gguf file")
     if not path.is_file():
         raise GGUFError(f"{path} does not exist", "check the path")
     with open(path, "rb") as f:
@@ -168,7 +180,25 @@ def _read_file(path: Path, raw_strings: bool) -> GGUFHeader:
         except (EOFError, ValueError, struct.error) as e:
             raise GGUFError(f"{path} has a truncated or corrupt header ({e or 'end of file'})", "re-create the file") from None
         alignment = kv.get("general.alignment", (None, 32))[1]
+        if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
+            raise GGUFError(f"{path} has general.alignment {alignment!r}, not a power of two", "re-create the file")
         start = f.tell()
         data_offset = start + (-start % alignment)
+        size = os.fstat(f.fileno()).st_size
+    if version not in KNOWN_VERSIONS:
+        raise GGUFError(f"{path} is GGUF version {version}; mt reads versions 2 and 3", "re-create the file with llama.cpp's tools")
     tensors = [TensorInfo(n, d, t, data_offset + off, Path(path)) for n, d, t, off in raw_infos]
+    _check_data_ranges(Path(path), tensors, data_offset, size)
     return GGUFHeader(Path(path), version, kv, tensors, array_types)
+
+
+def _check_data_ranges(path: Path, tensors: list[TensorInfo], data_offset: int, size: int) -> None:
+    """Every tensor's bytes inside the file and apart from the others'."""
+    end_of = data_offset
+    for t in sorted(tensors, key=lambda t: t.offset):
+        if t.offset < end_of:
+            raise GGUFError(f"{path}: tensor {t.name!r} overlaps the bytes before it", "the file is damaged; re-create it")
+        end_of = t.offset + t.nbytes
+        if end_of > size:
+            raise GGUFError(f"{path}: tensor {t.name!r} ends at byte {end_of:,}, past the end of the file ({size:,} bytes)",
+                            "the file is truncated; download or write it again")

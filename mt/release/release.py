@@ -16,9 +16,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator
 
-from mt.convert.arch import load_architecture
 from mt.convert.arch.base import Architecture
-from mt.convert.convert import VocabKeys, gguf_contents
+from mt.convert.convert import VocabKeys, gguf_contents, open_model
 from mt.convert.plan import PlanEntry, TensorPlan, build_plan, produce_types
 from mt.errors import MtError
 from mt.io.atomic import atomic_dir, check_output
@@ -27,7 +26,6 @@ from mt.io.gguf_in import GGUFHeader, TensorInfo
 from mt.io.gguf_out import GGUFContents
 from mt.io.gguf_split import SplitLimit, SplitPlacedTensors, WrittenPart
 from mt.io.stream import Chunk, Prefetcher, Progress
-from mt.merge.source import open_source
 from mt.release.card import CardRow, base_model, model_card, read_source_card
 from mt.release.manifest import manifest
 from mt.release.memory import MemoryEstimate, estimates
@@ -94,8 +92,7 @@ def release(src: Path, dist: Path, quants: list[str], *, name: str | None = None
     `imatrix`: llama.cpp's mixes (q4_k_m …) quantized with it, as llama-quantize --imatrix (with `verify`, pass it in
     its options too); the converter's types (f16, q8_0 …) take none.
     `split`: a file over the limit is written in parts NAME-TYPE-00001-of-0000N.gguf, as gguf-split writes them."""
-    ckpt = open_source(Path(src), adapter, dequantized_base=dequantized_base)
-    arch = load_architecture(ckpt.architecture, ckpt.config)
+    ckpt, arch = open_model(Path(src), adapter, dequantized_base)
     if arch.companions:
         raise MtError(f"{ckpt.architecture} converts to several files (a model and its companions)",
                       "convert it with mt convert, one type at a time")

@@ -119,6 +119,8 @@ class Architecture:
     # --outtype values this family accepts (None: all); "auto" resolves to `auto_outtype` when set
     outtypes: ClassVar[tuple[str, ...] | None] = None
     auto_outtype: ClassVar[str | None] = None
+    # a decoder whose config.json gives hidden_size, heads, layers, vocab_size: its tensors are checked against them
+    decoder_config: ClassVar[bool] = True
 
     def __init__(self, config: dict[str, Any]) -> None:
         self.config = config

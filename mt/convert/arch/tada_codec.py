@@ -135,6 +135,7 @@ class TadaCodecDecoder(Architecture):
     names = KeptNames(KEPT, DROPPED)
     outtypes = ("f32", "f16")
     auto_outtype = "f16"
+    decoder_config = False
 
     def __init__(self, config: dict[str, Any]) -> None:
         super().__init__(config)
