@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Iterator
 
 import gguf
+import yaml
 from gguf import LlamaFileType
 
 from mt.convert.arch import load_architecture
@@ -16,8 +17,8 @@ from mt.convert.plan import NOT_DATA_SUFFIXES, TensorPlan, build_plan, by_entry,
 from mt.io.stream import Prefetcher, Progress, reporting
 from mt.convert.special import read_tokenizer_json
 from mt.convert.validate import check_against_config
-from mt.convert.vocab import VocabSummary
-from mt.errors import MtError
+from mt.convert.vocab import VocabSummary, read_json
+from mt.errors import CheckpointError, MtError, TokenizerError
 from mt.io.atomic import atomic_paths, check_output
 from mt.io.gguf_out import Chunk, GGUFContents, MetaValue, write_gguf
 from mt.quant.device import GPU_TYPES, select_device
@@ -91,7 +92,12 @@ def write_general_metadata(w: GGUFContents, folder: Path, fallback_name: str | N
     """general.name, size label, license, sampling defaults … from the model card and config, via gguf-py.
     Without a name there, `fallback_name` (default: the folder's name)."""
     total, shared, expert, expert_count = w.get_total_parameter_count()
-    meta = gguf.Metadata.load(None, folder, None, total)
+    try:
+        meta = gguf.Metadata.load(None, folder, None, total)
+    except yaml.YAMLError as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"{folder / 'README.md'}'s front matter is not valid YAML ({reason})",
+                              "fix or remove the model card's front matter") from None
     if meta.name is None:
         meta.name = fallback_name if fallback_name is not None else folder.resolve().name
     if meta.size_label is None and total > 0:
@@ -117,6 +123,9 @@ def open_model(src: Path, adapter: Path | None = None, dequantized_base: bool = 
 
     ckpt = open_source(src, adapter, dequantized_base=dequantized_base, allow_pickle=allow_pickle)
     arch = load_architecture(ckpt.architecture, ckpt.config)
+    tokenizer_config = ckpt.side_files / "tokenizer_config.json"
+    if tokenizer_config.is_file() and not isinstance(read_json(tokenizer_config), dict):
+        raise TokenizerError(f"{tokenizer_config} is not a JSON object", "fix or replace the tokenizer file")
     if arch.decoder_config:
         tensors = arch.source_tensors(ckpt.tensors)
         for name in tensors:  # a tensor the family does not know is named as such, before any shape is judged

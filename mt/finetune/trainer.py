@@ -365,7 +365,7 @@ def describe(p: Prepared, o: TrainOptions, world: World = World()) -> str:
 def prepare(o: TrainOptions, warn: Callable[[str], None] | None, world: World = World()) -> Prepared:
     """Options, output paths, base architecture, resume state and data: every check that needs no weights."""
     check_options(o)
-    check_output(o.output, o.force)
+    check_output(o.output, o.force, folder=True)
     if o.json_log is not None and str(o.json_log) != "-":
         check_output(o.json_log, o.force)
     arch = base_architecture(o.base)

@@ -13,7 +13,13 @@ from typing import Iterator, Sequence
 from mt.errors import MtError, OutputExists
 
 
-def check_output(path: Path, force: bool) -> None:
+def check_output(path: Path, force: bool, folder: bool = False) -> None:
+    """`path` may be written (a file, or with `folder` a folder): free, or replaced with `force` when it is of the
+    same kind."""
+    if folder and path.exists() and not path.is_dir():
+        raise OutputExists(f"{path} is a file", "give a folder to write into")
+    if not folder and path.is_dir():
+        raise OutputExists(f"{path} is a folder", "give the name of the file to write")
     if path.exists() and not force:
         raise OutputExists(f"{path} exists", "pass --force to overwrite it")
     if not path.parent.is_dir():

@@ -12,7 +12,7 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import Any, Callable, TypeVar
 
 import numpy as np
 
@@ -102,6 +102,20 @@ def _corrupt(path: Path, what: str) -> CorruptTensorFile:
     return CorruptTensorFile(f"{path.name}: {what}", "the file is damaged or truncated; download it again")
 
 
+class _DuplicateKey(Exception):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose keys are all different (json.loads otherwise keeps the last of two, silently)."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
 def read_header(path: Path) -> tuple[dict[str, TensorRef], dict[str, str]]:
     """Parse and validate a safetensors header. Returns (tensors by name, __metadata__)."""
     size = path.stat().st_size
@@ -114,9 +128,11 @@ def read_header(path: Path) -> tuple[dict[str, TensorRef], dict[str, str]]:
             raise _corrupt(path, f"header length {header_len} runs past the end of the file ({size} bytes)")
         raw = f.read(header_len)
     try:
-        header = json.loads(raw)
+        header = json.loads(raw, object_pairs_hook=_unique_keys)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise _corrupt(path, f"header is not valid JSON ({e})") from None
+    except _DuplicateKey as e:
+        raise _corrupt(path, f"header names tensor {e.args[0]!r} twice") from None
     if not isinstance(header, dict):
         raise _corrupt(path, "header is not a JSON object")
     data_start = 8 + header_len

@@ -153,7 +153,7 @@ class SafetensorsFolderWriter:
     """
 
     def __init__(self, out_dir: Path, specs: Sequence[TensorSpec], max_shard_size: int, force: bool = False) -> None:
-        check_output(out_dir, force)
+        check_output(out_dir, force, folder=True)
         self.out_dir = out_dir
         self.shards = plan_shards(specs, max_shard_size)
         self._order = [spec.name for spec in specs]

@@ -100,7 +100,7 @@ def release(src: Path, dist: Path, quants: list[str], *, name: str | None = None
     plans = {q: build_plan(ckpt, arch, q, given) for q in quants}
     uses_gpu_types = any(e.qtype in GPU_TYPES for plan in plans.values() for e in plan.entries)
     gpu = select_device(device) if device == "cuda" or uses_gpu_types else None
-    check_output(dist, force)
+    check_output(dist, force, folder=True)
     name = name or Path(src).resolve().name
     with atomic_dir(dist) as stage:
         files = [ReleaseFile(q, stage / file_name(name, q), plans[q]) for q in quants]

@@ -184,3 +184,33 @@ def test_internal_error_is_one_line_and_debug_shows_traceback(src, tmp_path, mon
     monkeypatch.setenv("MT_DEBUG", "1")
     result = run_convert(src, out)
     assert isinstance(result.exception, ZeroDivisionError)
+
+
+def test_tokenizer_config_that_is_not_an_object(src, tmp_path):
+    (src / "tokenizer_config.json").write_text("[]")
+    assert_clean_failure(run_convert(src, tmp_path / "o.gguf"), tmp_path / "o.gguf", "tokenizer_config.json is not a JSON object")
+
+
+def test_model_card_with_broken_front_matter(src, tmp_path):
+    (src / "README.md").write_text("---\nlicense: [unclosed\n---\n# a card\n")
+    assert_clean_failure(run_convert(src, tmp_path / "o.gguf"), tmp_path / "o.gguf", "front matter is not valid YAML")
+
+
+def test_force_onto_a_folder_fails_before_converting(src, tmp_path):
+    (tmp_path / "o.gguf").mkdir()
+    result = run_convert(src, tmp_path / "o.gguf", "--force")
+    assert result.exit_code == 1 and "is a folder" in result.output and (tmp_path / "o.gguf").is_dir(), result.output
+
+
+def test_a_tensor_named_twice_in_the_header(src, tmp_path):
+    path = src / "model.safetensors"
+    data = path.read_bytes()
+    n = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8:8 + n])
+    name = "model.norm.weight"
+    entry = json.dumps({name: header[name]})[1:-1]
+    text = json.dumps(header)
+    doubled = text[:-1] + ", " + entry + "}"
+    raw = doubled.encode().ljust(len(doubled.encode()) + (-len(doubled.encode()) % 8))
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n:])
+    assert_clean_failure(run_convert(src, tmp_path / "o.gguf"), tmp_path / "o.gguf", "names tensor 'model.norm.weight' twice")
