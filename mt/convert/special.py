@@ -86,7 +86,7 @@ class _Loader:
         if not isinstance(tid, int) or isinstance(tid, bool):
             return
         if tid < 0:
-            raise ValueError(f"invalid value for special token type {typ}: {tid}")
+            raise TokenizerError(f"the {typ} token id is {tid}, a negative id", "fix it in config.json or tokenizer_config.json")
         if (self.n_vocab is None or tid < self.n_vocab) and typ not in self.sv.token_ids:
             self.sv.token_ids[typ] = tid
 

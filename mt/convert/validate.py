@@ -41,7 +41,25 @@ def _positive_int(config: dict[str, Any], key: str, required: bool = True) -> in
     return value
 
 
+NUMBERS = ("rms_norm_eps", "layer_norm_eps", "rope_theta", "max_position_embeddings", "sliding_window",
+           "partial_rotary_factor", "attn_logit_softcapping", "final_logit_softcapping", "query_pre_attn_scalar")
+OBJECTS = ("rope_scaling", "rope_parameters")
+
+
+def check_value_types(config: dict[str, Any]) -> None:
+    """Hyperparameters llama.cpp stores as numbers are numbers, and the rope settings an object (or null)."""
+    for key in NUMBERS:
+        value = config.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value != value):
+            raise CheckpointError(f"config.json's {key} is {value!r}, not a number", REMEDY)
+    for key in OBJECTS:
+        value = config.get(key)
+        if value is not None and not isinstance(value, dict):
+            raise CheckpointError(f"config.json's {key} is {value!r}, not an object", REMEDY)
+
+
 def dims(config: dict[str, Any]) -> Dims:
+    check_value_types(config)
     hidden = _positive_int(config, "hidden_size")
     heads = _positive_int(config, "num_attention_heads")
     kv_heads = _positive_int(config, "num_key_value_heads", required=False) or heads
@@ -129,10 +147,10 @@ def _check_vocab_rows(name: str, tensor: LazyTensor, d: Dims) -> None:
 def _check_layers_complete(layers: dict[int, set[str]], count: int) -> None:
     if not layers:
         return
-    missing = [i for i in range(count) if i not in layers]
-    if missing:
+    missing = next((i for i in range(count) if i not in layers), None)
+    if missing is not None:
         raise CheckpointError(f"config.json's num_hidden_layers is {count}, but the checkpoint has no tensors for "
-                              f"layer {missing[0]}", REMEDY)
+                              f"layer {missing}", REMEDY)
     every = set().union(*layers.values())
     for index in range(count):
         if lacking := sorted(every - layers[index]):

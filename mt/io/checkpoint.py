@@ -118,6 +118,9 @@ class Checkpoint:
                 f"{self.folder / 'config.json'} has no 'architectures' entry",
                 'add e.g. "architectures": ["LlamaForCausalLM"] to config.json',
             )
+        if not isinstance(archs, list) or not isinstance(archs[0], str):
+            raise CheckpointError(f"{self.folder / 'config.json'}'s 'architectures' is {archs!r}, not a list of names",
+                                  'write e.g. "architectures": ["LlamaForCausalLM"]')
         return archs[0]
 
     def has_file(self, name: str) -> bool:

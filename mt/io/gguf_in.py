@@ -110,12 +110,13 @@ class _Reader:
         return self.unpack(SCALAR_FORMATS[vtype])
 
 
-def read_header(path: Path, raw_strings: bool = False) -> GGUFHeader:
-    """The header of a GGUF file; string values as str, or as bytes with raw_strings (for copying).
+def read_header(path: Path, raw_strings: bool = False, header_only: bool = False) -> GGUFHeader:
+    """The header of a GGUF file; string values as str, or as bytes with raw_strings (for copying). The tensors' data
+    must lie inside the file, apart, unless `header_only` (a header written without its data).
 
     Given the first part of a split model it reads every part: the metadata is the first part's without the
     split keys (as llama.cpp loads it), the tensors are all the parts' with the file each lives in."""
-    first = _read_file(Path(path), raw_strings)
+    first = _read_file(Path(path), raw_strings, header_only)
     count = int(first.value(SPLIT_COUNT, 0) or 0)
     if count == 0:  # one file (gguf-split --merge leaves split.count = 0 in it)
         return _without_split_keys(first, [first], split=False)
@@ -127,7 +128,8 @@ def read_header(path: Path, raw_strings: bool = False) -> GGUFHeader:
     if count > 1 and (named is None or named[1:] != (0, count)):
         raise GGUFError(f"{path} is the first of {count} parts but is not named PREFIX-00001-of-{count:05d}.gguf",
                         "rename the parts as gguf-split names them; llama.cpp finds the others by name")
-    parts = [first] + [_read_part(part_path(named[0], i, count), i, count, raw_strings) for i in range(1, count)]
+    parts = [first] + [_read_part(part_path(named[0], i, count), i, count, raw_strings, header_only)
+                       for i in range(1, count)]
     n_tensors = sum(len(part.tensors) for part in parts)
     if n_tensors != first.value(SPLIT_TENSORS_COUNT, n_tensors):
         raise GGUFError(f"{path}: the parts hold {n_tensors} tensors, split.tensors.count says "
@@ -142,18 +144,18 @@ def _without_split_keys(first: GGUFHeader, parts: list[GGUFHeader], split: bool)
     return GGUFHeader(first.path, first.version, kv, tensors, array_types, [p.path for p in parts] if split else [])
 
 
-def _read_part(path: Path, index: int, count: int, raw_strings: bool) -> GGUFHeader:
+def _read_part(path: Path, index: int, count: int, raw_strings: bool, header_only: bool) -> GGUFHeader:
     if not path.is_file():
         raise GGUFError(f"part {index + 1} of {count} of the split model is missing: {path}",
                         "put every part in the same folder")
-    part = _read_file(path, raw_strings)
+    part = _read_file(path, raw_strings, header_only)
     if (part.value(SPLIT_NO), part.value(SPLIT_COUNT)) != (index, count):
         raise GGUFError(f"{path} is not part {index + 1} of {count} (split.no {part.value(SPLIT_NO)}, "
                         f"split.count {part.value(SPLIT_COUNT)})", "keep the parts of one split together")
     return part
 
 
-def _read_file(path: Path, raw_strings: bool) -> GGUFHeader:
+def _read_file(path: Path, raw_strings: bool, header_only: bool = False) -> GGUFHeader:
     if path.is_dir():
         raise GGUFError(f"{path} is a folder, not a GGUF file", "pass the .gguf file")
     if not path.is_file():
@@ -188,7 +190,8 @@ def _read_file(path: Path, raw_strings: bool) -> GGUFHeader:
     if version not in KNOWN_VERSIONS:
         raise GGUFError(f"{path} is GGUF version {version}; mt reads versions 2 and 3", "re-create the file with llama.cpp's tools")
     tensors = [TensorInfo(n, d, t, data_offset + off, Path(path)) for n, d, t, off in raw_infos]
-    _check_data_ranges(Path(path), tensors, data_offset, size)
+    if not header_only:
+        _check_data_ranges(Path(path), tensors, data_offset, size)
     return GGUFHeader(Path(path), version, kv, tensors, array_types)
 
 

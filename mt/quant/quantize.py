@@ -6,6 +6,7 @@ to the end, and writes the tensors in its weights_map order (`mix.llama_order`).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator
@@ -52,6 +53,57 @@ def parse_file_type(name: str) -> LlamaFileType:
 
 def text(value: object) -> str | None:
     return value.decode("utf-8") if isinstance(value, bytes) else value  # type: ignore[return-value]
+
+
+def check_vocabulary(header: GGUFHeader) -> None:
+    """What llama.cpp's loader asserts of a vocabulary (it aborts otherwise): every token string once, the per-token
+    arrays as long as the token list, special token ids inside it."""
+    tokens = header.value("tokenizer.ggml.tokens")
+    if tokens is None:
+        return
+    if len(set(tokens)) != len(tokens):
+        seen: set = set()
+        twice = next(t for t in tokens if t in seen or seen.add(t))
+        raise MtError(f"{header.path}: the token {text(twice)!r} appears twice in tokenizer.ggml.tokens",
+                      "llama.cpp cannot load such a file; convert the model again")
+    for key in ("tokenizer.ggml.scores", "tokenizer.ggml.token_type"):
+        values = header.value(key)
+        if values is not None and len(values) != len(tokens):
+            raise MtError(f"{header.path}: {key} has {len(values)} entries for {len(tokens)} tokens",
+                          "llama.cpp cannot load such a file; convert the model again")
+    for key, (_, value) in header.kv.items():
+        if key.startswith("tokenizer.ggml.") and key.endswith("_token_id") and isinstance(value, int) \
+                and not 0 <= value < len(tokens):
+            raise MtError(f"{header.path}: {key} is {value}, outside the {len(tokens)} tokens",
+                          "llama.cpp cannot load such a file; convert the model again")
+
+
+def check_tensor_names(header: GGUFHeader, facts: ModelFacts) -> None:
+    """Every tensor one of the architecture's (gguf-py's table of them) with its layer below block_count, and every
+    layer holding the same tensors: what llama.cpp's loader needs of a file (it refuses it otherwise)."""
+    arch = {name: arch for arch, name in gguf.MODEL_ARCH_NAMES.items()}.get(facts.arch)
+    if arch is None or arch not in gguf.MODEL_TENSORS:
+        return  # an architecture gguf-py does not list: nothing to judge by
+    templates = [gguf.TENSOR_NAMES[t] for t in gguf.MODEL_TENSORS[arch]]
+    pattern = re.compile("^(?:" + "|".join(re.escape(t).replace(r"\{bid\}", r"(?P<bid%d>\d+)" % i)
+                                          for i, t in enumerate(templates)) + r")\.(?:weight|bias)$")
+    layers: dict[int, set[str]] = {}
+    for t in header.tensors:
+        found = pattern.match(t.name)
+        if found is None:
+            raise MtError(f"{header.path}: tensor {t.name!r} is not one of a {facts.arch} model's",
+                          "llama.cpp cannot load such a file; convert the model again")
+        bid = next((int(v) for v in found.groupdict().values() if v is not None), None)
+        if bid is not None:
+            if bid >= facts.n_layer:
+                raise MtError(f"{header.path}: tensor {t.name!r} is in layer {bid}, but {facts.arch}.block_count is "
+                              f"{facts.n_layer}", "llama.cpp cannot load such a file; convert the model again")
+            layers.setdefault(bid, set()).add(t.name.split(".", 2)[2])
+    every = set().union(*layers.values()) if layers else set()
+    for bid in range(facts.n_layer if layers else 0):
+        if lacking := sorted(every - layers.get(bid, set())):
+            raise MtError(f"{header.path}: tensor 'blk.{bid}.{lacking[0]}' is missing (the other layers have it)",
+                          "llama.cpp cannot load such a file; convert the model again")
 
 
 def model_facts(header: GGUFHeader) -> ModelFacts:
@@ -149,7 +201,9 @@ def quantize_gguf(src: Path, out: Path, file_type: str, *, options: MixOptions |
     options = options or MixOptions()
     header = read_header(src, raw_strings=True)
     check_output(out, force)
+    check_vocabulary(header)
     facts = model_facts(header)
+    check_tensor_names(header, facts)
     imx = load_imatrix(Path(imatrix)) if imatrix is not None else None
     if imx is not None:
         options = replace(options, has_imatrix=True)

@@ -142,7 +142,7 @@ class Verifier:
         path = self.workdir / "reference-header.gguf"
         contents, _ = gguf_contents(self.ckpt, self.arch, self.plan, vocab_only=False)
         write_gguf(path, contents)
-        return read_header(path)
+        return read_header(path, header_only=True)
 
     @cached_property
     def f32_plan(self) -> TensorPlan:
