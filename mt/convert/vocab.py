@@ -197,16 +197,25 @@ def write_sentencepiece(files: SideFiles, config: dict[str, Any], w: GGUFContent
 def spm_pieces(sp: Any, files: SideFiles, vocab_size: int) -> tuple[list[bytes], list[float], list[int]]:
     """Token bytes, scores and types for ids 0..vocab_size-1: the model's pieces, then added_tokens.json,
     padding ids as [PADn] (unused)."""
+    if sp.vocab_size() > vocab_size:
+        raise TokenizerError(f"tokenizer.model has {sp.vocab_size()} tokens, config.json's vocab_size is {vocab_size}: "
+                             "the vocabulary would be cut", "use the tokenizer that belongs to this checkpoint")
     tokens = [f"[PAD{i}]".encode() for i in range(vocab_size)]
     scores = [-10000.0] * vocab_size
     types = [SPM_TYPES["unused"]] * vocab_size
-    for i in range(min(sp.vocab_size(), vocab_size)):
+    for i in range(sp.vocab_size()):
         tokens[i] = sp.IdToPiece(i).encode("utf-8")
         scores[i] = sp.GetScore(i)
         types[i] = _spm_type(sp, i)
     added_json = files / "added_tokens.json"
     if added_json.is_file():
-        for text, tid in read_json(added_json).items():
+        added = read_json(added_json)
+        if not isinstance(added, dict):
+            raise TokenizerError(f"{added_json} is not a JSON object", "fix or replace the tokenizer file")
+        for text, tid in added.items():
+            if isinstance(tid, bool) or not isinstance(tid, int) or tid < 0:
+                raise TokenizerError(f"{added_json} gives {text!r} the id {tid!r}, not a token id",
+                                     "fix or replace the tokenizer file")
             if tid < vocab_size:
                 tokens[tid], scores[tid], types[tid] = text.encode("utf-8"), -1000.0, SPM_TYPES["user_defined"]
     return tokens, scores, types

@@ -166,6 +166,9 @@ def read_lora_config(folder: Path) -> LoraConfig:
         r, alpha = int(raw["r"]), float(raw["lora_alpha"])
     except (KeyError, TypeError, ValueError):
         raise AdapterError(f"{path.name} lacks a numeric 'r' and 'lora_alpha'", "fix or re-save the adapter") from None
+    if r <= 0:
+        raise AdapterError(f"{path.name} says r = {r}; a LoRA rank is at least 1", "fix or re-save the adapter")
+    _check_patterns(path.name, raw)
     auto = raw.get("auto_mapping") or {}
     return LoraConfig(
         r=r, alpha=alpha, use_rslora=bool(raw.get("use_rslora")), use_dora=bool(raw.get("use_dora")),
@@ -173,6 +176,23 @@ def read_lora_config(folder: Path) -> LoraConfig:
         base_model_class=auto.get("base_model_class") if isinstance(auto, dict) else None,
         alora_invocation_tokens=raw.get("alora_invocation_tokens"), invocation_string=raw.get("invocation_string"),
     )
+
+
+def _check_patterns(file: str, raw: dict) -> None:
+    """alpha_pattern / rank_pattern: module-name regular expressions (as peft matches them) with numeric values."""
+    for key in ("alpha_pattern", "rank_pattern"):
+        patterns = raw.get(key) or {}
+        if not isinstance(patterns, dict):
+            raise AdapterError(f"{file}'s {key} is {patterns!r}, not an object", "fix or re-save the adapter")
+        for pattern, value in patterns.items():
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise AdapterError(f"{file}'s {key} has {pattern!r}, not a regular expression ({e})",
+                                   "fix or re-save the adapter") from None
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise AdapterError(f"{file}'s {key} gives {pattern!r} the value {value!r}, not a positive number",
+                                   "fix or re-save the adapter")
 
 
 def _parse_weights(refs: dict[str, TensorRef], config: LoraConfig, file: str
@@ -214,6 +234,9 @@ def _delta(module: str, parts: dict[str, np.ndarray], config: LoraConfig, file: 
     a, b = (parts.get("embedding_a"), parts.get("embedding_b")) if embedding else (parts.get("a"), parts.get("b"))
     if a is None or b is None:
         raise AdapterError(f"{file} has only one of lora_A/lora_B for {module}", "the adapter is incomplete; save it again")
+    if a.ndim == 2 and b.ndim == 2 and a.shape[0] == b.shape[1] == 0:
+        raise AdapterError(f"{file}: {module} has an empty lora_A {list(a.shape)} and lora_B {list(b.shape)} (rank 0)",
+                           "the adapter is damaged; save it again")
     if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
         raise AdapterError(
             f"{file}: {module} has lora_A {list(a.shape)} and lora_B {list(b.shape)}, which do not share a rank",

@@ -387,6 +387,32 @@ def _bad_nan(base_dir: Path, out_dir: Path) -> Path:
     return out_dir
 
 
+def _edited_config(**changes: object) -> Callable[[Path, Path], Path]:
+    def build(base_dir: Path, out_dir: Path) -> Path:
+        build_adapter(base_dir, out_dir)
+        path = Path(out_dir) / CONFIG_NAME
+        config = json.loads(path.read_text())
+        config.update(changes)
+        path.write_text(json.dumps(config))
+        return out_dir
+    return build
+
+
+def _bad_rank_zero_tensors(base_dir: Path, out_dir: Path) -> Path:
+    """One module's lora_A / lora_B with no rows / columns (rank 0)."""
+    build_adapter(base_dir, out_dir)
+    key = PEFT_PREFIX + NAN_TENSOR.removesuffix(".weight")
+
+    def empty(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        a, b = tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"]
+        tensors[f"{key}.lora_A.weight"] = a[:0].contiguous()
+        tensors[f"{key}.lora_B.weight"] = b[:, :0].contiguous()
+        return tensors
+
+    _rewrite_tensors(out_dir, empty)
+    return out_dir
+
+
 # Each builds, for the base in base_dir, an adapter folder mt merge must refuse (or, for overflow_f16,
 # refuse with --dtype f16 only), one line naming the problem.
 BAD_ADAPTERS: dict[str, Callable[[Path, Path], Path]] = {
@@ -400,6 +426,10 @@ BAD_ADAPTERS: dict[str, Callable[[Path, Path], Path]] = {
     "pickle_only": _bad_pickle_only,
     "overflow_f16": _bad_overflow_f16,
     "nan": _bad_nan,
+    "rank_zero": _edited_config(r=0),
+    "rank_negative": _edited_config(r=-4),
+    "alpha_pattern_regex": _edited_config(alpha_pattern={"q_proj(": 16}),
+    "rank_zero_tensors": _bad_rank_zero_tensors,
 }
 
 

@@ -23,6 +23,10 @@ BAD: dict[str, tuple[list[str], tuple[str, ...]]] = {
     "pickle_only": ([], ("adapter_model.bin", "pickle", "safetensors")),
     "overflow_f16": (["--dtype", "f16"], (adapters.OVERFLOW_TENSOR, "NaN or Inf in F16", "--dtype f32/bf16")),
     "nan": ([], (adapters.NAN_TENSOR, "NaN or Inf")),
+    "rank_zero": ([], ("r = 0", "at least 1")),
+    "rank_negative": ([], ("r = -4",)),
+    "alpha_pattern_regex": ([], ("alpha_pattern", "'q_proj('", "not a regular expression")),
+    "rank_zero_tensors": ([], (adapters.NAN_TENSOR.removesuffix(".weight"), "(rank 0)")),
 }
 
 
