@@ -55,7 +55,7 @@ def _read_json(path: SideFile) -> Any:
 def _read_json_cached(key: tuple[Any, ...], path: SideFile) -> Any:
     try:
         return _read_json(path)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise TokenizerError(f"{path} is not valid JSON ({e})", "replace it with the model's own") from None
 
 

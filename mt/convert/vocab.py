@@ -88,7 +88,7 @@ class VocabSummary:
 def read_json(path: SideFile) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise TokenizerError(f"{path} is not valid JSON ({e})", "fix or replace the tokenizer file") from None
 
 

@@ -102,6 +102,8 @@ def _parse_line(path: Path, number: int, line: str) -> dict[str, Any]:
     except json.JSONDecodeError as e:
         raise DataError(f"{path}:{number}: not valid JSON ({e.msg} at column {e.colno})",
                         "each line must be one JSON object") from None
+    except RecursionError:
+        raise DataError(f"{path}:{number}: JSON nested too deeply to read", "each line must be one JSON object") from None
     if not isinstance(row, dict):
         raise DataError(f"{path}:{number}: a JSON {type(row).__name__}, not an object",
                         f"each line must be an object with {ROW_KINDS}")

@@ -54,7 +54,7 @@ def base_architecture(base: Path) -> str:
         config = json.loads(config_file.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise CheckpointError(f"{base} has no config.json", "pass a Hugging Face checkpoint folder") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise CheckpointError(f"{config_file} is not valid JSON ({e})", "download the checkpoint again") from None
     archs = config.get("architectures") or []
     arch = archs[0] if archs and isinstance(archs[0], str) else None

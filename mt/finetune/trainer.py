@@ -595,7 +595,7 @@ def read_state(folder: Path) -> dict[str, Any]:
         state = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise TrainingError(f"{folder} has no {STATE_NAME}", "--resume takes a folder mt finetune wrote") from None
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         raise TrainingError(f"{path} is damaged", "resume from another folder") from None
     if not isinstance(state.get("step"), int) or not (folder / OPTIMIZER_NAME).is_file():
         raise TrainingError(f"{folder} lacks the step count or {OPTIMIZER_NAME}", "--resume takes a folder mt finetune wrote")

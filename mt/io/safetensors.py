@@ -129,7 +129,7 @@ def read_header(path: Path) -> tuple[dict[str, TensorRef], dict[str, str]]:
         raw = f.read(header_len)
     try:
         header = json.loads(raw, object_pairs_hook=_unique_keys)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise _corrupt(path, f"header is not valid JSON ({e})") from None
     except _DuplicateKey as e:
         raise _corrupt(path, f"header names tensor {e.args[0]!r} twice") from None

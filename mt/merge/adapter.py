@@ -149,7 +149,7 @@ def read_lora_config(folder: Path) -> LoraConfig:
         raise AdapterError(f"no {CONFIG_NAME} in {folder}", "point at a PEFT adapter folder (adapter_config.json + adapter_model.safetensors)")
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise AdapterError(f"{path} is not valid JSON ({e})", "fix or re-save the adapter") from None
     if not isinstance(raw, dict):
         raise AdapterError(f"{path} is not a JSON object", "fix or re-save the adapter")

@@ -399,7 +399,7 @@ def _read_state_json(ckpt: Checkpoint, state_name: str) -> dict[str, Any]:
     raw = ckpt.tensors[state_name].read()
     try:
         state = json.loads(raw.tobytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         state = None
     if not isinstance(state, dict):
         raise CheckpointError(f"{ckpt.folder}: {state_name} is not bitsandbytes' JSON quantization state",

@@ -87,7 +87,7 @@ def open_reference(folder: Path) -> Reference:
                              "copy the source's tokenizer files into the folder")
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise CheckpointError(f"{config_path} is not valid JSON ({e})", "fix or replace the file") from None
     return Reference(folder, config)
 

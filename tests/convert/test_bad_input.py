@@ -214,3 +214,9 @@ def test_a_tensor_named_twice_in_the_header(src, tmp_path):
     raw = doubled.encode().ljust(len(doubled.encode()) + (-len(doubled.encode()) % 8))
     path.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n:])
     assert_clean_failure(run_convert(src, tmp_path / "o.gguf"), tmp_path / "o.gguf", "names tensor 'model.norm.weight' twice")
+
+
+def test_json_nested_too_deeply(src, tmp_path):
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps(config)[:-1] + ', "deep": ' + "[" * 200000 + "]" * 200000 + "}")
+    assert_clean_failure(run_convert(src, tmp_path / "o.gguf"), tmp_path / "o.gguf", "config.json is not valid JSON")
