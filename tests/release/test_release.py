@@ -168,3 +168,11 @@ def test_imatrix_weighs_the_mixes_and_verify_checks_them(llama2_256_dir, tmp_pat
         assert (tmp_path / "dist" / file_name("m", outtype)).read_bytes() == (tmp_path / "one.gguf").read_bytes(), outtype
     convert(llama2_256_dir, tmp_path / "plain.gguf", "q4_k_m")
     assert (tmp_path / "plain.gguf").read_bytes() != (tmp_path / "dist" / file_name("m", "q4_k_m")).read_bytes()
+
+
+def test_a_type_the_family_cannot_take_is_one_line(tada_codec_dir, tmp_path):
+    """TADA's codec decoder is written as F32 or F16 only: a K-quant in --quants is refused before anything is written."""
+    out = CliRunner().invoke(main, ["release", str(tada_codec_dir), "-o", str(tmp_path / "dist"), "--quants", "f16,q4_k_m",
+                                    "--no-verify"])
+    assert out.exit_code == 1 and out.output.count("\n") == 1 and "--outtype q4_k_m does not apply" in out.output, out.output
+    assert list(tmp_path.iterdir()) == []
