@@ -14,10 +14,8 @@ from mt.errors import MtError, OutputExists
 
 
 def check_output(path: Path, force: bool, folder: bool = False) -> None:
-    """`path` may be written (a file, or with `folder` a folder): free, or replaced with `force` when it is of the
-    same kind."""
-    if folder and path.exists() and not path.is_dir():
-        raise OutputExists(f"{path} is a file", "give a folder to write into")
+    """`path` may be written (a file, or with `folder` a folder): free, or replaced with `force` (a folder is never
+    replaced by a file: that rename would fail once the work is done)."""
     if not folder and path.is_dir():
         raise OutputExists(f"{path} is a folder", "give the name of the file to write")
     if path.exists() and not force:
