@@ -3,6 +3,7 @@ and its merge is the plain arithmetic (W + scaling * B @ A, DoRA's row norms) co
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
@@ -237,6 +238,30 @@ def _check_nan(base: Path, adapter: Path) -> None:
     assert _nonfinite_after_cast(base, adapter, torch.float32) == [adapters.NAN_TENSOR]
 
 
+def _check_rank(expected: int) -> Callable[[Path, Path], None]:
+    def check(base: Path, adapter: Path) -> None:
+        config, _ = adapters.read_adapter(adapter)
+        assert config["r"] == expected
+        with pytest.raises(ValueError, match="`r` should be a positive integer"):
+            _peft_load(base, adapter)
+
+    return check
+
+
+def _check_alpha_pattern_regex(base: Path, adapter: Path) -> None:
+    config, _ = adapters.read_adapter(adapter)
+    assert list(config["alpha_pattern"]) == ["q_proj("]
+    with pytest.raises(re.error):
+        _peft_load(base, adapter)
+
+
+def _check_rank_zero_tensors(base: Path, adapter: Path) -> None:
+    _, tensors = adapters.read_adapter(adapter)
+    assert tensors[f"{PEFT_PREFIX}{adapters.NAN_TENSOR.removesuffix('.weight')}.lora_A.weight"].shape[0] == 0
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        _peft_load(base, adapter)
+
+
 BAD_CHECKS: dict[str, Callable[[Path, Path], None]] = {
     "shape_mismatch": _check_shape_mismatch,
     "missing_module": _check_missing_module,
@@ -248,6 +273,10 @@ BAD_CHECKS: dict[str, Callable[[Path, Path], None]] = {
     "pickle_only": _check_pickle_only,
     "overflow_f16": _check_overflow_f16,
     "nan": _check_nan,
+    "rank_zero": _check_rank(0),
+    "rank_negative": _check_rank(-4),
+    "alpha_pattern_regex": _check_alpha_pattern_regex,
+    "rank_zero_tensors": _check_rank_zero_tensors,
 }
 
 
