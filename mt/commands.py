@@ -267,7 +267,8 @@ class TrainProgress:
 
 
 def release_command(src: Path, dist: Path, quants: str, *, name: str | None, adapter: Path | None,
-                    dequantized_base: bool, imatrix: str | None, allow_non_finite: bool, split_max_size: str | None, split_max_tensors: int | None, verify: bool, text_file: Path | None, max_kld: float | None,
+                    dequantized_base: bool, imatrix: str | None, allow_non_finite: bool, split_max_size: str | None,
+                    split_max_tensors: int | None, verify: bool, text_file: Path | None, max_kld: float | None,
                     threads: int | None, device: str, force: bool, quiet: bool, as_json: bool) -> None:
     from mt.io.gguf_split import split_limit
     from mt.release.release import file_entry, parse_quants, release

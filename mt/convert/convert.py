@@ -13,7 +13,8 @@ from gguf import LlamaFileType
 from mt.convert.arch import load_architecture
 from mt.convert.arch.base import Architecture, Companion
 from mt.io.checkpoint import Checkpoint
-from mt.convert.plan import NOT_DATA_SUFFIXES, TensorPlan, build_plan, by_entry, companion_plans, is_mix, start_producing
+from mt.convert.plan import (TensorPlan, build_plan, by_entry, companion_plans, is_mix, main_file_tensors,
+                             start_producing)
 from mt.io.stream import Prefetcher, Progress, reporting
 from mt.convert.special import read_tokenizer_json
 from mt.convert.validate import check_against_config
@@ -127,11 +128,9 @@ def open_model(src: Path, adapter: Path | None = None, dequantized_base: bool = 
     if tokenizer_config.is_file() and not isinstance(read_json(tokenizer_config), dict):
         raise TokenizerError(f"{tokenizer_config} is not a JSON object", "fix or replace the tokenizer file")
     if arch.decoder_config:
-        tensors = arch.source_tensors(ckpt.tensors)
-        for name in tensors:  # a tensor the family does not know is named as such, before any shape is judged
-            if not (name.endswith(NOT_DATA_SUFFIXES) or arch.names.is_dropped(name) or any(c.takes(name) for c in arch.companions)):
-                arch.names.map(name)
-        check_against_config(ckpt.config, tensors)
+        for _ in main_file_tensors(arch, ckpt.tensors):  # a tensor the family does not know is named first
+            pass
+        check_against_config(ckpt.config, arch.source_tensors(ckpt.tensors))
     return ckpt, arch
 
 

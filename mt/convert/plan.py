@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 import numpy as np
 from gguf import GGMLQuantizationType as T
@@ -115,16 +115,22 @@ def _imatrix_weights(imatrix: GivenImatrix | None, entry: PlanEntry, qtype: T) -
 NOT_DATA_SUFFIXES = (".attention.masked_bias", ".attention.bias", ".rotary_emb.inv_freq")  # buffers, not weights
 
 
-def _converter_plan(ckpt: Checkpoint, arch: Architecture, outtype: str) -> TensorPlan:
-    out = resolve_outtype(outtype, ckpt)
-    entries = [PlanEntry(x.name, x.shape, T.F32, extra=x) for x in arch.extra_tensors()]
-    for hf_name, ref in arch.source_tensors(ckpt.tensors).items():
+def main_file_tensors(arch: Architecture, tensors: Mapping[str, LazyTensor]) -> Iterator[tuple[str, str, LazyTensor]]:
+    """(checkpoint name, GGUF name, tensor) of every tensor the main file holds: buffers, dropped tensors and the
+    companions' left out; a name the family does not know raises UnknownTensor."""
+    for hf_name, ref in arch.source_tensors(tensors).items():
         if hf_name.endswith(NOT_DATA_SUFFIXES):
             continue
         if arch.names.is_dropped(hf_name) or any(c.takes(hf_name) for c in arch.companions):
             continue
+        yield hf_name, arch.names.map(hf_name), ref
+
+
+def _converter_plan(ckpt: Checkpoint, arch: Architecture, outtype: str) -> TensorPlan:
+    out = resolve_outtype(outtype, ckpt)
+    entries = [PlanEntry(x.name, x.shape, T.F32, extra=x) for x in arch.extra_tensors()]
+    for hf_name, name, ref in main_file_tensors(arch, ckpt.tensors):
         check_float(hf_name, ref)
-        name = arch.names.map(hf_name)
         entries.append(PlanEntry(name, ref.shape, T.F32, source=ref, transform=arch.transform_for(name)))
     types = tensor_types(out, Writer.CONVERTER, [_spec(e) for e in entries])
     return TensorPlan(out.file_type, [replace(e, qtype=types[e.name]) for e in entries])
@@ -226,32 +232,42 @@ def produce_types(entry: PlanEntry, qtypes: Sequence[T], config: dict, gpu: GpuQ
         return
     src = entry.source
     assert src is not None
-    checked = _FiniteCheck(entry, src.shape) if check_finite else None
+    checked = _FiniteCheck(entry, src.shape) if check_finite else _UNCHECKED
     if entry.transform is not None or len(src.shape) < 2:
         raw, dtype = read_whole(src, entry.transform, config)
-        if checked:
-            checked.source(raw, dtype, 0)
-        yield checked.outputs(_encode_each(raw, dtype, targets, gpu), targets, dtype, 0) if checked else \
-            _encode_each(raw, dtype, targets, gpu)
+        checked.source(raw, dtype, 0)
+        yield checked.outputs(_encode_each(raw, dtype, targets, gpu), targets, dtype, 0)
         return
     for start, stop in row_ranges(src.shape[0], src.nbytes // src.shape[0]):
         copied = all(w is None and _passes_through(src.dtype, q) for q, w in targets) and hasattr(src, "span")
         span = src.span(start, stop) if copied else None
-        if span is not None and checked:
-            checked.span(span, src.dtype, start)  # finite: no BF16 NaN to quiet either
-            yield [span] * len(targets)
-            continue
-        if span is not None and not (src.dtype == "BF16" and span.nbytes and _bf16_nan_from_max(*span.max_u16_and_i16())):
+        if span is not None and checked.copyable(span, src.dtype, start):
             yield [span] * len(targets)
             continue
         raw = src.read_rows(start, stop)
-        if checked:
-            checked.source(raw, src.dtype, start)
-        encoded = _encode_each(raw, src.dtype, targets, gpu)
-        yield checked.outputs(encoded, targets, src.dtype, start) if checked else encoded
+        checked.source(raw, src.dtype, start)
+        yield checked.outputs(_encode_each(raw, src.dtype, targets, gpu), targets, src.dtype, start)
 
 
-class _FiniteCheck:
+class _Unchecked:
+    """--allow-non-finite: values go through as they are (a BF16 NaN still takes ggml's quieting, so its span is not
+    copied as is)."""
+
+    def source(self, raw: np.ndarray, dtype: str, start: int) -> None:
+        pass
+
+    def copyable(self, span: FileSpan, dtype: str, start: int) -> bool:
+        return not (dtype == "BF16" and span.nbytes and _bf16_nan_from_max(*span.max_u16_and_i16()))
+
+    def outputs(self, chunks: list[np.ndarray], targets: list[tuple[T, np.ndarray | None]], dtype: str,
+                start: int) -> list[np.ndarray]:
+        return chunks
+
+
+_UNCHECKED = _Unchecked()
+
+
+class _FiniteCheck(_Unchecked):
     """Where the first NaN or Inf of a tensor is, in the source's shape, from the slab that holds it."""
 
     def __init__(self, entry: PlanEntry, shape: tuple[int, ...]) -> None:
@@ -266,9 +282,11 @@ class _FiniteCheck:
         if dtype in NON_FINITE_EXPONENT and (bad := first_non_finite(raw, dtype)) is not None:
             raise NonFiniteWeights(self.name, self._where(start, bad))
 
-    def span(self, span: FileSpan, dtype: str, start: int) -> None:
+    def copyable(self, span: FileSpan, dtype: str, start: int) -> bool:
+        """A span with no NaN or Inf (so no BF16 NaN to quiet either) is copied as it is."""
         if (bad := span.first_non_finite(dtype)) is not None:
             raise NonFiniteWeights(self.name, self._where(start, bad))
+        return True
 
     def outputs(self, chunks: list[np.ndarray], targets: list[tuple[T, np.ndarray | None]], dtype: str,
                 start: int) -> list[np.ndarray]:

@@ -55,6 +55,9 @@ def text(value: object) -> str | None:
     return value.decode("utf-8") if isinstance(value, bytes) else value  # type: ignore[return-value]
 
 
+UNLOADABLE = "llama.cpp cannot load such a file; convert the model again"
+
+
 def check_vocabulary(header: GGUFHeader) -> None:
     """What llama.cpp's loader asserts of a vocabulary (it aborts otherwise): every token string once, the per-token
     arrays as long as the token list, special token ids inside it."""
@@ -65,17 +68,17 @@ def check_vocabulary(header: GGUFHeader) -> None:
         seen: set = set()
         twice = next(t for t in tokens if t in seen or seen.add(t))
         raise MtError(f"{header.path}: the token {text(twice)!r} appears twice in tokenizer.ggml.tokens",
-                      "llama.cpp cannot load such a file; convert the model again")
+                      UNLOADABLE)
     for key in ("tokenizer.ggml.scores", "tokenizer.ggml.token_type"):
         values = header.value(key)
         if values is not None and len(values) != len(tokens):
             raise MtError(f"{header.path}: {key} has {len(values)} entries for {len(tokens)} tokens",
-                          "llama.cpp cannot load such a file; convert the model again")
+                          UNLOADABLE)
     for key, (_, value) in header.kv.items():
         if key.startswith("tokenizer.ggml.") and key.endswith("_token_id") and isinstance(value, int) \
                 and not 0 <= value < len(tokens):
             raise MtError(f"{header.path}: {key} is {value}, outside the {len(tokens)} tokens",
-                          "llama.cpp cannot load such a file; convert the model again")
+                          UNLOADABLE)
 
 
 def check_tensor_names(header: GGUFHeader, facts: ModelFacts) -> None:
@@ -92,18 +95,18 @@ def check_tensor_names(header: GGUFHeader, facts: ModelFacts) -> None:
         found = pattern.match(t.name)
         if found is None:
             raise MtError(f"{header.path}: tensor {t.name!r} is not one of a {facts.arch} model's",
-                          "llama.cpp cannot load such a file; convert the model again")
+                          UNLOADABLE)
         bid = next((int(v) for v in found.groupdict().values() if v is not None), None)
         if bid is not None:
             if bid >= facts.n_layer:
                 raise MtError(f"{header.path}: tensor {t.name!r} is in layer {bid}, but {facts.arch}.block_count is "
-                              f"{facts.n_layer}", "llama.cpp cannot load such a file; convert the model again")
+                              f"{facts.n_layer}", UNLOADABLE)
             layers.setdefault(bid, set()).add(t.name.split(".", 2)[2])
     every = set().union(*layers.values()) if layers else set()
     for bid in range(facts.n_layer if layers else 0):
         if lacking := sorted(every - layers.get(bid, set())):
             raise MtError(f"{header.path}: tensor 'blk.{bid}.{lacking[0]}' is missing (the other layers have it)",
-                          "llama.cpp cannot load such a file; convert the model again")
+                          UNLOADABLE)
 
 
 def model_facts(header: GGUFHeader) -> ModelFacts:
