@@ -122,7 +122,8 @@ def convert(src: Path, out: Path | None, outtype: str, out_format: str, force: b
             raise click.UsageError("--vocab-only, --dry-run and --imatrix apply to GGUF output only")
         assert out is not None
         run_reporting_errors(lambda: reexport_command(src, out, outtype, force=force, allow_pickle=allow_pickle, quiet=quiet,
-                                                      as_json=as_json, adapter=adapter, dequantized_base=dequantized_base))
+                                                      as_json=as_json, adapter=adapter, dequantized_base=dequantized_base,
+                                                      allow_non_finite=allow_non_finite))
         return
     run_reporting_errors(lambda: convert_command(src, out, outtype, force=force, vocab_only=vocab_only, dry_run=dry_run,
                                                  allow_pickle=allow_pickle, threads=threads, device=device, quiet=quiet,
@@ -138,17 +139,18 @@ def convert(src: Path, out: Path | None, outtype: str, out_format: str, force: b
               help="Output dtype (default: each tensor keeps the base's dtype). The merge itself runs in float32.")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest safetensors shard, e.g. 5GB, 500MB, 2GiB.")
 @DEQUANTIZED_BASE_OPTION
+@ALLOW_NON_FINITE_OPTION
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--quiet", is_flag=True, help="No progress bar or summary.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def merge(base: Path, adapter: Path, out: Path, dtype: str | None, max_shard_size: str, dequantized_base: bool,
-          force: bool, quiet: bool, as_json: bool) -> None:
+          allow_non_finite: bool, force: bool, quiet: bool, as_json: bool) -> None:
     """Merge the PEFT LoRA adapter ADAPTER into the checkpoint BASE: a Hugging Face folder transformers loads."""
     from mt.commands import merge_command
 
     run_reporting_errors(lambda: merge_command(base, adapter, out, dtype=dtype, max_shard_size=max_shard_size,
-                                               dequantized_base=dequantized_base, force=force, quiet=quiet,
-                                               as_json=as_json))
+                                               dequantized_base=dequantized_base, allow_non_finite=allow_non_finite,
+                                               force=force, quiet=quiet, as_json=as_json))
 
 
 @main.command("convert-lora")

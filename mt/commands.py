@@ -105,12 +105,12 @@ def convert_command(src: Path, out: Path | None, outtype: str, *, force: bool, v
 
 
 def reexport_command(src: Path, out: Path, outtype: str, *, force: bool, allow_pickle: bool, quiet: bool, as_json: bool,
-                     adapter: Path | None = None, dequantized_base: bool = False) -> None:
+                     adapter: Path | None = None, dequantized_base: bool = False, allow_non_finite: bool = False) -> None:
     from mt.convert.reexport import reexport
 
     result, elapsed = with_progress(not quiet and not as_json, lambda progress: reexport(
         src, out, outtype, force=force, allow_pickle=allow_pickle, adapter=adapter,
-        dequantized_base=dequantized_base, progress=progress))
+        dequantized_base=dequantized_base, allow_non_finite=allow_non_finite, progress=progress))
     if as_json:
         click.echo(json.dumps({"output": str(out), "dtype": result.dtype, "tensors": result.tensors, "bytes": result.nbytes,
                                "shards": result.shards, "seconds": round(elapsed, 3)}))
@@ -169,12 +169,13 @@ def quantize_command(src: Path, out: Path, file_type: str, *, pure: bool, output
 
 
 def merge_command(base: Path, adapter: Path, out: Path, *, dtype: str | None, max_shard_size: str,
-                  dequantized_base: bool, force: bool, quiet: bool, as_json: bool) -> None:
+                  dequantized_base: bool, force: bool, quiet: bool, as_json: bool,
+                  allow_non_finite: bool = False) -> None:
     from mt.merge.merge import merge
 
     result, elapsed = with_progress(not quiet and not as_json, lambda progress: merge(
         base, adapter, out, dtype=dtype, max_shard_size=max_shard_size, force=force,
-        dequantized_base=dequantized_base, progress=progress))
+        dequantized_base=dequantized_base, allow_non_finite=allow_non_finite, progress=progress))
     if as_json:
         click.echo(json.dumps({"output": str(out), "tensors": result.tensors, "merged": result.merged,
                                "bytes": result.nbytes, "shards": result.shards, "seconds": round(elapsed, 3)}))

@@ -117,12 +117,13 @@ def _plan_uses_gpu_types(plan: TensorPlan) -> bool:
 
 
 def open_model(src: Path, adapter: Path | None = None, dequantized_base: bool = False,
-               allow_pickle: bool = False) -> tuple[Checkpoint, Architecture]:
+               allow_pickle: bool = False, allow_non_finite: bool = False) -> tuple[Checkpoint, Architecture]:
     """The source (with `adapter` merged in on the fly) and its architecture, its tensors checked against its
-    config before anything is written."""
+    config before anything is written. `allow_non_finite`: a merge that makes NaN/Inf is not refused."""
     from mt.merge.source import open_source
 
-    ckpt = open_source(src, adapter, dequantized_base=dequantized_base, allow_pickle=allow_pickle)
+    ckpt = open_source(src, adapter, dequantized_base=dequantized_base, allow_pickle=allow_pickle,
+                       allow_non_finite=allow_non_finite)
     arch = load_architecture(ckpt.architecture, ckpt.config)
     tokenizer_config = ckpt.side_files / "tokenizer_config.json"
     if tokenizer_config.is_file() and not isinstance(read_json(tokenizer_config), dict):
@@ -135,11 +136,12 @@ def open_model(src: Path, adapter: Path | None = None, dequantized_base: bool = 
 
 
 def load(src: Path, outtype: str, allow_pickle: bool = False, adapter: Path | None = None,
-         dequantized_base: bool = False, imatrix: str | Path | None = None) -> tuple[Checkpoint, Architecture, TensorPlan]:
+         dequantized_base: bool = False, imatrix: str | Path | None = None,
+         allow_non_finite: bool = False) -> tuple[Checkpoint, Architecture, TensorPlan]:
     """The source (with `adapter` merged in on the fly), its architecture and the tensor plan (with `imatrix`:
     a llama.cpp mix quantized as llama-quantize --imatrix does)."""
     given = open_imatrix(imatrix) if imatrix is not None else None
-    ckpt, arch = open_model(src, adapter, dequantized_base, allow_pickle)
+    ckpt, arch = open_model(src, adapter, dequantized_base, allow_pickle, allow_non_finite)
     if given is not None and not is_mix(arch.check_outtype(outtype)):
         raise MtError(f"--imatrix goes with llama.cpp's mixes (q4_k_m …); {outtype} is written by the converter, "
                       "which takes none", "drop --imatrix, or pick a mix such as q4_k_m")
@@ -162,7 +164,7 @@ def convert(
     allow_non_finite: bool = False,
 ) -> ConvertResult:
     """`allow_non_finite`: write NaN/Inf weights (and F16 overflows) as they come instead of refusing them."""
-    ckpt, arch, plan = load(src, outtype, allow_pickle, adapter, dequantized_base, imatrix)
+    ckpt, arch, plan = load(src, outtype, allow_pickle, adapter, dequantized_base, imatrix, allow_non_finite)
     companions = [] if vocab_only else companion_outputs(ckpt, arch, out, outtype)
     for path in [out, *(c.path for c in companions)]:
         check_output(path, force)

@@ -84,11 +84,13 @@ def cast_tensors(ckpt: Checkpoint, dtype: str) -> dict[str, CastTensor]:
 
 def reexport(src: Path, out: Path, outtype: str, *, force: bool = False, allow_pickle: bool = False,
              adapter: Path | None = None, dequantized_base: bool = False, max_shard_size: str = "5GB",
-             progress: Progress | None = None) -> ReexportResult:
+             allow_non_finite: bool = False, progress: Progress | None = None) -> ReexportResult:
     dtype = safetensors_dtype(outtype)
-    ckpt = open_source(src, adapter, dequantized_base=dequantized_base, allow_pickle=allow_pickle)
+    ckpt = open_source(src, adapter, dequantized_base=dequantized_base, allow_pickle=allow_pickle,
+                       allow_non_finite=allow_non_finite)
     tensors = cast_tensors(ckpt, dtype)
-    total, shards = write_folder(out, tensors, _side_files(ckpt, dtype), parse_size(max_shard_size), force, progress)
+    total, shards = write_folder(out, tensors, _side_files(ckpt, dtype), parse_size(max_shard_size), force, progress,
+                                 not allow_non_finite)
     return ReexportResult(out, dtype, len(tensors), total, shards)
 
 

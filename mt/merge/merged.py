@@ -10,12 +10,10 @@ from typing import Any, Callable
 import numpy as np
 
 from mt.io.checkpoint import Checkpoint, LazyTensor
-from mt.io.dtypes import to_f32
-from mt.errors import AdapterError
-from mt.io.dtypes import FLOAT_DTYPES, STORAGE_DTYPES
+from mt.errors import AdapterError, NonFiniteWeights
+from mt.io.dtypes import FLOAT_DTYPES, STORAGE_DTYPES, f32_to_bf16_bits, first_non_finite, to_f32
 from mt.merge.adapter import Adapter, LoraDelta
 from mt.merge.fused import fuse_parts
-from mt.io.dtypes import f32_to_bf16_bits
 
 DTYPES = {"f32": "F32", "f16": "F16", "bf16": "BF16"}
 EMBEDDING_NAMES = ("model.embed_tokens.weight", "transformer.wte.weight", "model.embed_in.weight")
@@ -26,7 +24,8 @@ BaseWrapper = Callable[[str, LazyTensor], LazyTensor]
 
 @dataclass(frozen=True)
 class MergedTensor:
-    """`source` rows in float32, plus each LoRA delta (and lora_B bias), cast once to `dtype`."""
+    """`source` rows in float32, plus each LoRA delta (and lora_B bias), cast once to `dtype`. `check_finite`: a NaN
+    or Inf in the rows read (the base's or the merge's doing) is an error naming the tensor and the first place."""
 
     name: str
     dtype: str
@@ -34,6 +33,7 @@ class MergedTensor:
     source: LazyTensor
     deltas: tuple[LoraDelta, ...] = ()
     bias_deltas: tuple[LoraDelta, ...] = ()
+    check_finite: bool = True
 
     @property
     def nbytes(self) -> int:
@@ -46,31 +46,40 @@ class MergedTensor:
         for delta in self.bias_deltas:
             assert delta.bias is not None
             rows = rows + delta.bias[start:start + len(rows)] * np.float32(delta.scale)
-        return self._cast(rows)
+        return self._cast(rows, start)
 
     def read(self) -> np.ndarray:
         return self.read_rows()
 
-    def _cast(self, rows: np.ndarray) -> np.ndarray:
+    def _cast(self, rows: np.ndarray, start: int) -> np.ndarray:
         if self.dtype == "BF16":
             out = f32_to_bf16_bits(rows)
-            finite = np.isfinite(rows).all() and not (out & 0x7FFF == 0x7F80).any()
         else:
             with np.errstate(over="ignore"):  # an overflow is reported below, naming the tensor
                 out = rows.astype(STORAGE_DTYPES[self.dtype], copy=False)
-            finite = bool(np.isfinite(out).all())
-        if not finite:
-            raise AdapterError(
-                f"merging the adapter makes tensor {self.name!r} NaN or Inf" + (f" in {self.dtype}" if np.isfinite(rows).all() else ""),
-                "the adapter is broken or its update overflows this dtype; check the adapter, or merge with --dtype f32/bf16",
-            )
+        if self.check_finite and (bad := first_non_finite(out, self.dtype)) is not None:
+            self._refuse(rows, bad, start)
         return out
+
+    def _refuse(self, rows: np.ndarray, flat: int, start: int) -> None:
+        """The base's NaN/Inf is the checkpoint's fault; one the merge made (or an overflow of the cast) the adapter's."""
+        row = int(np.prod(self.shape[1:], dtype=np.int64)) if len(self.shape) > 1 else 0
+        where = (flat,) if not row else (start + flat // row, flat % row)
+        base = self.source.read_rows(where[0], where[0] + 1) if row else self.source.read()
+        if not np.isfinite(to_f32(base, self.source.dtype).reshape(-1)[where[-1]]):
+            raise NonFiniteWeights(self.name, where)
+        overflow = f" in {self.dtype}" if np.isfinite(rows.reshape(-1)[flat]) else ""
+        raise AdapterError(
+            f"merging the adapter makes tensor {self.name!r} NaN or Inf{overflow} (first at {list(where)})",
+            "the adapter is broken or its update overflows this dtype; check the adapter, merge with --dtype f32/bf16, "
+            "or pass --allow-non-finite to write such values as they are")
 
 
 def merge_checkpoint(base: Checkpoint, adapter: Adapter, dtype: str | None = None,
-                     wrap_base: BaseWrapper | None = None) -> Checkpoint:
+                     wrap_base: BaseWrapper | None = None, check_finite: bool = True) -> Checkpoint:
     """`base` with `adapter` merged in. `dtype` (F32/F16/BF16) casts every float tensor; None keeps each
-    tensor's own dtype. `wrap_base` may replace a base tensor before merging (QLoRA's dequantized base)."""
+    tensor's own dtype. `wrap_base` may replace a base tensor before merging (QLoRA's dequantized base).
+    `check_finite`: a merged tensor that reads NaN or Inf raises (see MergedTensor)."""
     if adapter.config.activated:
         raise AdapterError("the adapter is an activated LoRA (alora_invocation_tokens): it acts only after its "
                            "invocation tokens, which a merged weight cannot do",
@@ -84,7 +93,7 @@ def merge_checkpoint(base: Checkpoint, adapter: Adapter, dtype: str | None = Non
         out_dtype = dtype if dtype is not None and ref.dtype in FLOAT_DTYPES else ref.dtype
         changed = name in deltas or name in bias_deltas or source is not ref or out_dtype != ref.dtype
         tensors[name] = MergedTensor(name, out_dtype, source.shape, source, tuple(deltas.get(name, ())),
-                                     tuple(bias_deltas.get(name, ()))) if changed else ref
+                                     tuple(bias_deltas.get(name, ())), check_finite) if changed else ref
     return replace(base, config=merged_config(base.config, vocab, dtype), tensors=tensors)
 
 

@@ -25,23 +25,25 @@ def replaced_side_files(merged_config: dict[str, Any], adapter: Adapter) -> dict
 
 
 def open_merged(base_dir: Path, adapter_dir: Path, dtype: str | None = None, dequantized_base: bool = False,
-                allow_pickle: bool = False) -> tuple[Checkpoint, Checkpoint, Adapter]:
+                allow_pickle: bool = False, allow_non_finite: bool = False) -> tuple[Checkpoint, Checkpoint, Adapter]:
     """(merged, base, adapter): the base with the adapter merged in lazily, its side files replaced as
-    `replaced_side_files` says; `dtype` is f32/f16/bf16 or None (each tensor keeps its own)."""
+    `replaced_side_files` says; `dtype` is f32/f16/bf16 or None (each tensor keeps its own). Unless
+    `allow_non_finite`, a merged tensor that reads NaN or Inf raises."""
     from mt.merge.qlora import merge_base
 
     base = open_checkpoint(base_dir, allow_pickle=allow_pickle)
     adapter = open_adapter(adapter_dir)
     base, wrap = merge_base(base, dequantized_base)
-    merged = merge_checkpoint(base, adapter, DTYPES[dtype] if dtype else None, wrap)
+    merged = merge_checkpoint(base, adapter, DTYPES[dtype] if dtype else None, wrap, not allow_non_finite)
     return replace(merged, replaced_files=replaced_side_files(merged.config, adapter)), base, adapter
 
 
-def open_source(src: Path, adapter: Path | None, *, dequantized_base: bool = False, allow_pickle: bool = False) -> Checkpoint:
+def open_source(src: Path, adapter: Path | None, *, dequantized_base: bool = False, allow_pickle: bool = False,
+                allow_non_finite: bool = False) -> Checkpoint:
     """What convert, re-export and verify read: the checkpoint folder `src`, or with `adapter` the merged model."""
     if adapter is None:
         return open_checkpoint(src, allow_pickle=allow_pickle)
-    return open_merged(src, adapter, None, dequantized_base, allow_pickle)[0]
+    return open_merged(src, adapter, None, dequantized_base, allow_pickle, allow_non_finite)[0]
 
 
 def on_disk(ckpt: Checkpoint, stack: ExitStack) -> Path:

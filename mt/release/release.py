@@ -92,7 +92,7 @@ def release(src: Path, dist: Path, quants: list[str], *, name: str | None = None
     `imatrix`: llama.cpp's mixes (q4_k_m …) quantized with it, as llama-quantize --imatrix (with `verify`, pass it in
     its options too); the converter's types (f16, q8_0 …) take none.
     `split`: a file over the limit is written in parts NAME-TYPE-00001-of-0000N.gguf, as gguf-split writes them."""
-    ckpt, arch = open_model(Path(src), adapter, dequantized_base)
+    ckpt, arch = open_model(Path(src), adapter, dequantized_base, allow_non_finite=allow_non_finite)
     if arch.companions:
         raise MtError(f"{ckpt.architecture} converts to several files (a model and its companions)",
                       "convert it with mt convert, one type at a time")

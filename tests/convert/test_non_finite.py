@@ -97,3 +97,16 @@ def test_release_and_quantize_refuse_them_too(tiny, tmp_path):
     assert "'blk.1.ffn_up.weight' holds NaN or Inf values (first at [3, 17])" in line
     allowed = runner.invoke(main, ["quantize", str(f16), str(tmp_path / "q.gguf"), "q4_k_m", "--quiet", "--allow-non-finite"])
     assert allowed.exit_code == 0, allowed.output
+
+
+def test_safetensors_reexport_follows_the_same_rule(tiny, tmp_path):
+    src = with_value(tiny, tmp_path / "src", np.inf)
+    out = tmp_path / "re"
+    runner = CliRunner()
+    line = one_line(runner.invoke(main, ["convert", str(src), "-o", str(out), "--format", "safetensors",
+                                         "--outtype", "f32", "--quiet"]))
+    assert f"'{TENSOR}' holds NaN or Inf values (first at [3, 17])" in line and not out.exists()
+    allowed = runner.invoke(main, ["convert", str(src), "-o", str(out), "--format", "safetensors", "--outtype", "f32",
+                                   "--quiet", "--allow-non-finite"])
+    assert allowed.exit_code == 0, allowed.output
+    assert np.isinf(load_file(out / "model.safetensors")[TENSOR][3, 17])

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
+from safetensors.numpy import load_file, save_file
 
 from mt.cli import main
 from tests.merge import adapters
@@ -128,3 +131,40 @@ def test_activated_lora_is_not_merged(built: Callable[[str], Path], llama3_f32_u
     (adapter / "adapter_config.json").write_text(json.dumps({**config, "alora_invocation_tokens": [5, 9]}))
     out = tmp_path / "merged"
     assert_refused(["merge", str(llama3_f32_untied_dir), str(adapter), "-o", str(out)], ("activated LoRA", "convert-lora"), out)
+
+
+def _base_with_nan(src: Path, dest: Path, name: str, index: tuple[int, ...]) -> Path:
+    shutil.copytree(src, dest)
+    tensors = load_file(dest / "model.safetensors")
+    tensors[name] = tensors[name].copy()
+    tensors[name][index] = np.nan
+    save_file(tensors, str(dest / "model.safetensors"), metadata={"format": "pt"})
+    return dest
+
+
+def _read_merged(folder: Path) -> dict[str, np.ndarray]:
+    return {k: v for shard in folder.glob("*.safetensors") for k, v in load_file(shard).items()}
+
+
+@pytest.mark.parametrize("name, index", [("model.layers.0.self_attn.q_proj.weight", (2, 5)), ("model.norm.weight", (7,))])
+def test_a_nan_in_the_base_is_the_checkpoint_s_fault(name: str, index: tuple[int, ...], built: Callable[[str], Path],
+                                                     llama3_f32_untied_dir: Path, tmp_path: Path) -> None:
+    """q_proj is merged with a delta, the norm passes through untouched: both are checked on the way out."""
+    base = _base_with_nan(llama3_f32_untied_dir, tmp_path / "base", name, index)
+    out = tmp_path / "merged"
+    assert_refused(["merge", str(base), str(built("plain")), "-o", str(out)],
+                   (f"tensor {name!r} holds NaN or Inf values (first at {list(index)})", "--allow-non-finite"), out)
+    result = CliRunner().invoke(main, ["merge", str(base), str(built("plain")), "-o", str(out), "--quiet",
+                                       "--allow-non-finite"])
+    assert result.exit_code == 0, result.output
+    assert np.isnan(_read_merged(out)[name][index])
+
+
+def test_allow_non_finite_writes_the_adapter_s_nan(bad: Callable[[str], Path], llama3_f32_untied_dir: Path,
+                                                   tmp_path: Path) -> None:
+    out = tmp_path / "merged"
+    result = CliRunner().invoke(main, ["merge", str(llama3_f32_untied_dir), str(bad("nan")), "-o", str(out), "--quiet",
+                                       "--allow-non-finite"])
+    assert result.exit_code == 0, result.output
+    column = np.isnan(_read_merged(out)[adapters.NAN_TENSOR])
+    assert column.any(axis=0).sum() == 1 and column.all(axis=0).any()  # one whole column, as the adapter's NaN makes
