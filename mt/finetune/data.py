@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from mt.errors import DataError
+from mt.io.chat_template import TemplateRunaway, render_bounded
 
 IGNORE = -100
 ROW_KINDS = "'text', 'messages' (or ShareGPT 'conversations') or 'prompt' + 'completion'"
@@ -218,7 +219,9 @@ def _trained(message: dict[str, Any]) -> bool:
 
 def _apply_template(tokenizer: Any, messages: list[dict[str, Any]], generation_prompt: bool) -> str:
     try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+        return render_bounded(tokenizer, messages, add_generation_prompt=generation_prompt)
+    except TemplateRunaway as e:
+        raise RowError(f"the chat template did not end rendering the conversation ({e}); fix the template") from None
     except Exception as e:  # jinja's raise_exception (e.g. roles that do not alternate) or a template error
         raise RowError(f"the chat template refused the conversation ({e})") from None
 

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import ctypes
-import signal
-import threading
-from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
+from mt.io.chat_template import TemplateRunaway, render_bounded
 from mt.io.gguf_in import GGUFHeader
 from mt.verify.reference import Reference
 from mt.verify.report import Check, Status
@@ -25,32 +23,7 @@ CONVERSATIONS: dict[str, list[Message]] = {
 }
 TEMPLATE_KEY = "tokenizer.chat_template"
 FIXED_DATE = "26 Jul 2024"  # templates that print today's date (Llama 3.x) render the same on both sides
-RENDER_SECONDS = 5.0  # a rendering of one short conversation that takes longer does not end (a hostile loop)
-RENDER_CHARS = 1 << 20
 ERROR, TOO_LONG = "<template error: ", "<template did not end: "
-
-
-class _RenderTimeout(BaseException):
-    """Raised into a rendering that ran past RENDER_SECONDS (a BaseException: jinja and transformers catch Exception)."""
-
-
-@contextmanager
-def _time_limit(seconds: float) -> Iterator[None]:
-    """SIGALRM after `seconds` raises into the code running in the main thread; elsewhere no limit can be set."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def expire(signum: int, frame: Any) -> None:
-        raise _RenderTimeout
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 def _render(ref: Reference, template: str, messages: list[Message], add_generation_prompt: bool,
@@ -58,17 +31,12 @@ def _render(ref: Reference, template: str, messages: list[Message], add_generati
     """transformers' jinja renderer (its sandbox), bounded in time and size; an exception the template raises is
     part of what it renders."""
     try:
-        with _time_limit(RENDER_SECONDS):
-            text = ref.tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
-                                                     add_generation_prompt=add_generation_prompt,
-                                                     date_string=FIXED_DATE, **special_tokens)
-    except _RenderTimeout:
-        return f"{TOO_LONG}over {RENDER_SECONDS:g} s>"
+        return render_bounded(ref.tokenizer, messages, chat_template=template, add_generation_prompt=add_generation_prompt,
+                              date_string=FIXED_DATE, **special_tokens)
+    except TemplateRunaway as e:
+        return f"{TOO_LONG}{e}>"
     except Exception as e:  # jinja's raise_exception, undefined names ...
         return f"{ERROR}{type(e).__name__}: {e}>"
-    if len(text) > RENDER_CHARS:
-        return f"{TOO_LONG}over {RENDER_CHARS:,} characters>"
-    return text
 
 
 def _cases() -> list[tuple[str, list[Message], bool]]:

@@ -198,6 +198,21 @@ def test_template_that_rewrites_earlier_turns(llama3_tokenizer_dir: Path, tmp_pa
         load_samples(write_jsonl(tmp_path / "d.jsonl", [{"messages": CONVERSATION}]), tokenizer, 64)
 
 
+@pytest.mark.parametrize("template, limit", [
+    ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "over 0.3 s"),
+    ("{% set s = namespace(t='ab') %}{% for i in range(22) %}{% set s.t = s.t ~ s.t %}{% endfor %}{{ s.t }}",
+     "over 1,048,576 characters"),
+])
+def test_template_that_does_not_end(template: str, limit: str, llama3_tokenizer_dir: Path, tmp_path: Path,
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from mt.io import chat_template
+
+    monkeypatch.setattr(chat_template, "RENDER_SECONDS", 0.3)
+    tokenizer = with_template(llama3_tokenizer_dir, template)
+    with pytest.raises(DataError, match=rf"d.jsonl:1: the chat template did not end rendering the conversation \({limit}\)"):
+        load_samples(write_jsonl(tmp_path / "d.jsonl", [{"messages": CONVERSATION}]), tokenizer, 64)
+
+
 def test_llama2_template_trains_the_answer_and_eos(llama3_tokenizer_dir: Path, tmp_path: Path) -> None:
     tokenizer = with_template(llama3_tokenizer_dir, checkpoints.LLAMA2_CHAT_TEMPLATE)
     sample = one_sample(tmp_path, {"messages": CONVERSATION}, tokenizer)

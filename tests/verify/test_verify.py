@@ -171,6 +171,16 @@ def test_swapped_token_strings_fail_vocabulary_and_tokenization(llama2_spm_dir, 
     assert a in mismatch["reference"] and b in mismatch["llama_cpp"]
 
 
+def test_a_file_llama_cpp_would_abort_on_is_failed_not_loaded(verifier_of, gguf_of, tmp_path):
+    """A token string twice trips an assertion in llama.cpp's vocabulary loader, which aborts the whole process:
+    verify must find it in the header and never hand the file to llama.cpp."""
+    bad = _corrupt(gguf_of("llama2_spm_dir", "f16"), tmp_path,
+                   kv={"tokenizer.ggml.tokens": lambda tokens: [tokens[400] if i == 401 else t for i, t in enumerate(tokens)]})
+    report = verifier_of("llama2_spm_dir").verify(bad)
+    assert {"vocabulary", "tokenization", "quality"} <= failed(report), report.to_text()
+    assert "appears twice in tokenizer.ggml.tokens" in check(report, "quality").summary
+
+
 def test_wrong_bos_fails_vocabulary_and_tokenization(verifier_of, gguf_of, tmp_path):
     bad = _corrupt(gguf_of("llama2_spm_dir", "f16"), tmp_path, kv={"tokenizer.ggml.bos_token_id": 2})
     report = verifier_of("llama2_spm_dir").verify(bad)
@@ -276,9 +286,9 @@ NEVER_ENDS = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor 
 
 
 def test_a_template_that_never_ends_is_reported_not_waited_for(verifier_of, gguf_of, tmp_path, monkeypatch):
-    from mt.verify import template
+    from mt.io import chat_template
 
-    monkeypatch.setattr(template, "RENDER_SECONDS", 0.3)
+    monkeypatch.setattr(chat_template, "RENDER_SECONDS", 0.3)
     bad = _corrupt(gguf_of("llama2_spm_dir", "f16"), tmp_path, kv={"tokenizer.chat_template": NEVER_ENDS})
     report = verifier_of("llama2_spm_dir").verify(bad)
     assert failed(report) == {"chat template"}, report.to_text()
