@@ -24,6 +24,7 @@ def _show(value: Any) -> Any:
 
 def inspect_gguf(path: Path) -> dict[str, Any]:
     from mt.io.gguf_in import read_header
+    from mt.quant.quantize import load_problem
 
     header = read_header(path)
     metadata = {key: _show(value) for key, (_, value) in header.kv.items()}
@@ -35,14 +36,18 @@ def inspect_gguf(path: Path) -> dict[str, Any]:
     total_bytes = sum(t.nbytes for t in header.tensors)
     total_elems = sum(t.n_elements for t in header.tensors)
     gguf_arch = header.kv.get("general.architecture", (None, "unknown"))[1]
+    unloadable = load_problem(header)
     lines = [f"{path}: GGUF v{header.version}, architecture {gguf_arch}, {len(metadata)} keys, {len(tensors)} tensors, {total_elems:,} weights, "
              f"{total_bytes:,} bytes of tensor data, {8 * total_bytes / max(1, total_elems):.2f} bits per weight"
              + (f", split in {len(header.parts)} parts" if header.parts else "")]
+    if unloadable is not None:
+        lines.append(f"  llama.cpp cannot load this file: {unloadable}")
     lines += [f"  {k} = {v}" for k, v in metadata.items()]
     width = max((len(t["name"]) for t in tensors), default=10)
     lines += [f"  {t['name']:<{width}} {t['type']:<6} {str(t['shape']):<20} {t['bytes']:>12,}  {t['bpw']:.2f} bpw" for t in tensors]
     return {"kind": "gguf", "path": str(path), "parts": [str(p) for p in header.parts], "architecture": gguf_arch,
-            "metadata": metadata, "tensors": tensors, "text": "\n".join(lines)}
+            "metadata": metadata, "tensors": tensors, "loadable": unloadable is None, "load_problem": unloadable,
+            "text": "\n".join(lines)}
 
 
 def _layer_pattern(name: str) -> str:

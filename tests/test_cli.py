@@ -50,6 +50,20 @@ def test_convert_json_and_inspect(llama3_dir, tmp_path):
     assert "GGUF v3, architecture llama," in text
 
 
+def test_inspect_says_what_llama_cpp_would_refuse(llama3_dir, tmp_path):
+    from tests.verify import corrupt
+
+    good = tmp_path / "m.gguf"
+    assert CliRunner().invoke(main, ["convert", str(llama3_dir), "-o", str(good), "--outtype", "f16"]).exit_code == 0
+    report = json.loads(CliRunner().invoke(main, ["inspect", str(good), "--json"]).output)
+    assert report["loadable"] and report["load_problem"] is None
+    bad = corrupt.rewrite(good, tmp_path / "bad.gguf", tensors=corrupt.drop_tensor("blk.1.ffn_up.weight"))
+    result = CliRunner().invoke(main, ["inspect", str(bad)])
+    assert result.exit_code == 0, result.output
+    assert "llama.cpp cannot load this file: " in result.output
+    assert "tensor 'blk.1.ffn_up.weight' is missing (the other layers have it)" in result.output
+
+
 def test_inspect_folder_names_family(qwen2_dir):
     result = CliRunner().invoke(main, ["inspect", str(qwen2_dir)])
     assert result.exit_code == 0

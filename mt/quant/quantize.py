@@ -109,6 +109,20 @@ def check_tensor_names(header: GGUFHeader, facts: ModelFacts) -> None:
                           UNLOADABLE)
 
 
+def load_problem(header: GGUFHeader) -> str | None:
+    """Why llama.cpp's loader would refuse the file, or abort on it (check_vocabulary, check_tensor_names); None when
+    neither finds anything. Only model files are judged: an adapter's or an importance matrix's general.type says
+    what else a file is."""
+    if text(header.value("general.type", "model")) != "model":
+        return None
+    try:
+        check_vocabulary(header)
+        check_tensor_names(header, model_facts(header))
+    except MtError as e:
+        return e.problem
+    return None
+
+
 def model_facts(header: GGUFHeader) -> ModelFacts:
     arch = text(header.value("general.architecture"))
     if arch is None:

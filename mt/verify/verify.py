@@ -32,6 +32,7 @@ from mt.io.gguf_in import GGUFHeader, read_header
 from mt.io.gguf_out import write_gguf
 from mt.merge.source import on_disk
 from mt.quant.imatrix import Imatrix, load_imatrix
+from mt.quant.quantize import load_problem
 from mt.verify.corpus import CORPUS
 from mt.verify.exact import check_tensors
 from mt.verify.layered import reference_logits, truncated_config
@@ -210,16 +211,19 @@ class Verifier:
         self._check_architecture(gguf.arch)
         header = gguf.header
         file_type = file_type_name(header.value("general.file_type"))
+        unloadable = load_problem(header)  # llama.cpp would refuse the file, or abort the process on it
         with phase(self.peak_rss, "checks"):
             checks = [check_metadata(header, self.header), check_vocabulary(header, self.header),
                       check_chat_template(header, self.header, self.ref),
                       check_tensors(header, self.f32_plan.entries, self.ckpt.config, self.imatrix),
-                      check_tokenization(gguf.path, self.runtime_file, self.ref, self.options.text)]
+                      check_tokenization(gguf.path, self.runtime_file, self.ref, self.options.text) if unloadable is None
+                      else Check("tokenization", Status.FAIL, f"llama.cpp cannot load the GGUF ({unloadable})")]
         same_as_reference = (checks[3].status is Status.PASS and self.reference_layers == self.n_layers
                              and file_type == self.reference_type)
         if "conversion" not in self.__dict__:
             self.reference_conversion_logits()  # llama.cpp runs before transformers loads anything
-        candidate = self._logits["reference"] if same_as_reference else self._file_logits(gguf.path, len(gguf.tokens))
+        candidate = f"llama.cpp cannot run the GGUF ({unloadable})" if unloadable is not None else \
+            self._logits["reference"] if same_as_reference else self._file_logits(gguf.path, len(gguf.tokens))
         checks.append(self.conversion)
         checks.append(self._quality(candidate))
         checks.append(check_llama_cpp_chat(header, self.ref))
