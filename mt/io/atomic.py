@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -22,6 +23,18 @@ def check_output(path: Path, force: bool, folder: bool = False) -> None:
         raise OutputExists(f"{path} exists", "pass --force to overwrite it")
     if not path.parent.is_dir():
         raise MtError(f"output folder {path.parent} does not exist", "create it first")
+    _check_writable(path.parent)
+
+
+def _check_writable(folder: Path) -> None:
+    """A file can be created in `folder` (found before the work, not after it): a read-only folder or file system."""
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".mt-probe-")
+    except OSError as e:
+        raise MtError(f"cannot write in {folder} ({e.strerror or e})",
+                      "write to a folder you may write in, or change its permissions") from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 PARTIAL_MARK = ".mt-partial-"

@@ -6,6 +6,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 from mt.io.atomic import atomic_dir, atomic_path
 
@@ -39,3 +42,36 @@ def test_a_release_folder_run_removes_them_too(tmp_path):
     with atomic_dir(tmp_path / "dist") as stage:
         (stage / "a").write_text("a")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dist"]
+
+
+def unwritable_folder(tmp_path: Path) -> Path:
+    """A folder no file can be created in: a read-only one for a user; for root (who writes through permissions)
+    sysfs, which creates no files for anyone."""
+    if os.geteuid() != 0:
+        folder = tmp_path / "read-only"
+        folder.mkdir()
+        folder.chmod(0o555)
+        return folder
+    try:
+        Path("/sys/mt-probe").touch()
+    except PermissionError:
+        return Path("/sys")
+    Path("/sys/mt-probe").unlink()
+    pytest.skip("running as root with a writable /sys: no folder here refuses a new file")
+
+
+@pytest.mark.parametrize("command", ["convert", "release"])
+def test_an_unwritable_output_folder_is_one_line_before_any_work(command, tmp_path):
+    from click.testing import CliRunner
+
+    from mt.cli import main
+    from mt.demo import build_tiny_llama
+
+    src = build_tiny_llama(tmp_path / "tiny")
+    folder = unwritable_folder(tmp_path)
+    args = {"convert": ["convert", str(src), "-o", str(folder / "m.gguf")],
+            "release": ["release", str(src), "-o", str(folder / "dist"), "--quants", "q8_0", "--no-verify"]}[command]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"mt: error: cannot write in {folder}"), result.output
