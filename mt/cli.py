@@ -372,6 +372,43 @@ def verify(gguf: Path, reference: Path, text_file: Path | None, max_tokens: int,
 
 
 @main.command()
+@click.argument("tada", type=click.Path(path_type=Path))
+@click.option("--text", required=True, help="What to say.")
+@click.option("-o", "--output", "out", type=click.Path(path_type=Path), required=True, help="WAV file to write (24 kHz mono).")
+@click.option("--voice", type=click.Path(path_type=Path), default=None,
+              help="Voice prompt: a saved EncoderOutput of HumeAI's encoder, or mt's .npz of the same arrays.")
+@click.option("--acoustic", type=click.Path(path_type=Path), default=None,
+              help="The acoustic file (default: <stem>-acoustic.gguf beside TADA).")
+@click.option("--codec", type=click.Path(path_type=Path), default=None,
+              help="The codec decoder GGUF (default: <stem>-codec.gguf beside TADA).")
+@click.option("--flow-steps", type=click.IntRange(1, 1000), default=10, show_default=True, help="Euler steps of the flow head.")
+@click.option("--cfg", type=float, default=1.6, show_default=True, help="Classifier-free guidance of the acoustic dims.")
+@click.option("--duration-cfg", type=float, default=1.0, show_default=True, help="Guidance of the duration dims.")
+@click.option("--noise-temperature", type=float, default=0.9, show_default=True)
+@click.option("--negative", type=click.Choice(["step", "zero"]), default="step", show_default=True,
+              help="Guidance's negative condition: a second sequence of pad tokens (step) or zeros.")
+@click.option("--no-normalize", is_flag=True, help="Tokenize the text as given (no punctuation and case rewriting).")
+@click.option("--seed", type=int, default=None, help="Seed of the flow's noise (default: a fresh one).")
+@click.option("--threads", type=int, default=None, help="llama.cpp threads (default: its own choice).")
+@click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
+@click.option("--quiet", is_flag=True, help="No summary.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def speak(tada: Path, text: str, out: Path, voice: Path | None, acoustic: Path | None, codec: Path | None,
+          flow_steps: int, cfg: float, duration_cfg: float, noise_temperature: float, negative: str, no_normalize: bool,
+          seed: int | None, threads: int | None, force: bool, quiet: bool, as_json: bool) -> None:
+    """Speak TEXT with a TADA model converted by mt (TADA.gguf, its -acoustic.gguf and -codec.gguf): a 24 kHz wav."""
+    from mt.commands import speak_command
+    from mt.speak.acoustic import FlowOptions
+    from mt.speak.speak import SpeakOptions
+
+    options = SpeakOptions(FlowOptions(flow_steps=flow_steps, acoustic_cfg=cfg, duration_cfg=duration_cfg,
+                                       noise_temperature=noise_temperature), negative=negative,
+                           normalize=not no_normalize, threads=threads)
+    run_reporting_errors(lambda: speak_command(tada, text, out, acoustic=acoustic, codec=codec, voice=voice,
+                                               options=options, seed=seed, force=force, quiet=quiet, as_json=as_json))
+
+
+@main.command()
 @click.option("--workdir", type=click.Path(path_type=Path), default=None, help="Where to write (default: a temp folder).")
 @click.option("--tiny", is_flag=True, help="Use the built-in tiny random model (no download).")
 def demo(workdir: Path | None, tiny: bool) -> None:

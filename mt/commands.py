@@ -23,6 +23,7 @@ T = TypeVar("T")
 if TYPE_CHECKING:
     from mt.finetune.trainer import StepLog, TrainOptions
     from mt.verify.verify import VerifyOptions
+    from mt.speak.speak import SpeakOptions
 
 
 def format_bytes(n: float) -> str:
@@ -314,3 +315,22 @@ def split_command(src: Path, out: Path, *, merge: bool, split_max_size: str | No
     for path in paths:
         click.echo(f"  {path.name}: {format_bytes(path.stat().st_size)}")
     click.echo(f"wrote {len(paths)} parts; give llama.cpp the first: {paths[0]}")
+
+
+def speak_command(tada: Path, text: str, out: Path, *, acoustic: Path | None, codec: Path | None, voice: Path | None,
+                  options: SpeakOptions, seed: int | None, force: bool, quiet: bool, as_json: bool) -> None:
+    from mt.speak.speak import speak, uncovered_script
+
+    script = uncovered_script(text)
+    if script is not None:
+        click.echo(f"mt: warning: the text is written in {script} script, which none of tada-3b-ml's languages (en, ja, "
+                   "de, fr, es, zh, ar, it, pl, pt) uses; expect poor speech", err=True)
+    result = speak(tada, text, out, acoustic=acoustic, codec=codec, voice=voice, options=options, seed=seed, force=force)
+    summary = {"output": str(out), "seconds": round(result.seconds, 3), "sample_rate": result.sample_rate,
+               "tokens": result.tokens, "elapsed": round(result.elapsed, 3),
+               "real_time_factor": round(result.real_time_factor, 3)}
+    if as_json:
+        click.echo(json.dumps(summary))
+    elif not quiet:
+        click.echo(f"wrote {out}: {result.seconds:.2f} s of speech at {result.sample_rate} Hz from {result.tokens} tokens "
+                   f"in {result.elapsed:.1f} s (real-time factor {result.real_time_factor:.2f})")

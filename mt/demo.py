@@ -110,7 +110,7 @@ def chat_answer(gguf: Path, question: str, max_tokens: int = 48) -> str:
     """llama.cpp's greedy answer, the prompt built with the chat template embedded in the file."""
     from llama_cpp import Llama
 
-    from mt.verify.logits import native_stderr_silenced
+    from mt.io.quiet import native_stderr_silenced
 
     with native_stderr_silenced():
         llm = Llama(model_path=str(gguf), n_ctx=512, n_threads=2, verbose=False)

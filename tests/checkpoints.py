@@ -246,6 +246,23 @@ def write_llama3_tokenizer(dir: Path) -> None:
     })
 
 
+LLAMA32_RENAMED = {128004: "<|finetune_right_pad_id|>", 128008: "<|eom_id|>", 128010: "<|python_tag|>"}
+
+
+def write_llama32_tokenizer(dir: Path) -> None:
+    """Llama 3.2's tokenizer: Llama 3's, with the special tokens 3.1 named in place of reserved ones (TADA pads with
+    <|finetune_right_pad_id|>, id 128004)."""
+    write_llama3_tokenizer(dir)
+    tokenizer = json.loads((dir / "tokenizer.json").read_text(encoding="utf-8"))
+    for token in tokenizer["added_tokens"]:
+        token["content"] = LLAMA32_RENAMED.get(token["id"], token["content"])
+    _write_json(dir / "tokenizer.json", tokenizer)
+    config = json.loads((dir / "tokenizer_config.json").read_text(encoding="utf-8"))
+    for token_id, name in LLAMA32_RENAMED.items():
+        config["added_tokens_decoder"][str(token_id)]["content"] = name
+    _write_json(dir / "tokenizer_config.json", config)
+
+
 def write_qwen2_tokenizer(dir: Path) -> None:
     vocab = read_gguf_vocab("qwen2")
     n_base = vocab.token_types.index(3)
@@ -731,11 +748,12 @@ def _save_state(state: dict[str, torch.Tensor], path: Path) -> None:
 
 
 def build_tada(dir: Path, *, dtype: torch.dtype = torch.float32, bottleneck_dim: int | None = None, seed: int = 0) -> Path:
-    """A tiny TadaForCausalLM: the Llama-3 backbone of build_llama3 plus TADA's acoustic modules, with the real
-    tensor names and config keys (HumeAI tada/modules/tada.py)."""
+    """A tiny TadaForCausalLM: the Llama-3 backbone of build_llama3 (with Llama 3.2's tokenizer) plus TADA's acoustic
+    modules, with the real tensor names and config keys (HumeAI tada/modules/tada.py)."""
     from tests.tada_reference import TadaAcoustic
 
     dir = build_llama3(dir, dtype=dtype, seed=seed)
+    write_llama32_tokenizer(dir)  # TADA's generation pads with <|finetune_right_pad_id|>
     config = json.loads((dir / "config.json").read_text())
     acoustic = TadaAcoustic(HIDDEN, bottleneck_dim=bottleneck_dim, **TADA_DIMS)
     _random_params(acoustic, seed + 1)

@@ -13,7 +13,7 @@ LAYERS: list[set[str]] = [  # lowest first: a package may import its own modules
     # the demo's real model, fetched from the package registry
     {"quant", "kernels"},
     {"convert", "merge"},
-    {"verify", "finetune"},
+    {"verify", "finetune", "speak"},  # speak: TADA synthesis from the converted files
     {"release"},  # convert, quantize, verify and package many files at once
     {"commands", "demo", "inspect"},  # the typed functions behind the commands
     {"cli"},

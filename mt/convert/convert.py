@@ -214,7 +214,7 @@ def write_companion(ckpt: Checkpoint, output: CompanionOutput, path: Path, progr
     w.add_type(gguf.GGUFType.MODEL)
     write_general_metadata(w, ckpt.folder)
     w.add_file_type(int(plan.file_type))
-    output.companion.write_metadata(w, ckpt.config)
+    output.companion.write_metadata(w, ckpt.config, ckpt.side_files)
     producer = start_producing(plan, ckpt.config, check_finite=check_finite)
     try:
         return write_gguf(path, w, _payloads(plan, producer, progress, total))

@@ -7,34 +7,14 @@ freed before the other loads, so only one copy of the model is in memory.
 from __future__ import annotations
 
 import gc
-import io
-import os
-import sys
-from contextlib import contextmanager, redirect_stderr
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
 from mt.errors import AdapterError
-
-
-@contextmanager
-def native_stderr_silenced() -> Iterator[None]:
-    """llama.cpp logs (e.g. its n_ctx_train notice) even with verbose=False; send fd 2 and sys.stderr to nothing."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 2)
-        with redirect_stderr(io.StringIO()):  # llama-cpp-python's log callback prints through sys.stderr
-            yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
-
+from mt.io.quiet import native_stderr_silenced
 
 LOGIT_BATCH = 32  # tokens per llama_decode: llama.cpp's output and compute buffers scale with it times the vocabulary
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from mt.verify.corpus import CORPUS, with_special_tokens
-from mt.verify.logits import native_stderr_silenced
+from mt.io.quiet import native_stderr_silenced
 from mt.verify.reference import Reference, split_on_specials
 from mt.verify.report import Check, Status
 

@@ -157,6 +157,30 @@ def test_acoustic_metadata_is_the_tada_config(q4_outputs, tada_dir):
     assert "tada.bottleneck_dim" not in fields
 
 
+def test_acoustic_metadata_carries_the_generation_frame(q4_outputs, tada_dir):
+    """What the speech runtime needs besides numbers: the prompt frame and the ids of the tokens it treats apart,
+    as the checkpoint's tokenizer numbers them (Llama 3.2's)."""
+    from transformers import AutoTokenizer
+
+    _, fields = read_companion(q4_outputs[1])
+    tokenizer = AutoTokenizer.from_pretrained(tada_dir)
+    assert fields["tada.prompt_prefix"] == ("<|start_header_id|>system<|end_header_id|><|eot_id|>"
+                                            "<|start_header_id|>assistant<|end_header_id|>")
+    for role, text in {"pad": "<|finetune_right_pad_id|>", "start_header": "<|start_header_id|>",
+                       "end_header": "<|end_header_id|>", "eot": "<|eot_id|>"}.items():
+        assert fields[f"tada.token.{role}_id"] == tokenizer.convert_tokens_to_ids(text), role
+    assert fields["tada.token.pad_id"] == 128004
+
+
+def test_a_tokenizer_without_tada_s_pad_token_is_refused(tada_dir, tmp_path):
+    src = Path(shutil.copytree(tada_dir, tmp_path / "src"))
+    checkpoints.write_llama3_tokenizer(src)  # Llama 3's: id 128004 is still <|reserved_special_token_2|>
+    out = tmp_path / "t.gguf"
+    result = run_cli(src, out)
+    assert_one_line_error(result, "<|finetune_right_pad_id|>", "Llama 3.2 tokenizer")
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("outtype", ["f32", "f16"])
 def test_head_on_tensors_read_back_matches_original(tada_dir, converted, outtype):
     tensors, _ = read_companion(converted(outtype)[1])

@@ -91,7 +91,7 @@ class Companion:
     prefixes: tuple[str, ...]
     gguf_arch: str
     names: NameTable
-    write_metadata: Callable[[GGUFContents, dict[str, Any]], None]
+    write_metadata: Callable[[GGUFContents, dict[str, Any], SideFiles], None]  # (writer, config, tokenizer files)
 
     def takes(self, hf_name: str) -> bool:
         return hf_name.startswith(self.prefixes)

@@ -17,7 +17,9 @@ from mt.io.gguf_out import GGUFContents
 from mt.convert.arch.family import Family
 from mt.convert.arch.base import Companion, NameTable
 from mt.convert.arch.llama import Llama
-from mt.io.checkpoint import LazyTensor
+from mt.convert.vocab import read_json
+from mt.errors import TokenizerError
+from mt.io.checkpoint import LazyTensor, SideFiles
 
 ACOUSTIC_GGUF_ARCH = "tada"
 
@@ -45,6 +47,12 @@ ACOUSTIC_PREFIXES = ("acoustic_proj.", "time_start_embed.", "time_end_embed.", "
 # a TadaForCausalLM saved after from_pretrained holds the codec decoder it attached; the codec is converted on its
 # own (mt convert tada-codec/decoder), as HumeAI's MLX converter strips these too
 EMBEDDED_CODEC_PREFIXES = ("_decoder.", "decoder.")
+
+# generate's conversation frame (system_prompt None, no user turn) and the tokens its loop treats apart: the guidance
+# sequence keeps the structural ones and pads the rest with <|finetune_right_pad_id|>
+PROMPT_PREFIX = "<|start_header_id|>system<|end_header_id|><|eot_id|><|start_header_id|>assistant<|end_header_id|>"
+SPECIAL_TOKENS = {"pad": "<|finetune_right_pad_id|>", "start_header": "<|start_header_id|>",
+                  "end_header": "<|end_header_id|>", "eot": "<|eot_id|>"}
 
 HEAD_RMS_NORM_EPS = 1e-5  # TadaForCausalLM builds the head with rms_norm_eps=1e-05 whatever config.rms_norm_eps is
 TIMESTEP_FREQUENCY_SIZE = 256  # VibeVoice TimestepEmbedder: sinusoidal features (cos, sin halves) of this size
@@ -104,7 +112,27 @@ def head_dims(config: dict[str, Any]) -> dict[str, int]:
     }
 
 
-def write_acoustic_metadata(w: GGUFContents, config: dict[str, Any]) -> None:
+def special_token_ids(files: SideFiles) -> dict[str, int]:
+    """The ids of SPECIAL_TOKENS in the checkpoint's tokenizer (tokenizer.json's added tokens, else
+    tokenizer_config.json's added_tokens_decoder)."""
+    by_text: dict[str, int] = {}
+    tokenizer, tokenizer_config = files / "tokenizer.json", files / "tokenizer_config.json"
+    if tokenizer.is_file():
+        by_text.update({t.get("content"): t.get("id") for t in read_json(tokenizer).get("added_tokens") or []
+                        if isinstance(t, dict)})
+    if tokenizer_config.is_file():
+        decoder = read_json(tokenizer_config).get("added_tokens_decoder") or {}
+        by_text.update({t.get("content"): int(i) for i, t in decoder.items() if isinstance(t, dict) and str(i).isdigit()})
+    ids = {}
+    for role, text in SPECIAL_TOKENS.items():
+        if not isinstance(by_text.get(text), int):
+            raise TokenizerError(f"the tokenizer has no {text} token, which TADA's generation needs",
+                                 "use the Llama 3.2 tokenizer the TADA checkpoint was trained with")
+        ids[role] = by_text[text]
+    return ids
+
+
+def write_acoustic_metadata(w: GGUFContents, config: dict[str, Any], files: SideFiles) -> None:
     ns = ACOUSTIC_GGUF_ARCH
     _u32(w, f"{ns}.embedding_length", config["hidden_size"])
     for key, (write, _) in CONFIG_KEYS.items():
@@ -117,6 +145,9 @@ def write_acoustic_metadata(w: GGUFContents, config: dict[str, Any]) -> None:
     _u32(w, f"{ns}.head_timestep_frequency_size", TIMESTEP_FREQUENCY_SIZE)
     if config.get("tokenizer_name"):
         _str(w, f"{ns}.tokenizer_name", config["tokenizer_name"])
+    _str(w, f"{ns}.prompt_prefix", PROMPT_PREFIX)
+    for role, token_id in special_token_ids(files).items():
+        _u32(w, f"{ns}.token.{role}_id", token_id)
 
 
 ACOUSTIC = Companion(
