@@ -77,3 +77,17 @@ def run_hume(spec: dict[str, Any], out: Path) -> dict[str, Any]:
         raise RuntimeError(f"HumeAI's generate failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     with np.load(out / "oracle.npz") as data:
         return {k: data[k] for k in data.files}
+
+
+def hume_normalize(texts: list[str]) -> list[str]:
+    """HumeAI's normalize_text (tada/utils/text.py) on each text, in the venv."""
+    python = venv_python()
+    code = ("import json, sys\nfrom tada.utils.text import normalize_text\n"
+            "print(json.dumps([normalize_text(t) for t in json.loads(sys.stdin.read())]))")
+    env = {**os.environ, "PYTHONPATH": str(python.parent.parent / "stubs")}
+    with tempfile.TemporaryDirectory() as cwd:
+        proc = subprocess.run([str(python), "-c", code], input=json.dumps(texts), cwd=cwd, env=env, capture_output=True,
+                              text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr[-3000:])
+    return json.loads(proc.stdout)

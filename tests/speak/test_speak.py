@@ -60,7 +60,7 @@ def convert(args: list[str]) -> None:
     assert result.exit_code == 0, result.output
 
 
-def hume_run(root: Path, voice_text: str | None) -> Hume:
+def hume_run(root: Path, voice_text: str | None, **options: object) -> Hume:
     tokenizer = root / "tokenizer"
     tokenizer.mkdir(parents=True)
     write_llama32_tokenizer(tokenizer)
@@ -68,7 +68,7 @@ def hume_run(root: Path, voice_text: str | None) -> Hume:
     np.save(root / "noise.npy", noise)
     spec = {"tokenizer": str(tokenizer), "config": CONFIG, "decoder": DECODER, "seed": 3, "init_std": 0.05,
             "conv_gain": 0.6, "text": TEXT, "noise": str(root / "noise.npy"), "voice_text": voice_text,
-            "options": {"text_do_sample": False}}
+            "options": {"text_do_sample": False, **options}}
     out = root / "hume"
     oracle = run_hume(spec, out)
     for f in tokenizer.iterdir():  # save_pretrained of the model writes no tokenizer
@@ -90,6 +90,11 @@ def hume_voice(tmp_path_factory: pytest.TempPathFactory) -> Hume:
     return hume_run(tmp_path_factory.mktemp("hume_voice"), VOICE_TEXT)
 
 
+@pytest.fixture(scope="module")
+def hume_zero(tmp_path_factory: pytest.TempPathFactory) -> Hume:
+    return hume_run(tmp_path_factory.mktemp("hume_zero"), None, negative_condition_source="zero")
+
+
 def oracle_durations(hume: Hume, speaker: Speaker, margins: list[float]):
     """The Gray decoding, except where a time bit lies within TOLERANCE of the rounding boundary: there the oracle's
     own latent decides (teacher forcing), so a float-level flip does not change every later step."""
@@ -102,10 +107,10 @@ def oracle_durations(hume: Hume, speaker: Speaker, margins: list[float]):
     return durations
 
 
-def speak_like_hume(hume: Hume, voice: Path | None = None) -> tuple[object, list[float]]:
+def speak_like_hume(hume: Hume, voice: Path | None = None, negative: str = "step") -> tuple[object, list[float]]:
     rows = iter(hume.noise)
     margins: list[float] = []
-    with Speaker(hume.backbone, options=SpeakOptions(f32_cache=True)) as speaker:
+    with Speaker(hume.backbone, options=SpeakOptions(negative=negative, f32_cache=True)) as speaker:
         speech = speaker.say(TEXT, load_voice(voice) if voice else None, noise=lambda n: next(rows),
                              durations=oracle_durations(hume, speaker, margins))
     return speech, margins
@@ -146,6 +151,24 @@ def test_voice_prompt_matches_hume(hume_voice: Hume) -> None:
     """The prompt's positions go through llama.cpp in one batch (HumeAI's prefill), its transcript padded out."""
     speech, margins = speak_like_hume(hume_voice, hume_voice.out / "voice.pt")
     assert_like_hume(hume_voice, speech, margins)
+
+
+def test_zero_negative_condition_matches_hume(hume_zero: Hume) -> None:
+    """HumeAI's "zero" negative condition: no guidance sequence in llama.cpp, zeros as the negative condition."""
+    speech, margins = speak_like_hume(hume_zero, negative="zero")
+    assert np.stack(speech.hidden).shape[1] == 1
+    assert_like_hume(hume_zero, speech, margins)
+
+
+NORMALIZED = ["Hello — “world”… it’s (really) fine; isn't it?", "A: b -- c - d ,, e  f .", "MIXED case. new Sentence! ok?",
+              "«Bonjour» ‹x› ‐ ‑ ― –", "' quoted ' words", "  leading space", "über GROSS. ñandú"]
+
+
+def test_text_is_normalised_as_hume_does() -> None:
+    from mt.speak.text import normalize_text
+    from tests.tada_oracle import hume_normalize
+
+    assert [normalize_text(t) for t in NORMALIZED] == hume_normalize(NORMALIZED)
 
 
 def test_voice_npz_is_the_encoder_output(hume_voice: Hume, tmp_path: Path) -> None:
