@@ -204,17 +204,22 @@ def _convert(ckpt: Checkpoint, arch: Architecture, plan: TensorPlan, out: Path, 
     return ConvertResult(out, plan, arch.gguf_arch, vocab, written, companions)
 
 
-def write_companion(ckpt: Checkpoint, output: CompanionOutput, path: Path, progress: Progress | None, total: int,
-                    check_finite: bool = True) -> int:
-    """The companion GGUF: general metadata, the family's own keys under its arch name, its tensors."""
-    plan = output.plan
-    w = GGUFContents(output.companion.gguf_arch)
+def companion_contents(ckpt: Checkpoint, companion: Companion, plan: TensorPlan) -> GGUFContents:
+    """The companion GGUF's header: general metadata, the family's own keys under its arch name, its tensor infos."""
+    w = GGUFContents(companion.gguf_arch)
     for e in plan.entries:
         w.add_slot(e.name, e.shape, e.qtype, e.nbytes)
     w.add_type(gguf.GGUFType.MODEL)
     write_general_metadata(w, ckpt.folder)
     w.add_file_type(int(plan.file_type))
-    output.companion.write_metadata(w, ckpt.config, ckpt.side_files)
+    companion.write_metadata(w, ckpt.config, ckpt.side_files)
+    return w
+
+
+def write_companion(ckpt: Checkpoint, output: CompanionOutput, path: Path, progress: Progress | None, total: int,
+                    check_finite: bool = True) -> int:
+    plan = output.plan
+    w = companion_contents(ckpt, output.companion, plan)
     producer = start_producing(plan, ckpt.config, check_finite=check_finite)
     try:
         return write_gguf(path, w, _payloads(plan, producer, progress, total))

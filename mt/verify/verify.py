@@ -25,8 +25,9 @@ import numpy as np
 
 from mt.convert.arch import load_architecture
 from mt.io.checkpoint import Checkpoint
-from mt.convert.convert import gguf_contents, load, write_conversion
-from mt.convert.plan import TensorPlan, build_plan
+from mt.convert.arch.base import Companion
+from mt.convert.convert import companion_contents, gguf_contents, load, write_conversion
+from mt.convert.plan import TensorPlan, build_plan, companion_plan
 from mt.errors import CheckpointError, VerifyError
 from mt.io.gguf_in import GGUFHeader, read_header
 from mt.io.gguf_out import write_gguf
@@ -101,7 +102,8 @@ class Verifier:
             self.ckpt, self.arch, self.plan = load(Path(reference_dir), "auto", allow_pickle=options.allow_pickle,
                                                    adapter=options.adapter)
             self.source_folder = on_disk(self.ckpt, self._stack)  # transformers reads folders
-            self.ref = open_reference(self.source_folder)
+            # a model that is not a language model (TADA's codec decoder) has no tokenizer to read
+            self.ref = open_reference(self.source_folder) if self.arch.decoder_config else None
             self.reference_dir = Path(reference_dir)
             self.workdir = Path(self._stack.enter_context(tempfile.TemporaryDirectory(prefix="mt-verify-")))
             self.imatrix: Imatrix | None = load_imatrix(options.imatrix) if options.imatrix else None
@@ -211,6 +213,11 @@ class Verifier:
         self._check_architecture(gguf.arch)
         header = gguf.header
         file_type = file_type_name(header.value("general.file_type"))
+        if not self.arch.decoder_config:  # not a language model (TADA's codec decoder): its header and tensors
+            checks = [check_metadata(header, self.header),
+                      check_tensors(header, self.f32_plan.entries, self.ckpt.config, None)]
+            return VerifyReport(str(gguf.path), str(self.reference_dir), self.arch.gguf_arch, file_type,
+                                self.describe(), self.bars.to_dict(), checks, dict(self.peak_rss))
         unloadable = load_problem(header)  # llama.cpp would refuse the file, or abort the process on it
         with phase(self.peak_rss, "checks"):
             checks = [check_metadata(header, self.header), check_vocabulary(header, self.header),
@@ -227,6 +234,7 @@ class Verifier:
         checks.append(self.conversion)
         checks.append(self._quality(candidate))
         checks.append(check_llama_cpp_chat(header, self.ref))
+        checks += [self._companion_check(c, gguf.path) for c in self.arch.companions]
         return VerifyReport(str(gguf.path), str(self.reference_dir), self.arch.gguf_arch, file_type, self.describe(),
                             self.bars.to_dict(), checks, dict(self.peak_rss))
 
@@ -237,6 +245,24 @@ class Verifier:
             return self._llama_cpp(path)
         except (ValueError, RuntimeError) as e:  # llama-cpp-python's "Failed to load model from file"
             return f"llama.cpp cannot run the GGUF ({e})"
+
+    def _companion_check(self, companion: Companion, path: Path) -> Check:
+        """The file written beside the checked one (TADA's acoustic file): its metadata and every tensor against what
+        mt writes for the source."""
+        name, beside = f"{companion.suffix.lstrip('-')} file", companion.path_beside(path)
+        if not beside.is_file():
+            return Check(name, Status.FAIL, f"{beside.name} is missing beside {path.name}",
+                         [f"mt convert writes {beside.name} with {path.name}; the model does not run without it"])
+        header = read_header(beside)
+        plan = companion_plan(self.ckpt, self.arch, companion, "f32")
+        expected_path = self.workdir / f"reference{companion.suffix}.gguf"
+        write_gguf(expected_path, companion_contents(self.ckpt, companion, plan))
+        parts = [check_metadata(header, read_header(expected_path, header_only=True)),
+                 check_tensors(header, plan.entries, self.ckpt.config, None)]
+        problems = [p for part in parts for p in part.problems if part.status is Status.FAIL]
+        if problems:
+            return Check(name, Status.FAIL, f"{beside.name}: {problems[0]}", problems)
+        return Check(name, Status.PASS, f"{beside.name}: {parts[0].summary}; {parts[1].summary}")
 
     def _quality(self, candidate: np.ndarray | str) -> Check:
         if isinstance(candidate, str):

@@ -6,7 +6,8 @@ and Decoder, tiny and seeded, generate speech with injected noise; everything th
 SPEC: {"tokenizer": dir, "config": TadaConfig kwargs, "decoder": DecoderConfig kwargs, "seed": int, "init_std": float,
        "conv_gain": the weight-normalised convolutions' norms (about 1 by default),
        "text": str, "noise": path of a float32 .npy [steps, acoustic_dim + 2 * time_bits], "options": InferenceOptions
-       kwargs, "voice_text": optional transcript of a random voice prompt (saved as OUT_DIR/voice.pt)}
+       kwargs, "voice_text": optional transcript of a random voice prompt (saved as OUT_DIR/voice.pt),
+       "threads": optional torch threads}
 OUT_DIR gets tada/ (save_pretrained of the LM), decoder/ (save_pretrained of the codec decoder) and oracle.npz.
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -109,6 +111,8 @@ def random_voice(model: TadaForCausalLM, text: str, acoustic_dim: int, seed: int
 def main(spec_path: str, out_dir: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     out = Path(out_dir)
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
     torch.manual_seed(0)
     model = TadaForCausalLM(TadaConfig(**spec["config"])).eval()
     reinitialise(model, spec["seed"], spec["init_std"])
@@ -125,17 +129,19 @@ def main(spec_path: str, out_dir: str) -> None:
         if spec.get("voice_text") else EncoderOutput.empty(torch.device("cpu"), token_dim=acoustic_dim)
     real_randn = torch.randn
     torch.randn = recorder.randn
+    began = time.perf_counter()
     try:
         with torch.no_grad():
             result = model.generate(prompt=prompt, text=spec["text"],
                                     inference_options=InferenceOptions(**spec["options"]))
     finally:
         torch.randn = real_randn
+    seconds = time.perf_counter() - began
     np.savez(out / "oracle.npz", input_ids=result.input_text_ids[0].numpy(), hidden=np.stack(recorder.hidden),
              ode_in=np.concatenate(recorder.ode_in), ode_out=np.concatenate(recorder.ode_out),
              velocity=np.stack(recorder.velocity), time_before=result.time_before[0].numpy(),
              acoustic=result.acoustic_features[0].numpy(), decoder_in=recorder.decoder_in[0],
-             wav=result.audio[0].numpy())
+             wav=result.audio[0].numpy(), seconds=seconds)
 
 
 if __name__ == "__main__":
