@@ -76,6 +76,10 @@ class Backbone:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def reset(self) -> None:
+        """Forget every sequence (a new utterance starts at position 0)."""
+        self.ll.llama_memory_clear(self.ll.llama_get_memory(self.ctx), True)
+
     def token_rows(self, ids: Sequence[int]) -> np.ndarray:
         return self.weights.rows("token_embd.weight", ids)
 

@@ -212,6 +212,7 @@ class Speaker:
     def _generate(self, p: Prompt, noise: Noise, durations: Durations) -> Speech:
         a, opts = self.acoustic, self.options
         shift, length, two = a.shift, len(p.input_ids), self.backbone.n_seq == 2
+        self.backbone.reset()
         speech = Speech(np.zeros(0, np.float32), self.codec.sample_rate, p.input_ids)
         current = (np.zeros(a.acoustic_dim, np.float32), 0, 0, 0)  # acoustic vector, mask, before, after
         frames: list[np.ndarray] = []

@@ -7,7 +7,7 @@ SPEC: {"tokenizer": dir, "config": TadaConfig kwargs, "decoder": DecoderConfig k
        "conv_gain": the weight-normalised convolutions' norms (about 1 by default),
        "text": str, "noise": path of a float32 .npy [steps, acoustic_dim + 2 * time_bits], "options": InferenceOptions
        kwargs, "voice_text": optional transcript of a random voice prompt (saved as OUT_DIR/voice.pt),
-       "threads": optional torch threads}
+       "threads": optional torch threads, "repeat": runs of generate, the last one recorded and timed (default 1)}
 OUT_DIR gets tada/ (save_pretrained of the LM), decoder/ (save_pretrained of the codec decoder) and oracle.npz.
 """
 
@@ -55,6 +55,11 @@ class Recorder:
         self.velocity: list[np.ndarray] = []
         self.decoder_in: list[np.ndarray] = []
         self._wrap(model)
+
+    def reset(self) -> None:
+        self.draws = 0
+        for kept in (self.hidden, self.ode_in, self.ode_out, self.velocity, self.decoder_in):
+            kept.clear()
 
     def randn(self, *shape: int) -> torch.Tensor:
         """Two draws per step: the acoustic part, then the time part, as _generate asks for them."""
@@ -129,11 +134,13 @@ def main(spec_path: str, out_dir: str) -> None:
         if spec.get("voice_text") else EncoderOutput.empty(torch.device("cpu"), token_dim=acoustic_dim)
     real_randn = torch.randn
     torch.randn = recorder.randn
-    began = time.perf_counter()
     try:
-        with torch.no_grad():
-            result = model.generate(prompt=prompt, text=spec["text"],
-                                    inference_options=InferenceOptions(**spec["options"]))
+        for _ in range(spec.get("repeat", 1)):
+            recorder.reset()
+            began = time.perf_counter()
+            with torch.no_grad():
+                result = model.generate(prompt=prompt, text=spec["text"],
+                                        inference_options=InferenceOptions(**spec["options"]))
     finally:
         torch.randn = real_randn
     seconds = time.perf_counter() - began

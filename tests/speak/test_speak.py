@@ -193,6 +193,13 @@ def test_head_velocity_matches_hume(hume: Hume) -> None:
             assert relative(got.numpy(), want) <= TOLERANCE, step
 
 
+def test_a_speaker_says_one_thing_after_another(hume: Hume) -> None:
+    """Each utterance starts from an empty KV cache: the second of two identical calls is the first again."""
+    with Speaker(hume.backbone) as speaker:
+        first, second = (speaker.say(TEXT, noise=lambda n, rows=iter(hume.noise): next(rows)) for _ in range(2))
+        assert np.array_equal(first.wav, second.wav) and len(first.wav) > 0
+
+
 def test_gray_code_reads_every_class() -> None:
     values = torch.arange(64)
     gray = values ^ (values >> 1)
