@@ -372,6 +372,19 @@ def verify(gguf: Path, reference: Path, text_file: Path | None, max_tokens: int,
 
 
 @main.command()
+@click.argument("gguf", type=click.Path(path_type=Path))
+@click.option("-o", "--output", "out", type=click.Path(path_type=Path), default=None,
+              help="Modelfile to write (default: print it).")
+@click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
+def modelfile(gguf: Path, out: Path | None, force: bool) -> None:
+    """Write an Ollama Modelfile for GGUF: its chat template as a Go template proven to render the same text, the stop
+    tokens, the default system prompt, the licence."""
+    from mt.commands import modelfile_command
+
+    run_reporting_errors(lambda: modelfile_command(gguf, out, force=force))
+
+
+@main.command()
 @click.argument("tada", type=click.Path(path_type=Path))
 @click.option("--text", required=True, help="What to say.")
 @click.option("-o", "--output", "out", type=click.Path(path_type=Path), required=True, help="WAV file to write (24 kHz mono).")

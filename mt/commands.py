@@ -287,7 +287,10 @@ def release_command(src: Path, dist: Path, quants: str, *, name: str | None, ada
         device=device, split=limit, allow_non_finite=allow_non_finite, force=force, progress=progress))
     files = [file_entry(f) for f in result.files]
     summary = {"dist": str(result.dist), "arch": result.arch, "files": files,
-               "bytes": sum(f["bytes"] for f in files), "seconds": round(elapsed, 3)}
+               "bytes": sum(f["bytes"] for f in files), "seconds": round(elapsed, 3), "notes": list(result.notes)}
+    if not quiet and not as_json:
+        for note in result.notes:
+            click.echo(f"mt: note: {note}", err=True)
     if as_json:
         click.echo(json.dumps(summary))
     elif not quiet:
@@ -334,3 +337,29 @@ def speak_command(tada: Path, text: str, out: Path, *, acoustic: Path | None, co
     elif not quiet:
         click.echo(f"wrote {out}: {result.seconds:.2f} s of speech at {result.sample_rate} Hz from {result.tokens} tokens "
                    f"in {result.elapsed:.1f} s (real-time factor {result.real_time_factor:.2f})")
+
+
+def modelfile_command(gguf: Path, out: Path | None, *, force: bool) -> None:
+    from mt.io.atomic import atomic_path, check_output
+    from mt.release.modelfile import make_modelfile
+
+    if not gguf.is_file():
+        raise MtError(f"{gguf} does not exist", "pass a GGUF file")
+    if out is not None:
+        check_output(out, force)
+    made = make_modelfile(gguf, None if out is None else _from_path(gguf, out))
+    for note in made.notes:
+        click.echo(f"mt: note: {note}", err=True)
+    if out is None:
+        click.echo(made.text, nl=False)
+        return
+    with atomic_path(out) as tmp:
+        tmp.write_text(made.text, encoding="utf-8")
+
+
+def _from_path(gguf: Path, modelfile: Path) -> str:
+    """FROM as Ollama resolves it: relative to the Modelfile's folder."""
+    try:
+        return "./" + str(gguf.resolve().relative_to(modelfile.resolve().parent))
+    except ValueError:
+        return str(gguf.resolve())

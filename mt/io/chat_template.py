@@ -50,3 +50,20 @@ def render_bounded(tokenizer: Any, messages: list[dict[str, Any]], **options: An
     if len(text) > RENDER_CHARS:
         raise TemplateRunaway(f"over {RENDER_CHARS:,} characters")
     return text
+
+
+class _TemplateOnly:
+    """apply_chat_template for a bare template (a GGUF's), through transformers' own jinja renderer."""
+
+    def apply_chat_template(self, messages: list[dict[str, Any]], tokenize: bool = False, chat_template: str = "",
+                            **options: Any) -> str:
+        from transformers.utils.chat_template_utils import render_jinja_template
+
+        rendered, _ = render_jinja_template(conversations=[messages], chat_template=chat_template, **options)
+        return rendered[0]
+
+
+def render_template(template: str, messages: list[dict[str, Any]], **options: Any) -> str:
+    """`template` (jinja, as a GGUF or tokenizer_config.json carries it) rendered as transformers renders it, bounded as
+    render_bounded is; `options` are the template's variables (add_generation_prompt, bos_token …)."""
+    return render_bounded(_TemplateOnly(), messages, chat_template=template, **options)

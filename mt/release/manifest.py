@@ -2,7 +2,7 @@
 
 Schema (version 1): {"schema": "mt-release-manifest", "version": 1, "name", "base_model", "architecture",
 "parameters", "context_length", "files": [{"file", "type", "file_type", "bytes", "sha256",
-"parts": [{"file", "bytes", "sha256"}], "bits_per_weight",
+"parts": [{"file", "bytes", "sha256"}], "bits_per_weight", "modelfile" (its Ollama Modelfile in the release),
 "verify": null | {"passed", "quality": {"kld_mean", "kld_p99", "top1_agreement", "delta_ppl"}},
 "memory": [{"n_ctx", "kv_cache_type", "weights_bytes", "kv_cache_bytes", "total_bytes"}]}]}. Memory is llama.cpp's
 weights plus KV cache at 2k/8k/32k tokens and the model's maximum context (mt.release.memory). A file split in parts

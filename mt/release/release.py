@@ -28,6 +28,7 @@ from mt.io.gguf_split import SplitLimit, SplitPlacedTensors, WrittenPart
 from mt.io.stream import Chunk, Prefetcher, Progress
 from mt.release.card import CardRow, base_model, model_card, read_source_card
 from mt.release.manifest import manifest
+from mt.release.modelfile import make_modelfile
 from mt.release.memory import MemoryEstimate, estimates
 from mt.quant.device import GPU_TYPES, GpuQuantizer, select_device
 from mt.quant.imatrix import open_imatrix
@@ -47,6 +48,7 @@ class ReleaseFile:
     memory: tuple[MemoryEstimate, ...] = ()  # what llama.cpp needs to run it (mt.release.memory)
     context_length: int | None = None  # from its metadata
     report: VerifyReport | None = None
+    modelfile: str | None = None  # its Ollama Modelfile's name in DIST
 
     @property
     def nbytes(self) -> int:
@@ -59,6 +61,7 @@ class ReleaseResult:
     arch: str
     files: list[ReleaseFile]
     nbytes_written: int
+    notes: tuple[str, ...] = ()  # what the Modelfiles could not say (mt.release.modelfile)
 
 
 class ReleaseVerifyFailed(MtError):
@@ -107,6 +110,7 @@ def release(src: Path, dist: Path, quants: list[str], *, name: str | None = None
         files, written = _write_all(ckpt, arch, files, gpu, split, progress, not allow_non_finite)
         if verify is not None:
             files = [replace(f, report=r) for f, r in zip(files, _verified(Path(src), files, replace(verify, adapter=adapter)))]
+        files, notes = _modelfiles(stage, files)
         rows = _card_rows(files)
         folder_name = Path(src).resolve().name
         (stage / "README.md").write_text(model_card(name, read_source_card(ckpt.folder), ckpt.config, folder_name, rows),
@@ -116,7 +120,23 @@ def release(src: Path, dist: Path, quants: list[str], *, name: str | None = None
         (stage / "manifest.json").write_text(json.dumps(listing, indent=2) + "\n", encoding="utf-8")
     final = [replace(f, path=dist / f.path.name, parts=tuple(replace(p, path=dist / p.path.name) for p in f.parts),
                      report=f.report and replace(f.report, gguf=str(dist / f.path.name))) for f in files]
-    return ReleaseResult(dist, arch.gguf_arch, final, written)
+    return ReleaseResult(dist, arch.gguf_arch, final, written, notes)
+
+
+def _modelfiles(stage: Path, files: list[ReleaseFile]) -> tuple[list[ReleaseFile], tuple[str, ...]]:
+    """An Ollama Modelfile beside each file, NAME-TYPE.Modelfile (FROM the file, or a split file's first part)."""
+    notes: list[str] = []
+    out = []
+    for f in files:
+        made = make_modelfile(f.path)
+        name = f.path.name.removesuffix(".gguf").split("-00001-of-")[0] + ".Modelfile"
+        (stage / name).write_text(made.text, encoding="utf-8")
+        notes += made.notes
+        if len(f.parts) > 1:
+            notes.append(f"{name} names the first of {len(f.parts)} parts; Ollama takes a single file: merge them with "
+                         "mt split --merge before ollama create")
+        out.append(replace(f, modelfile=name))
+    return out, tuple(dict.fromkeys(notes))
 
 
 def _write_all(ckpt: Checkpoint, arch: Architecture, files: list[ReleaseFile], gpu: GpuQuantizer | None,
@@ -177,7 +197,7 @@ def file_entry(f: ReleaseFile) -> dict[str, Any]:
     return {"file": f.path.name, "type": f.outtype, "file_type": f.plan.file_type.name,
             "bytes": f.nbytes, "sha256": f.parts[0].sha256 if whole else None,
             "parts": [{"file": p.path.name, "bytes": p.nbytes, "sha256": p.sha256} for p in f.parts],
-            "bits_per_weight": round(bits_per_weight(f.plan), 4),
+            "bits_per_weight": round(bits_per_weight(f.plan), 4), "modelfile": f.modelfile,
             "verify": verify_numbers(f.report) if f.report is not None else None,
             "memory": [{"n_ctx": e.n_ctx, "kv_cache_type": e.cache_type, "weights_bytes": e.weights,
                         "kv_cache_bytes": e.kv_cache, "total_bytes": e.total} for e in f.memory]}

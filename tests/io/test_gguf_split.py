@@ -51,6 +51,9 @@ def test_release_parts_are_the_converters_parts(llama3_dir, tmp_path, outtype):
     for mine, ref in zip(ours, theirs):
         assert mine.read_bytes() == ref.read_bytes(), mine.name
     assert result.files[0].path == ours[0]
+    modelfile = (tmp_path / "dist" / result.files[0].modelfile).read_text()
+    assert result.files[0].modelfile == f"m-{outtype.upper()}.Modelfile" and modelfile.startswith(f"FROM ./{ours[0].name}\n")
+    assert any("Ollama takes a single file" in note for note in result.notes)
 
 
 def test_mt_split_by_tensors_matches_the_converters_parts(llama3_dir, tmp_path):

@@ -30,7 +30,10 @@ def test_every_file_is_the_file_mt_convert_writes(fixture, request, tmp_path):
     src = request.getfixturevalue(fixture)
     result = release(src, tmp_path / "dist", TYPES, name="tiny", verify=None)
     assert [f.path.name for f in result.files] == [f"tiny-{t.upper()}.gguf" for t in TYPES]
-    assert sorted(p.name for p in (tmp_path / "dist").iterdir()) == sorted([*(f.path.name for f in result.files), "README.md", "manifest.json"])
+    modelfiles = [f"tiny-{t.upper()}.Modelfile" for t in TYPES]
+    assert [f.modelfile for f in result.files] == modelfiles
+    assert sorted(p.name for p in (tmp_path / "dist").iterdir()) == sorted(
+        [*(f.path.name for f in result.files), *modelfiles, "README.md", "manifest.json"])
     for outtype, f in zip(TYPES, result.files):
         convert(src, tmp_path / "one.gguf", outtype, force=True)
         assert f.path.read_bytes() == (tmp_path / "one.gguf").read_bytes(), outtype
@@ -84,7 +87,8 @@ def test_existing_dist_needs_force(llama3_dir, tmp_path):
     assert out.exit_code == 1 and "--force" in out.output
     assert (dist / "keep.txt").exists()
     assert CliRunner().invoke(main, [*args, "--force"]).exit_code == 0
-    assert sorted(p.name for p in dist.iterdir()) == sorted([file_name(llama3_dir.name, "q8_0"), "README.md", "manifest.json"])
+    assert sorted(p.name for p in dist.iterdir()) == sorted([file_name(llama3_dir.name, "q8_0"), "README.md", "manifest.json",
+                                                            f"{llama3_dir.name}-Q8_0.Modelfile"])
 
 
 def test_a_family_with_companion_files_is_refused(tada_dir, tmp_path):
@@ -131,6 +135,8 @@ def test_manifest_names_each_file_with_its_hash_verdict_and_memory(llama3_dir, t
         path = dist / entry["file"]
         assert entry["sha256"] == printed["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
         assert entry["bytes"] == path.stat().st_size and entry["verify"]["passed"] is True
+        modelfile = (dist / entry["modelfile"]).read_text()
+        assert modelfile.startswith(f"FROM ./{entry['file']}\nTEMPLATE") and 'PARAMETER stop "<|eot_id|>"' in modelfile
         tensors = GGUFReader(path).tensors
         assert {row["weights_bytes"] for row in entry["memory"]} == {sum(int(t.n_bytes) for t in tensors)}
         assert max(row["n_ctx"] for row in entry["memory"]) == listing["context_length"]

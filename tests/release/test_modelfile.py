@@ -1,0 +1,160 @@
+"""Ollama Modelfiles: every TEMPLATE mt writes is rendered by Go's own text/template (tests/release/ollama_render, as
+Ollama executes it: .System and .Messages, the default system prompt put first, the system messages joined) and must
+equal transformers' rendering of the jinja template (its render_jinja_template, what apply_chat_template runs), less
+the BOS llama.cpp adds itself, for every family's real template."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import gguf
+import pytest
+from click.testing import CliRunner
+
+from mt.cache import cache_root
+from mt.cli import main
+from mt.release.modelfile import FIXED_DATE, make_modelfile, ollama_values
+from tests import oracle
+from tests.checkpoints import LLAMA2_CHAT_TEMPLATE
+
+GO_SOURCE = Path(__file__).parent / "ollama_render"
+LLAMA3 = ("<|begin_of_text|>", "<|eot_id|>", ["<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|python_tag|>"])
+CHATML = (None, "<|im_end|>", ["<|im_start|>", "<|endoftext|>"])
+MISTRAL = ("<s>", "</s>", ["[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[AVAILABLE_TOOLS]"])
+# family -> (template, BOS, EOS, other control tokens)
+FAMILIES = {
+    "llama3.1": (oracle.template("meta-llama-Llama-3.1-8B-Instruct"), *LLAMA3),
+    "llama3.2": (oracle.template("meta-llama-Llama-3.2-3B-Instruct"), *LLAMA3),
+    "llama3.3": (oracle.template("meta-llama-Llama-3.3-70B-Instruct"), *LLAMA3),
+    "qwen2.5": (oracle.template("Qwen-Qwen2.5-7B-Instruct"), *CHATML),
+    "qwen3": (oracle.template("Qwen-Qwen3-0.6B"), *CHATML),
+    "smollm3": (oracle.template("HuggingFaceTB-SmolLM3-3B"), *CHATML),
+    "gemma2": (oracle.template("google-gemma-2-2b-it"), "<bos>", "<eos>", ["<start_of_turn>", "<end_of_turn>"]),
+    "phi3.5": (oracle.template("microsoft-Phi-3.5-mini-instruct"), "<s>", "<|endoftext|>",
+               ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]),
+    "mistral-nemo (tekken)": (oracle.template("mistralai-Mistral-Nemo-Instruct-2407"), *MISTRAL),
+    "mistral-small-3.2 (v7)": (oracle.template("Mistral-Small-3.2-24B-Instruct-2506"), *MISTRAL),
+    "devstral": (oracle.template("unsloth-mistral-Devstral-Small-2507"), *MISTRAL),
+    "llama2": (LLAMA2_CHAT_TEMPLATE, "<s>", "</s>", []),
+}
+STOPS = {"llama3.1": "<|eot_id|>", "qwen2.5": "<|im_end|>", "gemma2": "<end_of_turn>", "phi3.5": "<|end|>",
+         "llama2": "</s>", "mistral-nemo (tekken)": "</s>"}
+# conversations beyond the ones mt proves its shape on
+CONVERSATIONS = [
+    [{"role": "user", "content": "Write a haiku about autumn."}],
+    [{"role": "system", "content": "You speak like a pirate."}, {"role": "user", "content": "Where is the treasure?"}],
+    [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "2"}, {"role": "user", "content": "2+2?"},
+     {"role": "assistant", "content": "4"}, {"role": "user", "content": "And 3+3?"}],
+    [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Olá"}, {"role": "assistant", "content": "Oi!"},
+     {"role": "user", "content": "日本語で答えて"}],
+]
+
+
+@pytest.fixture(scope="module")
+def go_render() -> Path:
+    """The Go renderer, built once into the tests' cache (Go from Debian's golang-go: scripts/setup.sh)."""
+    go = shutil.which("go")
+    if go is None:
+        pytest.fail("Go is not installed: run scripts/setup.sh (it installs Debian's golang-go)")
+    out = cache_root() / "ollama-render" / "ollama_render"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run([go, "build", "-o", str(out), "."], cwd=GO_SOURCE, check=True, capture_output=True)
+    return out
+
+
+def render_go(binary: Path, template: str, cases: list[dict]) -> list[str]:
+    proc = subprocess.run([str(binary)], input=json.dumps({"template": template, "cases": cases}), capture_output=True,
+                          text=True, check=True)
+    return json.loads(proc.stdout)
+
+
+def render_jinja(template: str, messages: list[dict], bos: str | None, eos: str) -> str:
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    text = render_jinja_template(conversations=[messages], chat_template=template, add_generation_prompt=True,
+                                 bos_token=bos or "", eos_token=eos, date_string=FIXED_DATE)[0][0]
+    return text[len(bos):] if bos and text.startswith(bos) else text
+
+
+def vocab_gguf(path: Path, template: str, bos: str | None, eos: str, controls: list[str]) -> Path:
+    """A vocabulary-only GGUF: the family's special tokens (control), a few plain ones, the template."""
+    specials = [t for t in dict.fromkeys([bos, eos, *controls]) if t]
+    tokens = specials + ["Hello", "world", "!"]
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_types([gguf.TokenType.CONTROL] * len(specials) + [gguf.TokenType.NORMAL] * 3)
+    if bos:
+        w.add_bos_token_id(tokens.index(bos))
+    w.add_add_bos_token(bos is not None)
+    w.add_eos_token_id(tokens.index(eos))
+    if "<|eot_id|>" in tokens:
+        w.add_eot_token_id(tokens.index("<|eot_id|>"))
+    w.add_chat_template(template)
+    w.add_license("apache-2.0")
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def parse(modelfile: str) -> dict[str, list[str]]:
+    found: dict[str, list[str]] = {}
+    for m in re.finditer(r'^(FROM|TEMPLATE|SYSTEM|PARAMETER|LICENSE) ("""(.*?)"""|[^\n]*)$', modelfile, re.M | re.S):
+        found.setdefault(m[1], []).append(m[3] if m[3] is not None else m[2])
+    return found
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_go_renders_the_template_as_transformers_does(family: str, go_render: Path, tmp_path: Path) -> None:
+    template, bos, eos, controls = FAMILIES[family]
+    model = vocab_gguf(tmp_path / "m.gguf", template, bos, eos, controls)
+    made = make_modelfile(model)
+    assert made.template_proven, made.notes
+    parts = parse(made.text)
+    assert parts["FROM"] == ["./m.gguf"]
+    go_template, default = parts["TEMPLATE"][0], (parts.get("SYSTEM") or [None])[0]
+    cases = [ollama_values(messages, default) for messages in CONVERSATIONS]
+    cases = [{"System": c["System"], "Messages": c["Messages"]} for c in cases]
+    for messages, got in zip(CONVERSATIONS, render_go(go_render, go_template, cases)):
+        if family == "gemma2" and messages[0]["role"] == "system":
+            continue  # Gemma 2's template raises on a system message: there is nothing to equal
+        assert got == render_jinja(template, messages, bos, eos), (family, messages)
+    if family in STOPS:
+        assert f'"{STOPS[family]}"' in parts["PARAMETER"][0] or any(STOPS[family] in p for p in parts["PARAMETER"])
+
+
+def test_default_system_prompt_becomes_system(tmp_path: Path) -> None:
+    template, bos, eos, controls = FAMILIES["qwen2.5"]
+    parts = parse(make_modelfile(vocab_gguf(tmp_path / "q.gguf", template, bos, eos, controls)).text)
+    assert parts["SYSTEM"] == ["You are Qwen, created by Alibaba Cloud. You are a helpful assistant."]
+    assert parts["LICENSE"] == ["apache-2.0"]
+    assert 'stop "<|im_end|>"' in "\n".join(parts["PARAMETER"]) and 'stop "<|im_start|>"' in "\n".join(parts["PARAMETER"])
+
+
+def test_an_unprovable_template_gets_no_template_line(tmp_path: Path) -> None:
+    """The system prompt printed after the conversation: no shape fits, so no TEMPLATE, and the reason."""
+    template = ("{% for m in messages if m.role != 'system' %}<{{ m.role }}>{{ m.content }}{% endfor %}"
+                "{% for m in messages if m.role == 'system' %}[{{ m.content }}]{% endfor %}<assistant>")
+    made = make_modelfile(vocab_gguf(tmp_path / "odd.gguf", template, "<s>", "</s>", []))
+    assert not made.template_proven and "TEMPLATE" not in made.text
+    assert len(made.notes) == 1 and "Ollama's own template detection applies" in made.notes[0]
+
+
+def test_cli_writes_the_modelfile_and_says_what_it_could_not(tmp_path: Path) -> None:
+    template, bos, eos, controls = FAMILIES["llama3.2"]
+    model = vocab_gguf(tmp_path / "m.gguf", template, bos, eos, controls)
+    result = CliRunner().invoke(main, ["modelfile", str(model), "-o", str(tmp_path / "Modelfile")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "Modelfile").read_text().startswith("FROM ./m.gguf\nTEMPLATE \"\"\"")
+    bare = vocab_gguf(tmp_path / "bare.gguf", "", bos, eos, controls)
+    result = CliRunner().invoke(main, ["modelfile", str(bare)])
+    assert result.exit_code == 0 and "mt: note: the GGUF has no chat template" in result.output
+    assert "FROM ./bare.gguf" in result.output
+    missing = CliRunner().invoke(main, ["modelfile", str(tmp_path / "nope.gguf")])
+    assert missing.exit_code == 1 and len(missing.output.strip().splitlines()) == 1
