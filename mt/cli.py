@@ -112,7 +112,8 @@ def main() -> None:
 def convert(src: Path, out: Path | None, outtype: str, out_format: str, force: bool, vocab_only: bool, dry_run: bool,
             allow_pickle: bool, adapter: Path | None, dequantized_base: bool, imatrix: str | None,
             allow_non_finite: bool, threads: int | None, device: str, quiet: bool, as_json: bool) -> None:
-    """Convert the checkpoint folder SRC to a GGUF file (or, with --format safetensors, a smaller safetensors folder)."""
+    """Convert the checkpoint SRC (a folder, or a Hub repository ORG/NAME[@REVISION]) to a GGUF file (or, with --format
+    safetensors, a smaller safetensors folder)."""
     from mt.commands import convert_command, reexport_command
 
     if out is None and not dry_run:
@@ -145,7 +146,8 @@ def convert(src: Path, out: Path | None, outtype: str, out_format: str, force: b
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def merge(base: Path, adapter: Path, out: Path, dtype: str | None, max_shard_size: str, dequantized_base: bool,
           allow_non_finite: bool, force: bool, quiet: bool, as_json: bool) -> None:
-    """Merge the PEFT LoRA adapter ADAPTER into the checkpoint BASE: a Hugging Face folder transformers loads."""
+    """Merge the PEFT LoRA adapter ADAPTER into the checkpoint BASE (each a folder or a Hub repository
+    ORG/NAME[@REVISION]): a Hugging Face folder transformers loads."""
     from mt.commands import merge_command
 
     run_reporting_errors(lambda: merge_command(base, adapter, out, dtype=dtype, max_shard_size=max_shard_size,
@@ -305,7 +307,8 @@ def inspect(path: Path, as_json: bool, memory: bool, n_ctx: int | None) -> None:
 def release(src: Path, dist: Path, quants: str, name: str | None, adapter: Path | None, dequantized_base: bool,
             imatrix: str | None, allow_non_finite: bool, split_max_size: str | None, split_max_tensors: int | None, no_verify: bool, text_file: Path | None,
             max_kld: float | None, threads: int | None, device: str, force: bool, quiet: bool, as_json: bool) -> None:
-    """Write every type in --quants from one read of the checkpoint SRC into the -o folder, each file verified."""
+    """Write every type in --quants from one read of the checkpoint SRC (a folder, or a Hub repository
+    ORG/NAME[@REVISION]) into the -o folder, each file verified."""
     from mt.commands import release_command
 
     run_reporting_errors(lambda: release_command(

@@ -15,6 +15,7 @@ import click
 
 from mt.convert.convert import convert, load
 from mt.errors import MtError
+from mt.io.hub import hub_source, resolve_folder
 from mt.convert.plan import TensorPlan, companion_plans
 from mt.quant.types import set_threads
 
@@ -68,6 +69,7 @@ def convert_command(src: Path, out: Path | None, outtype: str, *, force: bool, v
                     allow_pickle: bool, threads: int | None, quiet: bool, as_json: bool, device: str = "auto",
                     adapter: Path | None = None, dequantized_base: bool = False, imatrix: str | None = None,
                     allow_non_finite: bool = False) -> None:
+    src, adapter = resolve_folder(src, allow_pickle), adapter and resolve_folder(adapter)
     if threads:
         set_threads(threads)
     if dry_run:
@@ -109,6 +111,7 @@ def reexport_command(src: Path, out: Path, outtype: str, *, force: bool, allow_p
                      adapter: Path | None = None, dequantized_base: bool = False, allow_non_finite: bool = False) -> None:
     from mt.convert.reexport import reexport
 
+    src, adapter = resolve_folder(src, allow_pickle), adapter and resolve_folder(adapter)
     result, elapsed = with_progress(not quiet and not as_json, lambda progress: reexport(
         src, out, outtype, force=force, allow_pickle=allow_pickle, adapter=adapter,
         dequantized_base=dequantized_base, allow_non_finite=allow_non_finite, progress=progress))
@@ -124,6 +127,7 @@ def convert_lora_command(adapter: Path, base: Path, out: Path, outtype: str, *, 
                          as_json: bool) -> None:
     from mt.merge.lora_gguf import convert_lora
 
+    adapter, base = resolve_folder(adapter), resolve_folder(base)
     start = time.perf_counter()
     result = convert_lora(adapter, base, out, outtype, force=force)
     types = Counter(t.qtype.name for t in result.tensors)
@@ -174,6 +178,7 @@ def merge_command(base: Path, adapter: Path, out: Path, *, dtype: str | None, ma
                   allow_non_finite: bool = False) -> None:
     from mt.merge.merge import merge
 
+    base, adapter = resolve_folder(base), resolve_folder(adapter)
     result, elapsed = with_progress(not quiet and not as_json, lambda progress: merge(
         base, adapter, out, dtype=dtype, max_shard_size=max_shard_size, force=force,
         dequantized_base=dequantized_base, allow_non_finite=allow_non_finite, progress=progress))
@@ -213,6 +218,9 @@ def verify_command(gguf: Path, reference: Path, options: VerifyOptions, *, text_
         check_output(path, force)
     if text_file:
         options = replace(options, text=_read_text(text_file))
+    reference = resolve_folder(reference, options.allow_pickle)
+    if options.adapter is not None:
+        options = replace(options, adapter=resolve_folder(options.adapter))
     report = verify(gguf, reference, options)
     click.echo(report.to_json() if str(json_out) == "-" else report.to_text())
     for path, render in files.items():
@@ -276,6 +284,9 @@ def release_command(src: Path, dist: Path, quants: str, *, name: str | None, ada
     from mt.release.release import file_entry, parse_quants, release
     from mt.verify.verify import VerifyOptions
 
+    source = hub_source(src)
+    name = name or (source.name if source else None)
+    src, adapter = resolve_folder(src), adapter and resolve_folder(adapter)
     if threads:
         set_threads(threads)
     types = parse_quants(quants)

@@ -138,6 +138,16 @@ def _load_json(path: Path) -> Any:
         raise CheckpointError(f"{path} is not valid JSON ({e})", "fix or replace the file") from None
 
 
+def folder_name(folder: Path) -> str:
+    """The model's name as its folder gives it: NAME for a Hugging Face cache snapshot
+    (.../models--ORG--NAME/snapshots/REVISION), else the folder's own name."""
+    folder = Path(folder).resolve()
+    repo = folder.parent.parent.name
+    if folder.parent.name == "snapshots" and repo.startswith("models--") and repo.count("--") >= 2:
+        return repo.split("--", 2)[2]
+    return folder.name
+
+
 def open_checkpoint(folder: Path, allow_pickle: bool = False) -> Checkpoint:
     folder = Path(folder)
     if not folder.is_dir():

@@ -24,7 +24,7 @@ from gguf import GGMLQuantizationType as T
 
 from mt.convert.arch import load_architecture
 from mt.convert.arch.base import Architecture
-from mt.io.checkpoint import Checkpoint, LazyTensor, open_checkpoint
+from mt.io.checkpoint import Checkpoint, LazyTensor, folder_name, open_checkpoint
 from mt.convert.convert import write_general_metadata
 from mt.convert.plan import encode, read_whole
 from mt.io.stream import row_ranges
@@ -262,7 +262,7 @@ def _contents(adapter: Adapter, base: Checkpoint, arch: Architecture, tensors: l
         w.add_slot(t.name, t.shape, t.qtype, t.nbytes)
     w.add_type(gguf.GGUFType.ADAPTER)
     w.add_string(gguf.Keys.Adapter.TYPE, "lora")
-    write_general_metadata(w, adapter.folder, fallback_name=base.folder.resolve().name)
+    write_general_metadata(w, adapter.folder, fallback_name=folder_name(base.folder))
     w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, adapter.config.alpha)
     if tokens := alora_invocation_tokens(adapter.config):
         w.add_key_value(gguf.Keys.Adapter.ALORA_INVOCATION_TOKENS, tokens, gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.UINT32)

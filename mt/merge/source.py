@@ -11,7 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from mt.io.checkpoint import Checkpoint, SideData, open_checkpoint
+from mt.io.checkpoint import Checkpoint, SideData, folder_name, open_checkpoint
 from mt.merge.adapter import Adapter, open_adapter
 from mt.merge.merged import DTYPES, merge_checkpoint
 
@@ -52,7 +52,7 @@ def on_disk(ckpt: Checkpoint, stack: ExitStack) -> Path:
     files and holds the replaced ones."""
     if not ckpt.replaced_files:
         return ckpt.folder
-    folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mt-merged-"))) / ckpt.folder.resolve().name
+    folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mt-merged-"))) / folder_name(ckpt.folder)
     folder.mkdir()
     for name, data in ckpt.side_files.mapping().items():
         (folder / name).parent.mkdir(exist_ok=True)

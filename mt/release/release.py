@@ -21,7 +21,7 @@ from mt.convert.convert import VocabKeys, gguf_contents, open_model
 from mt.convert.plan import PlanEntry, TensorPlan, build_plan, produce_types
 from mt.errors import MtError
 from mt.io.atomic import atomic_dir, check_output
-from mt.io.checkpoint import Checkpoint
+from mt.io.checkpoint import Checkpoint, folder_name
 from mt.io.gguf_in import GGUFHeader, TensorInfo
 from mt.io.gguf_out import GGUFContents
 from mt.io.gguf_split import SplitLimit, SplitPlacedTensors, WrittenPart
@@ -104,7 +104,7 @@ def release(src: Path, dist: Path, quants: list[str], *, name: str | None = None
     uses_gpu_types = any(e.qtype in GPU_TYPES for plan in plans.values() for e in plan.entries)
     gpu = select_device(device) if device == "cuda" or uses_gpu_types else None
     check_output(dist, force, folder=True)
-    name = name or Path(src).resolve().name
+    name = name or folder_name(Path(src))
     with atomic_dir(dist) as stage:
         files = [ReleaseFile(q, stage / file_name(name, q), plans[q]) for q in quants]
         files, written = _write_all(ckpt, arch, files, gpu, split, progress, not allow_non_finite)
@@ -112,10 +112,10 @@ def release(src: Path, dist: Path, quants: list[str], *, name: str | None = None
             files = [replace(f, report=r) for f, r in zip(files, _verified(Path(src), files, replace(verify, adapter=adapter)))]
         files, notes = _modelfiles(stage, files)
         rows = _card_rows(files)
-        folder_name = Path(src).resolve().name
-        (stage / "README.md").write_text(model_card(name, read_source_card(ckpt.folder), ckpt.config, folder_name, rows),
+        source_name = folder_name(Path(src))
+        (stage / "README.md").write_text(model_card(name, read_source_card(ckpt.folder), ckpt.config, source_name, rows),
                                          encoding="utf-8")
-        listing = manifest(name, base_model(ckpt.config, folder_name), arch.gguf_arch, n_parameters(files[0].plan),
+        listing = manifest(name, base_model(ckpt.config, source_name), arch.gguf_arch, n_parameters(files[0].plan),
                            files[0].context_length, [file_entry(f) for f in files])
         (stage / "manifest.json").write_text(json.dumps(listing, indent=2) + "\n", encoding="utf-8")
     final = [replace(f, path=dist / f.path.name, parts=tuple(replace(p, path=dist / p.path.name) for p in f.parts),
