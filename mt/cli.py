@@ -301,20 +301,30 @@ def inspect(path: Path, as_json: bool, memory: bool, n_ctx: int | None) -> None:
               help="Fail the release when a file's mean KLD from the source exceeds this.")
 @click.option("--threads", type=int, default=None, help="Worker threads for quantization (default: all cores).")
 @DEVICE_OPTION
+@click.option("--push", "push_repo", default=None, metavar="ORG/NAME",
+              help="Upload the release to this Hub model repository (created if missing) once every file passed verify.")
+@click.option("--private", is_flag=True, help="With --push: create the repository private.")
+@click.option("--revision", default=None, help="With --push: the branch to upload to (created from main).")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--quiet", is_flag=True, help="No progress bar or summary.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def release(src: Path, dist: Path, quants: str, name: str | None, adapter: Path | None, dequantized_base: bool,
             imatrix: str | None, allow_non_finite: bool, split_max_size: str | None, split_max_tensors: int | None, no_verify: bool, text_file: Path | None,
-            max_kld: float | None, threads: int | None, device: str, force: bool, quiet: bool, as_json: bool) -> None:
+            max_kld: float | None, threads: int | None, device: str, push_repo: str | None, private: bool,
+            revision: str | None, force: bool, quiet: bool, as_json: bool) -> None:
     """Write every type in --quants from one read of the checkpoint SRC (a folder, or a Hub repository
     ORG/NAME[@REVISION]) into the -o folder, each file verified."""
     from mt.commands import release_command
 
+    if push_repo is not None and no_verify:
+        raise click.UsageError("--push uploads verified files only: drop --no-verify")
+    if (private or revision) and push_repo is None:
+        raise click.UsageError("--private and --revision go with --push")
     run_reporting_errors(lambda: release_command(
         src, dist, quants, name=name, adapter=adapter, dequantized_base=dequantized_base, imatrix=imatrix,
         allow_non_finite=allow_non_finite, split_max_size=split_max_size, split_max_tensors=split_max_tensors, verify=not no_verify,
-        text_file=text_file, max_kld=max_kld, threads=threads, device=device, force=force, quiet=quiet, as_json=as_json))
+        text_file=text_file, max_kld=max_kld, threads=threads, device=device, force=force, quiet=quiet, as_json=as_json,
+        push_to=push_repo, private=private, revision=revision))
 
 
 @main.command()

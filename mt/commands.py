@@ -279,10 +279,15 @@ class TrainProgress:
 def release_command(src: Path, dist: Path, quants: str, *, name: str | None, adapter: Path | None,
                     dequantized_base: bool, imatrix: str | None, allow_non_finite: bool, split_max_size: str | None,
                     split_max_tensors: int | None, verify: bool, text_file: Path | None, max_kld: float | None,
-                    threads: int | None, device: str, force: bool, quiet: bool, as_json: bool) -> None:
+                    threads: int | None, device: str, force: bool, quiet: bool, as_json: bool,
+                    push_to: str | None = None, private: bool = False, revision: str | None = None) -> None:
     from mt.io.gguf_split import split_limit
+    from mt.release.push import check_token, push
     from mt.release.release import file_entry, parse_quants, release
     from mt.verify.verify import VerifyOptions
+
+    if push_to is not None:
+        check_token()
 
     source = hub_source(src)
     name = name or (source.name if source else None)
@@ -299,6 +304,8 @@ def release_command(src: Path, dist: Path, quants: str, *, name: str | None, ada
     files = [file_entry(f) for f in result.files]
     summary = {"dist": str(result.dist), "arch": result.arch, "files": files,
                "bytes": sum(f["bytes"] for f in files), "seconds": round(elapsed, 3), "notes": list(result.notes)}
+    if push_to is not None:
+        summary["pushed"] = push(result.dist, push_to, private, revision, quiet or as_json)
     if not quiet and not as_json:
         for note in result.notes:
             click.echo(f"mt: note: {note}", err=True)
@@ -312,6 +319,8 @@ def release_command(src: Path, dist: Path, quants: str, *, name: str | None, ada
             parts = f" in {len(f['parts'])} parts" if len(f["parts"]) > 1 else ""
             click.echo(f"  {f['file']}: {format_bytes(f['bytes'])}{parts}, {verdict}{numbers}")
         click.echo(f"wrote {summary['dist']}: {len(files)} files, {format_bytes(summary['bytes'])} in {elapsed:.1f} s")
+        if push_to is not None:
+            click.echo(f"pushed to {push_to}: {summary['pushed']}")
 
 
 def split_command(src: Path, out: Path, *, merge: bool, split_max_size: str | None, split_max_tensors: int | None,
