@@ -410,7 +410,7 @@ def modelfile(gguf: Path, out: Path | None, force: bool) -> None:
 @click.option("--flow-steps", type=click.IntRange(1, 1000), default=10, show_default=True, help="Euler steps of the flow head.")
 @click.option("--cfg", type=float, default=1.6, show_default=True, help="Classifier-free guidance of the acoustic dims.")
 @click.option("--duration-cfg", type=float, default=1.0, show_default=True, help="Guidance of the duration dims.")
-@click.option("--noise-temperature", type=float, default=0.9, show_default=True)
+@click.option("--noise-temperature", type=float, default=0.9, show_default=True, help="Scale of the flow's starting noise.")
 @click.option("--negative", type=click.Choice(["step", "zero"]), default="step", show_default=True,
               help="Guidance's negative condition: a second sequence of pad tokens (step) or zeros.")
 @click.option("--no-normalize", is_flag=True, help="Tokenize the text as given (no punctuation and case rewriting).")
@@ -422,7 +422,8 @@ def modelfile(gguf: Path, out: Path | None, force: bool) -> None:
 def speak(tada: Path, text: str, out: Path, voice: Path | None, acoustic: Path | None, codec: Path | None,
           flow_steps: int, cfg: float, duration_cfg: float, noise_temperature: float, negative: str, no_normalize: bool,
           seed: int | None, threads: int | None, force: bool, quiet: bool, as_json: bool) -> None:
-    """Speak TEXT with a TADA model converted by mt (TADA.gguf, its -acoustic.gguf and -codec.gguf): a 24 kHz wav."""
+    """Say --text with the TADA model mt converted (TADA, with its -acoustic.gguf and -codec.gguf beside it): a
+    24 kHz mono wav."""
     from mt.commands import speak_command
     from mt.speak.acoustic import FlowOptions
     from mt.speak.speak import SpeakOptions
