@@ -414,6 +414,8 @@ def modelfile(gguf: Path, out: Path | None, force: bool) -> None:
 @click.option("--negative", type=click.Choice(["step", "zero"]), default="step", show_default=True,
               help="Guidance's negative condition: a second sequence of pad tokens (step) or zeros.")
 @click.option("--no-normalize", is_flag=True, help="Tokenize the text as given (no punctuation and case rewriting).")
+@click.option("--head-dtype", type=click.Choice(["f32", "bf16"]), default="f32", show_default=True,
+              help="What the flow head computes in: bf16 is several times faster on CPUs with bf16 instructions.")
 @click.option("--seed", type=int, default=None, help="Seed of the flow's noise (default: a fresh one).")
 @click.option("--threads", type=int, default=None, help="llama.cpp threads (default: its own choice).")
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
@@ -421,7 +423,7 @@ def modelfile(gguf: Path, out: Path | None, force: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def speak(tada: Path, text: str, out: Path, voice: Path | None, acoustic: Path | None, codec: Path | None,
           flow_steps: int, cfg: float, duration_cfg: float, noise_temperature: float, negative: str, no_normalize: bool,
-          seed: int | None, threads: int | None, force: bool, quiet: bool, as_json: bool) -> None:
+          head_dtype: str, seed: int | None, threads: int | None, force: bool, quiet: bool, as_json: bool) -> None:
     """Say --text with the TADA model mt converted (TADA, with its -acoustic.gguf and -codec.gguf beside it): a
     24 kHz mono wav."""
     from mt.commands import speak_command
@@ -430,7 +432,7 @@ def speak(tada: Path, text: str, out: Path, voice: Path | None, acoustic: Path |
 
     options = SpeakOptions(FlowOptions(flow_steps=flow_steps, acoustic_cfg=cfg, duration_cfg=duration_cfg,
                                        noise_temperature=noise_temperature), negative=negative,
-                           normalize=not no_normalize, threads=threads)
+                           normalize=not no_normalize, threads=threads, head_dtype=head_dtype)
     run_reporting_errors(lambda: speak_command(tada, text, out, acoustic=acoustic, codec=codec, voice=voice,
                                                options=options, seed=seed, force=force, quiet=quiet, as_json=as_json))
 

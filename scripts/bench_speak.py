@@ -4,7 +4,8 @@ warms up), the speech's length, the real-time factor (synthesis seconds per seco
 
 The model is random, built by HumeAI's own classes (tests/speak/hume_generate.py, in its venv): `tiny` is the test's
 shape; `1b` is Llama-3.2-1B's backbone (16 layers, hidden 2048) with tada-3b-ml's acoustic sizes (acoustic_dim 512,
-256 time classes, a 6-layer head) and the real codec decoder's sizes. mt runs it at F32 and Q4_K_M.
+256 time classes, a 6-layer head) and the real codec decoder's sizes. mt runs it at F32 and Q4_K_M, and at Q4_K_M with
+the flow head in bf16 (--head-dtype bf16).
 
     python scripts/bench_speak.py [--size tiny|1b] [--threads 2] [--workdir DIR]
 """
@@ -81,12 +82,12 @@ def convert(args: list[str]) -> None:
     subprocess.run([sys.executable, "-m", "mt.cli", "convert", *args, "--quiet", "--force"], check=True)
 
 
-def mt_speak(backbone: Path, noise: np.ndarray, threads: int) -> tuple[float, float, float]:
+def mt_speak(backbone: Path, noise: np.ndarray, threads: int, head_dtype: str = "f32") -> tuple[float, float, float]:
     """(load seconds, synthesis seconds of the second of two runs, speech seconds)."""
     from mt.speak.speak import Speaker, SpeakOptions
 
     began = time.perf_counter()
-    with Speaker(backbone, options=SpeakOptions(threads=threads)) as speaker:
+    with Speaker(backbone, options=SpeakOptions(threads=threads, head_dtype=head_dtype)) as speaker:
         loaded = time.perf_counter()
         for _ in range(2):  # the first run pays for warming up, as HumeAI's first generate does
             rows = iter(noise)
@@ -119,6 +120,8 @@ def main() -> None:
             shutil.copy(work / "f32" / "tada-codec.gguf", folder / "tada-codec.gguf")
         load, synth, audio = mt_speak(folder / "tada.gguf", noise, args.threads)
         rows.append((f"mt speak ({outtype.upper()} backbone)", load, synth, audio))
+    load, synth, audio = mt_speak(work / "q4_k_m" / "tada.gguf", noise, args.threads, "bf16")
+    rows.append(("mt speak (Q4_K_M, bf16 head)", load, synth, audio))
     print(f"size {args.size}, {args.threads} threads, text of {len(TEXT)} characters")
     print(f"{'':<32} {'load s':>7} {'synth s':>8} {'speech s':>9} {'RTF':>7}")
     for label, load, synth, audio in rows:

@@ -73,7 +73,9 @@ def gray_to_time(bits: torch.Tensor, num_classes: int) -> torch.Tensor:
 
 
 def _rms_norm(x: torch.Tensor, eps: float, weight: torch.Tensor | None = None) -> torch.Tensor:
-    out = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    """In float32 whatever x's dtype, as VibeVoice's RMSNorm."""
+    x32 = x.float()
+    out = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
     return out * weight if weight is not None else out
 
 
@@ -84,10 +86,15 @@ def _timestep_features(t: torch.Tensor, size: int, max_period: float = 10000.0) 
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
-class Acoustic:
-    """The companion file's tensors and numbers."""
+HEAD_DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16}
 
-    def __init__(self, path: Path) -> None:
+
+class Acoustic:
+    """The companion file's tensors and numbers. `head_dtype` (f32, bf16): what the flow head computes in; bf16 reads
+    half the bytes per Euler step (the head is bound by reading its weights), and is faster still where the CPU has
+    bf16 dot products (AVX512-BF16, AMX); the ODE's sum stays float32."""
+
+    def __init__(self, path: Path, head_dtype: str = "f32") -> None:
         w = GGUFWeights(path)
         if w.arch != ARCH:
             raise GGUFError(f"{path} is not a TADA acoustic file (general.architecture is {w.arch!r}, not {ARCH!r})",
@@ -106,6 +113,8 @@ class Acoustic:
         self.prompt_prefix = str(w.needed(f"{ARCH}.prompt_prefix"))
         self.token_ids = {role: int(w.needed(f"{ARCH}.token.{role}_id")) for role in ("pad", "start_header", "end_header", "eot")}
         self.t = {name: w.tensor(name) for name in w.infos}
+        self.dtype = HEAD_DTYPES[head_dtype]
+        self.h = {name: t.to(self.dtype) for name, t in self.t.items() if name.startswith((f"{HEAD}.", "bottleneck_proj."))}
 
     @property
     def latent_size(self) -> int:
@@ -120,15 +129,16 @@ class Acoustic:
                 t["time_start_embed.weight"][before], t["time_end_embed.weight"][after]]
 
     def condition(self, hidden: torch.Tensor) -> torch.Tensor:
-        if "bottleneck_proj.weight" not in self.t:
+        hidden = hidden.to(self.dtype)
+        if "bottleneck_proj.weight" not in self.h:
             return hidden
-        return linear(hidden, self.t["bottleneck_proj.weight"], self.t.get("bottleneck_proj.bias"))
+        return linear(hidden, self.h["bottleneck_proj.weight"], self.h.get("bottleneck_proj.bias"))
 
     def head(self, z: torch.Tensor, t: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
-        """The head's velocity for latents `z` [b, latent] at flow times `t` [b], given bottleneck outputs."""
-        w = self.t
-        x = linear(z, w[f"{HEAD}.noisy_images_proj.weight"])
-        features = _timestep_features(t, self.frequency_size)
+        """The head's velocity (float32) for latents `z` [b, latent] at flow times `t` [b], given bottleneck outputs."""
+        w = self.h
+        x = linear(z.to(self.dtype), w[f"{HEAD}.noisy_images_proj.weight"])
+        features = _timestep_features(t, self.frequency_size).to(self.dtype)
         t_emb = linear(silu(linear(features, w[f"{HEAD}.t_embedder.mlp.0.weight"])), w[f"{HEAD}.t_embedder.mlp.2.weight"])
         c = linear(condition, w[f"{HEAD}.cond_proj.weight"]) + t_emb
         for i in range(self.head_layers):
@@ -138,7 +148,7 @@ class Acoustic:
             x = x + gate * linear(silu(linear(h, w[f"{p}.ffn.gate_proj.weight"])) * linear(h, w[f"{p}.ffn.up_proj.weight"]),
                                   w[f"{p}.ffn.down_proj.weight"])
         shift, scale = linear(silu(c), w[f"{HEAD}.final_layer.adaLN_modulation.1.weight"]).chunk(2, dim=-1)
-        return linear(_rms_norm(x, self.head_eps) * (1 + scale) + shift, w[f"{HEAD}.final_layer.linear.weight"])
+        return linear(_rms_norm(x, self.head_eps) * (1 + scale) + shift, w[f"{HEAD}.final_layer.linear.weight"]).float()
 
     def velocity(self, z: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, neg_cond: torch.Tensor,
                  acoustic_cfg: float, duration_cfg: float) -> torch.Tensor:

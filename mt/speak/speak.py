@@ -35,6 +35,7 @@ COVERED_SCRIPTS = ("LATIN", "CJK", "HIRAGANA", "KATAKANA", "ARABIC", "IDEOGRAPHI
 
 Noise = Callable[[int], np.ndarray]  # one draw of standard normal noise of the given size
 Durations = Callable[[int, torch.Tensor], tuple[int, int]]  # (step, the flow's latent) -> frames before, after
+State = tuple[np.ndarray, int, int, int]  # what a step adds to its token: acoustic vector, mask, frames before, after
 
 
 class SpeakError(MtError):
@@ -48,6 +49,7 @@ class SpeakOptions:
     normalize: bool = True
     threads: int | None = None
     f32_cache: bool = False  # llama.cpp's KV cache in F32 (parity checks) instead of F16
+    head_dtype: str = "f32"  # f32 | bf16: what the flow head computes in (mt.speak.acoustic.Acoustic)
 
 
 @dataclass
@@ -101,7 +103,7 @@ class Speaker:
         weights = check_backbone(GGUFWeights(Path(backbone)))
         acoustic, codec = companion_paths(Path(backbone), acoustic, codec)
         self.options = options
-        self.acoustic = Acoustic(acoustic)
+        self.acoustic = Acoustic(acoustic, options.head_dtype)
         self.codec = Codec(codec)
         if self.codec.embed_dim != self.acoustic.acoustic_dim:
             raise SpeakError(f"the codec {codec} decodes {self.codec.embed_dim}-wide frames, the model makes "
@@ -211,44 +213,46 @@ class Speaker:
 
     def _generate(self, p: Prompt, noise: Noise, durations: Durations) -> Speech:
         a, opts = self.acoustic, self.options
-        shift, length, two = a.shift, len(p.input_ids), self.backbone.n_seq == 2
         self.backbone.reset()
         speech = Speech(np.zeros(0, np.float32), self.codec.sample_rate, p.input_ids)
-        current = (np.zeros(a.acoustic_dim, np.float32), 0, 0, 0)  # acoustic vector, mask, before, after
+        state: State = (np.zeros(a.acoustic_dim, np.float32), 0, 0, 0)
         frames: list[np.ndarray] = []
         befores: list[int] = []
         start = self._prefill_length(p)
         neg_cond = torch.zeros(1, a.hidden)
         if start:
-            current = self._prefill(p, start, frames, befores, two)
-        for step in range(start, length):
-            token = p.input_ids[step]
-            vec, mask, before, after = current
-            embed = lambda t: self._embeddings([t], vec[None], [mask], [before], [after])  # noqa: E731
-            hidden = self.backbone.forward([embed(token)] + ([embed(self._negative_ids([token])[0])] if two else []), step)
-            cond = torch.from_numpy(hidden[0])
-            if two:
-                neg_cond = torch.from_numpy(hidden[1])
+            state = self._prefill(p, start, frames, befores)
+        for step in range(start, len(p.input_ids)):
+            hidden = self._hidden(p.input_ids[step], state, step)
             speech.hidden.append(np.concatenate(hidden))
+            cond = torch.from_numpy(hidden[0])
+            if len(hidden) == 2:
+                neg_cond = torch.from_numpy(hidden[1])
             z = torch.from_numpy(noise(a.latent_size)[None]) * opts.flow.noise_temperature
             latent = a.solve(z, cond, neg_cond, opts.flow)
             speech.latents.append(latent[0].numpy().copy())
             speech.smallest_margin = min(speech.smallest_margin, a.smallest_bit_margin(latent))
-            if step < shift:
-                continue
-            k = step - shift
-            if k < len(p.acoustic):
-                vec, mask = p.acoustic[k], int(p.masks[k])
-            else:
-                vec, mask = latent[0, :a.acoustic_dim].numpy(), 1
-            frames.append(vec)
-            before, after = (int(p.before[k + 1]), int(p.after[k + 1])) if k < len(p.before) - 1 else \
-                durations(step, latent[0])
-            befores.append(before)
-            current = (vec, mask, before, after)
+            if step >= a.shift:
+                state = self._next_state(p, step, latent[0], durations)
+                frames.append(state[0])
+                befores.append(state[2])
         if befores:
             befores.append(befores[-1])
         return self._decode(speech, p, frames, befores)
+
+    def _hidden(self, token: int, state: State, step: int) -> list[np.ndarray]:
+        """The backbone's final-norm hidden state at `step` for the text and, with guidance, its negative sequence."""
+        vec, mask, before, after = state
+        ids = [token] + self._negative_ids([token])[: self.backbone.n_seq - 1]
+        return self.backbone.forward([self._embeddings([i], vec[None], [mask], [before], [after]) for i in ids], step)
+
+    def _next_state(self, p: Prompt, step: int, latent: torch.Tensor, durations: Durations) -> State:
+        """What the token `shift` steps on reads: the prompt's vector and durations while the prompt lasts, then the
+        flow's output and its decoded durations."""
+        a, k = self.acoustic, step - self.acoustic.shift
+        vec, mask = (p.acoustic[k], int(p.masks[k])) if k < len(p.acoustic) else (latent[:a.acoustic_dim].numpy(), 1)
+        before, after = (int(p.before[k + 1]), int(p.after[k + 1])) if k < len(p.before) - 1 else durations(step, latent)
+        return vec, mask, before, after
 
     def _prefill_length(self, p: Prompt) -> int:
         shift, length = self.acoustic.shift, len(p.input_ids)
@@ -257,8 +261,7 @@ class Speaker:
         most = min(n_ac, n_t, max(0, len(p.before) - 2)) if n_ac > 0 and n_t > 0 else 0
         return min(length, shift + most + 1) if most > 0 else 0
 
-    def _prefill(self, p: Prompt, n: int, frames: list[np.ndarray], befores: list[int],
-                 two: bool) -> tuple[np.ndarray, int, int, int]:
+    def _prefill(self, p: Prompt, n: int, frames: list[np.ndarray], befores: list[int]) -> State:
         """The voice prompt's positions in one batch (both sequences alike, as HumeAI's prefill); the state after it."""
         a, shift = self.acoustic, self.acoustic.shift
         acoustic = np.zeros((n, a.acoustic_dim), np.float32)
@@ -268,7 +271,7 @@ class Speaker:
         k = min(n - shift - 1, len(p.before) - 1)
         before[shift + 1:shift + 1 + k], after[shift + 1:shift + 1 + k] = p.before[1:1 + k], p.after[1:1 + k]
         embeds = self._embeddings(p.input_ids[:n], acoustic, masks, before, after)
-        self.backbone.forward([embeds, embeds] if two else [embeds], 0)
+        self.backbone.forward([embeds] * self.backbone.n_seq, 0)
         n_frames = n - shift
         frames.extend(p.acoustic[i] for i in range(n_frames))
         befores.extend(int(p.before[i + 1]) for i in range(n_frames))

@@ -200,6 +200,27 @@ def test_a_speaker_says_one_thing_after_another(hume: Hume) -> None:
         assert np.array_equal(first.wav, second.wav) and len(first.wav) > 0
 
 
+def test_a_bf16_head_computes_what_the_f32_one_does(hume: Hume) -> None:
+    """--head-dtype bf16: the same velocities to bf16's precision on HumeAI's inputs, and it speaks."""
+    o, flow = hume.oracle, FlowOptions()
+    heads = {}
+    for dtype in ("f32", "bf16"):
+        speaker = Speaker(hume.backbone, options=SpeakOptions(head_dtype=dtype))
+        heads[dtype] = speaker
+    try:
+        for step in range(len(o["ode_in"])):
+            args = (torch.from_numpy(o["ode_in"][step:step + 1]), torch.tensor(0.0),
+                    torch.from_numpy(o["hidden"][step][0:1]), torch.from_numpy(o["hidden"][step][1:2]),
+                    scheduled_cfg(flow.acoustic_cfg, 0.0, flow.cfg_schedule), flow.duration_cfg)
+            want, got = (heads[d].acoustic.velocity(*args) for d in ("f32", "bf16"))
+            assert got.dtype == torch.float32 and relative(got.numpy(), want.numpy()) <= 3e-2, step
+        rows = iter(hume.noise)
+        assert len(heads["bf16"].say(TEXT, noise=lambda n: next(rows)).wav) > 0
+    finally:
+        for speaker in heads.values():
+            speaker.close()
+
+
 def test_gray_code_reads_every_class() -> None:
     values = torch.arange(64)
     gray = values ^ (values >> 1)
