@@ -29,6 +29,7 @@ OUT_TYPES: dict[str, OutType] = {o.name: o for o in (
     OutType("bf16", F.MOSTLY_BF16, T.BF16, converter=True, quantizer=False),
     OutType("q8_0", F.MOSTLY_Q8_0, T.Q8_0, converter=True, quantizer=True),
     OutType("q4_0", F.MOSTLY_Q4_0, T.Q4_0, converter=False, quantizer=True),
+    OutType("q4_1", F.MOSTLY_Q4_1, T.Q4_1, converter=False, quantizer=True),
     OutType("q5_0", F.MOSTLY_Q5_0, T.Q5_0, converter=False, quantizer=True),
     OutType("q5_1", F.MOSTLY_Q5_1, T.Q5_1, converter=False, quantizer=True),
     OutType("q4_k_s", F.MOSTLY_Q4_K_S, T.Q4_K, converter=False, quantizer=True),

@@ -21,7 +21,7 @@ def f32_gguf(llama2_256_dir, tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.parametrize("mix", K_MIXES + ["q4_0", "q5_0", "q5_1"])
+@pytest.mark.parametrize("mix", K_MIXES + ["q4_0", "q4_1", "q5_0", "q5_1"])
 def test_same_file_as_llama_quantize(f32_gguf, tmp_path, mix):
     ref, ours = tmp_path / "ref.gguf", tmp_path / "mt.gguf"
     llama_quantize(f32_gguf, ref, parse_file_type(mix))
@@ -29,7 +29,7 @@ def test_same_file_as_llama_quantize(f32_gguf, tmp_path, mix):
     assert_same_file(ours, ref)
 
 
-@pytest.mark.parametrize("mix", ["q4_k_m", "q5_k_s", "q6_k"])
+@pytest.mark.parametrize("mix", ["q4_k_m", "q5_k_s", "q6_k", "q4_1"])
 def test_fallback_rows_and_tied_embeddings(llama3_dir, tmp_path, mix):
     """Rows of 64 (no K-quant fits: Q5_0/Q5_1/Q8_0 fallbacks), BF16 source, tied token_embd -> output type."""
     bf16 = tmp_path / "bf16.gguf"

@@ -48,7 +48,7 @@ def f32_gguf(llama2_256_dir, tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.parametrize("mix", ["q4_k_m", "q5_k_m", "q6_k", "q4_k_s", "q4_0", "q5_0", "q5_1", "q8_0"])
+@pytest.mark.parametrize("mix", ["q4_k_m", "q5_k_m", "q6_k", "q4_k_s", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0"])
 def test_gguf_imatrix_same_file_as_llama_quantize(f32_gguf, tmp_path, mix):
     raw = model_imatrix(f32_gguf)
     path = write_gguf(raw, tmp_path / "imatrix.gguf")
