@@ -12,7 +12,7 @@ from gguf import LlamaFileType
 from mt.convert.arch.base import Architecture, Companion, ExtraTensor, Transform
 from mt.errors import MtError, NonFiniteWeights
 from mt.io.checkpoint import Checkpoint, LazyTensor
-from mt.io.dtypes import FLOAT_DTYPE_NAMES, FLOAT_DTYPES, NON_FINITE_EXPONENT, first_non_finite, to_f32
+from mt.io.dtypes import FLOAT_DTYPE_NAMES, FLOAT_DTYPES, NON_FINITE_EXPONENT, first_non_finite, place_of, to_f32
 from mt.io.safetensors import FileSpan
 from mt.io.stream import Chunk, Prefetcher, grouped, row_ranges
 from mt.quant.choose import Writer, tensor_types
@@ -273,10 +273,10 @@ class _FiniteCheck(_Unchecked):
     def __init__(self, entry: PlanEntry, shape: tuple[int, ...]) -> None:
         # a transformed tensor (rows reordered …) is placed in the file's tensor, not the checkpoint's
         self.name = entry.source_name if entry.transform is None else f"{entry.name} (from {entry.source_name})"
-        self.row = int(np.prod(shape[1:], dtype=np.int64)) if len(shape) > 1 else 0
+        self.shape = shape
 
     def _where(self, start: int, flat: int) -> tuple[int, ...]:
-        return (flat,) if not self.row else (start + flat // self.row, flat % self.row)
+        return place_of(self.shape, start, flat)
 
     def source(self, raw: np.ndarray, dtype: str, start: int) -> None:
         if dtype in NON_FINITE_EXPONENT and (bad := first_non_finite(raw, dtype)) is not None:

@@ -38,6 +38,13 @@ NON_FINITE_EXPONENT = {"F32": (np.dtype(np.uint32), 0x7F800000), "F16": (np.dtyp
                        "BF16": (np.dtype(np.uint16), 0x7F80)}
 
 
+def place_of(shape: tuple[int, ...], start: int, flat: int) -> tuple[int, ...]:
+    """Where the value at flat index `flat` of a slab beginning at row `start` lies in a tensor of `shape`: (row, column
+    in the row's flattened rest), or (flat,) for a 1-D tensor."""
+    row = int(np.prod(shape[1:], dtype=np.int64)) if len(shape) > 1 else 0
+    return (flat,) if not row else (start + flat // row, flat % row)
+
+
 def first_non_finite(raw: np.ndarray | memoryview, dtype: str) -> int | None:
     """Flat index of the first NaN or Inf among float storage values (an array or a buffer of them); None when all
     are finite."""

@@ -10,7 +10,7 @@ import numpy as np
 
 from mt.errors import NonFiniteWeights
 from mt.io.checkpoint import LazyTensor, SideData
-from mt.io.dtypes import NON_FINITE_EXPONENT, first_non_finite
+from mt.io.dtypes import NON_FINITE_EXPONENT, first_non_finite, place_of
 from mt.io.stream import SLAB_BYTES, Progress, reporting, row_ranges
 from mt.io.safetensors_out import SafetensorsFolderWriter, TensorSpec, parse_size
 from mt.merge.merged import MergedTensor
@@ -54,18 +54,18 @@ def write_folder(out: Path, tensors: Mapping[str, LazyTensor], files: Mapping[st
             writer.add_file(name, data)
         for name, tensor in tensors.items():
             slabs = row_slabs(tensor)
-            if check_finite and tensor.dtype in NON_FINITE_EXPONENT:
+            # a merged tensor checks itself as it is cast, naming the base or the adapter as the cause
+            if check_finite and tensor.dtype in NON_FINITE_EXPONENT and not isinstance(tensor, MergedTensor):
                 slabs = finite_slabs(name, tensor.shape, tensor.dtype, slabs)
             writer.write_tensor(name, reporting(slabs, progress, total))
         return total, len(writer.shards)
 
 
 def finite_slabs(name: str, shape: tuple[int, ...], dtype: str, slabs: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
-    row = int(np.prod(shape[1:], dtype=np.int64)) if len(shape) > 1 else 0
     start = 0
     for slab in slabs:
         if (bad := first_non_finite(slab, dtype)) is not None:
-            raise NonFiniteWeights(name, (bad,) if not row else (start + bad // row, bad % row))
+            raise NonFiniteWeights(name, place_of(shape, start, bad))
         start += len(slab)
         yield slab
 

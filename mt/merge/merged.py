@@ -11,7 +11,7 @@ import numpy as np
 
 from mt.io.checkpoint import Checkpoint, LazyTensor
 from mt.errors import AdapterError, NonFiniteWeights
-from mt.io.dtypes import FLOAT_DTYPES, STORAGE_DTYPES, f32_to_bf16_bits, first_non_finite, to_f32
+from mt.io.dtypes import FLOAT_DTYPES, STORAGE_DTYPES, f32_to_bf16_bits, first_non_finite, place_of, to_f32
 from mt.merge.adapter import Adapter, LoraDelta
 from mt.merge.fused import fuse_parts
 
@@ -63,9 +63,8 @@ class MergedTensor:
 
     def _refuse(self, rows: np.ndarray, flat: int, start: int) -> None:
         """The base's NaN/Inf is the checkpoint's fault; one the merge made (or an overflow of the cast) the adapter's."""
-        row = int(np.prod(self.shape[1:], dtype=np.int64)) if len(self.shape) > 1 else 0
-        where = (flat,) if not row else (start + flat // row, flat % row)
-        base = self.source.read_rows(where[0], where[0] + 1) if row else self.source.read()
+        where = place_of(self.shape, start, flat)
+        base = self.source.read_rows(where[0], where[0] + 1) if len(where) == 2 else self.source.read()
         if not np.isfinite(to_f32(base, self.source.dtype).reshape(-1)[where[-1]]):
             raise NonFiniteWeights(self.name, where)
         overflow = f" in {self.dtype}" if np.isfinite(rows.reshape(-1)[flat]) else ""
