@@ -109,15 +109,21 @@ def check_tensor_names(header: GGUFHeader, facts: ModelFacts) -> None:
                           UNLOADABLE)
 
 
+def check_loadable(header: GGUFHeader) -> ModelFacts:
+    """What llama.cpp's loader needs of a model file (check_vocabulary, check_tensor_names); the model's facts."""
+    check_vocabulary(header)
+    facts = model_facts(header)
+    check_tensor_names(header, facts)
+    return facts
+
+
 def load_problem(header: GGUFHeader) -> str | None:
-    """Why llama.cpp's loader would refuse the file, or abort on it (check_vocabulary, check_tensor_names); None when
-    neither finds anything. Only model files are judged: an adapter's or an importance matrix's general.type says
-    what else a file is."""
+    """Why llama.cpp's loader would refuse the file, or abort on it (check_loadable); None when it finds nothing.
+    Only model files are judged: an adapter's or an importance matrix's general.type says what else a file is."""
     if text(header.value("general.type", "model")) != "model":
         return None
     try:
-        check_vocabulary(header)
-        check_tensor_names(header, model_facts(header))
+        check_loadable(header)
     except MtError as e:
         return e.problem
     return None
@@ -218,9 +224,7 @@ def quantize_gguf(src: Path, out: Path, file_type: str, *, options: MixOptions |
     options = options or MixOptions()
     header = read_header(src, raw_strings=True)
     check_output(out, force)
-    check_vocabulary(header)
-    facts = model_facts(header)
-    check_tensor_names(header, facts)
+    facts = check_loadable(header)
     imx = load_imatrix(Path(imatrix)) if imatrix is not None else None
     if imx is not None:
         options = replace(options, has_imatrix=True)

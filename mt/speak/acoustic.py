@@ -16,7 +16,6 @@ import numpy as np
 import torch
 from torch.nn.functional import linear, silu
 
-from mt.errors import GGUFError
 from mt.speak.weights import GGUFWeights
 
 ARCH = "tada"
@@ -95,10 +94,8 @@ class Acoustic:
     bf16 dot products (AVX512-BF16, AMX); the ODE's sum stays float32."""
 
     def __init__(self, path: Path, head_dtype: str = "f32") -> None:
-        w = GGUFWeights(path)
-        if w.arch != ARCH:
-            raise GGUFError(f"{path} is not a TADA acoustic file (general.architecture is {w.arch!r}, not {ARCH!r})",
-                            "pass the <stem>-acoustic.gguf that mt convert wrote beside the TADA GGUF")
+        w = GGUFWeights(path).require_arch(ARCH, "a TADA acoustic file",
+                                           "pass the <stem>-acoustic.gguf that mt convert wrote beside the TADA GGUF")
         self.path = Path(path)
         self.hidden = int(w.needed(f"{ARCH}.embedding_length"))
         self.acoustic_dim = int(w.needed(f"{ARCH}.acoustic_dim"))

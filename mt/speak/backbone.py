@@ -24,10 +24,8 @@ MAX_BATCH = 512  # positions per llama_decode and sequence: a voice prompt's pre
 
 
 def check_backbone(weights: GGUFWeights) -> GGUFWeights:
-    if weights.arch != "llama":
-        raise GGUFError(f"{weights.path} is not a TADA backbone (general.architecture is {weights.arch!r}, not 'llama')",
-                        "pass the backbone GGUF that mt convert wrote for a TadaForCausalLM")
-    return weights
+    return weights.require_arch("llama", "a TADA backbone",
+                                "pass the backbone GGUF that mt convert wrote for a TadaForCausalLM")
 
 
 class Backbone:

@@ -38,10 +38,8 @@ def snake(x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
 
 class Codec:
     def __init__(self, path: Path) -> None:
-        w = GGUFWeights(path)
-        if w.arch != ARCH:
-            raise GGUFError(f"{path} is not a TADA codec decoder (general.architecture is {w.arch!r}, not {ARCH!r})",
-                            "pass the GGUF that mt convert wrote from HumeAI/tada-codec's decoder folder")
+        w = GGUFWeights(path).require_arch(ARCH, "a TADA codec decoder",
+                                           "pass the GGUF that mt convert wrote from HumeAI/tada-codec's decoder folder")
         self.path = Path(path)
         self.embed_dim = int(w.needed(f"{ARCH}.embed_dim"))
         self.layers = int(w.needed(f"{ARCH}.num_attn_layers"))

@@ -27,6 +27,12 @@ class GGUFWeights:
     def value(self, key: str, default: Any = None) -> Any:
         return self.header.value(key, default)
 
+    def require_arch(self, arch: str, what: str, remedy: str) -> "GGUFWeights":
+        """Itself, when its general.architecture is `arch`; else a GGUFError saying the file is not `what`."""
+        if self.arch != arch:
+            raise GGUFError(f"{self.path} is not {what} (general.architecture is {self.arch!r}, not {arch!r})", remedy)
+        return self
+
     def needed(self, key: str) -> Any:
         value = self.header.value(key)
         if value is None:
