@@ -21,6 +21,7 @@ from typing import Any
 
 from mt.io.chat_template import TemplateRunaway, render_template
 from mt.io.gguf_in import GGUFHeader, read_header
+from mt.release.tool_shape import NoToolShape, ToolShape, call_message, probe_tool_shape, same_up_to_json
 
 FIXED_DATE = "26 Jul 2024"  # templates that print today's date render it as this (the Modelfile cannot ask Ollama)
 CONTROL = 3  # llama.cpp's token type of control tokens
@@ -34,6 +35,33 @@ PROOF_CONVERSATIONS: list[list[dict[str, str]]] = [
     [{"role": "system", "content": "Answer in French.\nBe brief."}, {"role": "user", "content": "Good morning"},
      {"role": "assistant", "content": "Bonjour"}, {"role": "user", "content": "How are you?"},
      {"role": "assistant", "content": "Très bien."}, {"role": "user", "content": "Thanks 🦙"}],
+]
+
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The current weather in a city.",
+    "parameters": {"type": "object", "required": ["city"], "properties": {
+        "city": {"type": "string", "description": "The city's name"},
+        "unit": {"type": "string", "description": "The temperature's unit", "enum": ["celsius", "fahrenheit"]}}}}}
+CLOCK = {"type": "function", "function": {
+    "name": "get_time", "description": "The local time in a time zone.",
+    "parameters": {"type": "object", "required": ["zone"], "properties": {
+        "zone": {"type": "string", "description": "An IANA zone such as Europe/Lisbon"}}}}}
+_LISBON = call_message(("get_weather", {"city": "Lisbon", "unit": "celsius"}))
+_CLOCK = call_message(("get_time", {"zone": "Europe/Lisbon"}))
+# (tools, conversation) pairs the tool shape must reproduce; the last one has two calls in one message
+TOOL_PROOFS: list[tuple[list[dict[str, Any]], list[dict[str, Any]]]] = [
+    ([WEATHER], [{"role": "user", "content": "What is the weather in Paris?"}]),
+    ([WEATHER, CLOCK], [{"role": "system", "content": "You plan trips."},
+                        {"role": "user", "content": "How warm is Lisbon?"}, _LISBON,
+                        {"role": "tool", "content": '{"temperature": 21, "sky": "clear"}'}]),
+    ([WEATHER], [{"role": "user", "content": "How warm is Lisbon?"}, _LISBON, {"role": "tool", "content": "21 °C"},
+                 {"role": "assistant", "content": "It is 21 °C in Lisbon."}, {"role": "user", "content": "Thanks!"}]),
+    ([WEATHER, CLOCK], [{"role": "user", "content": "Lisbon: weather, then time."}, _LISBON,
+                        {"role": "tool", "content": "21 °C"}, _CLOCK, {"role": "tool", "content": "14:05"}]),
+    ([CLOCK, WEATHER], [{"role": "user", "content": "Both, please."},
+                        call_message(("get_weather", {"city": "Lisbon"}), ("get_time", {"zone": "Europe/Lisbon"})),
+                        {"role": "tool", "content": "21 °C"}, {"role": "tool", "content": "14:05"}]),
 ]
 
 
@@ -95,6 +123,7 @@ class Modelfile:
     text: str
     template_proven: bool
     notes: list[str] = field(default_factory=list)
+    tools: bool = False  # the TEMPLATE writes .Tools, tool calls and tool results
 
 
 class TemplateRenderer:
@@ -104,10 +133,11 @@ class TemplateRenderer:
     def __init__(self, template: str, bos: str | None, eos: str | None) -> None:
         self.template, self.bos, self.eos = template, bos, eos
 
-    def __call__(self, messages: list[dict[str, str]], generation: bool = True) -> str:
+    def __call__(self, messages: list[dict[str, Any]], generation: bool = True,
+                 tools: list[dict[str, Any]] | None = None) -> str:
         try:
             text = render_template(self.template, messages, add_generation_prompt=generation, bos_token=self.bos or "",
-                                   eos_token=self.eos or "", date_string=FIXED_DATE)
+                                   eos_token=self.eos or "", date_string=FIXED_DATE, tools=tools)
         except TemplateRunaway as e:
             raise NoShape(f"the template did not end ({e})") from None
         except Exception as e:  # the template's raise_exception, an undefined name …
@@ -175,6 +205,35 @@ def prove(shape: ChatShape, render: TemplateRenderer) -> None:
                           f"{want[at:at + 30]!r}")
 
 
+def tool_shape_of(render: TemplateRenderer, chat: ChatShape) -> ToolShape | None:
+    """The template's tool use, proven as `prove` proves the chat; None when the template ignores tools. NoToolShape
+    when it uses them in a way the shape cannot write."""
+    try:
+        return _proven_tool_shape(render, chat)
+    except NoShape as e:
+        raise NoToolShape(str(e)) from None
+
+
+def _proven_tool_shape(render: TemplateRenderer, chat: ChatShape) -> ToolShape | None:
+    plain = [{"role": "user", "content": "Hello!"}]
+    if render(plain, tools=[WEATHER]) == render(plain):
+        return None
+    if chat.placement != "first":
+        raise NoToolShape("tool use is written only for templates that put the system prompt first")
+    shape = probe_tool_shape(render)
+    for tools, messages in TOOL_PROOFS:
+        if shape.call_separator is None and any(len(m.get("tool_calls", [])) > 1 for m in messages):
+            continue  # the template takes one call per message
+        values = ollama_values(messages, chat.default_system)
+        want = render(messages, tools=tools)
+        got = shape.render(values["Messages"], values["System"], tools)
+        if not same_up_to_json(got, want):
+            at = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+            raise NoToolShape(f"with tools the Go template would render {got[at:at + 30]!r} where the jinja one "
+                              f"renders {want[at:at + 30]!r}")
+    return shape
+
+
 def _token_text(header: GGUFHeader, key: str) -> str | None:
     tokens, token_id = header.value("tokenizer.ggml.tokens"), header.value(key)
     return tokens[token_id] if tokens is not None and isinstance(token_id, int) and 0 <= token_id < len(tokens) else None
@@ -203,7 +262,7 @@ def make_modelfile(gguf: Path, from_path: str | None = None) -> Modelfile:
     template = header.value("tokenizer.chat_template")
     lines = [f"FROM {from_path or './' + Path(gguf).name}"]
     notes: list[str] = []
-    shape = None
+    shape = tool_shape = None
     if not isinstance(template, str) or not template:
         notes.append("the GGUF has no chat template: no TEMPLATE line (Ollama's own detection applies)")
     else:
@@ -216,25 +275,32 @@ def make_modelfile(gguf: Path, from_path: str | None = None) -> Modelfile:
         except NoShape as e:
             notes.append(f"no TEMPLATE line: {e}; Ollama's own template detection applies")
             shape = None
+        if shape is not None:
+            try:
+                tool_shape = tool_shape_of(render, shape)
+            except NoToolShape as e:
+                notes.append(f"the TEMPLATE leaves tools out: {e}")
     if shape is not None:
-        lines.append(f"TEMPLATE {_quoted(shape.go_template())}")
+        go = shape.go_template() if tool_shape is None else \
+            "{{- if .Tools }}" + tool_shape.go_template() + "\n{{- else }}" + shape.go_template() + "\n{{- end }}"
+        lines.append(f"TEMPLATE {_quoted(go)}")
         if shape.default_system:
             lines.append(f"SYSTEM {_quoted(shape.default_system)}")
     lines += [f"PARAMETER stop {json.dumps(t, ensure_ascii=False)}" for t in stop_tokens(header, shape)]
     license_text = header.value("general.license")
     if isinstance(license_text, str) and license_text:
         lines.append(f"LICENSE {_quoted(license_text)}")
-    return Modelfile("\n".join(lines) + "\n", shape is not None, notes)
+    return Modelfile("\n".join(lines) + "\n", shape is not None, notes, tool_shape is not None)
 
 
 def ollama_values(messages: list[dict[str, Any]], default_system: str | None) -> dict[str, Any]:
     """What Ollama hands a template for a chat: the default system prompt put first when none is given, .System the
-    system messages joined, consecutive messages of one role merged."""
+    system messages joined, consecutive messages of one role merged (a tool's results are not)."""
     if default_system and not any(m["role"] == "system" for m in messages):
         messages = [{"role": "system", "content": default_system}, *messages]
-    merged: list[dict[str, str]] = []
+    merged: list[dict[str, Any]] = []
     for m in messages:
-        if merged and merged[-1]["role"] == m["role"]:
+        if merged and merged[-1]["role"] == m["role"] and m["role"] != "tool":
             merged[-1] = {**merged[-1], "content": merged[-1]["content"] + "\n\n" + m["content"]}
         else:
             merged.append(dict(m))

@@ -14,6 +14,7 @@ from pathlib import Path
 import gguf
 import pytest
 from click.testing import CliRunner
+from llama_cpp.llama_chat_format import MISTRAL_INSTRUCT_CHAT_TEMPLATE, MIXTRAL_INSTRUCT_CHAT_TEMPLATE
 
 from mt.cache import cache_root
 from mt.cli import main
@@ -40,6 +41,12 @@ FAMILIES = {
     "mistral-small-3.2 (v7)": (oracle.template("Mistral-Small-3.2-24B-Instruct-2506"), *MISTRAL),
     "devstral": (oracle.template("unsloth-mistral-Devstral-Small-2507"), *MISTRAL),
     "llama2": (LLAMA2_CHAT_TEMPLATE, "<s>", "</s>", []),
+    "mistral v1": (MISTRAL_INSTRUCT_CHAT_TEMPLATE, "<s>", "</s>", ["[INST]", "[/INST]"]),
+    "mixtral": (MIXTRAL_INSTRUCT_CHAT_TEMPLATE, "<s>", "</s>", ["[INST]", "[/INST]"]),
+    "granite4.1": (oracle.template("ibm-granite-granite-4.1"), None, "<|end_of_text|>",
+                   ["<|start_of_role|>", "<|end_of_role|>"]),
+    "ministral3": (oracle.template("mistralai-Ministral-3-14B-Reasoning-2512"), *MISTRAL[:2],
+                   [*MISTRAL[2], "[TOOL_CALLS]", "[TOOL_RESULTS]", "[ARGS]", "[THINK]"]),
 }
 STOPS = {"llama3.1": "<|eot_id|>", "qwen2.5": "<|im_end|>", "gemma2": "<end_of_turn>", "phi3.5": "<|end|>",
          "llama2": "</s>", "mistral-nemo (tekken)": "</s>"}
@@ -66,17 +73,22 @@ def go_render() -> Path:
     return out
 
 
-def render_go(binary: Path, template: str, cases: list[dict]) -> list[str]:
+def run_go(binary: Path, template: str, cases: list[dict]) -> dict:
+    """{"renderings": [...], "tool_tag": the tag Ollama's tool-call parser would read from the template}"""
     proc = subprocess.run([str(binary)], input=json.dumps({"template": template, "cases": cases}), capture_output=True,
                           text=True, check=True)
     return json.loads(proc.stdout)
 
 
-def render_jinja(template: str, messages: list[dict], bos: str | None, eos: str) -> str:
+def render_go(binary: Path, template: str, cases: list[dict]) -> list[str]:
+    return run_go(binary, template, cases)["renderings"]
+
+
+def render_jinja(template: str, messages: list[dict], bos: str | None, eos: str, tools: list[dict] | None = None) -> str:
     from transformers.utils.chat_template_utils import render_jinja_template
 
     text = render_jinja_template(conversations=[messages], chat_template=template, add_generation_prompt=True,
-                                 bos_token=bos or "", eos_token=eos, date_string=FIXED_DATE)[0][0]
+                                 bos_token=bos or "", eos_token=eos, date_string=FIXED_DATE, tools=tools)[0][0]
     return text[len(bos):] if bos and text.startswith(bos) else text
 
 
@@ -122,8 +134,8 @@ def test_go_renders_the_template_as_transformers_does(family: str, go_render: Pa
     cases = [ollama_values(messages, default) for messages in CONVERSATIONS]
     cases = [{"System": c["System"], "Messages": c["Messages"]} for c in cases]
     for messages, got in zip(CONVERSATIONS, render_go(go_render, go_template, cases)):
-        if family == "gemma2" and messages[0]["role"] == "system":
-            continue  # Gemma 2's template raises on a system message: there is nothing to equal
+        if family in ("gemma2", "mistral v1", "mixtral") and messages[0]["role"] == "system":
+            continue  # these templates raise on a system message: there is nothing to equal
         assert got == render_jinja(template, messages, bos, eos), (family, messages)
     if family in STOPS:
         assert f'"{STOPS[family]}"' in parts["PARAMETER"][0] or any(STOPS[family] in p for p in parts["PARAMETER"])
@@ -158,3 +170,99 @@ def test_cli_writes_the_modelfile_and_says_what_it_could_not(tmp_path: Path) -> 
     assert "FROM ./bare.gguf" in result.output
     missing = CliRunner().invoke(main, ["modelfile", str(tmp_path / "nope.gguf")])
     assert missing.exit_code == 1 and len(missing.output.strip().splitlines()) == 1
+
+
+def _tool(name: str, description: str, **properties: dict) -> dict:
+    return {"type": "function", "function": {"name": name, "description": description, "parameters": {
+        "type": "object", "required": list(properties)[:1], "properties": properties}}}
+
+
+SEARCH = _tool("search_flights", "Flights between two airports on a day.",
+               origin={"type": "string", "description": "IATA code"}, destination={"type": "string"},
+               day={"type": "string", "description": "YYYY-MM-DD"})
+CONVERT = _tool("convert_currency", "An amount in another currency.", amount={"type": "number"},
+                to={"type": "string", "enum": ["EUR", "USD", "JPY"]})
+RATE = _tool("exchange_rate", "Today's rate between two currencies.", pair={"type": "string"})
+
+
+def _calls(*calls: tuple[str, dict]) -> dict:
+    return {"role": "assistant", "content": "",
+            "tool_calls": [{"type": "function", "function": {"name": n, "arguments": a}} for n, a in calls]}
+
+
+# (tools, conversation), unlike the ones mt proves its tool shape on; TWO_CALLS has two calls in one message
+TOOL_CONVERSATIONS = [
+    ([SEARCH, CONVERT, RATE], [{"role": "user", "content": "Flights from LIS to NRT on 2027-03-01?"}]),
+    ([SEARCH, CONVERT], [
+        {"role": "system", "content": "You book travel.\nAlways confirm."},
+        {"role": "user", "content": "Find me a flight LIS→NRT."},
+        _calls(("search_flights", {"origin": "LIS", "destination": "NRT", "day": "2027-03-01"})),
+        {"role": "tool", "content": '[{"flight": "TP 123", "price": 812.5}]'},
+        {"role": "assistant", "content": "TP 123 costs 812.50 EUR."},
+        {"role": "user", "content": "In yen?"},
+        _calls(("convert_currency", {"amount": 812.5, "to": "JPY"})),
+        {"role": "tool", "content": "He said \"about 130000\"\nand left."}]),
+    ([RATE, CONVERT], [
+        {"role": "user", "content": "Rate, then 10 EUR in USD."},
+        _calls(("exchange_rate", {"pair": "EURUSD"})), {"role": "tool", "content": "1.08"},
+        _calls(("convert_currency", {"amount": 10, "to": "USD"})), {"role": "tool", "content": "10.80"},
+        {"role": "assistant", "content": "10 EUR is 10.80 USD."}, {"role": "user", "content": "Merci"}]),
+]
+TWO_CALLS = ([RATE, CONVERT], [
+    {"role": "user", "content": "Both at once."},
+    _calls(("exchange_rate", {"pair": "EURJPY"}), ("convert_currency", {"amount": 3, "to": "EUR"})),
+    {"role": "tool", "content": "161.2"}, {"role": "tool", "content": "3.00"}])
+# family -> the tag Ollama's tool-call parser reads from the TEMPLATE ("" makes it look for JSON)
+TOOL_FAMILIES = {"llama3.1": "", "llama3.2": "", "llama3.3": "", "qwen2.5": "<tool_call>\n", "qwen3": "<tool_call>\n",
+                 "devstral": "[TOOL_CALLS]", "granite4.1": "<tool_call>\n", "ministral3": "[TOOL_CALLS]"}
+
+
+def canonical_json(text: str) -> str:
+    """`text` with every JSON value in it (an object, array or string) written one way: keys sorted, compact."""
+    decoder, out, i = json.JSONDecoder(), [], 0
+    while i < len(text):
+        if text[i] in '{["':
+            try:
+                value, end = decoder.raw_decode(text, i)
+            except ValueError:
+                pass
+            else:
+                out.append(json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":")))
+                i = end
+                continue
+        out.append(text[i])
+        i += 1
+    return "".join(out)
+
+
+def _ollama_case(values: dict, tools: list[dict]) -> dict:
+    return {"System": values["System"], "Messages": values["Messages"], "Tools": tools}
+
+
+@pytest.mark.parametrize("family", list(TOOL_FAMILIES))
+def test_tool_use_renders_as_transformers_does(family: str, go_render: Path, tmp_path: Path) -> None:
+    """Tool definitions, calls and results through Go's text/template equal transformers' rendering with `tools`,
+    JSON compared as values (Ollama prints it with Go's encoder); the plain chat is unchanged without tools."""
+    template, bos, eos, controls = FAMILIES[family]
+    made = make_modelfile(vocab_gguf(tmp_path / "m.gguf", template, bos, eos, controls))
+    assert made.template_proven and made.tools, made.notes
+    parts = parse(made.text)
+    go_template, default = parts["TEMPLATE"][0], (parts.get("SYSTEM") or [None])[0]
+    cases = TOOL_CONVERSATIONS + ([] if family.startswith("llama") else [TWO_CALLS])  # Llama 3's takes one call
+    out = run_go(go_render, go_template, [_ollama_case(ollama_values(m, default), t) for t, m in cases])
+    for (tools, messages), got in zip(cases, out["renderings"]):
+        want = render_jinja(template, messages, bos, eos, tools)
+        assert canonical_json(got) == canonical_json(want), (family, messages[-1])
+    assert out["tool_tag"] == TOOL_FAMILIES[family]
+
+
+def test_a_tool_template_it_cannot_write_keeps_the_chat(go_render: Path, tmp_path: Path) -> None:
+    """Mistral Small 3.2's template demands tool call ids Ollama's values do not carry: the chat TEMPLATE stays,
+    without tools, and the reason is one note."""
+    template, bos, eos, controls = FAMILIES["mistral-small-3.2 (v7)"]
+    made = make_modelfile(vocab_gguf(tmp_path / "m.gguf", template, bos, eos, controls))
+    assert made.template_proven and not made.tools
+    assert len(made.notes) == 1 and made.notes[0].startswith("the TEMPLATE leaves tools out: ")
+    assert ".Tools" not in parse(made.text)["TEMPLATE"][0]
+    gemma = make_modelfile(vocab_gguf(tmp_path / "g.gguf", *FAMILIES["gemma2"]))
+    assert not gemma.tools and gemma.notes == []  # Gemma 2's template takes no tools: nothing to say
