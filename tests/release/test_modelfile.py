@@ -21,6 +21,7 @@ from mt.cli import main
 from mt.release.modelfile import FIXED_DATE, make_modelfile, ollama_values
 from tests import oracle
 from tests.checkpoints import LLAMA2_CHAT_TEMPLATE
+from tests.mistral_oracle import VERSIONS, mistral_templates
 
 GO_SOURCE = Path(__file__).parent / "ollama_render"
 LLAMA3 = ("<|begin_of_text|>", "<|eot_id|>", ["<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|python_tag|>"])
@@ -122,9 +123,14 @@ def parse(modelfile: str) -> dict[str, list[str]]:
     return found
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
-def test_go_renders_the_template_as_transformers_does(family: str, go_render: Path, tmp_path: Path) -> None:
-    template, bos, eos, controls = FAMILIES[family]
+MISTRAL_CONTROLS = [*MISTRAL[2], "[/AVAILABLE_TOOLS]", "[TOOL_CALLS]", "[TOOL_RESULTS]", "[/TOOL_RESULTS]"]
+REFUSES_SYSTEM = ("gemma2", "mistral v1", "mixtral")  # templates that raise on a system message
+
+
+def check_chat(template: str, bos: str | None, eos: str, controls: list[str], go_render: Path, tmp_path: Path,
+               refuses_system: bool = False) -> dict[str, list[str]]:
+    """The Modelfile of a GGUF with `template`: proven, and Go's rendering of its TEMPLATE equals transformers' one on
+    CONVERSATIONS. Its parts."""
     model = vocab_gguf(tmp_path / "m.gguf", template, bos, eos, controls)
     made = make_modelfile(model)
     assert made.template_proven, made.notes
@@ -134,11 +140,32 @@ def test_go_renders_the_template_as_transformers_does(family: str, go_render: Pa
     cases = [ollama_values(messages, default) for messages in CONVERSATIONS]
     cases = [{"System": c["System"], "Messages": c["Messages"]} for c in cases]
     for messages, got in zip(CONVERSATIONS, render_go(go_render, go_template, cases)):
-        if family in ("gemma2", "mistral v1", "mixtral") and messages[0]["role"] == "system":
-            continue  # these templates raise on a system message: there is nothing to equal
-        assert got == render_jinja(template, messages, bos, eos), (family, messages)
+        if refuses_system and messages[0]["role"] == "system":
+            continue  # the jinja template raises: there is nothing to equal
+        assert got == render_jinja(template, messages, bos, eos), messages
+    return parts
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_go_renders_the_template_as_transformers_does(family: str, go_render: Path, tmp_path: Path) -> None:
+    template, bos, eos, controls = FAMILIES[family]
+    parts = check_chat(template, bos, eos, controls, go_render, tmp_path, family in REFUSES_SYSTEM)
     if family in STOPS:
         assert f'"{STOPS[family]}"' in parts["PARAMETER"][0] or any(STOPS[family] in p for p in parts["PARAMETER"])
+
+
+@pytest.fixture(scope="module")
+def mistral() -> dict[str, str]:
+    return mistral_templates()
+
+
+@pytest.mark.parametrize("version", [f"{v}-{t}" for v in VERSIONS for t in ("spm", "tekken")
+                                     if not (t == "spm" and v in ("v11", "v13"))])
+def test_mistral_templates_of_every_tokenizer_version(version: str, mistral: dict[str, str], go_render: Path,
+                                                       tmp_path: Path) -> None:
+    """The templates mistral-common generates (v1 to v13, SentencePiece and Tekken)."""
+    parts = check_chat(mistral[version], *MISTRAL[:2], MISTRAL_CONTROLS, go_render, tmp_path)
+    assert 'stop "</s>"' in "\n".join(parts["PARAMETER"])
 
 
 def test_default_system_prompt_becomes_system(tmp_path: Path) -> None:
@@ -239,21 +266,31 @@ def _ollama_case(values: dict, tools: list[dict]) -> dict:
     return {"System": values["System"], "Messages": values["Messages"], "Tools": tools}
 
 
-@pytest.mark.parametrize("family", list(TOOL_FAMILIES))
-def test_tool_use_renders_as_transformers_does(family: str, go_render: Path, tmp_path: Path) -> None:
+def check_tools(template: str, bos: str | None, eos: str, controls: list[str], go_render: Path, tmp_path: Path,
+                one_call: bool) -> str:
     """Tool definitions, calls and results through Go's text/template equal transformers' rendering with `tools`,
-    JSON compared as values (Ollama prints it with Go's encoder); the plain chat is unchanged without tools."""
-    template, bos, eos, controls = FAMILIES[family]
+    JSON compared as values (Ollama prints it with Go's encoder). The tag Ollama's tool-call parser reads."""
     made = make_modelfile(vocab_gguf(tmp_path / "m.gguf", template, bos, eos, controls))
     assert made.template_proven and made.tools, made.notes
     parts = parse(made.text)
     go_template, default = parts["TEMPLATE"][0], (parts.get("SYSTEM") or [None])[0]
-    cases = TOOL_CONVERSATIONS + ([] if family.startswith("llama") else [TWO_CALLS])  # Llama 3's takes one call
+    cases = TOOL_CONVERSATIONS + ([] if one_call else [TWO_CALLS])
     out = run_go(go_render, go_template, [_ollama_case(ollama_values(m, default), t) for t, m in cases])
     for (tools, messages), got in zip(cases, out["renderings"]):
         want = render_jinja(template, messages, bos, eos, tools)
-        assert canonical_json(got) == canonical_json(want), (family, messages[-1])
-    assert out["tool_tag"] == TOOL_FAMILIES[family]
+        assert canonical_json(got) == canonical_json(want), messages[-1]
+    return out["tool_tag"]
+
+
+@pytest.mark.parametrize("family", list(TOOL_FAMILIES))
+def test_tool_use_renders_as_transformers_does(family: str, go_render: Path, tmp_path: Path) -> None:
+    tag = check_tools(*FAMILIES[family], go_render, tmp_path, one_call=family.startswith("llama"))  # Llama 3: one
+    assert tag == TOOL_FAMILIES[family]
+
+
+def test_tool_use_of_mistral_v13(mistral: dict[str, str], go_render: Path, tmp_path: Path) -> None:
+    tag = check_tools(mistral["v13-tekken"], *MISTRAL[:2], MISTRAL_CONTROLS, go_render, tmp_path, one_call=False)
+    assert tag == "[TOOL_CALLS]"
 
 
 def test_a_tool_template_it_cannot_write_keeps_the_chat(go_render: Path, tmp_path: Path) -> None:
