@@ -17,7 +17,7 @@ from mt.io.safetensors import FileSpan
 from mt.io.stream import Chunk, Prefetcher, grouped, row_ranges
 from mt.quant.choose import Writer, tensor_types
 from mt.quant.imatrix import GivenImatrix, output_keys
-from mt.quant.mix import MixOptions, ModelFacts, TensorSpec, llama_order
+from mt.quant.mix import MixOptions, ModelFacts, TensorSpec, check_imatrix_given, llama_order
 from mt.quant.outtypes import CONVERT_CHOICES, CONVERTER_TYPES, QUANTIZER_TYPES, OutType, by_file_type
 from mt.quant.types import quant_type
 from mt.quant.weighted import quantize_weighted, uses_weights
@@ -81,19 +81,20 @@ def build_plan(ckpt: Checkpoint, arch: Architecture, outtype: str, imatrix: Give
     outtype = arch.check_outtype(outtype)
     if is_mix(outtype):
         mix = QUANTIZER_TYPES[outtype].file_type
-        return mix_plan(_converter_plan(ckpt, arch, "f32"), mix, arch.block_count(), arch.gguf_arch, imatrix)
+        return mix_plan(_converter_plan(ckpt, arch, "f32"), mix, arch.model_facts(), imatrix)
     return _converter_plan(ckpt, arch, outtype)
 
 
-def mix_plan(f32_plan: TensorPlan, file_type: LlamaFileType, n_layer: int, gguf_arch: str,
+def mix_plan(f32_plan: TensorPlan, file_type: LlamaFileType, facts: ModelFacts,
              imatrix: GivenImatrix | None = None) -> TensorPlan:
     by_name = {e.name: e for e in f32_plan.entries}
     ordered = [by_name[n] for n in llama_order(list(by_name))]
     out = by_file_type(file_type)
     assert out is not None and out.quantizer, file_type
-    types = tensor_types(out, Writer.QUANTIZER, [_spec(e) for e in ordered], ModelFacts(arch=gguf_arch, n_layer=n_layer),
+    types = tensor_types(out, Writer.QUANTIZER, [_spec(e) for e in ordered], facts,
                          MixOptions(has_imatrix=imatrix is not None))
     entries = [replace(e, qtype=types[e.name], weights=_imatrix_weights(imatrix, e, types[e.name])) for e in ordered]
+    check_imatrix_given(types, file_type, None if imatrix is None else {e.name for e in entries if e.weights is not None})
     keys = output_keys(imatrix.imatrix, imatrix.given_as) if imatrix is not None else []
     return TensorPlan(file_type, entries, llama_quantize_layout=True, imatrix_keys=keys)
 

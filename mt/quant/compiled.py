@@ -178,9 +178,9 @@ N_STATE = 17
 
 @jit()
 def qkx2_lanes(xt: np.ndarray, w: np.ndarray, laux: np.ndarray, st: np.ndarray, lanes: int, nmax: int, rmin: float,
-               rdelta: float, nstep: int) -> None:
-    """make_qkx2_quants (use_mad = false) on `lanes` sub-blocks: xt, w, laux [n, S] -> per lane in st:
-    SCALE, VMIN (the_min = -VMIN), and the L_ISCALE, L_MIN that rebuild L."""
+               rdelta: float, nstep: int, use_mad: bool = False) -> None:
+    """make_qkx2_quants on `lanes` sub-blocks: xt, w, laux [n, S] -> per lane in st: SCALE, VMIN (the_min = -VMIN),
+    and the L_ISCALE, L_MIN that rebuild L. `use_mad` weighs |error| instead of error² (Q2_K)."""
     n = xt.shape[0]
     fmax = F32(nmax)
     vmin, vmax, sum_w, sum_x = st[VMIN], st[VMAX], st[SUM_W], st[SUM_X]
@@ -212,7 +212,7 @@ def qkx2_lanes(xt: np.ndarray, w: np.ndarray, laux: np.ndarray, st: np.ndarray, 
         for s in range(lanes):
             l = clampf(nearest_int_f32(iscale[s] * (xt[i, s] - vmin[s])), F32(0), fmax)
             diff = scale[s] * l + vmin[s] - xt[i, s]
-            best[s] += w[i, s] * (diff * diff)
+            best[s] += w[i, s] * (np.abs(diff) if use_mad else diff * diff)
     for step in range(nstep + 1):
         factor = F32(rmin) + F32(rdelta) * F32(step) + fmax
         for s in range(lanes):
@@ -240,7 +240,7 @@ def qkx2_lanes(xt: np.ndarray, w: np.ndarray, laux: np.ndarray, st: np.ndarray, 
         for i in range(n):
             for s in range(lanes):
                 diff = t_scale[s] * laux[i, s] + t_min[s] - xt[i, s]
-                err[s] += w[i, s] * (diff * diff)
+                err[s] += w[i, s] * (np.abs(diff) if use_mad else diff * diff)
         for s in range(lanes):
             if ok[s] != F32(0) and err[s] < best[s]:
                 l_iscale[s] = iscale[s]
@@ -742,3 +742,9 @@ WEIGHTED_KERNELS: dict[str, Callable[[np.ndarray, np.ndarray, np.ndarray], None]
     "q5_k": q5_k_weighted_blocks,
     "q6_k": weighted_q6_k_blocks,
 }
+
+
+from mt.quant.compiled_low import KERNELS as _LOW_BIT, WEIGHTED_KERNELS as _LOW_BIT_WEIGHTED  # noqa: E402  (Q2_K, Q3_K)
+
+KERNELS.update(_LOW_BIT)
+WEIGHTED_KERNELS.update(_LOW_BIT_WEIGHTED)

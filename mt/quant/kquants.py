@@ -27,8 +27,9 @@ def nearest_int(x: np.ndarray) -> np.ndarray:
     return (bits & 0x007FFFFF) - 0x00400000
 
 
-def make_qkx2_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """x, w: [S, n] float32 -> (scale [S], the_min [S], L [S, n] uint8), use_mad = false.
+def make_qkx2_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int,
+                     use_mad: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """x, w: [S, n] float32 -> (scale [S], the_min [S], L [S, n] uint8); `use_mad` weighs |error| instead of error².
 
     Works on [n, S] copies so each of ggml's per-position steps is a contiguous vector operation.
     """
@@ -47,7 +48,7 @@ def make_qkx2_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelt
         iscale = F32(nmax) / span
         scale = F32(1) / iscale
         L = np.clip(nearest_int(iscale * (xt - xmin)), 0, nmax)
-        best = _weighted_error(scale, xmin, L, xt, wt)
+        best = _weighted_error(scale, xmin, L, xt, wt, use_mad)
         cur_min = xmin.copy()
         for step in range(nstep + 1):
             # ggml updates `min` when a step wins, and later steps measure from the new min
@@ -69,7 +70,7 @@ def make_qkx2_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelt
             positive_min = this_min > 0
             this_min = np.where(positive_min, F32(0), this_min)
             this_scale = np.where(positive_min, sum_xl / sum_l2, this_scale)
-            err = _weighted_error(this_scale, this_min, laux, xt, wt)
+            err = _weighted_error(this_scale, this_min, laux, xt, wt, use_mad)
             better = (D > 0) & (err < best) & ~flat
             L = np.where(better, laux, L)
             best = np.where(better, err, best)
@@ -80,13 +81,14 @@ def make_qkx2_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelt
     return scale, (-cur_min).astype(F32), np.ascontiguousarray(L.T).astype(np.uint8)
 
 
-def _weighted_error(scale: np.ndarray, vmin: np.ndarray, L: np.ndarray, xt: np.ndarray, wt: np.ndarray) -> np.ndarray:
-    """sum over positions, in order, of w * (scale * L + min - x)^2; arrays are [n, S]."""
+def _weighted_error(scale: np.ndarray, vmin: np.ndarray, L: np.ndarray, xt: np.ndarray, wt: np.ndarray,
+                    use_mad: bool = False) -> np.ndarray:
+    """sum over positions, in order, of w * (scale * L + min - x)^2 (or w * |…| with `use_mad`); arrays are [n, S]."""
     err = np.zeros(xt.shape[1], dtype=F32)
     lf = L.astype(F32)
     for i in range(xt.shape[0]):
         diff = scale * lf[i] + vmin - xt[i]
-        err = err + wt[i] * (diff * diff)
+        err = err + wt[i] * (np.abs(diff) if use_mad else diff * diff)
     return err
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Any, Callable, Collection
 
 from gguf import LlamaFileType
 from gguf import GGMLQuantizationType as T
@@ -18,7 +19,7 @@ from mt.quant.outtypes import QUANTIZER_TYPES, row_fits
 DEFAULT_TYPE: dict[LlamaFileType, T] = {o.file_type: o.base for o in QUANTIZER_TYPES.values()}
 FILE_TYPES: dict[str, LlamaFileType] = {name: o.file_type for name, o in QUANTIZER_TYPES.items()}
 # a K-quant whose block does not divide the row falls back to a 32-block type, else F16
-FALLBACK = {T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0}
+FALLBACK = {T.Q2_K: T.Q4_0, T.Q3_K: T.Q4_0, T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0}
 # substrings of tensors llama.cpp never quantizes (llama-quant.cpp tensor_allows_quantization)
 NEVER_QUANTIZED = (
     "_norm.weight", "ffn_gate_inp.weight", "ffn_gate_tid2eid.weight", "altup", "laurel", "per_layer_model_proj",
@@ -59,11 +60,33 @@ class ModelFacts:
     arch: str
     n_layer: int
     n_expert: int = 0
+    n_head: int = 0  # of the first layer, as llama.cpp's hparams.n_gqa() reads them
+    n_head_kv: int = 0
 
     @property
     def is_70b(self) -> bool:
         """llama.cpp's LLM_TYPE_70B for the llama architecture: 80 layers."""
         return self.arch == "llama" and self.n_layer == 80
+
+    @property
+    def n_gqa(self) -> int:
+        return self.n_head // self.n_head_kv if self.n_head_kv else 0
+
+
+def header_facts(value: Callable[[str], Any]) -> ModelFacts:
+    """The facts of a GGUF header (`value(key)` reads a key, None when absent). A per-layer head count gives its
+    first layer's; no head_count_kv means as many KV heads as heads, as llama.cpp's loader defaults it."""
+    raw = value("general.architecture") or ""
+    arch = raw.decode() if isinstance(raw, bytes) else str(raw)  # a header read with raw_strings
+
+    def first(key: str, default: int = 0) -> int:
+        v = value(f"{arch}.{key}")
+        if isinstance(v, (list, tuple)):
+            v = v[0] if v else None
+        return int(v) if v is not None else default
+
+    n_head = first("attention.head_count")
+    return ModelFacts(arch, first("block_count"), first("expert_count"), n_head, first("attention.head_count_kv", n_head))
 
 
 @dataclass
@@ -141,7 +164,15 @@ def _mixed_type(spec: TensorSpec, new: T, cat: str, ftype: LlamaFileType, model:
     if cat == "token_embd":
         return options.token_embedding_type or new
     if cat in ATTN_V_LIKE:
-        if ftype in (F.MOSTLY_Q4_K_M, F.MOSTLY_Q5_K_M) and use_more_bits(c.i_attention_wv, c.n_attention_wv):
+        if ftype == F.MOSTLY_Q2_K:
+            new = T.Q4_K if model.n_gqa >= 4 else T.Q3_K
+        elif ftype == F.MOSTLY_Q2_K_S and model.n_gqa >= 4:
+            new = T.Q4_K
+        elif ftype == F.MOSTLY_Q3_K_M:
+            new = T.Q5_K if c.i_attention_wv < 2 else T.Q4_K
+        elif ftype == F.MOSTLY_Q3_K_L:
+            new = T.Q5_K
+        elif ftype in (F.MOSTLY_Q4_K_M, F.MOSTLY_Q5_K_M) and use_more_bits(c.i_attention_wv, c.n_attention_wv):
             new = T.Q6_K
         elif ftype == F.MOSTLY_Q4_K_S and c.i_attention_wv < 4:
             new = T.Q5_K
@@ -156,7 +187,15 @@ def _mixed_type(spec: TensorSpec, new: T, cat: str, ftype: LlamaFileType, model:
     if cat == "ffn_down":
         i_layer, n_layer = _layer(spec.name, c.i_ffn_down, model)
         falcon = model.arch == "falcon"
-        if ftype == F.MOSTLY_Q4_K_M:
+        if ftype == F.MOSTLY_Q2_K:
+            new = T.Q3_K
+        elif ftype == F.MOSTLY_Q2_K_S:
+            new = T.Q4_K if i_layer < n_layer // 8 else new
+        elif ftype == F.MOSTLY_Q3_K_M:
+            new = T.Q5_K if i_layer < n_layer // 16 else T.Q4_K if not falcon or use_more_bits(i_layer, n_layer) else T.Q3_K
+        elif ftype == F.MOSTLY_Q3_K_L:
+            new = T.Q4_K if falcon else T.Q5_K
+        elif ftype == F.MOSTLY_Q4_K_M:
             if falcon:
                 new = T.Q6_K if i_layer < n_layer // 16 else T.Q5_K if use_more_bits(i_layer, n_layer) else T.Q4_K
             elif use_more_bits(i_layer, n_layer):
@@ -169,10 +208,36 @@ def _mixed_type(spec: TensorSpec, new: T, cat: str, ftype: LlamaFileType, model:
             new = T.Q4_1 if ftype == F.MOSTLY_Q4_0 else T.Q5_1
         c.i_ffn_down += 1
         return new
-    if cat == "attn_output" and model.arch != "falcon" and model.n_expert == 8:
-        if ftype in (F.MOSTLY_Q4_K_S, F.MOSTLY_Q4_K_M):
-            return T.Q5_K
+    if cat == "attn_output":
+        return _attn_output_type(new, ftype, model)
     return new
+
+
+def _attn_output_type(new: T, ftype: LlamaFileType, model: ModelFacts) -> T:
+    F = LlamaFileType
+    if model.arch == "falcon":
+        return T.Q4_K if ftype == F.MOSTLY_Q3_K_L else new
+    if model.n_expert == 8:
+        bumped = (F.MOSTLY_Q2_K, F.MOSTLY_Q3_K_S, F.MOSTLY_Q3_K_M, F.MOSTLY_Q4_K_S, F.MOSTLY_Q4_K_M)
+        return T.Q5_K if ftype in bumped else new
+    return {F.MOSTLY_Q2_K: T.Q3_K, F.MOSTLY_Q3_K_M: T.Q4_K, F.MOSTLY_Q3_K_L: T.Q5_K}.get(ftype, new)
+
+
+def check_imatrix_given(types: dict[str, T], ftype: LlamaFileType, weighted: Collection[str] | None) -> None:
+    """llama-quantize refuses a Q2_K_S file whose Q2_K tensors (bar the token embeddings and the output) lack
+    importance-matrix weights (tensor_requires_imatrix). `weighted`: the tensors the imatrix has weights for, None
+    without an imatrix."""
+    if ftype != LlamaFileType.MOSTLY_Q2_K_S:
+        return
+    needing = [n for n, t in types.items() if t == T.Q2_K and category(n) not in ("token_embd", "output")]
+    name = ftype.name.removeprefix("MOSTLY_")
+    if weighted is None and needing:
+        raise MtError(f"{name} needs an importance matrix (tensor {needing[0]!r} would be Q2_K without one)",
+                      "pass --imatrix FILE, or choose Q2_K")
+    missing = [n for n in needing if weighted is not None and n not in weighted]
+    if missing:
+        raise MtError(f"the importance matrix has no weights for {missing[0]!r}, which {name} makes Q2_K",
+                      "use an importance matrix computed on this model, or choose Q2_K")
 
 
 def _layer(name: str, counter: int, model: ModelFacts) -> tuple[int, int]:

@@ -23,7 +23,7 @@ from mt.io.atomic import atomic_path, check_output
 from mt.io.gguf_out import GGUFContents, write_gguf
 from mt.io.stream import Prefetcher, grouped, row_ranges
 from mt.quant.choose import Writer, tensor_types
-from mt.quant.mix import FILE_TYPES, MixOptions, ModelFacts, TensorSpec, llama_order
+from mt.quant.mix import FILE_TYPES, MixOptions, ModelFacts, TensorSpec, check_imatrix_given, header_facts, llama_order
 from mt.quant.outtypes import by_file_type
 from mt.quant.imatrix import Imatrix, load_imatrix, output_keys
 from mt.quant.device import GPU_TYPES, GpuQuantizer, select_device
@@ -133,8 +133,7 @@ def model_facts(header: GGUFHeader) -> ModelFacts:
     arch = text(header.value("general.architecture"))
     if arch is None:
         raise MtError(f"{header.path} has no general.architecture", "quantize a GGUF written by mt convert or llama.cpp")
-    return ModelFacts(arch=arch, n_layer=int(header.value(f"{arch}.block_count", 0)),
-                      n_expert=int(header.value(f"{arch}.expert_count", 0) or 0))
+    return header_facts(header.value)
 
 
 def plan_types(header: GGUFHeader, facts: ModelFacts, file_type: LlamaFileType, options: MixOptions) -> tuple[list[TensorInfo], dict[str, T]]:
@@ -230,6 +229,7 @@ def quantize_gguf(src: Path, out: Path, file_type: str, *, options: MixOptions |
         options = replace(options, has_imatrix=True)
     ordered, types = plan_types(header, facts, ftype, options)
     weights = tensor_weights(imx, ordered, types) if imx is not None else {}
+    check_imatrix_given(types, ftype, weights if imx is not None else None)
     uses_gpu_types = any(types[t.name] in GPU_TYPES and types[t.name] != t.type for t in ordered)
     gpu = select_device(device) if device == "cuda" or uses_gpu_types else None
     w = GGUFContents(facts.arch)

@@ -235,6 +235,7 @@ class Q8_0(QuantType):
 def _register_all() -> None:
     import mt.quant.kquants  # noqa: F401  (registers the K-quants)
     import mt.quant.legacy  # noqa: F401  (registers Q4_0, Q4_1, Q5_0, Q5_1)
+    import mt.quant.low_kquants  # noqa: F401  (registers Q2_K, Q3_K)
 
 
 def types_with(fast_path: str) -> frozenset[GGMLQuantizationType]:

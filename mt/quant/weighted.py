@@ -31,6 +31,7 @@ from mt.quant.kquants import (
     requantize_affine,
 )
 from mt.quant.legacy import QK, fp16_bytes, pack_high_bits, pack_nibbles
+from mt.quant.low_kquants import pack_q3_scales, q2_k_bytes, q3_k_bytes, requantize_q2
 from mt.quant.types import compiled_kernel, quant_backend, quant_type, run_chunked, types_with
 
 F32 = np.float32
@@ -142,6 +143,35 @@ def q6_k_rows(rows: np.ndarray, qw: np.ndarray) -> np.ndarray:
     return q6_k_bytes(blocks, scales, L)
 
 
+def q2_k_rows(rows: np.ndarray, qw: np.ndarray) -> np.ndarray:
+    """quantize_row_q2_K_impl: sigma2 is the super-block's mean square; scales and mins against make_qp_quants."""
+    blocks = rows.reshape(-1, QK_K)
+    n_blocks = blocks.shape[0]
+    sigma2 = ordered_sum(np.ascontiguousarray(blocks.T) ** 2) / F32(QK_K)
+    weights = block_weights(blocks, tile_weights(qw, rows.shape[0], QK_K), sigma2)
+    sub, sub_w = blocks.reshape(-1, 16), weights.reshape(-1, 16)
+    sw = ordered_sum(np.ascontiguousarray(sub_w.T)).reshape(n_blocks, 16)
+    scales, mins, L = make_qkx2_quants(sub, sub_w, 3, -0.9, 0.05, 36)  # make_qkx3_quants with weights
+    d_block, ls = make_qp_quants(scales.reshape(n_blocks, 16), sw, 15)
+    m_block, lm = make_qp_quants(mins.reshape(n_blocks, 16), sw, 15)
+    sc = (ls | (lm << 4)).astype(np.uint8)
+    d, dmin = d_block.astype(np.float16), m_block.astype(np.float16)
+    return q2_k_bytes(sc, requantize_q2(blocks, d, dmin, sc, L.reshape(n_blocks, QK_K)), d, dmin)
+
+
+def q3_k_rows(rows: np.ndarray, qw: np.ndarray) -> np.ndarray:
+    """quantize_row_q3_K_impl: make_qx_quants on the values, then on the 16 scales weighed by their sums."""
+    blocks = rows.reshape(-1, QK_K)
+    n_blocks = blocks.shape[0]
+    sigma2 = F32(2) * ordered_sum(np.ascontiguousarray(blocks.T) ** 2) / F32(QK_K)
+    weights = block_weights(blocks, tile_weights(qw, rows.shape[0], QK_K), sigma2)
+    sub, sub_w = blocks.reshape(-1, 16), weights.reshape(-1, 16)
+    sw = ordered_sum(np.ascontiguousarray(sub_w.T)).reshape(n_blocks, 16)
+    scales, L = make_qx_quants_rmse1(sub, 4, sub_w)
+    d_block, levels = make_qx_quants_rmse1(scales.reshape(n_blocks, 16), 32, sw)
+    return q3_k_bytes(blocks, pack_q3_scales(levels), d_block.astype(np.float16), L.reshape(n_blocks, QK_K))
+
+
 def legacy_weights(rows: np.ndarray, qw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The legacy impls' blocks [B, 32] and weights qw * sqrtf(sigma2 + x²), sigma2 = the row's mean square."""
     sigma2 = ordered_sum(np.ascontiguousarray(rows.T) ** 2) / F32(rows.shape[1])
@@ -182,7 +212,7 @@ def q5_1_rows(rows: np.ndarray, qw: np.ndarray) -> np.ndarray:
 
 
 WEIGHTED: dict[T, RowQuantizer] = {
-    T.Q4_K: q4_k_rows, T.Q5_K: q5_k_rows, T.Q6_K: q6_k_rows,
+    T.Q2_K: q2_k_rows, T.Q3_K: q3_k_rows, T.Q4_K: q4_k_rows, T.Q5_K: q5_k_rows, T.Q6_K: q6_k_rows,
     T.Q4_0: q4_0_rows, T.Q4_1: q4_1_rows, T.Q5_0: q5_0_rows, T.Q5_1: q5_1_rows,
 }
 

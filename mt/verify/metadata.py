@@ -14,7 +14,7 @@ from gguf import LlamaFileType
 
 from mt.io.gguf_in import GGUFHeader
 from mt.quant.choose import Writer, tensor_types
-from mt.quant.mix import MixOptions, ModelFacts, TensorSpec, allows_quantization, llama_order
+from mt.quant.mix import MixOptions, TensorSpec, allows_quantization, header_facts, llama_order
 from mt.quant.outtypes import OutType, by_file_type
 from mt.verify.report import Check, Status
 from mt.verify.template import TEMPLATE_KEY as TEMPLATE
@@ -78,9 +78,7 @@ def _expected_types(checked: GGUFHeader, out: OutType, pure: bool) -> dict[str, 
     infos = {t.name: t for t in checked.tensors}
     if not out.quantizer:
         return tensor_types(out, Writer.CONVERTER, [TensorSpec(t.name, t.shape, T.F32) for t in infos.values()])
-    arch = str(checked.value("general.architecture", ""))
-    facts = ModelFacts(arch=arch, n_layer=int(checked.value(f"{arch}.block_count", 0) or 0),
-                       n_expert=int(checked.value(f"{arch}.expert_count", 0) or 0))
+    facts = header_facts(checked.value)
     options = MixOptions(pure=pure, has_imatrix=any(k.startswith("quantize.imatrix.") for k in checked.kv))
     specs = [TensorSpec(n, infos[n].shape, T.F32) for n in llama_order(list(infos))]
     return tensor_types(out, Writer.QUANTIZER, specs, facts, options)

@@ -3,10 +3,11 @@ import numpy as np
 import pytest
 
 from mt.quant.kquants import Q4_K, Q5_K, Q6_K, nearest_int
+from mt.quant.low_kquants import Q2_K, Q3_K
 from tests.ggml_ref import ggml_quantize
 from tests.quant.test_types import adversarial_rows
 
-K_TYPES = [Q4_K, Q5_K, Q6_K]
+K_TYPES = [Q2_K, Q3_K, Q4_K, Q5_K, Q6_K]
 
 
 def rows_for(n: int, seed: int) -> np.ndarray:
@@ -30,7 +31,7 @@ def test_dequantize_equals_gguf_py(qt):
     assert np.array_equal(qt.dequantize(packed), gguf.quants.dequantize(packed, qt.ggml_type))
 
 
-@pytest.mark.parametrize("qt, tolerance", [(Q4_K, 0.12), (Q5_K, 0.06), (Q6_K, 0.03)])
+@pytest.mark.parametrize("qt, tolerance", [(Q2_K, 0.33), (Q3_K, 0.17), (Q4_K, 0.12), (Q5_K, 0.06), (Q6_K, 0.03)])
 def test_roundtrip_error_is_small(qt, tolerance):
     x = np.random.default_rng(5).standard_normal((16, 1024)).astype(np.float32)
     back = qt.dequantize(qt.quantize(x))

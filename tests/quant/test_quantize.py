@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from gguf import GGMLQuantizationType as T
 
 from mt.cli import main
 from mt.convert.convert import convert
@@ -21,7 +22,10 @@ def f32_gguf(llama2_256_dir, tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.parametrize("mix", K_MIXES + ["q4_0", "q4_1", "q5_0", "q5_1"])
+LOW_MIXES = ["q2_k", "q3_k_s", "q3_k_m", "q3_k_l"]  # q2_k_s needs an imatrix: tests/quant/test_quantize_imatrix.py
+
+
+@pytest.mark.parametrize("mix", K_MIXES + LOW_MIXES + ["q4_0", "q4_1", "q5_0", "q5_1"])
 def test_same_file_as_llama_quantize(f32_gguf, tmp_path, mix):
     ref, ours = tmp_path / "ref.gguf", tmp_path / "mt.gguf"
     llama_quantize(f32_gguf, ref, parse_file_type(mix))
@@ -29,7 +33,7 @@ def test_same_file_as_llama_quantize(f32_gguf, tmp_path, mix):
     assert_same_file(ours, ref)
 
 
-@pytest.mark.parametrize("mix", ["q4_k_m", "q5_k_s", "q6_k", "q4_1"])
+@pytest.mark.parametrize("mix", ["q4_k_m", "q5_k_s", "q6_k", "q4_1", "q2_k", "q3_k_m"])
 def test_fallback_rows_and_tied_embeddings(llama3_dir, tmp_path, mix):
     """Rows of 64 (no K-quant fits: Q5_0/Q5_1/Q8_0 fallbacks), BF16 source, tied token_embd -> output type."""
     bf16 = tmp_path / "bf16.gguf"
@@ -90,7 +94,8 @@ def test_nan_weight_is_named(llama2_spm_dir, tmp_path):
     assert not (tmp_path / "q.gguf").exists()
 
 
-@pytest.mark.parametrize("fixture, mix", [("llama2_256_dir", "q4_k_m"), ("llama2_256_dir", "q5_k_s"), ("llama3_dir", "q4_k_m"), ("qwen2_dir", "q6_k")])
+@pytest.mark.parametrize("fixture, mix", [("llama2_256_dir", "q4_k_m"), ("llama2_256_dir", "q5_k_s"), ("llama3_dir", "q4_k_m"),
+                                          ("qwen2_dir", "q6_k"), ("llama2_256_dir", "q3_k_m"), ("llama3_dir", "q2_k")])
 def test_convert_straight_to_mix_equals_converter_then_llama_quantize(request, tmp_path, fixture, mix):
     from tests.oracle import run_converter
 
@@ -115,3 +120,25 @@ def test_pure_and_type_overrides_match_llama_quantize(f32_gguf, tmp_path, pure, 
                    output_tensor_type=int(out_t) if out_t else None, token_embedding_type=int(embd_t) if embd_t else None)
     quantize_gguf(f32_gguf, ours, "q4_k_m", options=MixOptions(pure=pure, output_tensor_type=out_t, token_embedding_type=embd_t))
     assert_same_file(ours, ref)
+
+
+@pytest.fixture(scope="module")
+def gqa4_f32(tmp_path_factory) -> Path:
+    """8 heads sharing 2 KV heads: llama.cpp's n_gqa() is 4, which gives Q2_K files Q4_K attn_v."""
+    from tests.checkpoints import build_llama2_spm
+
+    root = tmp_path_factory.mktemp("gqa4")
+    src = build_llama2_spm(root / "hf", hidden_size=256, intermediate_size=512, n_layers=4, num_attention_heads=8,
+                           num_key_value_heads=2)
+    convert(src, root / "m-f32.gguf", "f32")
+    return root / "m-f32.gguf"
+
+
+@pytest.mark.parametrize("mix", ["q2_k", "q3_k_m"])
+def test_grouped_query_attention_rules(gqa4_f32, tmp_path, mix):
+    ref, ours = tmp_path / "ref.gguf", tmp_path / "mt.gguf"
+    llama_quantize(gqa4_f32, ref, parse_file_type(mix))
+    result = quantize_gguf(gqa4_f32, ours, mix)
+    assert_same_file(ours, ref)
+    if mix == "q2_k":
+        assert result.types["blk.0.attn_v.weight"] == T.Q4_K and result.types["blk.0.ffn_down.weight"] == T.Q3_K

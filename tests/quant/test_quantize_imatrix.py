@@ -19,11 +19,12 @@ from tests.llama_quantize import llama_quantize
 from tests.gguf_compare import assert_same_file
 
 
-def model_imatrix(gguf_path: Path, seed: int = 0) -> RawImatrix:
+def model_imatrix(gguf_path: Path, seed: int = 0, complete: bool = False) -> RawImatrix:
     """An entry for every matrix llama-imatrix would see (2-D weights but token_embd), one of them never
-    exercised (counts 0), plus an entry for a tensor the model lacks; one matrix is left without an entry."""
+    exercised (counts 0), plus an entry for a tensor the model lacks; unless `complete`, one matrix is left without
+    an entry (Q2_K_S refuses that)."""
     tensors = [t for t in read_header(gguf_path).tensors if len(t.shape) >= 2 and t.name != "token_embd.weight"]
-    shapes = {t.name: (1, t.shape[0]) for t in tensors if t.name != "blk.1.attn_q.weight"}
+    shapes = {t.name: (1, t.shape[0]) for t in tensors if complete or t.name != "blk.1.attn_q.weight"}
     shapes["blk.99.ffn_up.weight"] = (1, 48)
     raw = random_imatrix(shapes, seed)
     raw.entries["blk.0.attn_k.weight"].counts[:] = 0
@@ -48,9 +49,10 @@ def f32_gguf(llama2_256_dir, tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.parametrize("mix", ["q4_k_m", "q5_k_m", "q6_k", "q4_k_s", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0"])
+@pytest.mark.parametrize("mix", ["q4_k_m", "q5_k_m", "q6_k", "q4_k_s", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0",
+                                 "q2_k", "q2_k_s", "q3_k_s", "q3_k_m", "q3_k_l"])
 def test_gguf_imatrix_same_file_as_llama_quantize(f32_gguf, tmp_path, mix):
-    raw = model_imatrix(f32_gguf)
+    raw = model_imatrix(f32_gguf, complete=mix == "q2_k_s")
     path = write_gguf(raw, tmp_path / "imatrix.gguf")
     ref, ours = tmp_path / "ref.gguf", tmp_path / "mt.gguf"
     reference(f32_gguf, ref, mix, str(path), raw.expected_gguf_map(), raw, raw.datasets[0])
@@ -86,12 +88,12 @@ def test_legacy_imatrix_without_trailer(f32_gguf, tmp_path):
     assert "quantize.imatrix.dataset" not in read_gguf(ours).kv_dict()
 
 
-@pytest.mark.parametrize("mix", ["q4_k_m", "q5_k_s", "q6_k"])
+@pytest.mark.parametrize("mix", ["q4_k_m", "q5_k_s", "q6_k", "q2_k_s", "q3_k_l"])
 def test_fallback_rows_bf16_and_tied_embeddings(llama3_dir, tmp_path, mix):
     """Rows of 64: Q5_0/Q5_1/Q8_0 fallbacks with the imatrix; BF16 source; tied token_embd."""
     bf16 = tmp_path / "bf16.gguf"
     convert(llama3_dir, bf16, "bf16")
-    raw = model_imatrix(bf16, seed=5)
+    raw = model_imatrix(bf16, seed=5, complete=mix == "q2_k_s")
     path = write_gguf(raw, tmp_path / "imatrix.gguf")
     ref, ours = tmp_path / "ref.gguf", tmp_path / "mt.gguf"
     reference(bf16, ref, mix, str(path), raw.expected_gguf_map(), raw, raw.datasets[0])
@@ -154,3 +156,17 @@ def test_cli_misfit_imatrix_is_one_line_and_leaves_nothing(f32_gguf, tmp_path):
     assert "blk.3.ffn_down.weight" in result.output and "100" in result.output
     assert len(result.output.strip().splitlines()) == 1
     assert not out.exists() and list(tmp_path.iterdir()) == [path]
+
+
+def test_q2_k_s_without_weights_is_refused_as_llama_quantize_refuses(f32_gguf, tmp_path):
+    """Q2_K_S quantizes most matrices to Q2_K, which llama.cpp will not do without importance weights: no imatrix,
+    or one that lacks a matrix, is one line and no file (llama_model_quantize fails on both)."""
+    partial = write_gguf(model_imatrix(f32_gguf), tmp_path / "partial.gguf")
+    for imatrix, says in ((None, "needs an importance matrix"), (partial, "has no weights for 'blk.1.attn_q.weight'")):
+        with pytest.raises(RuntimeError):
+            llama_quantize(f32_gguf, tmp_path / "ref.gguf", parse_file_type("q2_k_s"),
+                           imatrix=None if imatrix is None else model_imatrix(f32_gguf).expected_gguf_map())
+        args = ["quantize", str(f32_gguf), str(tmp_path / "q.gguf"), "q2_k_s"]
+        result = CliRunner().invoke(main, args + ([] if imatrix is None else ["--imatrix", str(imatrix)]))
+        assert result.exit_code != 0 and says in result.output and len(result.output.strip().splitlines()) == 1
+        assert not (tmp_path / "q.gguf").exists()

@@ -9,7 +9,7 @@ from mt.quant.weighted import make_qp_quants, quantize_weighted
 from tests.ggml_ref import ggml_quantize
 from tests.quant.test_kquants import rows_for
 
-K_TYPES = [T.Q4_K, T.Q5_K, T.Q6_K]
+K_TYPES = [T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K]
 LEGACY = [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1]
 
 

@@ -12,6 +12,7 @@ import numpy as np
 from mt.io.gguf_out import GGUFContents
 from mt.convert.vocab import VocabSummary, write_vocab
 from mt.errors import MtError, UnknownTensor
+from mt.quant.mix import ModelFacts
 
 if TYPE_CHECKING:
     from mt.io.checkpoint import LazyTensor, SideFiles
@@ -27,6 +28,10 @@ class ExtraTensor:
     name: str
     make: Callable[[], np.ndarray]  # float32
     shape: tuple[int, ...]
+
+
+HEAD_COUNT_KEYS = ("num_attention_heads", "n_head", "n_heads")
+HEAD_COUNT_KV_KEYS = ("num_key_value_heads", "n_kv_heads")
 
 
 def find_key(config: dict[str, Any], keys: Iterable[str]) -> Any:
@@ -127,6 +132,14 @@ class Architecture:
 
     def block_count(self) -> int:
         return int(find_key(self.config, ("n_layers", "num_hidden_layers", "n_layer", "num_layers")))
+
+    def model_facts(self) -> ModelFacts:
+        """What llama-quantize's rules would read from the converted file's header."""
+        n_head = find_key(self.config, HEAD_COUNT_KEYS)
+        n_head_kv = find_key(self.config, HEAD_COUNT_KV_KEYS)
+        n_head = int(n_head) if isinstance(n_head, int) else 0
+        return ModelFacts(self.gguf_arch, self.block_count(), n_head=n_head,
+                          n_head_kv=int(n_head_kv) if isinstance(n_head_kv, int) else n_head)
 
     def write_hparams(self, w: GGUFContents, file_type: int) -> None:
         raise NotImplementedError

@@ -8,7 +8,7 @@ from typing import Any
 from gguf import RopeScalingType
 
 from mt.io.gguf_out import GGUFContents
-from mt.convert.arch.base import find_key
+from mt.convert.arch.base import HEAD_COUNT_KEYS, HEAD_COUNT_KV_KEYS, find_key
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +74,8 @@ def write_text_hparams(w: GGUFContents, config: dict[str, Any], block_count: int
         (("max_position_embeddings", "n_ctx", "n_positions", "max_length", "max_sequence_length", "model_max_length"), w.add_context_length),
         (("hidden_size", "n_embd", "dim"), w.add_embedding_length),
         (("prefix_dense_intermediate_size", "dense_intermediate_size", "intermediate_size", "n_inner", "hidden_dim"), w.add_feed_forward_length),
-        (("num_attention_heads", "n_head", "n_heads"), w.add_head_count),
-        (("num_key_value_heads", "n_kv_heads"), w.add_head_count_kv),
+        (HEAD_COUNT_KEYS, w.add_head_count),
+        (HEAD_COUNT_KV_KEYS, w.add_head_count_kv),
     )
     for keys, add in scalar_keys:
         if (value := find_key(config, keys)) is not None:

@@ -1,0 +1,361 @@
+"""Compiled CPU kernels (numba) for Q2_K and Q3_K: the same bytes as mt/quant/low_kquants.py's references and
+weighted.py's imatrix paths. The rules of mt/quant/compiled.py hold (float32 everywhere, no FMA, ggml's order);
+the scale searches run on the 16 sub-blocks of GROUP super-blocks at once, one sub-block per lane.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from mt.quant.compiled import (
+    AMAX, GROUP, GROUP_MAX_EPS, L_ISCALE, L_MIN, N_Q_STATE, N_STATE, Q_L_ISCALE, Q_SCALE, QK_K, SCALE, VMIN, clampf,
+    fp16_to_fp32, fp32_to_fp16, jit, make_qp_quants, nearest_int, nearest_int_f32, put_fp16, qkx2_lanes, qx_lanes,
+)
+
+F32 = np.float32
+LANES = 16 * GROUP
+
+
+@jit(inline="always")
+def pack_2bit(L: np.ndarray, y: np.ndarray, at: int) -> None:
+    """Per half of 128, byte l holds levels l, l+32, l+64, l+96 two bits each: L [256] -> y[at:at + 64]."""
+    for half in range(2):
+        src = 128 * half
+        for i in range(32):
+            y[at + 32 * half + i] = (L[src + i] | (L[src + 32 + i] << 2) | (L[src + 64 + i] << 4)
+                                     | (L[src + 96 + i] << 6))
+
+
+@jit(inline="always")
+def load_lanes(x: np.ndarray, b0: int, n_sb: int, xt: np.ndarray) -> None:
+    """Lane 16b + j = sub-block j of super-block b0 + b: xt[i, lane] = its value i."""
+    for b in range(n_sb):
+        for j in range(16):
+            for i in range(16):
+                xt[i, 16 * b + j] = x[b0 + b, 16 * j + i]
+
+
+# ---------------------------------------------------------------- Q2_K
+
+
+@jit()
+def q2_k_superblock(x: np.ndarray, y: np.ndarray, L: np.ndarray, sc: np.ndarray, l_iscale: np.ndarray,
+                    l_min: np.ndarray) -> None:
+    """Requantize against the fp16 d, dmin and the 4-bit levels in sc [16] (already in y[0:16]; d and dmin in
+    y[80:84]), then pack. Where d·scale is 0 the search's own levels (iscale, min) stand."""
+    d_all = fp16_to_fp32(y[80] | (y[81] << 8))
+    dmin_all = fp16_to_fp32(y[82] | (y[83] << 8))
+    for j in range(16):
+        d = d_all * F32(sc[j] & 0xF)
+        sub = x[16 * j : 16 * j + 16]
+        out = L[16 * j : 16 * j + 16]
+        if d == F32(0):
+            for i in range(16):
+                out[i] = np.uint8(clampf(nearest_int_f32(l_iscale[j] * (sub[i] - l_min[j])), F32(0), F32(3)))
+            continue
+        dm = dmin_all * F32(sc[j] >> 4)
+        for i in range(16):
+            out[i] = np.uint8(clampf(nearest_int_f32((sub[i] + dm) / d), F32(0), F32(3)))
+    pack_2bit(L, y, 16)
+
+
+@jit(inline="always")
+def level_against(value: float, vmax: float) -> int:
+    return nearest_int((F32(15) / vmax) * value) & 0xFF if vmax > F32(0) else 0
+
+
+@jit()
+def q2_k_blocks(x: np.ndarray, out: np.ndarray) -> None:
+    """quantize_row_q2_K_ref: x float32 [N, 256] -> out uint8 [N, 84] (scales[16], qs[64], d, dmin)."""
+    xt = np.empty((16, LANES), F32)
+    w = np.empty((16, LANES), F32)
+    laux = np.empty((16, LANES), F32)
+    st = np.empty((N_STATE, LANES), F32)
+    L = np.empty(QK_K, np.uint8)
+    sc = np.empty(16, np.uint8)
+    for b0 in range(0, x.shape[0], GROUP):
+        n_sb = min(GROUP, x.shape[0] - b0)
+        lanes = 16 * n_sb
+        load_lanes(x, b0, n_sb, xt)
+        for i in range(16):
+            for s in range(lanes):
+                w[i, s] = np.abs(xt[i, s])
+        qkx2_lanes(xt, w, laux, st, lanes, 3, -0.5, 0.1, 15, True)
+        for b in range(n_sb):
+            y = out[b0 + b]
+            lane0 = 16 * b
+            max_scale = F32(0)
+            max_min = F32(0)
+            for j in range(16):
+                scale = st[SCALE, lane0 + j]
+                the_min = -st[VMIN, lane0 + j]
+                max_scale = scale if scale > max_scale else max_scale
+                max_min = the_min if the_min > max_min else max_min
+            for j in range(16):
+                ls = level_against(st[SCALE, lane0 + j], max_scale)
+                lm = level_against(-st[VMIN, lane0 + j], max_min)
+                sc[j] = (ls | (lm << 4)) & 0xFF
+                y[j] = sc[j]
+            put_fp16(y, 80, fp32_to_fp16(max_scale / F32(15)) if max_scale > F32(0) else 0)
+            put_fp16(y, 82, fp32_to_fp16(max_min / F32(15)) if max_min > F32(0) else 0)
+            q2_k_superblock(x[b0 + b], y, L, sc, st[L_ISCALE, lane0:lane0 + 16], st[L_MIN, lane0:lane0 + 16])
+
+
+@jit()
+def q2_k_weighted_blocks(x: np.ndarray, qw: np.ndarray, out: np.ndarray) -> None:
+    """quantize_row_q2_K_impl: x float32 [N, 256], qw float32 [R, 256] -> out uint8 [N, 84]."""
+    xt = np.empty((16, LANES), F32)
+    w = np.empty((16, LANES), F32)
+    laux = np.empty((16, LANES), F32)
+    st = np.empty((N_STATE, LANES), F32)
+    sw = np.empty(LANES, F32)
+    mins = np.empty(16, F32)
+    L = np.empty(QK_K, np.uint8)
+    ls = np.empty(16, np.uint8)
+    lm = np.empty(16, np.uint8)
+    sc = np.empty(16, np.uint8)
+    n_qw = qw.shape[0]
+    for b0 in range(0, x.shape[0], GROUP):
+        n_sb = min(GROUP, x.shape[0] - b0)
+        lanes = 16 * n_sb
+        load_lanes(x, b0, n_sb, xt)
+        for b in range(n_sb):
+            xb = x[b0 + b]
+            qb = qw[(b0 + b) % n_qw]
+            sum_x2 = F32(0)
+            for i in range(QK_K):
+                sum_x2 += xb[i] * xb[i]
+            sigma2 = sum_x2 / F32(QK_K)
+            for j in range(16):
+                for i in range(16):
+                    v = xb[16 * j + i]
+                    w[i, 16 * b + j] = qb[16 * j + i] * F32(np.sqrt(sigma2 + v * v))
+        for s in range(lanes):
+            sw[s] = F32(0)
+        for i in range(16):
+            for s in range(lanes):
+                sw[s] += w[i, s]
+        qkx2_lanes(xt, w, laux, st, lanes, 3, -0.9, 0.05, 36, False)  # make_qkx3_quants with weights
+        for b in range(n_sb):
+            y = out[b0 + b]
+            lane0 = 16 * b
+            for j in range(16):
+                mins[j] = -st[VMIN, lane0 + j]
+            dm = make_qp_quants(st[SCALE, lane0:lane0 + 16], sw[lane0:lane0 + 16], 15, ls)
+            mm = make_qp_quants(mins, sw[lane0:lane0 + 16], 15, lm)
+            for j in range(16):
+                sc[j] = (ls[j] | (lm[j] << 4)) & 0xFF
+                y[j] = sc[j]
+            put_fp16(y, 80, fp32_to_fp16(dm))
+            put_fp16(y, 82, fp32_to_fp16(mm))
+            q2_k_superblock(x[b0 + b], y, L, sc, st[L_ISCALE, lane0:lane0 + 16], st[L_MIN, lane0:lane0 + 16])
+
+
+# ---------------------------------------------------------------- Q3_K
+
+
+@jit()
+def q3_lanes(xt: np.ndarray, lq: np.ndarray, st: np.ndarray, lanes: int) -> None:
+    """make_q3_quants(16, 4, x, L, do_rmse = true) on `lanes` sub-blocks: xt [16, S] -> levels lq [16, S] in
+    -4..3 and per lane st[Q_SCALE] (0 and levels 0 for an all-zero sub-block, marked by st[AMAX]). All 5 rounds of
+    the descent run: a round that changes nothing in a lane would repeat unchanged."""
+    amax, vmax, scale = st[AMAX], st[1], st[Q_SCALE]
+    sumlx, suml2 = st[3], st[4]
+    for s in range(lanes):
+        amax[s] = F32(0)
+        vmax[s] = F32(0)
+    for i in range(16):
+        for s in range(lanes):
+            ax = np.abs(xt[i, s])
+            bigger = ax > amax[s]
+            vmax[s] = xt[i, s] if bigger else vmax[s]
+            amax[s] = ax if bigger else amax[s]
+    for s in range(lanes):
+        iscale = F32(-4) / vmax[s]
+        sumlx[s] = F32(0)
+        suml2[s] = F32(0)
+        for i in range(16):
+            v = xt[i, s]
+            l = clampf(nearest_int_f32(iscale * v), F32(-4), F32(3))
+            lq[i, s] = l
+            w = v * v
+            sumlx[s] += w * v * l
+            suml2[s] += w * l * l
+    for _ in range(5):  # ggml's branches as selects, so the loop over lanes vectorizes
+        for i in range(16):
+            for s in range(lanes):
+                v = xt[i, s]
+                w = v * v
+                old = lq[i, s]
+                slx = sumlx[s] - w * v * old
+                sl2 = suml2[s] - w * old * old
+                new_l = clampf(nearest_int_f32(v * sl2 / slx), F32(-4), F32(3))  # used only where slx > 0
+                new_slx = slx + w * v * new_l
+                new_sl2 = sl2 + w * new_l * new_l
+                accept = (slx > F32(0)) & (new_l != old) & (new_sl2 > F32(0)) & \
+                    (new_slx * new_slx * suml2[s] > sumlx[s] * sumlx[s] * new_sl2)
+                lq[i, s] = new_l if accept else old
+                sumlx[s] = new_slx if accept else sumlx[s]
+                suml2[s] = new_sl2 if accept else suml2[s]
+    for s in range(lanes):
+        scale[s] = sumlx[s] / suml2[s] if suml2[s] > F32(0) else F32(0)
+        if amax[s] < GROUP_MAX_EPS:
+            scale[s] = F32(0)
+            for i in range(16):
+                lq[i, s] = F32(-4)
+
+
+@jit()
+def q3_k_superblock(x: np.ndarray, y: np.ndarray, L: np.ndarray, levels: np.ndarray, d_bits: int,
+                    lq: np.ndarray, lane0: int) -> None:
+    """Pack the 16 6-bit scale levels and d into y, requantize against them (where d·scale is 0 the search's levels
+    lq[:, lane0 + j] stand), then hmask and the low 2 bits."""
+    for k in range(12):
+        y[96 + k] = 0
+    for j in range(16):
+        lv = levels[j]
+        if j < 8:
+            y[96 + j] = lv & 0xF
+        else:
+            y[96 + j - 8] |= (lv & 0xF) << 4
+        y[96 + 8 + j % 4] |= (lv >> 4) << (2 * (j // 4))
+    put_fp16(y, 108, d_bits)
+    d_all = fp16_to_fp32(d_bits)
+    for j in range(16):
+        low = (np.int64(y[96 + j]) & 0xF) if j < 8 else (np.int64(y[96 + j - 8]) >> 4)
+        high = (np.int64(y[104 + j % 4]) >> (2 * (j // 4))) & 3
+        d = d_all * F32((low | (high << 4)) - 32)
+        sub = x[16 * j : 16 * j + 16]
+        if d == F32(0):
+            for i in range(16):
+                L[16 * j + i] = np.uint8(lq[i, lane0 + j] + F32(4))
+            continue
+        for i in range(16):
+            L[16 * j + i] = np.uint8(clampf(nearest_int_f32(sub[i] / d), F32(-4), F32(3)) + F32(4))
+    for m in range(32):
+        h = 0
+        for k in range(8):
+            if L[32 * k + m] > 3:
+                h |= 1 << k
+                L[32 * k + m] -= 4
+        y[m] = h
+    pack_2bit(L, y, 32)
+
+
+@jit()
+def q3_k_blocks(x: np.ndarray, out: np.ndarray) -> None:
+    """quantize_row_q3_K_ref: x float32 [N, 256] -> out uint8 [N, 110] (hmask[32], qs[64], scales[12], d)."""
+    xt = np.empty((16, LANES), F32)
+    lq = np.empty((16, LANES), F32)
+    st = np.empty((N_Q_STATE, LANES), F32)
+    L = np.empty(QK_K, np.uint8)
+    levels = np.empty(16, np.int64)
+    for b0 in range(0, x.shape[0], GROUP):
+        n_sb = min(GROUP, x.shape[0] - b0)
+        lanes = 16 * n_sb
+        load_lanes(x, b0, n_sb, xt)
+        q3_lanes(xt, lq, st, lanes)
+        for b in range(n_sb):
+            lane0 = 16 * b
+            amax = F32(0)
+            max_scale = F32(0)
+            for j in range(16):
+                scale = st[Q_SCALE, lane0 + j]
+                if np.abs(scale) > amax:
+                    amax = np.abs(scale)
+                    max_scale = scale
+            if max_scale != F32(0):
+                iscale = F32(-32) / max_scale
+                for j in range(16):
+                    levels[j] = max(-32, min(31, nearest_int(iscale * st[Q_SCALE, lane0 + j]))) + 32
+                d_bits = fp32_to_fp16(F32(1) / iscale)
+            else:
+                levels[:] = 0  # scales stay 0; sc - 32 with d 0 keeps the search's levels
+                d_bits = 0
+            q3_k_superblock(x[b0 + b], out[b0 + b], L, levels, d_bits, lq, lane0)
+
+
+@jit()
+def make_qx_quants(x: np.ndarray, w: np.ndarray, nmax: int, L: np.ndarray) -> float:
+    """ggml's make_qx_quants(n, nmax, x, L, rmse_type = 1, qw = w) for one short vector; L gets levels 0..2nmax-1."""
+    n = x.shape[0]
+    amax = F32(0)
+    vmax = F32(0)
+    for i in range(n):
+        ax = np.abs(x[i])
+        if ax > amax:
+            amax = ax
+            vmax = x[i]
+    if amax < GROUP_MAX_EPS:
+        for i in range(n):
+            L[i] = 0
+        return F32(0)
+    best = F32(0)
+    scale = F32(0)
+    for step in range(-10, 10):  # -10: the first pass with iscale = -nmax / max
+        if step == 0:
+            continue
+        iscale = F32(-nmax) / vmax if step == -10 else -(F32(nmax) + F32(0.1) * F32(step)) / vmax
+        sumlx = F32(0)
+        suml2 = F32(0)
+        for i in range(n):
+            l = clampf(nearest_int_f32(iscale * x[i]), F32(-nmax), F32(nmax - 1))
+            sumlx += w[i] * x[i] * l
+            suml2 += w[i] * l * l
+        if step == -10 or (suml2 > F32(0) and sumlx * sumlx > best * suml2):
+            scale = (sumlx / suml2 if suml2 != F32(0) else F32(0)) if step == -10 else sumlx / suml2
+            best = scale * sumlx
+            for i in range(n):
+                L[i] = np.int64(clampf(nearest_int_f32(iscale * x[i]), F32(-nmax), F32(nmax - 1))) + nmax
+    return scale
+
+
+@jit()
+def q3_k_weighted_blocks(x: np.ndarray, qw: np.ndarray, out: np.ndarray) -> None:
+    """quantize_row_q3_K_impl: x float32 [N, 256], qw float32 [R, 256] -> out uint8 [N, 110]."""
+    xt = np.empty((16, LANES), F32)
+    w = np.empty((16, LANES), F32)
+    wx = np.empty((16, LANES), F32)
+    lq = np.empty((16, LANES), F32)
+    st = np.empty((N_Q_STATE, LANES), F32)
+    sw = np.empty(16, F32)
+    scales = np.empty(16, F32)
+    L = np.empty(QK_K, np.uint8)
+    levels = np.empty(16, np.int64)
+    n_qw = qw.shape[0]
+    for b0 in range(0, x.shape[0], GROUP):
+        n_sb = min(GROUP, x.shape[0] - b0)
+        lanes = 16 * n_sb
+        load_lanes(x, b0, n_sb, xt)
+        for b in range(n_sb):
+            xb = x[b0 + b]
+            qb = qw[(b0 + b) % n_qw]
+            sum_x2 = F32(0)
+            for i in range(QK_K):
+                sum_x2 += xb[i] * xb[i]
+            sigma2 = F32(2) * sum_x2 / F32(QK_K)
+            for j in range(16):
+                for i in range(16):
+                    v = xb[16 * j + i]
+                    weight = qb[16 * j + i] * F32(np.sqrt(sigma2 + v * v))
+                    w[i, 16 * b + j] = weight
+                    wx[i, 16 * b + j] = weight * v
+        qx_lanes(xt, wx, w, st, lanes, 4)
+        for s in range(lanes):  # the levels make_qx_quants leaves, rebuilt from the winning iscale (0 if all zero)
+            for i in range(16):
+                lq[i, s] = clampf(nearest_int_f32(st[Q_L_ISCALE, s] * xt[i, s]), F32(-4), F32(3)) \
+                    if st[AMAX, s] >= GROUP_MAX_EPS else F32(-4)
+        for b in range(n_sb):
+            lane0 = 16 * b
+            for j in range(16):
+                total = F32(0)
+                for i in range(16):
+                    total += w[i, lane0 + j]
+                sw[j] = total
+                scales[j] = st[Q_SCALE, lane0 + j]
+            d_block = make_qx_quants(scales, sw, 32, levels)
+            q3_k_superblock(x[b0 + b], out[b0 + b], L, levels, fp32_to_fp16(d_block), lq, lane0)
+
+
+KERNELS = {"q2_k": q2_k_blocks, "q3_k": q3_k_blocks}
+WEIGHTED_KERNELS = {"q2_k": q2_k_weighted_blocks, "q3_k": q3_k_weighted_blocks}
