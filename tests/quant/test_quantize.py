@@ -142,3 +142,19 @@ def test_grouped_query_attention_rules(gqa4_f32, tmp_path, mix):
     assert_same_file(ours, ref)
     if mix == "q2_k":
         assert result.types["blk.0.attn_v.weight"] == T.Q4_K and result.types["blk.0.ffn_down.weight"] == T.Q3_K
+
+
+@pytest.fixture(scope="module")
+def smollm2_f16(smollm2_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("smollm2q") / "smollm2-f16.gguf"
+    convert(smollm2_dir, out, "f16")
+    return out
+
+
+@pytest.mark.parametrize("mix", ["q3_k_m", "q2_k"])
+def test_real_model_same_file_as_llama_quantize(smollm2_f16, tmp_path, mix):
+    """SmolLM2-135M: rows of 576 (no 256-block fits: the Q4_0 fallbacks), tied embeddings, real weights."""
+    ref, ours = tmp_path / "ref.gguf", tmp_path / "mt.gguf"
+    llama_quantize(smollm2_f16, ref, parse_file_type(mix))
+    quantize_gguf(smollm2_f16, ours, mix)
+    assert_same_file(ours, ref)

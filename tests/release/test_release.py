@@ -18,7 +18,7 @@ from mt.io import gguf_out
 from mt.release.release import file_name, release
 from mt.verify.verify import VerifyOptions
 
-TYPES = ["f32", "f16", "bf16", "q8_0", "q4_0", "q5_1", "q4_k_m", "q5_k_s", "q6_k"]
+TYPES = ["f32", "f16", "bf16", "q8_0", "q4_0", "q5_1", "q4_k_m", "q5_k_s", "q6_k", "q3_k_m", "q2_k"]
 
 
 def no_stray_files(dist: Path) -> bool:
@@ -163,17 +163,25 @@ def test_imatrix_weighs_the_mixes_and_verify_checks_them(llama2_256_dir, tmp_pat
     from tests.quant.test_quantize_imatrix import model_imatrix
 
     convert(llama2_256_dir, tmp_path / "f32.gguf", "f32")
-    imatrix = write_gguf(model_imatrix(tmp_path / "f32.gguf"), tmp_path / "imatrix.gguf")
+    imatrix = write_gguf(model_imatrix(tmp_path / "f32.gguf", complete=True), tmp_path / "imatrix.gguf")
     out = CliRunner().invoke(main, ["release", str(llama2_256_dir), "-o", str(tmp_path / "dist"), "--name", "m",
-                                    "--quants", "q8_0,q4_k_m,q5_k_s", "--imatrix", str(imatrix), "--json"])
+                                    "--quants", "q8_0,q4_k_m,q5_k_s,q2_k_s", "--imatrix", str(imatrix), "--json"])
     assert out.exit_code == 0, out.output
     assert all(f["verify"]["passed"] for f in json.loads(out.output.strip().splitlines()[-1])["files"])
-    for outtype in ("q8_0", "q4_k_m", "q5_k_s"):
+    for outtype in ("q8_0", "q4_k_m", "q5_k_s", "q2_k_s"):
         weighed = {"imatrix": str(imatrix)} if outtype != "q8_0" else {}
         convert(llama2_256_dir, tmp_path / "one.gguf", outtype, force=True, **weighed)
         assert (tmp_path / "dist" / file_name("m", outtype)).read_bytes() == (tmp_path / "one.gguf").read_bytes(), outtype
     convert(llama2_256_dir, tmp_path / "plain.gguf", "q4_k_m")
     assert (tmp_path / "plain.gguf").read_bytes() != (tmp_path / "dist" / file_name("m", "q4_k_m")).read_bytes()
+
+
+def test_q2_k_s_without_an_imatrix_is_one_line(llama2_256_dir, tmp_path):
+    """(On rows of 64 every Q2_K tensor falls back to Q4_0 and nothing needs the imatrix, as in llama.cpp.)"""
+    dist = tmp_path / "dist"
+    out = CliRunner().invoke(main, ["release", str(llama2_256_dir), "-o", str(dist), "--quants", "q8_0,q2_k_s"])
+    assert out.exit_code != 0 and "Q2_K_S needs an importance matrix" in out.output
+    assert len(out.output.strip().splitlines()) == 1 and no_stray_files(dist)
 
 
 def test_a_type_the_family_cannot_take_is_one_line(tada_codec_dir, tmp_path):
