@@ -1,6 +1,6 @@
-"""Compiled CPU kernels (numba) for Q2_K and Q3_K: the same bytes as mt/quant/low_kquants.py's references and
-weighted.py's imatrix paths. The rules of mt/quant/compiled.py hold (float32 everywhere, no FMA, ggml's order);
-the scale searches run on the 16 sub-blocks of GROUP super-blocks at once, one sub-block per lane.
+"""Compiled CPU kernels (numba) for Q2_K, Q3_K, IQ4_NL and IQ4_XS: the same bytes as the references in
+mt/quant/low_kquants.py and mt/quant/iq4.py and weighted.py's imatrix paths. The rules of mt/quant/compiled.py hold
+(float32 everywhere, no FMA, ggml's order); the scale searches run on many sub-blocks at once, one per lane.
 """
 
 from __future__ import annotations
@@ -357,5 +357,160 @@ def q3_k_weighted_blocks(x: np.ndarray, qw: np.ndarray, out: np.ndarray) -> None
             q3_k_superblock(x[b0 + b], out[b0 + b], L, levels, fp32_to_fp16(d_block), lq, lane0)
 
 
-KERNELS = {"q2_k": q2_k_blocks, "q3_k": q3_k_blocks}
-WEIGHTED_KERNELS = {"q2_k": q2_k_weighted_blocks, "q3_k": q3_k_weighted_blocks}
+# ---------------------------------------------------------------- IQ4_NL / IQ4_XS
+#
+# quantize_row_iq4_nl_impl: lane s = one block of 32; a level is the index of the nearest of the 16 non-linear
+# values (ggml's best_index_int8: the upper one on a tie).
+
+IQ4_LANES = 64
+D_BEST, D_SCALE, D_AMAX, D_MAX, D_SUMQX, D_SUMQ2, D_ISCALE = range(7)
+
+
+@jit(inline="always")
+def best_index(x: float, v: np.ndarray) -> int:
+    """Without branches, so loops of it vectorize: lo = how many of v[1:] lie at or below x, the nearer of v[lo] and
+    v[lo + 1] (ggml's answer below v[0] and above v[15] falls out; a NaN gets 15, as ggml's search gives it)."""
+    lo = 0
+    for k in range(1, 16):
+        lo += 1 if v[k] <= x else 0
+    hi = lo + 1 if lo < 15 else 15
+    index = lo if x - v[lo] < v[hi] - x else hi
+    return index if x == x else 15
+
+
+@jit(inline="always")
+def nearest_value(x: float, v: np.ndarray) -> float:
+    """v[best_index(x, v)] by selects alone (no gather), so the loop over lanes vectorizes."""
+    lo = v[0]
+    hi = v[1]
+    for k in range(1, 15):
+        below = v[k] <= x
+        lo = v[k] if below else lo
+        hi = v[k + 1] if below else hi
+    top = v[15] <= x
+    lo = v[15] if top else lo
+    hi = v[15] if top else hi
+    q = lo if x - lo < hi - x else hi
+    return q if x == x else v[15]
+
+
+@jit()
+def iq4_lanes(xt: np.ndarray, w: np.ndarray, st: np.ndarray, lanes: int, v: np.ndarray) -> None:
+    """The scale search of quantize_row_iq4_nl_impl (ntry 7) on `lanes` blocks: xt, w [32, S] -> st[D_SCALE]
+    (0 for an all-zero block)."""
+    best, scale, amax, vmax = st[D_BEST], st[D_SCALE], st[D_AMAX], st[D_MAX]
+    sumqx, sumq2, iscale = st[D_SUMQX], st[D_SUMQ2], st[D_ISCALE]
+    for s in range(lanes):
+        amax[s] = F32(0)
+        vmax[s] = F32(0)
+    for i in range(32):
+        for s in range(lanes):
+            ax = np.abs(xt[i, s])
+            bigger = ax > amax[s]
+            vmax[s] = xt[i, s] if bigger else vmax[s]
+            amax[s] = ax if bigger else amax[s]
+    for step in range(-8, 8):  # -8: the first pass, with d = -max / values[0]
+        for s in range(lanes):
+            iscale[s] = F32(1) / (-vmax[s] / v[0]) if step == -8 else F32(step + np.int64(v[0])) / vmax[s]
+            sumqx[s] = F32(0)
+            sumq2[s] = F32(0)
+        for i in range(32):
+            for s in range(lanes):
+                q = nearest_value(iscale[s] * xt[i, s], v)
+                sumqx[s] += w[i, s] * q * xt[i, s]
+                sumq2[s] += w[i, s] * q * q
+        for s in range(lanes):
+            if step == -8:
+                scale[s] = sumqx[s] / sumq2[s] if sumq2[s] > F32(0) else F32(0)
+                best[s] = scale[s] * sumqx[s]
+            elif sumq2[s] > F32(0) and sumqx[s] * sumqx[s] > best[s] * sumq2[s]:
+                scale[s] = sumqx[s] / sumq2[s]
+                best[s] = scale[s] * sumqx[s]
+    for s in range(lanes):
+        if amax[s] < GROUP_MAX_EPS:
+            scale[s] = F32(0)
+
+
+@jit(inline="always")
+def pack_iq4_block(x: np.ndarray, inv: float, y: np.ndarray, at: int, v: np.ndarray) -> None:
+    """The 32 levels of best_index(inv · x) as 16 bytes at y[at:]: byte j holds level j and level 16 + j."""
+    for j in range(16):
+        y[at + j] = best_index(inv * x[j], v) | (best_index(inv * x[16 + j], v) << 4)
+
+
+@jit()
+def iq4_blocks(x: np.ndarray, qw: np.ndarray, weighted: bool, out: np.ndarray, v: np.ndarray) -> None:
+    """IQ4_NL (x [N, 32] -> out [N, 18]) or IQ4_XS (x [N, 256] -> out [N, 136]); weights x² or, `weighted`,
+    qw[b % R] · sqrt(sigma2 + x²) with sigma2 = 2/n · the (super-)block's sum of squares."""
+    n_values = x.shape[1]
+    per = n_values // 32  # blocks of 32 per output block
+    group = max(1, IQ4_LANES // per)
+    xt = np.empty((32, IQ4_LANES), F32)
+    w = np.empty((32, IQ4_LANES), F32)
+    st = np.empty((7, IQ4_LANES), F32)
+    n_qw = qw.shape[0]
+    for b0 in range(0, x.shape[0], group):
+        n_b = min(group, x.shape[0] - b0)
+        for b in range(n_b):
+            xb = x[b0 + b]
+            sigma2 = F32(0)
+            if weighted:
+                for i in range(n_values):
+                    sigma2 += xb[i] * xb[i]
+                sigma2 = sigma2 * F32(2.0 / n_values)
+            qb = qw[(b0 + b) % n_qw]
+            for k in range(per):
+                for i in range(32):
+                    value = xb[32 * k + i]
+                    xt[i, per * b + k] = value
+                    w[i, per * b + k] = qb[32 * k + i] * F32(np.sqrt(sigma2 + value * value)) if weighted else value * value
+        iq4_lanes(xt, w, st, per * n_b, v)
+        for b in range(n_b):
+            y = out[b0 + b]
+            xb = x[b0 + b]
+            if per == 1:
+                d = st[D_SCALE, b]
+                put_fp16(y, 0, fp32_to_fp16(d))
+                pack_iq4_block(xb, F32(1) / d if d != F32(0) else F32(0), y, 2, v)
+                continue
+            amax = F32(0)
+            max_scale = F32(0)
+            for k in range(per):
+                scale = st[D_SCALE, per * b + k]
+                if np.abs(scale) > amax:
+                    amax = np.abs(scale)
+                    max_scale = scale
+            d = -max_scale / F32(32)
+            put_fp16(y, 0, fp32_to_fp16(d))
+            inv = F32(1) / d if d != F32(0) else F32(0)
+            scales_h = 0
+            for k in range(per):
+                level = max(-32, min(31, nearest_int(inv * st[D_SCALE, per * b + k])))
+                dl = d * F32(level)
+                pack_iq4_block(xb[32 * k : 32 * k + 32], F32(1) / dl if dl != F32(0) else F32(0), y, 8 + 16 * k, v)
+                level += 32
+                if k % 2 == 0:
+                    y[4 + k // 2] = level & 0xF
+                else:
+                    y[4 + k // 2] |= (level & 0xF) << 4
+                scales_h |= (level >> 4) << (2 * k)
+            put_fp16(y, 2, scales_h)
+
+
+def _iq4_values() -> np.ndarray:
+    from mt.quant.iq4 import KVALUES
+
+    return KVALUES.astype(F32)
+
+
+def iq4_plain(x: np.ndarray, out: np.ndarray) -> None:
+    iq4_blocks(x, np.zeros((1, x.shape[1]), F32), False, out, _iq4_values())
+
+
+def iq4_weighted(x: np.ndarray, qw: np.ndarray, out: np.ndarray) -> None:
+    iq4_blocks(x, qw, True, out, _iq4_values())
+
+
+KERNELS = {"q2_k": q2_k_blocks, "q3_k": q3_k_blocks, "iq4_nl": iq4_plain, "iq4_xs": iq4_plain}
+WEIGHTED_KERNELS = {"q2_k": q2_k_weighted_blocks, "q3_k": q3_k_weighted_blocks, "iq4_nl": iq4_weighted,
+                    "iq4_xs": iq4_weighted}

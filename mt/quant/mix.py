@@ -19,7 +19,8 @@ from mt.quant.outtypes import QUANTIZER_TYPES, row_fits
 DEFAULT_TYPE: dict[LlamaFileType, T] = {o.file_type: o.base for o in QUANTIZER_TYPES.values()}
 FILE_TYPES: dict[str, LlamaFileType] = {name: o.file_type for name, o in QUANTIZER_TYPES.items()}
 # a K-quant whose block does not divide the row falls back to a 32-block type, else F16
-FALLBACK = {T.Q2_K: T.Q4_0, T.Q3_K: T.Q4_0, T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0}
+FALLBACK = {T.Q2_K: T.Q4_0, T.Q3_K: T.Q4_0, T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0, T.IQ4_XS: T.IQ4_NL}
+IQ4 = (LlamaFileType.MOSTLY_IQ4_NL, LlamaFileType.MOSTLY_IQ4_XS)
 # substrings of tensors llama.cpp never quantizes (llama-quant.cpp tensor_allows_quantization)
 NEVER_QUANTIZED = (
     "_norm.weight", "ffn_gate_inp.weight", "ffn_gate_tid2eid.weight", "altup", "laurel", "per_layer_model_proj",
@@ -172,6 +173,8 @@ def _mixed_type(spec: TensorSpec, new: T, cat: str, ftype: LlamaFileType, model:
             new = T.Q5_K if c.i_attention_wv < 2 else T.Q4_K
         elif ftype == F.MOSTLY_Q3_K_L:
             new = T.Q5_K
+        elif ftype in IQ4 and model.n_gqa >= 4:
+            new = T.Q5_K
         elif ftype in (F.MOSTLY_Q4_K_M, F.MOSTLY_Q5_K_M) and use_more_bits(c.i_attention_wv, c.n_attention_wv):
             new = T.Q6_K
         elif ftype == F.MOSTLY_Q4_K_S and c.i_attention_wv < 4:
@@ -200,6 +203,8 @@ def _mixed_type(spec: TensorSpec, new: T, cat: str, ftype: LlamaFileType, model:
                 new = T.Q6_K if i_layer < n_layer // 16 else T.Q5_K if use_more_bits(i_layer, n_layer) else T.Q4_K
             elif use_more_bits(i_layer, n_layer):
                 new = T.Q6_K
+        elif ftype in IQ4 and i_layer < n_layer // 8 and not options.has_imatrix:
+            new = T.Q5_K
         elif ftype == F.MOSTLY_Q5_K_M and use_more_bits(i_layer, n_layer):
             new = T.Q6_K
         elif ftype == F.MOSTLY_Q4_K_S and not falcon and i_layer < n_layer // 8:
@@ -218,7 +223,7 @@ def _attn_output_type(new: T, ftype: LlamaFileType, model: ModelFacts) -> T:
     if model.arch == "falcon":
         return T.Q4_K if ftype == F.MOSTLY_Q3_K_L else new
     if model.n_expert == 8:
-        bumped = (F.MOSTLY_Q2_K, F.MOSTLY_Q3_K_S, F.MOSTLY_Q3_K_M, F.MOSTLY_Q4_K_S, F.MOSTLY_Q4_K_M)
+        bumped = (F.MOSTLY_Q2_K, F.MOSTLY_Q3_K_S, F.MOSTLY_Q3_K_M, F.MOSTLY_Q4_K_S, F.MOSTLY_Q4_K_M, *IQ4)
         return T.Q5_K if ftype in bumped else new
     return {F.MOSTLY_Q2_K: T.Q3_K, F.MOSTLY_Q3_K_M: T.Q4_K, F.MOSTLY_Q3_K_L: T.Q5_K}.get(ftype, new)
 

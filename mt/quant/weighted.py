@@ -31,6 +31,7 @@ from mt.quant.kquants import (
     requantize_affine,
 )
 from mt.quant.legacy import QK, fp16_bytes, pack_high_bits, pack_nibbles
+from mt.quant.iq4 import iq4_nl_quantize, iq4_xs_quantize
 from mt.quant.low_kquants import pack_q3_scales, q2_k_bytes, q3_k_bytes, requantize_q2
 from mt.quant.types import compiled_kernel, quant_backend, quant_type, run_chunked, types_with
 
@@ -172,6 +173,14 @@ def q3_k_rows(rows: np.ndarray, qw: np.ndarray) -> np.ndarray:
     return q3_k_bytes(blocks, pack_q3_scales(levels), d_block.astype(np.float16), L.reshape(n_blocks, QK_K))
 
 
+def iq4_nl_rows(rows: np.ndarray, qw: np.ndarray) -> np.ndarray:
+    return iq4_nl_quantize(rows.reshape(-1, QK), tile_weights(qw, rows.shape[0], QK)).reshape(rows.shape[0], -1)
+
+
+def iq4_xs_rows(rows: np.ndarray, qw: np.ndarray) -> np.ndarray:
+    return iq4_xs_quantize(rows.reshape(-1, QK_K), tile_weights(qw, rows.shape[0], QK_K)).reshape(rows.shape[0], -1)
+
+
 def legacy_weights(rows: np.ndarray, qw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The legacy impls' blocks [B, 32] and weights qw * sqrtf(sigma2 + x²), sigma2 = the row's mean square."""
     sigma2 = ordered_sum(np.ascontiguousarray(rows.T) ** 2) / F32(rows.shape[1])
@@ -214,6 +223,7 @@ def q5_1_rows(rows: np.ndarray, qw: np.ndarray) -> np.ndarray:
 WEIGHTED: dict[T, RowQuantizer] = {
     T.Q2_K: q2_k_rows, T.Q3_K: q3_k_rows, T.Q4_K: q4_k_rows, T.Q5_K: q5_k_rows, T.Q6_K: q6_k_rows,
     T.Q4_0: q4_0_rows, T.Q4_1: q4_1_rows, T.Q5_0: q5_0_rows, T.Q5_1: q5_1_rows,
+    T.IQ4_NL: iq4_nl_rows, T.IQ4_XS: iq4_xs_rows,
 }
 
 
@@ -224,11 +234,12 @@ def uses_weights(ggml_type: T) -> bool:
 COMPILED_WEIGHTED = {t: quant_type(t).weighted_kernel for t in types_with("weighted_kernel")}  # in mt.quant.compiled
 
 
-def compiled_row_writer(name: str) -> RowWriter:
+def compiled_row_writer(name: str, block: int = QK_K) -> RowWriter:
+    """The compiled imatrix kernel `name` over blocks of `block` values."""
     kernel = compiled_kernel(name, "WEIGHTED_KERNELS")
 
     def write(rows: np.ndarray, qw: np.ndarray, out: np.ndarray) -> None:
-        kernel(rows.reshape(-1, QK_K), qw.reshape(-1, QK_K), out.reshape(rows.size // QK_K, -1))
+        kernel(rows.reshape(-1, block), qw.reshape(-1, block), out.reshape(rows.size // block, -1))
 
     return write
 
@@ -236,7 +247,7 @@ def compiled_row_writer(name: str) -> RowWriter:
 def row_writer(ggml_type: T, backend: str | None = None) -> RowWriter:
     """The compiled kernel where there is one and the backend is `compiled`, else the numpy reference."""
     if ggml_type in COMPILED_WEIGHTED and quant_backend(backend) == "compiled":
-        return compiled_row_writer(COMPILED_WEIGHTED[ggml_type])
+        return compiled_row_writer(COMPILED_WEIGHTED[ggml_type], quant_type(ggml_type).block_size)
     quantize_rows = WEIGHTED[ggml_type]
 
     def write(rows: np.ndarray, qw: np.ndarray, out: np.ndarray) -> None:

@@ -16,7 +16,7 @@ from tests.quant.test_kquants import rows_for
 from tests.quant.test_legacy import edge_rows
 from tests.quant.test_weighted import imatrices
 
-COMPILED_WEIGHTED = [T.Q4_K, T.Q5_K, T.Q6_K]
+COMPILED_WEIGHTED = [T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_NL, T.IQ4_XS]
 
 
 def assert_compiled_equals_ggml_and_numpy(ggml_type: T, rows: np.ndarray, qw: np.ndarray) -> None:

@@ -22,7 +22,7 @@ def f32_gguf(llama2_256_dir, tmp_path_factory) -> Path:
     return out
 
 
-LOW_MIXES = ["q2_k", "q3_k_s", "q3_k_m", "q3_k_l"]  # q2_k_s needs an imatrix: tests/quant/test_quantize_imatrix.py
+LOW_MIXES = ["q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "iq4_nl", "iq4_xs"]  # q2_k_s needs an imatrix: tests/quant/test_quantize_imatrix.py
 
 
 @pytest.mark.parametrize("mix", K_MIXES + LOW_MIXES + ["q4_0", "q4_1", "q5_0", "q5_1"])
@@ -33,7 +33,7 @@ def test_same_file_as_llama_quantize(f32_gguf, tmp_path, mix):
     assert_same_file(ours, ref)
 
 
-@pytest.mark.parametrize("mix", ["q4_k_m", "q5_k_s", "q6_k", "q4_1", "q2_k", "q3_k_m"])
+@pytest.mark.parametrize("mix", ["q4_k_m", "q5_k_s", "q6_k", "q4_1", "q2_k", "q3_k_m", "iq4_xs"])
 def test_fallback_rows_and_tied_embeddings(llama3_dir, tmp_path, mix):
     """Rows of 64 (no K-quant fits: Q5_0/Q5_1/Q8_0 fallbacks), BF16 source, tied token_embd -> output type."""
     bf16 = tmp_path / "bf16.gguf"
@@ -134,7 +134,7 @@ def gqa4_f32(tmp_path_factory) -> Path:
     return root / "m-f32.gguf"
 
 
-@pytest.mark.parametrize("mix", ["q2_k", "q3_k_m"])
+@pytest.mark.parametrize("mix", ["q2_k", "q3_k_m", "iq4_xs"])
 def test_grouped_query_attention_rules(gqa4_f32, tmp_path, mix):
     ref, ours = tmp_path / "ref.gguf", tmp_path / "mt.gguf"
     llama_quantize(gqa4_f32, ref, parse_file_type(mix))
@@ -142,6 +142,8 @@ def test_grouped_query_attention_rules(gqa4_f32, tmp_path, mix):
     assert_same_file(ours, ref)
     if mix == "q2_k":
         assert result.types["blk.0.attn_v.weight"] == T.Q4_K and result.types["blk.0.ffn_down.weight"] == T.Q3_K
+    if mix == "iq4_xs":
+        assert result.types["blk.0.attn_v.weight"] == T.Q5_K
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +153,7 @@ def smollm2_f16(smollm2_dir, tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.parametrize("mix", ["q3_k_m", "q2_k"])
+@pytest.mark.parametrize("mix", ["q3_k_m", "q2_k", "iq4_xs"])
 def test_real_model_same_file_as_llama_quantize(smollm2_f16, tmp_path, mix):
     """SmolLM2-135M: rows of 576 (no 256-block fits: the Q4_0 fallbacks), tied embeddings, real weights."""
     ref, ours = tmp_path / "ref.gguf", tmp_path / "mt.gguf"

@@ -50,7 +50,7 @@ def f32_gguf(llama2_256_dir, tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("mix", ["q4_k_m", "q5_k_m", "q6_k", "q4_k_s", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0",
-                                 "q2_k", "q2_k_s", "q3_k_s", "q3_k_m", "q3_k_l"])
+                                 "q2_k", "q2_k_s", "q3_k_s", "q3_k_m", "q3_k_l", "iq4_nl", "iq4_xs"])
 def test_gguf_imatrix_same_file_as_llama_quantize(f32_gguf, tmp_path, mix):
     raw = model_imatrix(f32_gguf, complete=mix == "q2_k_s")
     path = write_gguf(raw, tmp_path / "imatrix.gguf")
@@ -88,7 +88,7 @@ def test_legacy_imatrix_without_trailer(f32_gguf, tmp_path):
     assert "quantize.imatrix.dataset" not in read_gguf(ours).kv_dict()
 
 
-@pytest.mark.parametrize("mix", ["q4_k_m", "q5_k_s", "q6_k", "q2_k_s", "q3_k_l"])
+@pytest.mark.parametrize("mix", ["q4_k_m", "q5_k_s", "q6_k", "q2_k_s", "q3_k_l", "iq4_xs"])
 def test_fallback_rows_bf16_and_tied_embeddings(llama3_dir, tmp_path, mix):
     """Rows of 64: Q5_0/Q5_1/Q8_0 fallbacks with the imatrix; BF16 source; tied token_embd."""
     bf16 = tmp_path / "bf16.gguf"

@@ -11,6 +11,7 @@ from tests.quant.test_kquants import rows_for
 
 K_TYPES = [T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K]
 LEGACY = [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1]
+IQ4 = [T.IQ4_NL, T.IQ4_XS]
 
 
 def imatrices(n: int, seed: int) -> dict[str, np.ndarray]:
@@ -35,14 +36,14 @@ def assert_bytes_equal(ggml_type: T, rows: np.ndarray, qw: np.ndarray) -> None:
     assert bad.size == 0, f"rows {bad.tolist()} differ"
 
 
-@pytest.mark.parametrize("ggml_type", K_TYPES + LEGACY)
+@pytest.mark.parametrize("ggml_type", K_TYPES + LEGACY + IQ4)
 @pytest.mark.parametrize("weights", ["chi2", "spiky", "sparse", "zeros", "ones", "tiny"])
 def test_bytes_equal_ggml_with_imatrix(ggml_type, weights):
     n = 512
     assert_bytes_equal(ggml_type, rows_for(n, 9), imatrices(n, 4)[weights])
 
 
-@pytest.mark.parametrize("ggml_type", K_TYPES + LEGACY)
+@pytest.mark.parametrize("ggml_type", K_TYPES + LEGACY + IQ4)
 def test_long_rows_and_threaded_chunks(ggml_type, monkeypatch):
     import mt.quant.weighted as weighted
 

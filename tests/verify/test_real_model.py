@@ -23,7 +23,7 @@ from tests.quant.test_quantize_imatrix import model_imatrix, reference
 from tests.verify import corrupt
 from tests.verify.reports import assert_exact_pass, check
 
-LLAMA_QUANTIZE = ("Q6_K", "Q5_K_M", "Q4_K_M", "Q4_K_S", "Q3_K_M", "Q2_K")
+LLAMA_QUANTIZE = ("Q6_K", "Q5_K_M", "Q4_K_M", "Q4_K_S", "Q3_K_M", "Q2_K", "IQ4_XS")
 
 
 @pytest.fixture(scope="module")
