@@ -1,5 +1,5 @@
-"""Compiled CPU kernels (numba) for Q2_K, Q3_K, IQ4_NL and IQ4_XS: the same bytes as the references in
-mt/quant/low_kquants.py and mt/quant/iq4.py and weighted.py's imatrix paths. The rules of mt/quant/compiled.py hold
+"""Compiled CPU kernels (numba) for Q2_K, Q3_K, IQ4_NL, IQ4_XS, TQ1_0 and TQ2_0: the same bytes as the references in
+mt/quant/low_kquants.py, iq4.py and ternary.py and weighted.py's imatrix paths. The rules of mt/quant/compiled.py hold
 (float32 everywhere, no FMA, ggml's order); the scale searches run on many sub-blocks at once, one per lane.
 """
 
@@ -8,7 +8,8 @@ from __future__ import annotations
 import numpy as np
 
 from mt.quant.compiled import (
-    AMAX, GROUP, GROUP_MAX_EPS, L_ISCALE, L_MIN, N_Q_STATE, N_STATE, Q_L_ISCALE, Q_SCALE, QK_K, SCALE, VMIN, clampf,
+    AMAX, GROUP, GROUP_MAX_EPS, HALF_BELOW, L_ISCALE, L_MIN, N_Q_STATE, N_STATE, Q_L_ISCALE, Q_SCALE, QK_K, SCALE, VMIN,
+    clampf,
     fp16_to_fp32, fp32_to_fp16, jit, make_qp_quants, nearest_int, nearest_int_f32, put_fp16, qkx2_lanes, qx_lanes,
 )
 
@@ -511,6 +512,71 @@ def iq4_weighted(x: np.ndarray, qw: np.ndarray, out: np.ndarray) -> None:
     iq4_blocks(x, qw, True, out, _iq4_values())
 
 
-KERNELS = {"q2_k": q2_k_blocks, "q3_k": q3_k_blocks, "iq4_nl": iq4_plain, "iq4_xs": iq4_plain}
+# ---------------------------------------------------------------- TQ1_0 / TQ2_0
+
+
+@jit(inline="always")
+def trit(v: float, inv: float) -> int:
+    """lroundf(v · inv) + 1: -1, 0, 1 -> 0, 1, 2 (roundf half away from zero, as Q8_0's kernel rounds)."""
+    q = v * inv
+    return np.int64(q + (HALF_BELOW if q >= F32(0) else -HALF_BELOW)) + 1
+
+
+@jit(inline="always")
+def ternary_scale(xb: np.ndarray) -> float:
+    """MAX(amax, fabsf(v)) over the block, in ggml's order (a NaN is kept only if nothing after it is larger)."""
+    amax = F32(0)
+    for j in range(QK_K):
+        a = np.abs(xb[j])
+        amax = amax if amax > a else a
+    return amax
+
+
+@jit(inline="always")
+def base3_byte(xb: np.ndarray, start: int, stride: int, count: int, inv: float, shift_last: bool) -> int:
+    q = 0
+    for n in range(count):
+        q = (q * 3 + trit(xb[start + n * stride], inv)) & 0xFF
+    if shift_last:
+        q = (q * 3) & 0xFF
+    return (q * 256 + 242) // 243
+
+
+@jit()
+def tq1_0_blocks(x: np.ndarray, out: np.ndarray) -> None:
+    """quantize_row_tq1_0_ref: x [N, 256] -> out [N, 54] (qs[48]: 5 trits a byte, qh[4]: 4, d)."""
+    for b in range(x.shape[0]):
+        xb = x[b]
+        y = out[b]
+        d = ternary_scale(xb)
+        inv = F32(1) / d if d != F32(0) else F32(0)
+        for m in range(32):
+            y[m] = base3_byte(xb, m, 32, 5, inv, False)
+        for m in range(16):
+            y[32 + m] = base3_byte(xb, 160 + m, 16, 5, inv, False)
+        for j in range(4):
+            y[48 + j] = base3_byte(xb, 240 + j, 4, 4, inv, True)
+        put_fp16(y, 52, fp32_to_fp16(d))
+
+
+@jit()
+def tq2_0_blocks(x: np.ndarray, out: np.ndarray) -> None:
+    """quantize_row_tq2_0_ref: x [N, 256] -> out [N, 66] (qs[64]: 2 bits a value, d)."""
+    for b in range(x.shape[0]):
+        xb = x[b]
+        y = out[b]
+        d = ternary_scale(xb)
+        inv = F32(1) / d if d != F32(0) else F32(0)
+        for half in range(2):
+            for m in range(32):
+                q = 0
+                for n in range(4):
+                    q += (trit(xb[128 * half + m + 32 * n], inv) & 3) << (2 * n)
+                y[32 * half + m] = q & 0xFF
+        put_fp16(y, 64, fp32_to_fp16(d))
+
+
+KERNELS = {"q2_k": q2_k_blocks, "q3_k": q3_k_blocks, "iq4_nl": iq4_plain, "iq4_xs": iq4_plain,
+           "tq1_0": tq1_0_blocks, "tq2_0": tq2_0_blocks}
 WEIGHTED_KERNELS = {"q2_k": q2_k_weighted_blocks, "q3_k": q3_k_weighted_blocks, "iq4_nl": iq4_weighted,
                     "iq4_xs": iq4_weighted}

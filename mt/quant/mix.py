@@ -19,7 +19,8 @@ from mt.quant.outtypes import QUANTIZER_TYPES, row_fits
 DEFAULT_TYPE: dict[LlamaFileType, T] = {o.file_type: o.base for o in QUANTIZER_TYPES.values()}
 FILE_TYPES: dict[str, LlamaFileType] = {name: o.file_type for name, o in QUANTIZER_TYPES.items()}
 # a K-quant whose block does not divide the row falls back to a 32-block type, else F16
-FALLBACK = {T.Q2_K: T.Q4_0, T.Q3_K: T.Q4_0, T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0, T.IQ4_XS: T.IQ4_NL}
+FALLBACK = {T.Q2_K: T.Q4_0, T.Q3_K: T.Q4_0, T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0, T.IQ4_XS: T.IQ4_NL,
+            T.TQ1_0: T.Q4_0, T.TQ2_0: T.Q4_0}
 IQ4 = (LlamaFileType.MOSTLY_IQ4_NL, LlamaFileType.MOSTLY_IQ4_XS)
 # substrings of tensors llama.cpp never quantizes (llama-quant.cpp tensor_allows_quantization)
 NEVER_QUANTIZED = (
@@ -163,7 +164,9 @@ def _mixed_type(spec: TensorSpec, new: T, cat: str, ftype: LlamaFileType, model:
             return T.Q8_0
         return T.Q6_K if new != T.Q8_0 else new
     if cat == "token_embd":
-        return options.token_embedding_type or new
+        if options.token_embedding_type is not None:
+            return options.token_embedding_type
+        return T.Q4_K if ftype in (F.MOSTLY_TQ1_0, F.MOSTLY_TQ2_0) else new
     if cat in ATTN_V_LIKE:
         if ftype == F.MOSTLY_Q2_K:
             new = T.Q4_K if model.n_gqa >= 4 else T.Q3_K

@@ -39,6 +39,8 @@ OUT_TYPES: dict[str, OutType] = {o.name: o for o in (
     OutType("q3_k_l", F.MOSTLY_Q3_K_L, T.Q3_K, converter=False, quantizer=True),
     OutType("iq4_nl", F.MOSTLY_IQ4_NL, T.IQ4_NL, converter=False, quantizer=True),
     OutType("iq4_xs", F.MOSTLY_IQ4_XS, T.IQ4_XS, converter=False, quantizer=True),
+    OutType("tq1_0", F.MOSTLY_TQ1_0, T.TQ1_0, converter=False, quantizer=True),
+    OutType("tq2_0", F.MOSTLY_TQ2_0, T.TQ2_0, converter=False, quantizer=True),
     OutType("q4_k_s", F.MOSTLY_Q4_K_S, T.Q4_K, converter=False, quantizer=True),
     OutType("q4_k_m", F.MOSTLY_Q4_K_M, T.Q4_K, converter=False, quantizer=True),
     OutType("q5_k_s", F.MOSTLY_Q5_K_S, T.Q5_K, converter=False, quantizer=True),

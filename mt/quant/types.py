@@ -237,6 +237,7 @@ def _register_all() -> None:
     import mt.quant.legacy  # noqa: F401  (registers Q4_0, Q4_1, Q5_0, Q5_1)
     import mt.quant.low_kquants  # noqa: F401  (registers Q2_K, Q3_K)
     import mt.quant.iq4  # noqa: F401  (registers IQ4_NL, IQ4_XS)
+    import mt.quant.ternary  # noqa: F401  (registers TQ1_0, TQ2_0)
 
 
 def types_with(fast_path: str) -> frozenset[GGMLQuantizationType]:

@@ -15,13 +15,14 @@ from mt.quant import compiled
 from mt.quant.iq4 import IQ4_NL, IQ4_XS
 from mt.quant.kquants import Q4_K, Q5_K, Q6_K
 from mt.quant.low_kquants import Q2_K, Q3_K
+from mt.quant.ternary import TQ1_0, TQ2_0
 from mt.quant.kquants import nearest_int as nearest_int_numpy
 from mt.quant.types import Q8_0, quant_backend, set_threads
 from tests.ggml_ref import ggml_fp16_bits_to_fp32, ggml_fp32_to_fp16_bits, ggml_quantize
 from tests.quant.test_kquants import rows_for
 from tests.quant.test_legacy import edge_rows
 
-COMPILED_TYPES = [Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q8_0, IQ4_NL, IQ4_XS]
+COMPILED_TYPES = [Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q8_0, IQ4_NL, IQ4_XS, TQ1_0, TQ2_0]
 ROOT = Path(__file__).resolve().parents[2]
 
 

@@ -22,7 +22,7 @@ def f32_gguf(llama2_256_dir, tmp_path_factory) -> Path:
     return out
 
 
-LOW_MIXES = ["q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "iq4_nl", "iq4_xs"]  # q2_k_s needs an imatrix: tests/quant/test_quantize_imatrix.py
+LOW_MIXES = ["q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "iq4_nl", "iq4_xs", "tq1_0", "tq2_0"]  # q2_k_s needs an imatrix: tests/quant/test_quantize_imatrix.py
 
 
 @pytest.mark.parametrize("mix", K_MIXES + LOW_MIXES + ["q4_0", "q4_1", "q5_0", "q5_1"])
@@ -33,7 +33,7 @@ def test_same_file_as_llama_quantize(f32_gguf, tmp_path, mix):
     assert_same_file(ours, ref)
 
 
-@pytest.mark.parametrize("mix", ["q4_k_m", "q5_k_s", "q6_k", "q4_1", "q2_k", "q3_k_m", "iq4_xs"])
+@pytest.mark.parametrize("mix", ["q4_k_m", "q5_k_s", "q6_k", "q4_1", "q2_k", "q3_k_m", "iq4_xs", "tq1_0"])
 def test_fallback_rows_and_tied_embeddings(llama3_dir, tmp_path, mix):
     """Rows of 64 (no K-quant fits: Q5_0/Q5_1/Q8_0 fallbacks), BF16 source, tied token_embd -> output type."""
     bf16 = tmp_path / "bf16.gguf"
