@@ -1,7 +1,7 @@
 """GPU check of the Triton quantizers: bytes, whole files, speed. One run, every step logged, ~3-6 minutes.
 
 1. kernels: Triton bytes == numpy reference bytes (== ggml's, when llama_cpp is importable) on a few MB
-   of random and adversarial rows per type (Q8_0, Q4_K, Q5_K, Q6_K); first-call (compile) time and
+   of random and adversarial rows per type (Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_XS); first-call (compile) time and
    kernel throughput on data already on the GPU.
 2. files: builds the Llama-3.2-1B-shaped bf16 checkpoint (scripts/bench_convert.py), `mt convert
    --outtype bf16`, then per type `mt quantize --device cuda` vs llama_model_quantize (16 threads): wall
@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 from scripts.bench_convert import LAUNCHER  # noqa: E402  (a child's own peak RSS)
 
-KERNEL_TYPES = ("Q8_0", "Q4_K", "Q5_K", "Q6_K")
+KERNEL_TYPES = ("Q8_0", "Q4_K", "Q5_K", "Q6_K", "Q2_K", "Q3_K", "IQ4_XS")
 FILE_TYPES = ("q4_k_m", "q8_0", "q5_k_m", "q6_k")
 VALUES_PER_TYPE = 1 << 22  # 16 MB of float32 per type
 N_PER_ROW = 4096

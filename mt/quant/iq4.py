@@ -135,6 +135,7 @@ class IQ4_XS(QuantType):
     ggml_type = GGMLQuantizationType.IQ4_XS
     chunk_values = K_CHUNK_VALUES
     kernel = weighted_kernel = "iq4_xs"
+    triton = True
 
     @classmethod
     def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:

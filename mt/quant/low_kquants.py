@@ -170,6 +170,7 @@ class Q2_K(QuantType):
     ggml_type = GGMLQuantizationType.Q2_K
     chunk_values = K_CHUNK_VALUES
     kernel = weighted_kernel = "q2_k"
+    triton = True
 
     @classmethod
     def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
@@ -184,6 +185,7 @@ class Q3_K(QuantType):
     ggml_type = GGMLQuantizationType.Q3_K
     chunk_values = K_CHUNK_VALUES
     kernel = weighted_kernel = "q3_k"
+    triton = True
 
     @classmethod
     def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:

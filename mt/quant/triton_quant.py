@@ -1,4 +1,5 @@
-"""Triton kernels for Q8_0, Q4_K, Q5_K and Q6_K that write ggml's bytes (quantize_row_*_ref).
+"""Triton kernels for Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K and IQ4_XS that write ggml's bytes (quantize_row_*_ref;
+IQ4_XS: quantize_iq4_xs without an importance matrix).
 
 One lane is one block (Q8_0) or one super-block (K-quants); every sum runs over the positions in
 ggml's order in a static loop, so no tree reduction reorders it. Exactness on a GPU rests on:
@@ -23,11 +24,13 @@ import triton
 import triton.language as tl
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
+from gguf.quants import IQ4_NL as _IQ4_FORMAT
 
 # tl.full rather than tl.zeros throughout: tl.zeros is a @jit helper of triton's standard library, which the
 # interpreter cannot run when triton was imported before TRITON_INTERPRET was set (transformers imports it).
 LANES = 64  # lanes (blocks) per program
 NUM_WARPS = 2
+IQ4_VALUES = [float(v) for v in _IQ4_FORMAT.kvalues]  # IQ4_NL/IQ4_XS's 16 levels, ascending
 MAX_LANES_PER_LAUNCH = 1 << 20  # offsets stay below 2^31 (256 positions or 210 bytes x 2^20 lanes)
 
 
@@ -92,34 +95,42 @@ def _scratch(ptr, field, sub, n_sub: tl.constexpr, n_lanes, lanes):
 
 
 @triton.jit
-def _qkx2_error(xt_ptr, base, n_lanes, lanes, mask, av_x, iscale, lmin, scale, vmin, NMAX: tl.constexpr):
-    """sum of w * (scale * L + vmin - x)^2 in order, L = clamp(nearest_int(iscale * (x - lmin)))."""
+def _qkx2_error(xt_ptr, base, n_lanes, lanes, mask, av_x, iscale, lmin, scale, vmin, NMAX: tl.constexpr,
+                SUB: tl.constexpr, MAD: tl.constexpr):
+    """sum of w * (scale * L + vmin - x)^2 (|…| with MAD) in order, L = clamp(nearest_int(iscale * (x - lmin)))."""
     err = tl.full(av_x.shape, 0.0, tl.float32)
-    for i in tl.static_range(32):
+    for i in tl.static_range(SUB):
         v = _x(xt_ptr, base + i, n_lanes, lanes, mask)
         w = av_x + tl.abs(v)
         l = _clamp(_nearest_int(iscale * (v - lmin)), 0, NMAX).to(tl.float32)
         diff = scale * l + vmin - v
-        err = err + w * (diff * diff)
+        if MAD:
+            err = err + w * tl.abs(diff)
+        else:
+            err = err + w * (diff * diff)
     return err
 
 
 @triton.jit
 def _make_qkx2_quants(xt_ptr, scratch_ptr, sub, n_lanes, lanes, mask, NMAX: tl.constexpr, RMIN: tl.constexpr,
-                      NSTEP: tl.constexpr, LANES: tl.constexpr):
-    """Sub-block `sub` (32 values) of each lane: weights, then make_qkx2_quants; -> (scale, -min)."""
-    base = sub * 32
-    sum_x2 = tl.full([LANES], 0.0, tl.float32)
-    for i in tl.static_range(32):
-        v = _x(xt_ptr, base + i, n_lanes, lanes, mask)
-        sum_x2 = sum_x2 + v * v
-    av_x = tl.math.sqrt_rn(tl.math.div_rn(sum_x2, 32.0))
+                      NSTEP: tl.constexpr, LANES: tl.constexpr, SUB: tl.constexpr = 32, N_SUB: tl.constexpr = 8,
+                      AV_X: tl.constexpr = True, MAD: tl.constexpr = False):
+    """Sub-block `sub` (SUB values) of each lane: weights (av_x + |x| for Q4_K/Q5_K, |x| for Q2_K: av_x 0), then
+    make_qkx2_quants; -> (scale, -min)."""
+    base = sub * SUB
+    av_x = tl.full([LANES], 0.0, tl.float32)
+    if AV_X:
+        sum_x2 = tl.full([LANES], 0.0, tl.float32)
+        for i in tl.static_range(SUB):
+            v = _x(xt_ptr, base + i, n_lanes, lanes, mask)
+            sum_x2 = sum_x2 + v * v
+        av_x = tl.math.sqrt_rn(tl.math.div_rn(sum_x2, SUB * 1.0))
     x0 = _x(xt_ptr, base, n_lanes, lanes, mask)
     vmin = x0
     vmax = x0
     sum_w = av_x + tl.abs(x0)
     sum_x = sum_w * x0
-    for i in tl.static_range(1, 32):
+    for i in tl.static_range(1, SUB):
         v = _x(xt_ptr, base + i, n_lanes, lanes, mask)
         w = av_x + tl.abs(v)
         vmin = tl.where(v < vmin, v, vmin)
@@ -131,7 +142,7 @@ def _make_qkx2_quants(xt_ptr, scratch_ptr, sub, n_lanes, lanes, mask, NMAX: tl.c
     nmax = tl.full([LANES], NMAX, tl.float32)
     iscale = tl.math.div_rn(nmax, tl.where(flat, 1.0, vmax - vmin))
     scale = tl.math.div_rn(tl.full([LANES], 1.0, tl.float32), iscale)
-    best = _qkx2_error(xt_ptr, base, n_lanes, lanes, mask, av_x, iscale, vmin, scale, vmin, NMAX)
+    best = _qkx2_error(xt_ptr, base, n_lanes, lanes, mask, av_x, iscale, vmin, scale, vmin, NMAX, SUB, MAD)
     best_iscale = iscale
     best_lmin = vmin
     cur_min = vmin
@@ -141,7 +152,7 @@ def _make_qkx2_quants(xt_ptr, scratch_ptr, sub, n_lanes, lanes, mask, NMAX: tl.c
         sum_l = tl.full([LANES], 0.0, tl.float32)
         sum_l2 = tl.full([LANES], 0.0, tl.float32)
         sum_xl = tl.full([LANES], 0.0, tl.float32)
-        for i in tl.static_range(32):
+        for i in tl.static_range(SUB):
             v = _x(xt_ptr, base + i, n_lanes, lanes, mask)
             w = av_x + tl.abs(v)
             l = _clamp(_nearest_int(step_iscale * (v - cur_min)), 0, NMAX).to(tl.float32)
@@ -155,7 +166,8 @@ def _make_qkx2_quants(xt_ptr, scratch_ptr, sub, n_lanes, lanes, mask, NMAX: tl.c
         positive_min = this_min > 0.0
         this_min = tl.where(positive_min, 0.0, this_min)
         this_scale = tl.where(positive_min, tl.math.div_rn(sum_xl, sum_l2), this_scale)
-        err = _qkx2_error(xt_ptr, base, n_lanes, lanes, mask, av_x, step_iscale, cur_min, this_scale, this_min, NMAX)
+        err = _qkx2_error(xt_ptr, base, n_lanes, lanes, mask, av_x, step_iscale, cur_min, this_scale, this_min, NMAX,
+                          SUB, MAD)
         better = (D > 0.0) & (err < best) & ~flat
         best = tl.where(better, err, best)
         scale = tl.where(better, this_scale, scale)
@@ -166,10 +178,10 @@ def _make_qkx2_quants(xt_ptr, scratch_ptr, sub, n_lanes, lanes, mask, NMAX: tl.c
     scale = tl.where(flat, 0.0, scale)
     best_iscale = tl.where(flat, 0.0, best_iscale)  # L = 0 for a flat sub-block
     neg_min = -cur_min
-    tl.store(_scratch(scratch_ptr, 0, sub, 8, n_lanes, lanes), scale, mask=mask)
-    tl.store(_scratch(scratch_ptr, 1, sub, 8, n_lanes, lanes), neg_min, mask=mask)
-    tl.store(_scratch(scratch_ptr, 2, sub, 8, n_lanes, lanes), best_iscale, mask=mask)
-    tl.store(_scratch(scratch_ptr, 3, sub, 8, n_lanes, lanes), best_lmin, mask=mask)
+    tl.store(_scratch(scratch_ptr, 0, sub, N_SUB, n_lanes, lanes), scale, mask=mask)
+    tl.store(_scratch(scratch_ptr, 1, sub, N_SUB, n_lanes, lanes), neg_min, mask=mask)
+    tl.store(_scratch(scratch_ptr, 2, sub, N_SUB, n_lanes, lanes), best_iscale, mask=mask)
+    tl.store(_scratch(scratch_ptr, 3, sub, N_SUB, n_lanes, lanes), best_lmin, mask=mask)
     return scale, neg_min
 
 
@@ -239,6 +251,278 @@ def _affine_k_kernel(xt_ptr, out_ptr, scratch_ptr, n_lanes, NMAX: tl.constexpr, 
             qh = qh | ((lo >> 4) << (2 * g)) | ((hi >> 4) << (2 * g + 1))
         if HIGH_BIT:
             _store_byte(out_ptr, 16 + pos, n_lanes, lanes, mask, qh)
+
+
+# ---------------------------------------------------------------------------------------------- Q2_K
+# scratch fields as Q4_K's, each [16, n_lanes]
+
+
+@triton.jit
+def _four_bits(max_value, value):
+    """nearest_int(15 / max · value) as ggml stores it in a byte (0 where max is 0)."""
+    inv = tl.math.div_rn(tl.full(max_value.shape, 15.0, tl.float32), tl.where(max_value > 0.0, max_value, 1.0))
+    return tl.where(max_value > 0.0, _nearest_int(inv * value) & 0xFF, 0)
+
+
+@triton.jit
+def _q2_l(xt_ptr, scratch_ptr, pos, n_lanes, lanes, mask):
+    """Final level (0..3) of one position: requantized with d·scale and dmin·min, or the search's where d·scale is 0."""
+    sub = pos // 16
+    v = _x(xt_ptr, pos, n_lanes, lanes, mask)
+    dsub = tl.load(_scratch(scratch_ptr, 0, sub, 16, n_lanes, lanes), mask=mask, other=1.0)
+    dm = tl.load(_scratch(scratch_ptr, 1, sub, 16, n_lanes, lanes), mask=mask, other=0.0)
+    iscale = tl.load(_scratch(scratch_ptr, 2, sub, 16, n_lanes, lanes), mask=mask, other=0.0)
+    lmin = tl.load(_scratch(scratch_ptr, 3, sub, 16, n_lanes, lanes), mask=mask, other=0.0)
+    requant = _clamp(_nearest_int(tl.math.div_rn(v + dm, dsub)), 0, 3)
+    kept = _clamp(_nearest_int(iscale * (v - lmin)), 0, 3)
+    return tl.where(dsub == 0.0, kept, requant)
+
+
+@triton.jit
+def _q2_k_kernel(xt_ptr, out_ptr, scratch_ptr, n_lanes, LANES: tl.constexpr):
+    """quantize_row_q2_K_ref: 16 sub-blocks of 16, weights |x|, make_qkx2_quants(3, -0.5, 0.1, 15, use_mad)."""
+    lanes = tl.program_id(0) * LANES + tl.arange(0, LANES)
+    mask = lanes < n_lanes
+    max_scale = tl.full([LANES], 0.0, tl.float32)
+    max_min = tl.full([LANES], 0.0, tl.float32)
+    for sub in range(16):
+        scale, neg_min = _make_qkx2_quants(xt_ptr, scratch_ptr, sub, n_lanes, lanes, mask, 3, -0.5, 15, LANES,
+                                           SUB=16, N_SUB=16, AV_X=False, MAD=True)
+        max_scale = tl.where(scale > max_scale, scale, max_scale)
+        max_min = tl.where(neg_min > max_min, neg_min, max_min)
+    d = tl.where(max_scale > 0.0, tl.math.div_rn(max_scale, 15.0), 0.0)
+    dmin = tl.where(max_min > 0.0, tl.math.div_rn(max_min, 15.0), 0.0)
+    _store_fp16(out_ptr, 80, n_lanes, lanes, mask, d)
+    _store_fp16(out_ptr, 82, n_lanes, lanes, mask, dmin)
+    d = d.to(tl.float16).to(tl.float32)
+    dmin = dmin.to(tl.float16).to(tl.float32)
+    for sub in range(16):
+        scale_ptr = _scratch(scratch_ptr, 0, sub, 16, n_lanes, lanes)
+        min_ptr = _scratch(scratch_ptr, 1, sub, 16, n_lanes, lanes)
+        ls = _four_bits(max_scale, tl.load(scale_ptr, mask=mask, other=0.0))
+        lm = _four_bits(max_min, tl.load(min_ptr, mask=mask, other=0.0))
+        sc = (ls | (lm << 4)) & 0xFF
+        _store_byte(out_ptr, sub, n_lanes, lanes, mask, sc)
+        tl.store(scale_ptr, d * (sc & 0xF).to(tl.float32), mask=mask)
+        tl.store(min_ptr, dmin * (sc >> 4).to(tl.float32), mask=mask)
+    for hl in range(64):  # two halves of 128; in each, byte l packs positions l, l+32, l+64, l+96
+        base = (hl // 32) * 128 + hl % 32
+        q = _q2_l(xt_ptr, scratch_ptr, base, n_lanes, lanes, mask)
+        q = q | (_q2_l(xt_ptr, scratch_ptr, base + 32, n_lanes, lanes, mask) << 2)
+        q = q | (_q2_l(xt_ptr, scratch_ptr, base + 64, n_lanes, lanes, mask) << 4)
+        q = q | (_q2_l(xt_ptr, scratch_ptr, base + 96, n_lanes, lanes, mask) << 6)
+        _store_byte(out_ptr, 16 + hl, n_lanes, lanes, mask, q)
+
+
+# ---------------------------------------------------------------------------------------------- Q3_K
+# scratch rows: 0..255 each position's level (make_q3_quants' -4..3, then the final 0..7), 256..271 the scales
+
+
+@triton.jit
+def _q3_search(xt_ptr, scratch_ptr, sub, n_lanes, lanes, mask, LANES: tl.constexpr):
+    """make_q3_quants(16, 4, x, L, do_rmse = true) on sub-block `sub`; levels to scratch; -> scale. All 5 rounds of
+    the descent run: a round that changes nothing would repeat unchanged."""
+    base = sub * 16
+    amax = tl.full([LANES], 0.0, tl.float32)
+    vmax = tl.full([LANES], 0.0, tl.float32)
+    for i in tl.static_range(16):
+        v = _x(xt_ptr, base + i, n_lanes, lanes, mask)
+        a = tl.abs(v)
+        bigger = a > amax
+        amax = tl.where(bigger, a, amax)
+        vmax = tl.where(bigger, v, vmax)
+    zero = amax < 1e-15  # GROUP_MAX_EPS
+    iscale = tl.math.div_rn(tl.full([LANES], -4.0, tl.float32), tl.where(zero, 1.0, vmax))
+    sumlx = tl.full([LANES], 0.0, tl.float32)
+    suml2 = tl.full([LANES], 0.0, tl.float32)
+    for i in tl.static_range(16):
+        v = _x(xt_ptr, base + i, n_lanes, lanes, mask)
+        l = _clamp(_nearest_int(iscale * v), -4, 3).to(tl.float32)
+        tl.store(_scratch(scratch_ptr, 0, base + i, 256, n_lanes, lanes), l, mask=mask)
+        w = v * v
+        sumlx = sumlx + w * v * l
+        suml2 = suml2 + w * l * l
+    for _ in range(5):
+        for i in tl.static_range(16):
+            ptr = _scratch(scratch_ptr, 0, base + i, 256, n_lanes, lanes)
+            v = _x(xt_ptr, base + i, n_lanes, lanes, mask)
+            old = tl.load(ptr, mask=mask, other=0.0)
+            w = v * v
+            slx = sumlx - w * v * old
+            sl2 = suml2 - w * old * old
+            new_l = _clamp(_nearest_int(tl.math.div_rn(v * sl2, tl.where(slx > 0.0, slx, 1.0))), -4, 3).to(tl.float32)
+            new_slx = slx + w * v * new_l
+            new_sl2 = sl2 + w * new_l * new_l
+            accept = (slx > 0.0) & (new_l != old) & (new_sl2 > 0.0) & (new_slx * new_slx * suml2 > sumlx * sumlx * new_sl2)
+            tl.store(ptr, tl.where(accept, new_l, old), mask=mask)
+            sumlx = tl.where(accept, new_slx, sumlx)
+            suml2 = tl.where(accept, new_sl2, suml2)
+    for i in tl.static_range(16):  # an all-zero sub-block keeps levels 0 (stored as -4 + 4)
+        ptr = _scratch(scratch_ptr, 0, base + i, 256, n_lanes, lanes)
+        tl.store(ptr, tl.where(zero, -4.0, tl.load(ptr, mask=mask, other=0.0)), mask=mask)
+    scale = tl.where(suml2 > 0.0, tl.math.div_rn(sumlx, tl.where(suml2 > 0.0, suml2, 1.0)), 0.0)
+    return tl.where(zero, 0.0, scale)
+
+
+@triton.jit
+def _q3_k_kernel(xt_ptr, out_ptr, scratch_ptr, n_lanes, LANES: tl.constexpr):
+    lanes = tl.program_id(0) * LANES + tl.arange(0, LANES)
+    mask = lanes < n_lanes
+    amax = tl.full([LANES], 0.0, tl.float32)
+    max_scale = tl.full([LANES], 0.0, tl.float32)
+    for sub in range(16):
+        scale = _q3_search(xt_ptr, scratch_ptr, sub, n_lanes, lanes, mask, LANES)
+        tl.store(_scratch(scratch_ptr, 1, sub, 256, n_lanes, lanes), scale, mask=mask)
+        bigger = tl.abs(scale) > amax
+        amax = tl.where(bigger, tl.abs(scale), amax)
+        max_scale = tl.where(bigger, scale, max_scale)
+    some = max_scale != 0.0
+    iscale = tl.math.div_rn(tl.full([LANES], -32.0, tl.float32), tl.where(some, max_scale, 1.0))
+    d = tl.where(some, tl.math.div_rn(tl.full([LANES], 1.0, tl.float32), iscale), 0.0)
+    _store_fp16(out_ptr, 108, n_lanes, lanes, mask, d)
+    d = d.to(tl.float16).to(tl.float32)
+    for k in range(4):  # byte 104 + k: the high 2 bits of levels k, k+4, k+8, k+12
+        top = tl.full([LANES], 0, tl.int32)
+        for q in tl.static_range(4):
+            sub = k + 4 * q
+            level = _clamp(_nearest_int(iscale * tl.load(_scratch(scratch_ptr, 1, sub, 256, n_lanes, lanes), mask=mask,
+                                                          other=0.0)), -32, 31) + 32
+            level = tl.where(some, level, 0)
+            top = top | ((level >> 4) << (2 * q))
+            tl.store(_scratch(scratch_ptr, 1, sub, 256, n_lanes, lanes), level.to(tl.float32), mask=mask)
+        _store_byte(out_ptr, 104 + k, n_lanes, lanes, mask, top)
+    for j in range(8):  # byte 96 + j: low nibbles of levels j and j + 8
+        low = tl.load(_scratch(scratch_ptr, 1, j, 256, n_lanes, lanes), mask=mask, other=0.0).to(tl.int32)
+        high = tl.load(_scratch(scratch_ptr, 1, j + 8, 256, n_lanes, lanes), mask=mask, other=0.0).to(tl.int32)
+        _store_byte(out_ptr, 96 + j, n_lanes, lanes, mask, (low & 0xF) | ((high & 0xF) << 4))
+    for pos in range(256):  # final levels 0..7: requantized against d·(level - 32), the search's where that is 0
+        sub = pos // 16
+        level = tl.load(_scratch(scratch_ptr, 1, sub, 256, n_lanes, lanes), mask=mask, other=0.0)
+        dsub = d * (level - 32.0)
+        ptr = _scratch(scratch_ptr, 0, pos, 256, n_lanes, lanes)
+        v = _x(xt_ptr, pos, n_lanes, lanes, mask)
+        requant = _clamp(_nearest_int(tl.math.div_rn(v, tl.where(dsub == 0.0, 1.0, dsub))), -4, 3).to(tl.float32)
+        tl.store(ptr, tl.where(dsub == 0.0, tl.load(ptr, mask=mask, other=0.0), requant) + 4.0, mask=mask)
+    for m in range(32):  # hmask: bit k of byte m is level 32k + m's bit 2
+        h = tl.full([LANES], 0, tl.int32)
+        for k in tl.static_range(8):
+            lv = tl.load(_scratch(scratch_ptr, 0, 32 * k + m, 256, n_lanes, lanes), mask=mask, other=0.0).to(tl.int32)
+            h = h | ((lv >> 2) << k)
+        _store_byte(out_ptr, m, n_lanes, lanes, mask, h)
+    for hl in range(64):
+        base = (hl // 32) * 128 + hl % 32
+        q = tl.full([LANES], 0, tl.int32)
+        for k in tl.static_range(4):
+            lv = tl.load(_scratch(scratch_ptr, 0, base + 32 * k, 256, n_lanes, lanes), mask=mask, other=0.0).to(tl.int32)
+            q = q | ((lv & 3) << (2 * k))
+        _store_byte(out_ptr, 32 + hl, n_lanes, lanes, mask, q)
+
+
+# -------------------------------------------------------------------------------------------- IQ4_XS
+# quantize_row_iq4_nl_impl(256, 32, …, ntry 7), weights x²; scratch field 0, [8, n_lanes]: each sub-block's scale.
+# The nearest of the 16 non-linear levels (values_ptr, ascending) by selects, the upper one on a tie, as ggml's
+# best_index_int8 answers (a NaN gets the last).
+
+
+@triton.jit
+def _nearest_level(x, values_ptr):
+    """(index, value) of the level nearest x."""
+    lo = tl.full(x.shape, 0.0, tl.float32) + tl.load(values_ptr)
+    hi = tl.full(x.shape, 0.0, tl.float32) + tl.load(values_ptr + 1)
+    lo_i = tl.full(x.shape, 0, tl.int32)
+    for k in tl.static_range(1, 16):
+        vk = tl.load(values_ptr + k)
+        below = vk <= x
+        lo = tl.where(below, vk, lo)
+        lo_i = tl.where(below, k, lo_i)
+        if k < 15:
+            hi = tl.where(below, tl.load(values_ptr + k + 1), hi)
+        else:
+            hi = tl.where(below, vk, hi)
+    upper = (x - lo) >= (hi - x)
+    index = tl.where(upper, tl.minimum(lo_i + 1, 15), lo_i)
+    value = tl.where(upper, hi, lo)
+    nan = x != x
+    return tl.where(nan, 15, index), tl.where(nan, tl.load(values_ptr + 15), value)
+
+
+@triton.jit
+def _iq4_sums(xt_ptr, base, n_lanes, lanes, mask, iscale, values_ptr):
+    sumqx = tl.full(iscale.shape, 0.0, tl.float32)
+    sumq2 = tl.full(iscale.shape, 0.0, tl.float32)
+    for i in tl.static_range(32):
+        v = _x(xt_ptr, base + i, n_lanes, lanes, mask)
+        _, q = _nearest_level(iscale * v, values_ptr)
+        w = v * v
+        sumqx = sumqx + w * q * v
+        sumq2 = sumq2 + w * q * q
+    return sumqx, sumq2
+
+
+@triton.jit
+def _iq4_scale(xt_ptr, sub, n_lanes, lanes, mask, values_ptr, LANES: tl.constexpr):
+    """The scale search of one sub-block of 32 (0 where it is all near zero)."""
+    base = sub * 32
+    amax = tl.full([LANES], 0.0, tl.float32)
+    vmax = tl.full([LANES], 0.0, tl.float32)
+    for i in tl.static_range(32):
+        v = _x(xt_ptr, base + i, n_lanes, lanes, mask)
+        a = tl.abs(v)
+        bigger = a > amax
+        amax = tl.where(bigger, a, amax)
+        vmax = tl.where(bigger, v, vmax)
+    zero = amax < 1e-15  # GROUP_MAX_EPS
+    safe_max = tl.where(zero, 1.0, vmax)
+    v0 = tl.load(values_ptr)
+    d0 = tl.math.div_rn(-safe_max, tl.full([LANES], 0.0, tl.float32) + v0)
+    sumqx, sumq2 = _iq4_sums(xt_ptr, base, n_lanes, lanes, mask, tl.math.div_rn(tl.full([LANES], 1.0, tl.float32), d0),
+                             values_ptr)
+    scale = tl.where(sumq2 > 0.0, tl.math.div_rn(sumqx, tl.where(sumq2 > 0.0, sumq2, 1.0)), 0.0)
+    best = scale * sumqx
+    step = tl.full([LANES], -7.0, tl.float32)  # ggml's itry: -7..7
+    for _ in range(15):
+        sumqx, sumq2 = _iq4_sums(xt_ptr, base, n_lanes, lanes, mask, tl.math.div_rn(step + v0, safe_max), values_ptr)
+        better = (sumq2 > 0.0) & (sumqx * sumqx > best * sumq2)
+        scale = tl.where(better, tl.math.div_rn(sumqx, tl.where(better, sumq2, 1.0)), scale)
+        best = tl.where(better, scale * sumqx, best)
+        step = step + 1.0
+    return tl.where(zero, 0.0, scale)
+
+
+@triton.jit
+def _iq4_xs_kernel(xt_ptr, out_ptr, scratch_ptr, values_ptr, n_lanes, LANES: tl.constexpr):
+    lanes = tl.program_id(0) * LANES + tl.arange(0, LANES)
+    mask = lanes < n_lanes
+    amax = tl.full([LANES], 0.0, tl.float32)
+    max_scale = tl.full([LANES], 0.0, tl.float32)
+    for sub in range(8):
+        scale = _iq4_scale(xt_ptr, sub, n_lanes, lanes, mask, values_ptr, LANES)
+        tl.store(_scratch(scratch_ptr, 0, sub, 8, n_lanes, lanes), scale, mask=mask)
+        bigger = tl.abs(scale) > amax
+        amax = tl.where(bigger, tl.abs(scale), amax)
+        max_scale = tl.where(bigger, scale, max_scale)
+    d = tl.math.div_rn(max_scale, -32.0)  # not -max_scale / 32: Triton negates as 0 - x, which loses -0.0
+    _store_fp16(out_ptr, 0, n_lanes, lanes, mask, d)
+    inv = tl.where(d != 0.0, tl.math.div_rn(tl.full([LANES], 1.0, tl.float32), tl.where(d != 0.0, d, 1.0)), 0.0)
+    scales_h = tl.full([LANES], 0, tl.int32)
+    low_even = tl.full([LANES], 0, tl.int32)
+    for sub in range(8):
+        scale = tl.load(_scratch(scratch_ptr, 0, sub, 8, n_lanes, lanes), mask=mask, other=0.0)
+        level = _clamp(_nearest_int(inv * scale), -32, 31)
+        dl = d * level.to(tl.float32)
+        idl = tl.where(dl != 0.0, tl.math.div_rn(tl.full([LANES], 1.0, tl.float32), tl.where(dl != 0.0, dl, 1.0)), 0.0)
+        for j in tl.static_range(16):
+            lo, _ = _nearest_level(idl * _x(xt_ptr, sub * 32 + j, n_lanes, lanes, mask), values_ptr)
+            hi, _ = _nearest_level(idl * _x(xt_ptr, sub * 32 + 16 + j, n_lanes, lanes, mask), values_ptr)
+            _store_byte(out_ptr, 8 + 16 * sub + j, n_lanes, lanes, mask, lo | (hi << 4))
+        level = level + 32
+        if sub % 2 == 0:
+            low_even = level & 0xF
+        else:
+            _store_byte(out_ptr, 4 + sub // 2, n_lanes, lanes, mask, low_even | ((level & 0xF) << 4))
+        scales_h = scales_h | ((level >> 4) << (2 * sub))
+    _store_byte(out_ptr, 2, n_lanes, lanes, mask, scales_h)
+    _store_byte(out_ptr, 3, n_lanes, lanes, mask, scales_h >> 8)
 
 
 # ---------------------------------------------------------------------------------------------- Q6_K
@@ -348,7 +632,8 @@ def _q6_k_kernel(xt_ptr, out_ptr, scratch_ptr, n_lanes, LANES: tl.constexpr):
 
 # ---------------------------------------------------------------------------------------------- host
 
-SCRATCH_ROWS = {T.Q8_0: 0, T.Q4_K: 4 * 8, T.Q5_K: 4 * 8, T.Q6_K: 3 * 16}  # float32 rows of scratch per lane
+SCRATCH_ROWS = {T.Q8_0: 0, T.Q4_K: 4 * 8, T.Q5_K: 4 * 8, T.Q6_K: 3 * 16, T.Q2_K: 4 * 16, T.IQ4_XS: 8,
+                T.Q3_K: 256 + 16}  # float32 rows of scratch per lane
 SHAPES: dict[T, tuple[int, int, int]] = {t: (*GGML_QUANT_SIZES[t], rows) for t, rows in SCRATCH_ROWS.items()}  # + sizes
 AFFINE = {T.Q4_K: (15, -1.0, 20, False), T.Q5_K: (31, -0.5, 15, True)}  # nmax, rmin, nstep, high bit
 
@@ -360,6 +645,13 @@ def _launch(ggml_type: T, xt: torch.Tensor, out_t: torch.Tensor, scratch: torch.
         _q8_0_kernel[grid](xt, out_t, n_lanes, LANES=lanes, **exact)
     elif ggml_type == T.Q6_K:
         _q6_k_kernel[grid](xt, out_t, scratch, n_lanes, LANES=lanes, **exact)
+    elif ggml_type == T.Q2_K:
+        _q2_k_kernel[grid](xt, out_t, scratch, n_lanes, LANES=lanes, **exact)
+    elif ggml_type == T.Q3_K:
+        _q3_k_kernel[grid](xt, out_t, scratch, n_lanes, LANES=lanes, **exact)
+    elif ggml_type == T.IQ4_XS:
+        values = torch.tensor(IQ4_VALUES, dtype=torch.float32, device=xt.device)
+        _iq4_xs_kernel[grid](xt, out_t, scratch, values, n_lanes, LANES=lanes, **exact)
     else:
         nmax, rmin, nstep, high_bit = AFFINE[ggml_type]
         _affine_k_kernel[grid](xt, out_t, scratch, n_lanes, NMAX=nmax, RMIN=rmin, NSTEP=nstep, HIGH_BIT=high_bit,

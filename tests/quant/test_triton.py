@@ -60,7 +60,7 @@ def triton_lanes(n: int) -> int:
     return 1 << max(4, (n - 1).bit_length())
 
 
-@pytest.mark.parametrize("ggml_type", [T.Q8_0, T.Q4_K, T.Q5_K, T.Q6_K])
+@pytest.mark.parametrize("ggml_type", [T.Q8_0, T.Q4_K, T.Q5_K, T.Q6_K, T.Q2_K, T.Q3_K, T.IQ4_XS])
 def test_kernel_bytes_equal_ggml_and_numpy_reference(kernels, ggml_type):
     rows = rows_for(256, 11)
     ours = interpreted(kernels, rows, ggml_type)
