@@ -9,9 +9,10 @@ import numpy as np
 
 from mt.quant.compiled import (
     AMAX, GROUP, GROUP_MAX_EPS, HALF_BELOW, L_ISCALE, L_MIN, N_Q_STATE, N_STATE, Q_L_ISCALE, Q_SCALE, QK_K, SCALE, VMIN,
-    clampf,
-    fp16_to_fp32, fp32_to_fp16, jit, make_qp_quants, nearest_int, nearest_int_f32, put_fp16, qkx2_lanes, qx_lanes,
+    clampf, fp16_to_fp32, fp32_to_fp16, jit, make_qp_quants, nearest_int, nearest_int_f32, put_fp16, qkx2_lanes,
+    qx_lanes,
 )
+from mt.quant.iq4 import KVALUES  # the non-linear levels, from gguf-py
 
 F32 = np.float32
 LANES = 16 * GROUP
@@ -498,18 +499,15 @@ def iq4_blocks(x: np.ndarray, qw: np.ndarray, weighted: bool, out: np.ndarray, v
             put_fp16(y, 2, scales_h)
 
 
-def _iq4_values() -> np.ndarray:
-    from mt.quant.iq4 import KVALUES
-
-    return KVALUES.astype(F32)
+IQ4_VALUES = KVALUES.astype(F32)
 
 
 def iq4_plain(x: np.ndarray, out: np.ndarray) -> None:
-    iq4_blocks(x, np.zeros((1, x.shape[1]), F32), False, out, _iq4_values())
+    iq4_blocks(x, np.zeros((1, x.shape[1]), F32), False, out, IQ4_VALUES)
 
 
 def iq4_weighted(x: np.ndarray, qw: np.ndarray, out: np.ndarray) -> None:
-    iq4_blocks(x, qw, True, out, _iq4_values())
+    iq4_blocks(x, qw, True, out, IQ4_VALUES)
 
 
 # ---------------------------------------------------------------- TQ1_0 / TQ2_0
