@@ -742,9 +742,3 @@ WEIGHTED_KERNELS: dict[str, Callable[[np.ndarray, np.ndarray, np.ndarray], None]
     "q5_k": q5_k_weighted_blocks,
     "q6_k": weighted_q6_k_blocks,
 }
-
-
-from mt.quant.compiled_low import KERNELS as _LOW_BIT, WEIGHTED_KERNELS as _LOW_BIT_WEIGHTED  # noqa: E402  (Q2_K, Q3_K)
-
-KERNELS.update(_LOW_BIT)
-WEIGHTED_KERNELS.update(_LOW_BIT_WEIGHTED)

@@ -48,14 +48,17 @@ def quant_backend(backend: str | None = None) -> str:
     return name
 
 
+COMPILED_MODULES = ("mt.quant.compiled", "mt.quant.compiled_low")  # their KERNELS / WEIGHTED_KERNELS tables
+
+
 def compiled_kernel(name: str, table: str = "KERNELS") -> Callable[..., None]:
-    """A kernel of mt.quant.compiled by name, from its KERNELS (plain) or WEIGHTED_KERNELS (imatrix) table."""
+    """A compiled kernel by name, from the KERNELS (plain) or WEIGHTED_KERNELS (imatrix) table of COMPILED_MODULES."""
     try:
-        compiled = importlib.import_module("mt.quant.compiled")
+        modules = [importlib.import_module(m) for m in COMPILED_MODULES]
     except ImportError as e:
         raise QuantizationError(f"the compiled quantizers need numba ({e})",
                                 f"pip install numba==0.68.1, or set {BACKEND_ENV}=numpy") from None
-    return getattr(compiled, table)[name]
+    return next(getattr(m, table)[name] for m in modules if name in getattr(m, table))
 
 
 def run_chunked(n_items: int, step: int, run: Callable[[int], None]) -> None:

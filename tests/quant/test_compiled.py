@@ -17,7 +17,7 @@ from mt.quant.kquants import Q4_K, Q5_K, Q6_K
 from mt.quant.low_kquants import Q2_K, Q3_K
 from mt.quant.ternary import TQ1_0, TQ2_0
 from mt.quant.kquants import nearest_int as nearest_int_numpy
-from mt.quant.types import Q8_0, quant_backend, set_threads
+from mt.quant.types import Q8_0, compiled_kernel, quant_backend, set_threads
 from tests.ggml_ref import ggml_fp16_bits_to_fp32, ggml_fp32_to_fp16_bits, ggml_quantize
 from tests.quant.test_kquants import rows_for
 from tests.quant.test_legacy import edge_rows
@@ -120,9 +120,9 @@ def test_nearest_int_equals_the_numpy_reference():
 @pytest.mark.parametrize("qt", COMPILED_TYPES)
 def test_k_quants_default_to_the_compiled_kernel(qt, monkeypatch):
     monkeypatch.delenv("MT_QUANT_BACKEND", raising=False)
-    assert qt.block_writer()[0] is compiled.KERNELS[qt.kernel]
+    assert qt.block_writer()[0] is compiled_kernel(qt.kernel)
     monkeypatch.setenv("MT_QUANT_BACKEND", "numpy")
-    assert qt.block_writer()[0] is not compiled.KERNELS[qt.kernel]
+    assert qt.block_writer()[0] is not compiled_kernel(qt.kernel)
 
 
 def test_unknown_backend_is_an_error(monkeypatch):

@@ -78,7 +78,7 @@ def test_roundf_to_int8_at_every_half_boundary():
 def test_sizes_come_from_gguf_and_fast_paths_are_declared_by_the_types():
     from gguf import GGML_QUANT_SIZES
 
-    from mt.quant import compiled
+    from mt.quant import compiled, compiled_low
     from mt.quant.triton_quant import SHAPES
     from mt.quant.device import GPU_TYPES
     from mt.quant.types import REGISTRY, types_with
@@ -87,6 +87,8 @@ def test_sizes_come_from_gguf_and_fast_paths_are_declared_by_the_types():
     assert {t: (c.block_size, c.type_size) for t, c in REGISTRY.items()} == {t: GGML_QUANT_SIZES[t] for t in REGISTRY}
     assert GPU_TYPES == types_with("triton") == set(SHAPES)
     assert all(SHAPES[t][:2] == GGML_QUANT_SIZES[t] for t in SHAPES)
-    assert all(REGISTRY[t].kernel in compiled.KERNELS for t in types_with("kernel"))
+    kernels = {**compiled.KERNELS, **compiled_low.KERNELS}
+    weighted = {**compiled.WEIGHTED_KERNELS, **compiled_low.WEIGHTED_KERNELS}
+    assert all(REGISTRY[t].kernel in kernels for t in types_with("kernel"))
     assert set(COMPILED_WEIGHTED) == types_with("weighted_kernel")
-    assert all(name in compiled.WEIGHTED_KERNELS for name in COMPILED_WEIGHTED.values())
+    assert all(name in weighted for name in COMPILED_WEIGHTED.values())
