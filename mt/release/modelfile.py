@@ -141,7 +141,8 @@ class TemplateRenderer:
         except TemplateRunaway as e:
             raise NoShape(f"the template did not end ({e})") from None
         except Exception as e:  # the template's raise_exception, an undefined name …
-            raise NoShape(f"the template fails on a plain conversation ({type(e).__name__}: {e})") from None
+            what = "a conversation with tools" if tools else "a plain conversation"
+            raise NoShape(f"the template fails on {what} ({type(e).__name__}: {e})") from None
         return text[len(self.bos):] if self.bos and text.startswith(self.bos) else text
 
 
