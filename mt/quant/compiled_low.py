@@ -8,9 +8,9 @@ from __future__ import annotations
 import numpy as np
 
 from mt.quant.compiled import (
-    AMAX, GROUP, GROUP_MAX_EPS, HALF_BELOW, L_ISCALE, L_MIN, N_Q_STATE, N_STATE, Q_L_ISCALE, Q_SCALE, QK_K, SCALE, VMIN,
-    clampf, fp16_to_fp32, fp32_to_fp16, jit, make_qp_quants, nearest_int, nearest_int_f32, put_fp16, qkx2_lanes,
-    qx_lanes,
+    AMAX, GROUP, GROUP_MAX_EPS, HALF_BELOW, L_ISCALE, L_MIN, N_Q_STATE, N_STATE, Q_ISCALE, Q_L_ISCALE, Q_SCALE, QK_K,
+    SCALE, SUML2, SUMLX, VMIN, XMAX, clampf, fp16_to_fp32, fp32_to_fp16, jit, make_qp_quants, nearest_int,
+    nearest_int_f32, put_fp16, qkx2_lanes, qx_lanes,
 )
 from mt.quant.iq4 import KVALUES  # the non-linear levels, from gguf-py
 
@@ -161,8 +161,8 @@ def q3_lanes(xt: np.ndarray, lq: np.ndarray, st: np.ndarray, lanes: int) -> None
     """make_q3_quants(16, 4, x, L, do_rmse = true) on `lanes` sub-blocks: xt [16, S] -> levels lq [16, S] in
     -4..3 and per lane st[Q_SCALE] (0 and levels 0 for an all-zero sub-block, marked by st[AMAX]). All 5 rounds of
     the descent run: a round that changes nothing in a lane would repeat unchanged."""
-    amax, vmax, scale = st[AMAX], st[1], st[Q_SCALE]
-    sumlx, suml2 = st[3], st[4]
+    amax, vmax, scale, iscale = st[AMAX], st[XMAX], st[Q_SCALE], st[Q_ISCALE]
+    sumlx, suml2 = st[SUMLX], st[SUML2]
     for s in range(lanes):
         amax[s] = F32(0)
         vmax[s] = F32(0)
@@ -173,12 +173,13 @@ def q3_lanes(xt: np.ndarray, lq: np.ndarray, st: np.ndarray, lanes: int) -> None
             vmax[s] = xt[i, s] if bigger else vmax[s]
             amax[s] = ax if bigger else amax[s]
     for s in range(lanes):
-        iscale = F32(-4) / vmax[s]
+        iscale[s] = F32(-4) / vmax[s]
         sumlx[s] = F32(0)
         suml2[s] = F32(0)
-        for i in range(16):
+    for i in range(16):
+        for s in range(lanes):
             v = xt[i, s]
-            l = clampf(nearest_int_f32(iscale * v), F32(-4), F32(3))
+            l = clampf(nearest_int_f32(iscale[s] * v), F32(-4), F32(3))
             lq[i, s] = l
             w = v * v
             sumlx[s] += w * v * l
