@@ -9,7 +9,7 @@ import gguf.quants
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from mt.quant.kquants import GROUP_MAX_EPS, K_CHUNK_VALUES, nearest_int
+from mt.quant.kquants import GROUP_MAX_EPS, K_CHUNK_VALUES, largest_magnitude, nearest_int
 from mt.quant.types import QuantType
 
 F32 = np.float32
@@ -42,13 +42,7 @@ def _sums(xt: np.ndarray, wt: np.ndarray, iscale: np.ndarray) -> tuple[np.ndarra
 def block_scales(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     """The scale search of quantize_row_iq4_nl_impl for each block of 32: x, w [S, 32] -> d [S] (0 where all zero)."""
     xt, wt = np.ascontiguousarray(x.T), np.ascontiguousarray(w.T)
-    amax = np.zeros(xt.shape[1], dtype=F32)
-    vmax = np.zeros(xt.shape[1], dtype=F32)
-    for i in range(xt.shape[0]):
-        ax = np.abs(xt[i])
-        bigger = ax > amax
-        amax = np.where(bigger, ax, amax)
-        vmax = np.where(bigger, xt[i], vmax)
+    amax, vmax = largest_magnitude(xt)
     zero = amax < GROUP_MAX_EPS
     safe_max = np.where(zero, F32(1), vmax)
     low = F32(KVALUES[0])
@@ -97,12 +91,7 @@ def iq4_xs_quantize(blocks: np.ndarray, qw: np.ndarray | None = None) -> np.ndar
     n = blocks.shape[0]
     sub = blocks.reshape(-1, 32)
     scales = block_scales(sub, weights_of(blocks, qw, 256).reshape(-1, 32)).reshape(n, 8)
-    amax = np.zeros(n, dtype=F32)
-    max_scale = np.zeros(n, dtype=F32)
-    for j in range(8):
-        bigger = np.abs(scales[:, j]) > amax
-        amax = np.where(bigger, np.abs(scales[:, j]), amax)
-        max_scale = np.where(bigger, scales[:, j], max_scale)
+    _, max_scale = largest_magnitude(scales.T)
     d = -max_scale / F32(32)
     with np.errstate(divide="ignore", invalid="ignore"):
         inv = np.where(d != 0, F32(1) / d, F32(0))

@@ -228,6 +228,19 @@ class Q5_K(QuantType):
         return _dequantize_affine(blocks, low | (high << 4))
 
 
+def largest_magnitude(t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Over axis 0 of [n, S]: (the largest |value|, the value holding it), the first one winning a tie as in ggml's
+    `if (ax > amax) { amax = ax; max = x; }` loop from 0."""
+    amax = np.zeros(t.shape[1], dtype=F32)
+    vmax = np.zeros(t.shape[1], dtype=F32)
+    for i in range(t.shape[0]):
+        ax = np.abs(t[i])
+        bigger = ax > amax
+        amax = np.where(bigger, ax, amax)
+        vmax = np.where(bigger, t[i], vmax)
+    return amax, vmax
+
+
 def make_qx_quants_rmse1(x: np.ndarray, nmax: int, w: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """make_qx_quants(n, nmax, x, L, rmse_type=1, qw): x [S, n] -> (scale [S], L [S, n] in 0..2nmax-1).
 
@@ -237,13 +250,7 @@ def make_qx_quants_rmse1(x: np.ndarray, nmax: int, w: np.ndarray | None = None) 
     xt = np.ascontiguousarray(x.T)
     wt = xt * xt if w is None else np.ascontiguousarray(w.T)
     n = xt.shape[0]
-    amax = np.zeros(xt.shape[1], dtype=F32)
-    vmax = np.zeros(xt.shape[1], dtype=F32)
-    for i in range(n):  # the first position holding the largest magnitude wins, as in ggml
-        ax = np.abs(xt[i])
-        bigger = ax > amax
-        amax = np.where(bigger, ax, amax)
-        vmax = np.where(bigger, xt[i], vmax)
+    amax, vmax = largest_magnitude(xt)
     zero = amax < GROUP_MAX_EPS
     safe_max = np.where(zero, F32(1), vmax)
     wx = wt * xt
@@ -281,13 +288,7 @@ def q6_k_bytes(blocks: np.ndarray, scales: np.ndarray, L: np.ndarray) -> np.ndar
     value requantized against its rounded scale, then packed. blocks [N, 256], scales [16N], L [16N, 16]."""
     n_blocks = blocks.shape[0]
     scales, L = scales.reshape(n_blocks, 16), L.reshape(n_blocks, 256)
-    max_abs = np.zeros(n_blocks, dtype=F32)
-    max_scale = np.zeros(n_blocks, dtype=F32)
-    for ib in range(16):
-        a = np.abs(scales[:, ib])
-        bigger = a > max_abs
-        max_abs = np.where(bigger, a, max_abs)
-        max_scale = np.where(bigger, scales[:, ib], max_scale)
+    max_abs, max_scale = largest_magnitude(scales.T)
     empty = max_abs < GROUP_MAX_EPS
     with np.errstate(divide="ignore", invalid="ignore"):
         iscale = np.where(empty, F32(0), F32(-128) / np.where(empty, F32(1), max_scale))

@@ -11,7 +11,9 @@ import gguf.quants
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from mt.quant.kquants import GROUP_MAX_EPS, K_CHUNK_VALUES, QK_K, _running_max, make_qkx2_quants, nearest_int
+from mt.quant.kquants import (
+    GROUP_MAX_EPS, K_CHUNK_VALUES, QK_K, _running_max, largest_magnitude, make_qkx2_quants, nearest_int,
+)
 from mt.quant.types import QuantType
 
 F32 = np.float32
@@ -78,13 +80,7 @@ def make_q3_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     """
     xt = np.ascontiguousarray(x.T)
     n = xt.shape[0]
-    amax = np.zeros(xt.shape[1], dtype=F32)
-    vmax = np.zeros(xt.shape[1], dtype=F32)
-    for i in range(n):
-        ax = np.abs(xt[i])
-        bigger = ax > amax
-        amax = np.where(bigger, ax, amax)
-        vmax = np.where(bigger, xt[i], vmax)
+    amax, vmax = largest_magnitude(xt)
     zero = amax < GROUP_MAX_EPS
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         iscale = F32(-nmax) / np.where(zero, F32(1), vmax)
@@ -151,12 +147,7 @@ def q3_k_ref(blocks: np.ndarray) -> np.ndarray:
     n_blocks = blocks.shape[0]
     scales, L = make_q3_quants(blocks.reshape(-1, 16), 4)
     scales = scales.reshape(n_blocks, 16)
-    amax = np.zeros(n_blocks, dtype=F32)
-    max_scale = np.zeros(n_blocks, dtype=F32)
-    for j in range(16):  # the first scale of the largest magnitude
-        bigger = np.abs(scales[:, j]) > amax
-        amax = np.where(bigger, np.abs(scales[:, j]), amax)
-        max_scale = np.where(bigger, scales[:, j], max_scale)
+    _, max_scale = largest_magnitude(scales.T)
     some = max_scale != 0
     with np.errstate(divide="ignore", invalid="ignore"):
         iscale = F32(-32) / np.where(some, max_scale, F32(1))
