@@ -162,6 +162,38 @@ def clampf(v: float, lo: float, hi: float) -> float:
     return v if v > lo else lo
 
 
+@jit(inline="always")
+def largest_magnitude_lanes(xt: np.ndarray, lanes: int, amax: np.ndarray, vmax: np.ndarray) -> None:
+    """Per lane over the positions of xt [n, S]: the largest |x| into amax, the first value holding it into vmax."""
+    for s in range(lanes):
+        amax[s] = F32(0)
+        vmax[s] = F32(0)
+    for i in range(xt.shape[0]):
+        for s in range(lanes):
+            ax = np.abs(xt[i, s])
+            bigger = ax > amax[s]
+            vmax[s] = xt[i, s] if bigger else vmax[s]
+            amax[s] = ax if bigger else amax[s]
+
+
+@jit(inline="always")
+def sum_of_squares(xb: np.ndarray) -> float:
+    total = F32(0)
+    for i in range(xb.shape[0]):
+        total += xb[i] * xb[i]
+    return total
+
+
+@jit(inline="always")
+def imatrix_weights(xb: np.ndarray, qb: np.ndarray, sigma2: float, w: np.ndarray, sub_len: int, lane0: int) -> None:
+    """ggml's quantize_row_*_impl weights qw · sqrt(sigma2 + x²): position i of sub-block j (of sub_len values) of
+    the block xb into w[i, lane0 + j]."""
+    for j in range(xb.shape[0] // sub_len):
+        for i in range(sub_len):
+            v = xb[sub_len * j + i]
+            w[i, lane0 + j] = qb[sub_len * j + i] * F32(np.sqrt(sigma2 + v * v))
+
+
 # ---------------------------------------------------------------- Q4_K / Q5_K
 #
 # make_qkx2_quants runs on the 8 sub-blocks of GROUP super-blocks at once, one sub-block per lane:
@@ -390,15 +422,7 @@ def qx_lanes(xt: np.ndarray, wx: np.ndarray, w: np.ndarray, st: np.ndarray, lane
     iscale, l_iscale, sumlx, suml2 = st[Q_ISCALE], st[Q_L_ISCALE], st[SUMLX], st[SUML2]
     lo = F32(-nmax)
     hi = F32(nmax - 1)
-    for s in range(lanes):
-        amax[s] = F32(0)
-        vmax[s] = F32(0)
-    for i in range(n):  # the first position holding the largest magnitude wins
-        for s in range(lanes):
-            ax = np.abs(xt[i, s])
-            bigger = ax > amax[s]
-            vmax[s] = xt[i, s] if bigger else vmax[s]
-            amax[s] = ax if bigger else amax[s]
+    largest_magnitude_lanes(xt, lanes, amax, vmax)
     for step in range(-10, 10):  # -10: ggml's first pass with iscale = -nmax / max
         if step == 0:
             continue
@@ -627,15 +651,10 @@ def weighted_affine_k_blocks(x: np.ndarray, qw: np.ndarray, out: np.ndarray, nma
         for b in range(n_sb):  # lane 8b + j = sub-block j of super-block b0 + b
             xb = x[b0 + b]
             qb = qw[(b0 + b) % n_qw]
-            sum_x2 = F32(0)
-            for i in range(QK_K):
-                sum_x2 += xb[i] * xb[i]
-            sigma2 = F32(2) * sum_x2 / F32(QK_K)
             for j in range(8):
                 for i in range(32):
-                    v = xb[32 * j + i]
-                    xt[i, 8 * b + j] = v
-                    w[i, 8 * b + j] = qb[32 * j + i] * F32(np.sqrt(sigma2 + v * v))
+                    xt[i, 8 * b + j] = xb[32 * j + i]
+            imatrix_weights(xb, qb, F32(2) * sum_of_squares(xb) / F32(QK_K), w, 32, 8 * b)
         for s in range(lanes):
             sw[s] = F32(0)
         for i in range(32):

@@ -9,8 +9,8 @@ import numpy as np
 
 from mt.quant.compiled import (
     AMAX, GROUP, GROUP_MAX_EPS, HALF_BELOW, L_ISCALE, L_MIN, N_Q_STATE, N_STATE, Q_ISCALE, Q_L_ISCALE, Q_SCALE, QK_K,
-    SCALE, SUML2, SUMLX, VMIN, XMAX, clampf, fp16_to_fp32, fp32_to_fp16, jit, make_qp_quants, nearest_int,
-    nearest_int_f32, put_fp16, qkx2_lanes, qx_lanes,
+    SCALE, SUML2, SUMLX, VMIN, XMAX, clampf, fp16_to_fp32, fp32_to_fp16, imatrix_weights, jit, largest_magnitude_lanes,
+    make_qp_quants, nearest_int, nearest_int_f32, put_fp16, qkx2_lanes, qx_lanes, sum_of_squares,
 )
 from mt.quant.iq4 import KVALUES  # the non-linear levels, from gguf-py
 
@@ -124,14 +124,7 @@ def q2_k_weighted_blocks(x: np.ndarray, qw: np.ndarray, out: np.ndarray) -> None
         for b in range(n_sb):
             xb = x[b0 + b]
             qb = qw[(b0 + b) % n_qw]
-            sum_x2 = F32(0)
-            for i in range(QK_K):
-                sum_x2 += xb[i] * xb[i]
-            sigma2 = sum_x2 / F32(QK_K)
-            for j in range(16):
-                for i in range(16):
-                    v = xb[16 * j + i]
-                    w[i, 16 * b + j] = qb[16 * j + i] * F32(np.sqrt(sigma2 + v * v))
+            imatrix_weights(xb, qb, sum_of_squares(xb) / F32(QK_K), w, 16, 16 * b)
         for s in range(lanes):
             sw[s] = F32(0)
         for i in range(16):
@@ -163,15 +156,7 @@ def q3_lanes(xt: np.ndarray, lq: np.ndarray, st: np.ndarray, lanes: int) -> None
     the descent run: a round that changes nothing in a lane would repeat unchanged."""
     amax, vmax, scale, iscale = st[AMAX], st[XMAX], st[Q_SCALE], st[Q_ISCALE]
     sumlx, suml2 = st[SUMLX], st[SUML2]
-    for s in range(lanes):
-        amax[s] = F32(0)
-        vmax[s] = F32(0)
-    for i in range(16):
-        for s in range(lanes):
-            ax = np.abs(xt[i, s])
-            bigger = ax > amax[s]
-            vmax[s] = xt[i, s] if bigger else vmax[s]
-            amax[s] = ax if bigger else amax[s]
+    largest_magnitude_lanes(xt, lanes, amax, vmax)
     for s in range(lanes):
         iscale[s] = F32(-4) / vmax[s]
         sumlx[s] = F32(0)
@@ -333,16 +318,10 @@ def q3_k_weighted_blocks(x: np.ndarray, qw: np.ndarray, out: np.ndarray) -> None
         for b in range(n_sb):
             xb = x[b0 + b]
             qb = qw[(b0 + b) % n_qw]
-            sum_x2 = F32(0)
-            for i in range(QK_K):
-                sum_x2 += xb[i] * xb[i]
-            sigma2 = F32(2) * sum_x2 / F32(QK_K)
-            for j in range(16):
-                for i in range(16):
-                    v = xb[16 * j + i]
-                    weight = qb[16 * j + i] * F32(np.sqrt(sigma2 + v * v))
-                    w[i, 16 * b + j] = weight
-                    wx[i, 16 * b + j] = weight * v
+            imatrix_weights(xb, qb, F32(2) * sum_of_squares(xb) / F32(QK_K), w, 16, 16 * b)
+        for i in range(16):
+            for s in range(lanes):
+                wx[i, s] = w[i, s] * xt[i, s]
         qx_lanes(xt, wx, w, st, lanes, 4)
         for s in range(lanes):  # the levels make_qx_quants leaves, rebuilt from the winning iscale (0 if all zero)
             for i in range(16):
@@ -403,15 +382,7 @@ def iq4_lanes(xt: np.ndarray, w: np.ndarray, st: np.ndarray, lanes: int, v: np.n
     (0 for an all-zero block)."""
     best, scale, amax, vmax = st[D_BEST], st[D_SCALE], st[D_AMAX], st[D_MAX]
     sumqx, sumq2, iscale = st[D_SUMQX], st[D_SUMQ2], st[D_ISCALE]
-    for s in range(lanes):
-        amax[s] = F32(0)
-        vmax[s] = F32(0)
-    for i in range(32):
-        for s in range(lanes):
-            ax = np.abs(xt[i, s])
-            bigger = ax > amax[s]
-            vmax[s] = xt[i, s] if bigger else vmax[s]
-            amax[s] = ax if bigger else amax[s]
+    largest_magnitude_lanes(xt, lanes, amax, vmax)
     for step in range(-8, 8):  # -8: the first pass, with d = -max / values[0]
         for s in range(lanes):
             iscale[s] = F32(1) / (-vmax[s] / v[0]) if step == -8 else F32(step + np.int64(v[0])) / vmax[s]
@@ -456,17 +427,13 @@ def iq4_blocks(x: np.ndarray, qw: np.ndarray, weighted: bool, out: np.ndarray, v
         n_b = min(group, x.shape[0] - b0)
         for b in range(n_b):
             xb = x[b0 + b]
-            sigma2 = F32(0)
-            if weighted:
-                for i in range(n_values):
-                    sigma2 += xb[i] * xb[i]
-                sigma2 = sigma2 * F32(2.0 / n_values)
-            qb = qw[(b0 + b) % n_qw]
             for k in range(per):
                 for i in range(32):
                     value = xb[32 * k + i]
                     xt[i, per * b + k] = value
-                    w[i, per * b + k] = qb[32 * k + i] * F32(np.sqrt(sigma2 + value * value)) if weighted else value * value
+                    w[i, per * b + k] = value * value
+            if weighted:  # sigma2 scaled as ggml scales it (by 2/n, not 2 then /n: no overflow to inf)
+                imatrix_weights(xb, qw[(b0 + b) % n_qw], sum_of_squares(xb) * F32(2.0 / n_values), w, 32, per * b)
         iq4_lanes(xt, w, st, per * n_b, v)
         for b in range(n_b):
             y = out[b0 + b]
