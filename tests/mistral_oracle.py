@@ -8,12 +8,11 @@ of its own in the tests' cache (seeing mt's site-packages; pip adds its numpy, p
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 from mt.cache import cache_root
+from tests.cached_venv import cached_venv
 
 MISTRAL_COMMON = "mistral-common==1.13.1"
 _VENV_NAME = "mistral-common-1.13.1-venv"
@@ -38,17 +37,7 @@ print(json.dumps(out))
 
 
 def _venv_python() -> Path:
-    root = cache_root()
-    target = root / _VENV_NAME
-    python = target / "bin" / "python"
-    if not (target / ".complete").is_file():
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(target, ignore_errors=True)
-        subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(target)], check=True)
-        subprocess.run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", MISTRAL_COMMON],
-                       check=True, capture_output=True)
-        (target / ".complete").write_text("ok\n")
-    return python
+    return cached_venv(_VENV_NAME, [[MISTRAL_COMMON]])
 
 
 def mistral_templates() -> dict[str, str]:

@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from mt.cache import cache_root
+from tests.cached_venv import cached_venv
 
 HUME_TADA = "hume-tada==0.1.9"
 REQUIREMENTS = ("transformers>=4.57.1,<5", "einops")
@@ -43,21 +41,8 @@ STUBS = {
 
 def venv_python() -> Path:
     """The venv's python, created on first use (about half a minute with pip's cache)."""
-    root = cache_root()
-    target = root / _VENV_NAME
-    python = target / "bin" / "python"
-    if not (target / ".complete").is_file():
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(target, ignore_errors=True)
-        subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(target)], check=True)
-        pip = [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
-        subprocess.run([*pip, *REQUIREMENTS], check=True, capture_output=True)
-        subprocess.run([*pip, "--no-deps", *NO_DEPS], check=True, capture_output=True)
-        for name, text in STUBS.items():
-            (target / "stubs" / name).parent.mkdir(parents=True, exist_ok=True)
-            (target / "stubs" / name).write_text(text)
-        (target / ".complete").write_text("ok\n")
-    return python
+    stubs = {f"stubs/{name}": text for name, text in STUBS.items()}
+    return cached_venv(_VENV_NAME, [REQUIREMENTS, ["--no-deps", *NO_DEPS]], stubs)
 
 
 def run_hume(spec: dict[str, Any], out: Path) -> dict[str, Any]:
