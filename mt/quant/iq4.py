@@ -1,6 +1,6 @@
 """IQ4_NL (blocks of 32) and IQ4_XS (super-blocks of 256 in 8 sub-blocks of 32): numpy references of ggml-quants.c's
 quantize_row_iq4_nl_impl as quantize_iq4_nl/quantize_iq4_xs call it (ntry 7; weights x² without an importance
-matrix, qw·sqrt(sigma2 + x²) with one). Levels index gguf-py's non-linear table (`kvalues`); dequantizing is gguf-py's.
+matrix, qw·sqrt(sigma2 + x²) with one). Levels index gguf-py's non-linear table (`kvalues`); dequantizing is gguf-py's (QuantType's default).
 """
 
 from __future__ import annotations
@@ -115,10 +115,6 @@ class IQ4_NL(QuantType):
     def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
         return iq4_nl_quantize(blocks)
 
-    @classmethod
-    def dequantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
-        return gguf.quants.IQ4_NL.dequantize_blocks(blocks)
-
 
 class IQ4_XS(QuantType):
     ggml_type = GGMLQuantizationType.IQ4_XS
@@ -129,7 +125,3 @@ class IQ4_XS(QuantType):
     @classmethod
     def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
         return iq4_xs_quantize(blocks)
-
-    @classmethod
-    def dequantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
-        return gguf.quants.IQ4_XS.dequantize_blocks(blocks)

@@ -2,12 +2,11 @@
 quantize_row_q{2,3}_K_ref and, with an importance matrix, quantize_row_q{2,3}_K_impl.
 
 Float32 arithmetic in ggml's order, vectorised across sub-blocks, as in mt/quant/kquants.py. Dequantizing is
-gguf-py's (its Q2_K/Q3_K classes carry the formats' decoders).
+gguf-py's (QuantType's default).
 """
 
 from __future__ import annotations
 
-import gguf.quants
 import numpy as np
 from gguf import GGMLQuantizationType
 
@@ -167,10 +166,6 @@ class Q2_K(QuantType):
     def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
         return q2_k_ref(blocks)
 
-    @classmethod
-    def dequantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
-        return gguf.quants.Q2_K.dequantize_blocks(blocks)
-
 
 class Q3_K(QuantType):
     ggml_type = GGMLQuantizationType.Q3_K
@@ -181,7 +176,3 @@ class Q3_K(QuantType):
     @classmethod
     def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
         return q3_k_ref(blocks)
-
-    @classmethod
-    def dequantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
-        return gguf.quants.Q3_K.dequantize_blocks(blocks)

@@ -1,11 +1,10 @@
 """TQ1_0 and TQ2_0 (ternary super-blocks of 256, for models trained with weights in {-1, 0, 1} such as BitNet):
 numpy references of ggml-quants.c's quantize_row_tq{1,2}_0_ref (no importance-matrix path: ggml ignores one).
-Dequantizing is gguf-py's.
+Dequantizing is gguf-py's (QuantType's default).
 """
 
 from __future__ import annotations
 
-import gguf.quants
 import numpy as np
 from gguf import GGMLQuantizationType
 
@@ -65,10 +64,6 @@ class TQ1_0(QuantType):
     def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
         return tq1_0_bytes(blocks)
 
-    @classmethod
-    def dequantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
-        return gguf.quants.TQ1_0.dequantize_blocks(blocks)
-
 
 class TQ2_0(QuantType):
     ggml_type = GGMLQuantizationType.TQ2_0
@@ -77,7 +72,3 @@ class TQ2_0(QuantType):
     @classmethod
     def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
         return tq2_0_bytes(blocks)
-
-    @classmethod
-    def dequantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
-        return gguf.quants.TQ2_0.dequantize_blocks(blocks)

@@ -13,6 +13,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, ClassVar
 
+import gguf.quants
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
@@ -106,7 +107,8 @@ class QuantType:
 
     @classmethod
     def dequantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
-        raise NotImplementedError
+        """gguf-py's decoder of the format, unless the type has its own."""
+        return getattr(gguf.quants, cls.ggml_type.name).dequantize_blocks(blocks)
 
     @classmethod
     def block_writer(cls, backend: str | None = None) -> tuple[BlockWriter, int]:
