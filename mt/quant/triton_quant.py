@@ -63,6 +63,20 @@ def _x(xt_ptr, position, n_lanes, lanes, mask):
     return tl.load(xt_ptr + position * n_lanes + lanes, mask=mask, other=0.0)
 
 
+@triton.jit
+def _largest_magnitude(xt_ptr, base, n_lanes, lanes, mask, N: tl.constexpr, LANES: tl.constexpr):
+    """Over positions base.. base + N of each lane: (the largest |x|, the first value holding it), as ggml's loop."""
+    amax = tl.full([LANES], 0.0, tl.float32)
+    vmax = tl.full([LANES], 0.0, tl.float32)
+    for i in tl.static_range(N):
+        v = _x(xt_ptr, base + i, n_lanes, lanes, mask)
+        a = tl.abs(v)
+        bigger = a > amax
+        amax = tl.where(bigger, a, amax)
+        vmax = tl.where(bigger, v, vmax)
+    return amax, vmax
+
+
 # ---------------------------------------------------------------------------------------------- Q8_0
 
 
@@ -323,14 +337,7 @@ def _q3_search(xt_ptr, scratch_ptr, sub, n_lanes, lanes, mask, LANES: tl.constex
     """make_q3_quants(16, 4, x, L, do_rmse = true) on sub-block `sub`; levels to scratch; -> scale. All 5 rounds of
     the descent run: a round that changes nothing would repeat unchanged."""
     base = sub * 16
-    amax = tl.full([LANES], 0.0, tl.float32)
-    vmax = tl.full([LANES], 0.0, tl.float32)
-    for i in tl.static_range(16):
-        v = _x(xt_ptr, base + i, n_lanes, lanes, mask)
-        a = tl.abs(v)
-        bigger = a > amax
-        amax = tl.where(bigger, a, amax)
-        vmax = tl.where(bigger, v, vmax)
+    amax, vmax = _largest_magnitude(xt_ptr, base, n_lanes, lanes, mask, 16, LANES)
     zero = amax < 1e-15  # GROUP_MAX_EPS
     iscale = tl.math.div_rn(tl.full([LANES], -4.0, tl.float32), tl.where(zero, 1.0, vmax))
     sumlx = tl.full([LANES], 0.0, tl.float32)
@@ -463,14 +470,7 @@ def _iq4_sums(xt_ptr, base, n_lanes, lanes, mask, iscale, values_ptr):
 def _iq4_scale(xt_ptr, sub, n_lanes, lanes, mask, values_ptr, LANES: tl.constexpr):
     """The scale search of one sub-block of 32 (0 where it is all near zero)."""
     base = sub * 32
-    amax = tl.full([LANES], 0.0, tl.float32)
-    vmax = tl.full([LANES], 0.0, tl.float32)
-    for i in tl.static_range(32):
-        v = _x(xt_ptr, base + i, n_lanes, lanes, mask)
-        a = tl.abs(v)
-        bigger = a > amax
-        amax = tl.where(bigger, a, amax)
-        vmax = tl.where(bigger, v, vmax)
+    amax, vmax = _largest_magnitude(xt_ptr, base, n_lanes, lanes, mask, 32, LANES)
     zero = amax < 1e-15  # GROUP_MAX_EPS
     safe_max = tl.where(zero, 1.0, vmax)
     v0 = tl.load(values_ptr)
@@ -548,14 +548,7 @@ def _qx_sums(xt_ptr, base, n_lanes, lanes, mask, iscale):
 def _make_qx_quants(xt_ptr, scratch_ptr, sub, n_lanes, lanes, mask, LANES: tl.constexpr):
     """make_qx_quants(16, 32, x, L, rmse_type=1, NULL) for sub-block `sub`; -> scale."""
     base = sub * 16
-    amax = tl.full([LANES], 0.0, tl.float32)
-    vmax = tl.full([LANES], 0.0, tl.float32)
-    for i in tl.static_range(16):  # the first position holding the largest magnitude wins
-        v = _x(xt_ptr, base + i, n_lanes, lanes, mask)
-        a = tl.abs(v)
-        bigger = a > amax
-        amax = tl.where(bigger, a, amax)
-        vmax = tl.where(bigger, v, vmax)
+    amax, vmax = _largest_magnitude(xt_ptr, base, n_lanes, lanes, mask, 16, LANES)
     zero = amax < 1e-15  # GROUP_MAX_EPS
     safe_max = tl.where(zero, 1.0, vmax)
     iscale = tl.math.div_rn(tl.full([LANES], -32.0, tl.float32), safe_max)
