@@ -21,11 +21,12 @@ from typing import Any
 
 from mt.io.chat_template import TemplateRunaway, render_template
 from mt.io.gguf_in import GGUFHeader, read_header
-from mt.release.tool_shape import NoToolShape, ToolShape, call_message, probe_tool_shape, same_up_to_json
+from mt.release.tool_shape import (
+    MARK, NoToolShape, ToolShape, call_message, go_literal, probe_tool_shape, same_up_to_json, split_at,
+)
 
 FIXED_DATE = "26 Jul 2024"  # templates that print today's date render it as this (the Modelfile cannot ask Ollama)
 CONTROL = 3  # llama.cpp's token type of control tokens
-MARKERS = {"system": "Qz7system", "user1": "Qz7first", "assistant1": "Qz7reply", "user2": "Qz7second"}
 # conversations whose rendering the shape must reproduce: (messages, add_generation_prompt)
 PROOF_CONVERSATIONS: list[list[dict[str, str]]] = [
     [{"role": "user", "content": "Hello!"}],
@@ -101,19 +102,16 @@ class ChatShape:
         return "".join(out)
 
     def go_template(self) -> str:
-        def lit(text: str) -> str:
-            return "{{ " + json.dumps(text, ensure_ascii=False) + " }}" if text else ""
-
-        system = lit(self.before_system) + "{{ $.System }}" + lit(self.after_system)
-        head = "{{- if .System }}" + system + "{{- else }}" + lit(self.head) + "{{- end }}\n" \
-            if self.placement == "first" else lit(self.head) + "\n"
+        system = go_literal(self.before_system) + "{{ $.System }}" + go_literal(self.after_system)
+        head = "{{- if .System }}" + system + "{{- else }}" + go_literal(self.head) + "{{- end }}\n" \
+            if self.placement == "first" else go_literal(self.head) + "\n"
         at_last = "{{ if and $last $.System }}" + system + "{{ end }}" if self.placement == "last" else ""
         return (head + "{{- range $i, $_ := .Messages }}\n"
                 "{{- $last := eq (len (slice $.Messages $i)) 1 }}\n"
-                "{{- if eq .Role \"user\" }}" + at_last + "{{ .Content }}{{ if $last }}" + lit(self.generation) + "{{ else }}"
-                + lit(self.after_user) + "{{ end }}\n"
-                "{{- else if eq .Role \"assistant\" }}{{ .Content }}{{ if not $last }}" + lit(self.after_assistant)
-                + "{{ end }}\n"
+                "{{- if eq .Role \"user\" }}" + at_last + "{{ .Content }}{{ if $last }}" + go_literal(self.generation)
+                + "{{ else }}" + go_literal(self.after_user) + "{{ end }}\n"
+                "{{- else if eq .Role \"assistant\" }}{{ .Content }}{{ if not $last }}"
+                + go_literal(self.after_assistant) + "{{ end }}\n"
                 "{{- end }}\n"
                 "{{- end }}")
 
@@ -148,19 +146,15 @@ class TemplateRenderer:
 
 def _split(text: str, markers: list[str]) -> list[str]:
     """The text between the markers, which must each appear once and in this order."""
-    pieces, at = [], 0
-    for marker in markers:
-        found = text.find(marker, at)
-        if found < 0 or text.count(marker) != 1:
-            raise NoShape("the template does not place every message once and in order (the system prompt may go "
-                          "with a later message, or a turn may be dropped)")
-        pieces.append(text[at:found])
-        at = found + len(marker)
-    return [*pieces, text[at:]]
+    pieces = split_at(text, markers)
+    if pieces is None:
+        raise NoShape("the template does not place every message once and in order (the system prompt may go "
+                      "with a later message, or a turn may be dropped)")
+    return pieces
 
 
 def probe_shape(render: TemplateRenderer) -> ChatShape:
-    s, u1, a1, u2 = (MARKERS[k] for k in ("system", "user1", "assistant1", "user2"))
+    s, u1, a1, u2 = (MARK[k] for k in ("system", "user1", "assistant1", "user2"))
     plain = render([{"role": "user", "content": u1}, {"role": "assistant", "content": a1},
                     {"role": "user", "content": u2}])
     head, after_user, after_assistant, generation = _split(plain, [u1, a1, u2])
@@ -175,7 +169,7 @@ def probe_shape(render: TemplateRenderer) -> ChatShape:
 
 
 def _system_first(text: str, head: str, after_user: str, after_assistant: str, generation: str) -> ChatShape:
-    s, u1, a1, u2 = (MARKERS[k] for k in ("system", "user1", "assistant1", "user2"))
+    s, u1, a1, u2 = (MARK[k] for k in ("system", "user1", "assistant1", "user2"))
     before, after, *rest = _split(text, [s, u1, a1, u2])
     if rest != [after_user, after_assistant, generation]:
         raise NoShape("the turns render differently with and without a system message")
@@ -186,7 +180,7 @@ def _system_first(text: str, head: str, after_user: str, after_assistant: str, g
 
 
 def _system_last(text: str, head: str, after_user: str, after_assistant: str, generation: str) -> ChatShape:
-    s, u1, a1, u2 = (MARKERS[k] for k in ("system", "user1", "assistant1", "user2"))
+    s, u1, a1, u2 = (MARK[k] for k in ("system", "user1", "assistant1", "user2"))
     start, first_gap, between, after, end = _split(text, [u1, a1, s, u2])
     if [start, first_gap, end] != [head, after_user, generation] or not between.startswith(after_assistant):
         raise NoShape("the turns render differently with and without a system message")

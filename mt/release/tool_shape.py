@@ -28,6 +28,7 @@ def _tool(name: str) -> dict[str, Any]:
 
 
 PROBE_TOOLS = [_tool("Qz7toolA"), _tool("Qz7toolB")]
+# the contents of the probe conversations (the chat's first four, modelfile.py's too): unique, and plain text
 MARK = {"system": "Qz7system", "user1": "Qz7first", "assistant1": "Qz7reply", "user2": "Qz7second",
         "name1": "Qz7nameA", "name2": "Qz7nameB", "args1": "Qz7argsA", "args2": "Qz7argsB",
         "result1": "Qz7resultA", "result2": "Qz7resultB"}
@@ -98,11 +99,12 @@ class ToolsBlock:
         if self.unit == "list":
             return "{{ json $.Tools }}"
         value = "$t" if self.unit == "tool" else "$t.Function"
-        sep = "{{ if $k }}" + _lit(self.separator) + "{{ end }}" if self.separator else ""
+        sep = "{{ if $k }}" + go_literal(self.separator) + "{{ end }}" if self.separator else ""
         return "{{ range $k, $t := $.Tools }}" + sep + "{{ json " + value + " }}{{ end }}"
 
 
-def _lit(text: str) -> str:
+def go_literal(text: str) -> str:
+    """`text` as a Go template action printing it (nothing for an empty text)."""
     return "{{ " + json.dumps(text, ensure_ascii=False) + " }}" if text else ""
 
 
@@ -110,13 +112,13 @@ def _chain(cases: list[tuple[str, str]]) -> str:
     """`if c1 }}t1{{ else if c2 }}t2 … {{ end`: the text of the first condition that holds."""
     if not cases:
         return ""
-    return "".join(("{{- if " if i == 0 else "{{ else if ") + cond + " }}" + _lit(text)
+    return "".join(("{{- if " if i == 0 else "{{ else if ") + cond + " }}" + go_literal(text)
                    for i, (cond, text) in enumerate(cases)) + "{{ end }}"
 
 
 def _raw(text: str) -> str:
     """Text as a Go template text node (what Ollama's tool-call parser reads its tag from) where it can be one."""
-    return text if "{{" not in text and "}}" not in text and not text.endswith("{") else _lit(text)
+    return text if "{{" not in text and "}}" not in text and not text.endswith("{") else go_literal(text)
 
 
 @dataclass(frozen=True)
@@ -161,7 +163,7 @@ class ToolShape:
 
     def go_template(self) -> str:
         def piece(text: str) -> str:
-            return self.block.go().join(_lit(p) for p in text.split(TOOLS_AT))
+            return self.block.go().join(go_literal(p) for p in text.split(TOOLS_AT))
 
         head = ("{{- if .System }}" + piece(self.before_system) + "{{ $.System }}" + piece(self.after_system)
                 + "{{- else }}" + piece(self.head) + "{{- end }}\n")
@@ -170,8 +172,8 @@ class ToolShape:
         one_call = self.call_separator is None
         result = '{{ else if eq .Role "tool" }}{{ json .Content }}' if self.quoted_results else ""
         more = "" if one_call else \
-            "{{ if ne (len (slice $m.ToolCalls $j)) 1 }}" + _lit(self.call_separator) + "{{ end }}"
-        call = _raw(self.call_prefix) + "{{ .Function.Name }}" + _lit(self.call_mid) + "{{ json .Function.Arguments }}"
+            "{{ if ne (len (slice $m.ToolCalls $j)) 1 }}" + go_literal(self.call_separator) + "{{ end }}"
+        call = _raw(self.call_prefix) + "{{ .Function.Name }}" + go_literal(self.call_mid) + "{{ json .Function.Arguments }}"
         calls = ("{{ with index .ToolCalls 0 }}" + call + "{{ end }}" if one_call
                  else "{{ range $j, $c := .ToolCalls }}" + call + more + "{{ end }}")
         return (head + '{{- $prev := "" }}\n'
@@ -209,12 +211,13 @@ def _normalize(text: str, tools: list[dict[str, Any]], args: dict[str, dict[str,
     return text, block
 
 
-def _split(text: str, markers: list[str]) -> list[str]:
+def split_at(text: str, markers: list[str]) -> list[str] | None:
+    """The text between the markers, or None unless each appears exactly once and in this order."""
     pieces, at = [], 0
     for marker in markers:
         found = text.find(marker, at)
         if found < 0 or text.count(marker) != 1:
-            raise NoToolShape("the template does not write every message and call once and in order")
+            return None
         pieces.append(text[at:found])
         at = found + len(marker)
     return [*pieces, text[at:]]
@@ -235,7 +238,10 @@ def probe_tool_shape(render: Callable[..., str]) -> ToolShape:
         if block is None:
             raise NoToolShape("the tool definitions are not written as their JSON")
         blocks.append(block)
-        return _split(text, markers)
+        pieces = split_at(text, markers)
+        if pieces is None:
+            raise NoToolShape("the template does not write every message and call once and in order")
+        return pieces
 
     head, u_a, a_u, u_end = run([user1, reply, user2], [m["user1"], m["assistant1"], m["user2"]])
     head1, u_c, mid, c_t, t_end = run([user1, call1, result1], [m["user1"], m["name1"], m["args1"], m["result1"]])
