@@ -264,41 +264,6 @@ def q3_k_blocks(x: np.ndarray, out: np.ndarray) -> None:
 
 
 @jit()
-def make_qx_quants(x: np.ndarray, w: np.ndarray, nmax: int, L: np.ndarray) -> float:
-    """ggml's make_qx_quants(n, nmax, x, L, rmse_type = 1, qw = w) for one short vector; L gets levels 0..2nmax-1."""
-    n = x.shape[0]
-    amax = F32(0)
-    vmax = F32(0)
-    for i in range(n):
-        ax = np.abs(x[i])
-        if ax > amax:
-            amax = ax
-            vmax = x[i]
-    if amax < GROUP_MAX_EPS:
-        for i in range(n):
-            L[i] = 0
-        return F32(0)
-    best = F32(0)
-    scale = F32(0)
-    for step in range(-10, 10):  # -10: the first pass with iscale = -nmax / max
-        if step == 0:
-            continue
-        iscale = F32(-nmax) / vmax if step == -10 else -(F32(nmax) + F32(0.1) * F32(step)) / vmax
-        sumlx = F32(0)
-        suml2 = F32(0)
-        for i in range(n):
-            l = clampf(nearest_int_f32(iscale * x[i]), F32(-nmax), F32(nmax - 1))
-            sumlx += w[i] * x[i] * l
-            suml2 += w[i] * l * l
-        if step == -10 or (suml2 > F32(0) and sumlx * sumlx > best * suml2):
-            scale = (sumlx / suml2 if suml2 != F32(0) else F32(0)) if step == -10 else sumlx / suml2
-            best = scale * sumlx
-            for i in range(n):
-                L[i] = np.int64(clampf(nearest_int_f32(iscale * x[i]), F32(-nmax), F32(nmax - 1))) + nmax
-    return scale
-
-
-@jit()
 def q3_k_weighted_blocks(x: np.ndarray, qw: np.ndarray, out: np.ndarray) -> None:
     """quantize_row_q3_K_impl: x float32 [N, 256], qw float32 [R, 256] -> out uint8 [N, 110]."""
     xt = np.empty((16, LANES), F32)
@@ -306,8 +271,10 @@ def q3_k_weighted_blocks(x: np.ndarray, qw: np.ndarray, out: np.ndarray) -> None
     wx = np.empty((16, LANES), F32)
     lq = np.empty((16, LANES), F32)
     st = np.empty((N_Q_STATE, LANES), F32)
-    sw = np.empty(16, F32)
-    scales = np.empty(16, F32)
+    scales = np.empty((16, 1), F32)  # make_qx_quants(16, 32, scales, Ls, 1, sw) as one more lane search
+    sw = np.empty((16, 1), F32)
+    swx = np.empty((16, 1), F32)
+    st_scales = np.empty((N_Q_STATE, 1), F32)
     L = np.empty(QK_K, np.uint8)
     levels = np.empty(16, np.int64)
     n_qw = qw.shape[0]
@@ -333,10 +300,14 @@ def q3_k_weighted_blocks(x: np.ndarray, qw: np.ndarray, out: np.ndarray) -> None
                 total = F32(0)
                 for i in range(16):
                     total += w[i, lane0 + j]
-                sw[j] = total
-                scales[j] = st[Q_SCALE, lane0 + j]
-            d_block = make_qx_quants(scales, sw, 32, levels)
-            q3_k_superblock(x[b0 + b], out[b0 + b], L, levels, fp32_to_fp16(d_block), lq, lane0)
+                sw[j, 0] = total
+                scales[j, 0] = st[Q_SCALE, lane0 + j]
+                swx[j, 0] = total * scales[j, 0]
+            qx_lanes(scales, swx, sw, st_scales, 1, 32)
+            for j in range(16):  # its levels 0..63 (all 0 when every scale is near zero)
+                level = clampf(nearest_int_f32(st_scales[Q_L_ISCALE, 0] * scales[j, 0]), F32(-32), F32(31))
+                levels[j] = np.int64(level) + 32 if st_scales[AMAX, 0] >= GROUP_MAX_EPS else 0
+            q3_k_superblock(x[b0 + b], out[b0 + b], L, levels, fp32_to_fp16(st_scales[Q_SCALE, 0]), lq, lane0)
 
 
 # ---------------------------------------------------------------- IQ4_NL / IQ4_XS
