@@ -49,7 +49,8 @@ def quant_backend(backend: str | None = None) -> str:
     return name
 
 
-COMPILED_MODULES = ("mt.quant.compiled", "mt.quant.compiled_low")  # their KERNELS / WEIGHTED_KERNELS tables
+COMPILED_MODULES = ("mt.quant.compiled", "mt.quant.compiled_low", "mt.quant.compiled_iq2", "mt.quant.compiled_iq3",
+                    "mt.quant.compiled_iq1")  # their KERNELS / WEIGHTED_KERNELS tables
 
 
 def compiled_kernel(name: str, table: str = "KERNELS") -> Callable[..., None]:
@@ -103,6 +104,12 @@ class QuantType:
 
     @classmethod
     def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    @classmethod
+    def quantize_blocks_weighted(cls, blocks: np.ndarray, qw: np.ndarray) -> np.ndarray:
+        """The reference with importance weights qw (the blocks' shape), for the types whose search takes them
+        per block (the grid i-quants); the others have theirs in mt/quant/weighted.py."""
         raise NotImplementedError
 
     @classmethod
@@ -243,6 +250,15 @@ def _register_all() -> None:
     import mt.quant.low_kquants  # noqa: F401  (registers Q2_K, Q3_K)
     import mt.quant.iq4  # noqa: F401  (registers IQ4_NL, IQ4_XS)
     import mt.quant.ternary  # noqa: F401  (registers TQ1_0, TQ2_0)
+    import mt.quant.iq2  # noqa: F401  (registers IQ2_XXS, IQ2_XS, IQ2_S)
+    import mt.quant.iq3  # noqa: F401  (registers IQ3_XXS, IQ3_S)
+    import mt.quant.iq1  # noqa: F401  (registers IQ1_S, IQ1_M)
+
+
+def registered() -> dict[GGMLQuantizationType, type[QuantType]]:
+    """Every registered type."""
+    _register_all()
+    return dict(REGISTRY)
 
 
 def types_with(fast_path: str) -> frozenset[GGMLQuantizationType]:

@@ -33,7 +33,7 @@ from mt.quant.kquants import (
 from mt.quant.legacy import QK, fp16_bytes, pack_high_bits, pack_nibbles
 from mt.quant.iq4 import iq4_nl_quantize, iq4_xs_quantize
 from mt.quant.low_kquants import pack_q3_scales, q2_k_bytes, q3_k_bytes, requantize_q2
-from mt.quant.types import compiled_kernel, quant_backend, quant_type, run_chunked, types_with
+from mt.quant.types import QuantType, compiled_kernel, quant_backend, quant_type, registered, run_chunked, types_with
 
 F32 = np.float32
 RowQuantizer = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (rows [R, n], weights [n]) -> bytes [R, row_size]
@@ -225,6 +225,21 @@ WEIGHTED: dict[T, RowQuantizer] = {
     T.Q4_0: q4_0_rows, T.Q4_1: q4_1_rows, T.Q5_0: q5_0_rows, T.Q5_1: q5_1_rows,
     T.IQ4_NL: iq4_nl_rows, T.IQ4_XS: iq4_xs_rows,
 }
+
+
+def blockwise_rows(qt: type[QuantType]) -> RowQuantizer:
+    """rows [R, n] with weights [n] through a type's `quantize_blocks_weighted` (its weights cut like its blocks)."""
+
+    def quantize_rows(rows: np.ndarray, qw: np.ndarray) -> np.ndarray:
+        blocks = rows.reshape(-1, qt.block_size)
+        weights = np.ascontiguousarray(tile_weights(qw, rows.shape[0], qt.block_size))
+        return qt.quantize_blocks_weighted(blocks, weights).reshape(rows.shape[0], -1)
+
+    return quantize_rows
+
+
+WEIGHTED.update({t: blockwise_rows(qt) for t, qt in registered().items()
+                 if qt.quantize_blocks_weighted.__func__ is not QuantType.quantize_blocks_weighted.__func__})
 
 
 def uses_weights(ggml_type: T) -> bool:

@@ -1,0 +1,2 @@
+KERNELS: dict = {}
+WEIGHTED_KERNELS: dict = {}

@@ -1,0 +1,116 @@
+"""The lattices of the grid i-quants (IQ1_S/M, IQ2_XXS/XS/S, IQ3_XXS/S), built as ggml's iq2xs_init_impl and
+iq3xs_init_impl build them, from the grids gguf-py carries for its dequantizers.
+
+A grid point is a vector of `dim` levels l (0..2 for the 2-bit and 1-bit grids, 0..7 for the 3-bit ones); ggml keeps
+it as the odd coordinates 2l + 1. A vector of levels has a key, l_k in bits `bits`·k; `index[key]` is its grid index,
+or, for a vector off the grid, -(offset + 1) into `neighbours`, where a count is followed by that many grid indices:
+the grid points nearest the vector (sorted by squared distance, then index) out to the `nwant`-th distinct distance.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+
+import gguf.quants
+import numpy as np
+from gguf import GGMLQuantizationType as T
+
+KEYS_2BIT = 43692  # ggml's kmap_size for the 8-wide grids: keys of levels 0..2 stay below it
+KEYS_3BIT = 4096  # for the 4-wide grids: every key of levels 0..7
+
+
+@dataclass(frozen=True, eq=False)  # hashed by identity: one per type, cached
+class Lattice:
+    points: np.ndarray  # int8 [G, dim]: 2l + 1 per coordinate, in ggml's grid order
+    index: np.ndarray  # int32 [keys]: grid index, or -(offset + 1) into neighbours
+    neighbours: np.ndarray  # uint16, flat: count, then that many grid indices, per off-grid key
+    bits: int  # bits per level in a key
+
+    @property
+    def dim(self) -> int:
+        return self.points.shape[1]
+
+    def key(self, levels: np.ndarray) -> np.ndarray:
+        """levels [..., dim] (ints) -> keys [...]."""
+        shifts = self.bits * np.arange(self.dim, dtype=np.int64)
+        return (levels.astype(np.int64) << shifts).sum(axis=-1)
+
+    @property
+    def neighbour_table(self) -> np.ndarray:
+        """The neighbour lists padded with -1: int32 [keys, longest list] (rows of on-grid keys are all -1)."""
+        return _padded(self)
+
+
+# (gguf-py class, grid size, bits per level, key count, nwant) as ggml's init functions choose them
+_SPECS = {
+    T.IQ2_XXS: ("IQ2_XXS", 2, KEYS_2BIT, 2),
+    T.IQ2_XS: ("IQ2_XS", 2, KEYS_2BIT, 2),
+    T.IQ2_S: ("IQ2_S", 2, KEYS_2BIT, 1),
+    T.IQ1_S: ("IQ1_S", 2, KEYS_2BIT, 3),
+    T.IQ1_M: ("IQ1_S", 2, KEYS_2BIT, 3),  # IQ1_M shares IQ1_S's grid and tables
+    T.IQ3_XXS: ("IQ3_XXS", 3, KEYS_3BIT, 2),
+    T.IQ3_S: ("IQ3_S", 3, KEYS_3BIT, 3),
+}
+
+
+def grid_levels(gguf_name: str) -> np.ndarray:
+    """gguf-py's grid as levels: each value's position in its grid_map -> int8 [G, dim]."""
+    cls = getattr(gguf.quants, gguf_name)
+    if cls.grid is None:
+        cls.init_grid()
+    values = np.asarray(cls.grid, dtype=np.float32).reshape(cls.grid_shape)
+    levels = np.searchsorted(np.asarray(cls.grid_map, dtype=np.float32), values)
+    return levels.astype(np.int8)
+
+
+def _neighbour_lists(points: np.ndarray, off_grid: np.ndarray, bits: int, nwant: int) -> list[np.ndarray]:
+    """For each off-grid key, the grid indices in (distance², index) order out to the nwant-th distinct distance."""
+    dim = points.shape[1]
+    p = points.astype(np.int32)
+    lists: list[np.ndarray] = []
+    for start in range(0, off_grid.size, 512):
+        keys = off_grid[start : start + 512]
+        pos = 2 * ((keys[:, None] >> (bits * np.arange(dim))) & ((1 << bits) - 1)) + 1
+        d2 = ((p[None, :, :] - pos[:, None, :]) ** 2).sum(axis=-1)
+        order = np.argsort(d2, axis=1, kind="stable")  # ties keep the lower grid index first
+        sorted_d2 = np.take_along_axis(d2, order, axis=1)
+        rank = np.concatenate([np.zeros((keys.size, 1), np.int64), np.cumsum(np.diff(sorted_d2, axis=1) > 0, axis=1)],
+                              axis=1)
+        counts = (rank < nwant).sum(axis=1)
+        lists.extend(order[i, : counts[i]] for i in range(keys.size))
+    return lists
+
+
+@cache
+def lattice(ggml_type: T) -> Lattice:
+    """The grid, key map and neighbour lists ggml's quantizer of `ggml_type` searches."""
+    gguf_name, bits, n_keys, nwant = _SPECS[ggml_type]
+    if ggml_type == T.IQ1_M:
+        return lattice(T.IQ1_S)
+    levels = grid_levels(gguf_name)
+    shifts = bits * np.arange(levels.shape[1], dtype=np.int64)
+    grid_keys = (levels.astype(np.int64) << shifts).sum(axis=1)
+    index = np.full(n_keys, -1, dtype=np.int32)
+    index[grid_keys] = np.arange(levels.shape[0], dtype=np.int32)
+    off_grid = np.flatnonzero(index < 0)
+    lists = _neighbour_lists(2 * levels + 1, off_grid, bits, nwant)
+    lengths = np.array([len(x) for x in lists], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths + 1)[:-1]])
+    index[off_grid] = -(offsets + 1).astype(np.int32)
+    flat = np.empty(int((lengths + 1).sum()), dtype=np.uint16)
+    flat[offsets] = lengths
+    for off, entries in zip(offsets, lists):
+        flat[off + 1 : off + 1 + entries.size] = entries
+    return Lattice((2 * levels + 1).astype(np.int8), index, flat, bits)
+
+
+@cache
+def _padded(lat: Lattice) -> np.ndarray:
+    off = np.flatnonzero(lat.index < 0)
+    starts = -lat.index[off] - 1
+    counts = lat.neighbours[starts].astype(np.int64)
+    table = np.full((lat.index.size, int(counts.max())), -1, dtype=np.int32)
+    for key, s, c in zip(off, starts, counts):
+        table[key, :c] = lat.neighbours[s + 1 : s + 1 + c]
+    return table
