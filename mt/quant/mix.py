@@ -20,8 +20,16 @@ DEFAULT_TYPE: dict[LlamaFileType, T] = {o.file_type: o.base for o in QUANTIZER_T
 FILE_TYPES: dict[str, LlamaFileType] = {name: o.file_type for name, o in QUANTIZER_TYPES.items()}
 # a K-quant whose block does not divide the row falls back to a 32-block type, else F16
 FALLBACK = {T.Q2_K: T.Q4_0, T.Q3_K: T.Q4_0, T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0, T.IQ4_XS: T.IQ4_NL,
-            T.TQ1_0: T.Q4_0, T.TQ2_0: T.Q4_0}
-IQ4 = (LlamaFileType.MOSTLY_IQ4_NL, LlamaFileType.MOSTLY_IQ4_XS)
+            T.TQ1_0: T.Q4_0, T.TQ2_0: T.Q4_0, T.IQ1_S: T.IQ4_NL, T.IQ1_M: T.IQ4_NL, T.IQ2_XXS: T.IQ4_NL,
+            T.IQ2_XS: T.IQ4_NL, T.IQ2_S: T.IQ4_NL, T.IQ3_XXS: T.IQ4_NL, T.IQ3_S: T.IQ4_NL}
+_F = LlamaFileType
+IQ4 = (_F.MOSTLY_IQ4_NL, _F.MOSTLY_IQ4_XS)
+# the file types below 3 bits, with rules of their own for every category
+IQ2_FAMILY = (_F.MOSTLY_IQ2_XXS, _F.MOSTLY_IQ2_XS, _F.MOSTLY_IQ1_S, _F.MOSTLY_IQ2_S, _F.MOSTLY_IQ2_M, _F.MOSTLY_IQ1_M)
+IQ2_S_M = (_F.MOSTLY_IQ2_S, _F.MOSTLY_IQ2_M)  # these step up to IQ3_S where the others step up to Q2_K
+Q5_K_OUTPUT = (*IQ2_FAMILY, _F.MOSTLY_IQ3_XXS)  # the output (and tied embeddings) get Q5_K, not Q6_K
+# types llama.cpp will not write without importance weights (tensor_requires_imatrix), bar token_embd and output
+NEEDS_IMATRIX = (T.IQ3_XXS, T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ1_M, T.IQ1_S)
 # substrings of tensors llama.cpp never quantizes (llama-quant.cpp tensor_allows_quantization)
 NEVER_QUANTIZED = (
     "_norm.weight", "ffn_gate_inp.weight", "ffn_gate_tid2eid.weight", "altup", "laurel", "per_layer_model_proj",
@@ -96,6 +104,8 @@ class _Counters:
     n_attention_wv: int = 0
     i_attention_wv: int = 0
     i_ffn_down: int = 0
+    i_ffn_gate: int = 0
+    i_ffn_up: int = 0
     tied_embeddings: bool = True
     seen: dict[str, int] = field(default_factory=dict)
 
@@ -162,15 +172,25 @@ def _mixed_type(spec: TensorSpec, new: T, cat: str, ftype: LlamaFileType, model:
             return options.output_tensor_type
         if model.arch == "falcon" or not row_fits(new, spec.ne[0]):
             return T.Q8_0
+        if ftype in Q5_K_OUTPUT:
+            return T.Q5_K
         return T.Q6_K if new != T.Q8_0 else new
     if cat == "token_embd":
         if options.token_embedding_type is not None:
             return options.token_embedding_type
-        return T.Q4_K if ftype in (F.MOSTLY_TQ1_0, F.MOSTLY_TQ2_0) else new
+        return _token_embd_type(new, ftype)
+    if ftype in IQ2_FAMILY:
+        return _iq2_family_type(new, cat, ftype, model, c)
     if cat in ATTN_V_LIKE:
         if ftype == F.MOSTLY_Q2_K:
             new = T.Q4_K if model.n_gqa >= 4 else T.Q3_K
         elif ftype == F.MOSTLY_Q2_K_S and model.n_gqa >= 4:
+            new = T.Q4_K
+        elif ftype == F.MOSTLY_IQ3_XXS:
+            new = T.Q4_K if model.n_gqa >= 4 else T.IQ3_XXS if options.has_imatrix else T.IQ3_S
+        elif ftype in (F.MOSTLY_IQ3_XS, F.MOSTLY_IQ3_S) and model.n_gqa >= 4:
+            new = T.Q4_K
+        elif ftype == F.MOSTLY_IQ3_M:
             new = T.Q4_K
         elif ftype == F.MOSTLY_Q3_K_M:
             new = T.Q5_K if c.i_attention_wv < 2 else T.Q4_K
@@ -188,8 +208,16 @@ def _mixed_type(spec: TensorSpec, new: T, cat: str, ftype: LlamaFileType, model:
             new = T.Q8_0
         c.i_attention_wv += 1
         return new
-    if cat == "attn_k":
-        return T.Q8_0 if model.n_expert == 8 else new
+    if cat in ("attn_k", "attn_q"):
+        if cat == "attn_k" and model.n_expert == 8:
+            return T.Q8_0
+        return {F.MOSTLY_IQ3_XS: T.IQ3_XXS, F.MOSTLY_IQ3_XXS: T.IQ2_S}.get(ftype, new)
+    if cat in ("ffn_gate", "ffn_up"):
+        counter = "i_ffn_gate" if cat == "ffn_gate" else "i_ffn_up"
+        i_layer, n_layer = _layer(spec.name, getattr(c, counter), model)
+        setattr(c, counter, getattr(c, counter) + 1)
+        middle = n_layer // 8 <= i_layer < 7 * n_layer // 8
+        return T.IQ3_XXS if ftype == F.MOSTLY_IQ3_XS and middle else new
     if cat == "ffn_down":
         i_layer, n_layer = _layer(spec.name, c.i_ffn_down, model)
         falcon = model.arch == "falcon"
@@ -197,8 +225,12 @@ def _mixed_type(spec: TensorSpec, new: T, cat: str, ftype: LlamaFileType, model:
             new = T.Q3_K
         elif ftype == F.MOSTLY_Q2_K_S:
             new = T.Q4_K if i_layer < n_layer // 8 else new
+        elif ftype == F.MOSTLY_IQ3_XXS and not options.has_imatrix:
+            new = T.Q4_K if i_layer < n_layer // 8 else T.Q3_K
         elif ftype == F.MOSTLY_Q3_K_M:
             new = T.Q5_K if i_layer < n_layer // 16 else T.Q4_K if not falcon or use_more_bits(i_layer, n_layer) else T.Q3_K
+        elif ftype == F.MOSTLY_IQ3_M and (i_layer < n_layer // 8 or (model.n_expert == 8 and use_more_bits(i_layer, n_layer))):
+            new = T.Q4_K
         elif ftype == F.MOSTLY_Q3_K_L:
             new = T.Q4_K if falcon else T.Q5_K
         elif ftype == F.MOSTLY_Q4_K_M:
@@ -226,26 +258,64 @@ def _attn_output_type(new: T, ftype: LlamaFileType, model: ModelFacts) -> T:
     if model.arch == "falcon":
         return T.Q4_K if ftype == F.MOSTLY_Q3_K_L else new
     if model.n_expert == 8:
-        bumped = (F.MOSTLY_Q2_K, F.MOSTLY_Q3_K_S, F.MOSTLY_Q3_K_M, F.MOSTLY_Q4_K_S, F.MOSTLY_Q4_K_M, *IQ4)
+        bumped = (F.MOSTLY_Q2_K, F.MOSTLY_Q3_K_S, F.MOSTLY_Q3_K_M, F.MOSTLY_Q4_K_S, F.MOSTLY_Q4_K_M, *IQ4,
+                  F.MOSTLY_IQ3_XS, F.MOSTLY_IQ3_XXS, F.MOSTLY_IQ3_S, F.MOSTLY_IQ3_M)
         return T.Q5_K if ftype in bumped else new
-    return {F.MOSTLY_Q2_K: T.Q3_K, F.MOSTLY_Q3_K_M: T.Q4_K, F.MOSTLY_Q3_K_L: T.Q5_K}.get(ftype, new)
+    return {F.MOSTLY_Q2_K: T.Q3_K, F.MOSTLY_IQ3_XXS: T.IQ3_S, F.MOSTLY_Q3_K_M: T.Q4_K, F.MOSTLY_Q3_K_L: T.Q5_K,
+            F.MOSTLY_IQ3_M: T.Q4_K}.get(ftype, new)
+
+
+def _token_embd_type(new: T, ftype: LlamaFileType) -> T:
+    """Untied token embeddings: the low-bit types keep them at 2.5-3.4 bits, the ternary ones at Q4_K."""
+    F = LlamaFileType
+    if ftype in (F.MOSTLY_IQ2_XXS, F.MOSTLY_IQ2_XS, F.MOSTLY_IQ1_S, F.MOSTLY_IQ1_M):
+        return T.Q2_K
+    if ftype in (*IQ2_S_M, F.MOSTLY_IQ3_XXS):
+        return T.IQ3_S
+    return T.Q4_K if ftype in (F.MOSTLY_TQ1_0, F.MOSTLY_TQ2_0) else new
+
+
+def _iq2_family_type(new: T, cat: str, ftype: LlamaFileType, model: ModelFacts, c: _Counters) -> T:
+    """The 1- and 2-bit file types: attn_v, the first eighth of ffn_down and attn_output step up."""
+    step_up = T.IQ3_S if ftype in IQ2_S_M else T.Q2_K
+    if cat in ATTN_V_LIKE:
+        c.i_attention_wv += 1
+        return T.Q4_K if model.n_gqa >= 4 or model.n_expert >= 4 else step_up
+    if cat == "attn_k" and model.n_expert == 8:
+        return T.Q4_K
+    if cat == "ffn_down":
+        first_eighth = c.i_ffn_down < model.n_layer // 8
+        c.i_ffn_down += 1
+        return step_up if first_eighth else new
+    if cat == "attn_output":
+        if model.n_expert == 8:
+            return T.Q5_K
+        if ftype in (LlamaFileType.MOSTLY_IQ1_S, LlamaFileType.MOSTLY_IQ1_M):
+            return T.IQ2_XXS
+        return T.IQ3_S if ftype in IQ2_S_M else new
+    return new
+
+
+def needs_imatrix(name: str, qtype: T, ftype: LlamaFileType) -> bool:
+    """llama.cpp's tensor_requires_imatrix: the grid i-quants below IQ3_S, and Q2_K in a Q2_K_S file; never the
+    token embeddings or the output."""
+    if category(name) in ("token_embd", "output"):
+        return False
+    return qtype in NEEDS_IMATRIX or (qtype == T.Q2_K and ftype == LlamaFileType.MOSTLY_Q2_K_S)
 
 
 def check_imatrix_given(types: dict[str, T], ftype: LlamaFileType, weighted: Collection[str] | None) -> None:
-    """llama-quantize refuses a Q2_K_S file whose Q2_K tensors (bar the token embeddings and the output) lack
-    importance-matrix weights (tensor_requires_imatrix). `weighted`: the tensors the imatrix has weights for, None
-    without an imatrix."""
-    if ftype != LlamaFileType.MOSTLY_Q2_K_S:
-        return
-    needing = [n for n, t in types.items() if t == T.Q2_K and category(n) not in ("token_embd", "output")]
+    """llama-quantize refuses a file whose tensors of a type that needs importance weights (`needs_imatrix`) lack
+    them. `weighted`: the tensors the imatrix has weights for, None without an imatrix."""
+    needing = [n for n, t in types.items() if needs_imatrix(n, t, ftype)]
     name = ftype.name.removeprefix("MOSTLY_")
     if weighted is None and needing:
-        raise MtError(f"{name} needs an importance matrix (tensor {needing[0]!r} would be Q2_K without one)",
-                      "pass --imatrix FILE, or choose Q2_K")
+        raise MtError(f"{name} needs an importance matrix (tensor {needing[0]!r} would be {types[needing[0]].name} "
+                      "without one)", "pass --imatrix FILE (llama-imatrix makes one), or choose Q2_K, which needs none")
     missing = [n for n in needing if weighted is not None and n not in weighted]
     if missing:
-        raise MtError(f"the importance matrix has no weights for {missing[0]!r}, which {name} makes Q2_K",
-                      "use an importance matrix computed on this model, or choose Q2_K")
+        raise MtError(f"the importance matrix has no weights for {missing[0]!r}, which {name} makes "
+                      f"{types[missing[0]].name}", "use an importance matrix computed on this model")
 
 
 def _layer(name: str, counter: int, model: ModelFacts) -> tuple[int, int]:
