@@ -165,10 +165,10 @@ def test_imatrix_weighs_the_mixes_and_verify_checks_them(llama2_256_dir, tmp_pat
     convert(llama2_256_dir, tmp_path / "f32.gguf", "f32")
     imatrix = write_gguf(model_imatrix(tmp_path / "f32.gguf", complete=True), tmp_path / "imatrix.gguf")
     out = CliRunner().invoke(main, ["release", str(llama2_256_dir), "-o", str(tmp_path / "dist"), "--name", "m",
-                                    "--quants", "q8_0,q4_k_m,q5_k_s,q2_k_s", "--imatrix", str(imatrix), "--json"])
+                                    "--quants", "q8_0,q4_k_m,q5_k_s,q2_k_s,iq3_xxs", "--imatrix", str(imatrix), "--json"])
     assert out.exit_code == 0, out.output
     assert all(f["verify"]["passed"] for f in json.loads(out.output.strip().splitlines()[-1])["files"])
-    for outtype in ("q8_0", "q4_k_m", "q5_k_s", "q2_k_s"):
+    for outtype in ("q8_0", "q4_k_m", "q5_k_s", "q2_k_s", "iq3_xxs"):
         weighed = {"imatrix": str(imatrix)} if outtype != "q8_0" else {}
         convert(llama2_256_dir, tmp_path / "one.gguf", outtype, force=True, **weighed)
         assert (tmp_path / "dist" / file_name("m", outtype)).read_bytes() == (tmp_path / "one.gguf").read_bytes(), outtype
@@ -176,11 +176,12 @@ def test_imatrix_weighs_the_mixes_and_verify_checks_them(llama2_256_dir, tmp_pat
     assert (tmp_path / "plain.gguf").read_bytes() != (tmp_path / "dist" / file_name("m", "q4_k_m")).read_bytes()
 
 
-def test_q2_k_s_without_an_imatrix_is_one_line(llama2_256_dir, tmp_path):
+@pytest.mark.parametrize("quant", ["q2_k_s", "iq2_xs"])
+def test_a_type_needing_an_imatrix_without_one_is_one_line(llama2_256_dir, tmp_path, quant):
     """(On rows of 64 every Q2_K tensor falls back to Q4_0 and nothing needs the imatrix, as in llama.cpp.)"""
     dist = tmp_path / "dist"
-    out = CliRunner().invoke(main, ["release", str(llama2_256_dir), "-o", str(dist), "--quants", "q8_0,q2_k_s"])
-    assert out.exit_code != 0 and "Q2_K_S needs an importance matrix" in out.output
+    out = CliRunner().invoke(main, ["release", str(llama2_256_dir), "-o", str(dist), "--quants", f"q8_0,{quant}"])
+    assert out.exit_code != 0 and f"{quant.upper()} needs an importance matrix" in out.output
     assert len(out.output.strip().splitlines()) == 1 and no_stray_files(dist)
 
 

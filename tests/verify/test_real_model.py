@@ -23,7 +23,7 @@ from tests.quant.test_quantize_imatrix import model_imatrix, reference
 from tests.verify import corrupt
 from tests.verify.reports import assert_exact_pass, check
 
-LLAMA_QUANTIZE = ("Q6_K", "Q5_K_M", "Q4_K_M", "Q4_K_S", "Q3_K_M", "Q2_K", "IQ4_XS")
+LLAMA_QUANTIZE = ("Q6_K", "Q5_K_M", "Q4_K_M", "Q4_K_S", "Q3_K_M", "Q2_K", "IQ4_XS", "IQ3_M")
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +38,11 @@ def files(smollm2_dir, tmp_path_factory) -> dict[str, Path]:
     out["imatrix"] = write_gguf(raw, work / "imatrix.gguf")
     out["Q4_K_M-imatrix"] = work / "Q4_K_M-imatrix.gguf"
     reference(out["F16"], out["Q4_K_M-imatrix"], "q4_k_m", str(out["imatrix"]), raw.expected_gguf_map(), raw, raw.datasets[0])
+    complete = model_imatrix(out["F16"], complete=True)  # IQ2_XS needs weights for every matrix it makes IQ2_XS
+    out["imatrix-complete"] = write_gguf(complete, work / "imatrix-complete.gguf")
+    out["IQ2_XS-imatrix"] = work / "IQ2_XS-imatrix.gguf"
+    reference(out["F16"], out["IQ2_XS-imatrix"], "iq2_xs", str(out["imatrix-complete"]), complete.expected_gguf_map(),
+              complete, complete.datasets[0])
     return out
 
 
@@ -78,6 +83,8 @@ def test_imatrix_file_checked_with_the_imatrix_and_not_failed_without(smollm2_di
     assert without.passed and check(without, "tensors").status is Status.WARN, without.to_text()
     with Verifier(smollm2_dir, VerifyOptions(imatrix=files["imatrix"])) as v:
         assert_exact_pass(v.verify(files["Q4_K_M-imatrix"]))
+    with Verifier(smollm2_dir, VerifyOptions(imatrix=files["imatrix-complete"])) as v:
+        assert_exact_pass(v.verify(files["IQ2_XS-imatrix"]))
 
 
 CORRUPTIONS = {  # edits of llama-quantize's Q4_K_M -> (the check that must fail, a phrase of its problems)
