@@ -19,8 +19,8 @@ import numpy as np
 from gguf import GGMLQuantizationType
 
 from mt.errors import QuantizationError
-from mt.quant.iq_grids import Lattice, lattice
-from mt.quant.kquants import GROUP_MAX_EPS, K_CHUNK_VALUES, QK_K, nearest_int
+from mt.quant.iq_grids import GRID_CHUNK_VALUES, Lattice, lattice
+from mt.quant.kquants import GROUP_MAX_EPS, QK_K, nearest_int
 from mt.quant.types import QuantType
 
 F32 = np.float32
@@ -310,7 +310,7 @@ def iq2_s_quantize(blocks: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
 
 class IQ2_XXS(QuantType):
     ggml_type = GGMLQuantizationType.IQ2_XXS
-    chunk_values = K_CHUNK_VALUES
+    chunk_values = GRID_CHUNK_VALUES
     kernel = None
     weighted_kernel = "iq2_xxs"
 
@@ -325,7 +325,7 @@ class IQ2_XXS(QuantType):
 
 class IQ2_XS(QuantType):
     ggml_type = GGMLQuantizationType.IQ2_XS
-    chunk_values = K_CHUNK_VALUES
+    chunk_values = GRID_CHUNK_VALUES
     kernel = None
     weighted_kernel = "iq2_xs"
 
@@ -340,7 +340,7 @@ class IQ2_XS(QuantType):
 
 class IQ2_S(QuantType):
     ggml_type = GGMLQuantizationType.IQ2_S
-    chunk_values = K_CHUNK_VALUES
+    chunk_values = GRID_CHUNK_VALUES
     kernel = weighted_kernel = "iq2_s"
 
     @classmethod

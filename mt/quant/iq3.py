@@ -15,8 +15,8 @@ from typing import Callable
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from mt.quant.iq_grids import Lattice, lattice
-from mt.quant.kquants import K_CHUNK_VALUES, QK_K, nearest_int
+from mt.quant.iq_grids import GRID_CHUNK_VALUES, Lattice, lattice
+from mt.quant.kquants import QK_K, nearest_int
 from mt.quant.types import QuantType
 
 F32 = np.float32
@@ -240,7 +240,7 @@ def iq3_s_quantize(blocks: np.ndarray, qw: np.ndarray | None = None) -> np.ndarr
 
 class IQ3_XXS(QuantType):
     ggml_type = GGMLQuantizationType.IQ3_XXS
-    chunk_values = K_CHUNK_VALUES
+    chunk_values = GRID_CHUNK_VALUES
     kernel = weighted_kernel = "iq3_xxs"
 
     @classmethod
@@ -254,7 +254,7 @@ class IQ3_XXS(QuantType):
 
 class IQ3_S(QuantType):
     ggml_type = GGMLQuantizationType.IQ3_S
-    chunk_values = K_CHUNK_VALUES
+    chunk_values = GRID_CHUNK_VALUES
     kernel = weighted_kernel = "iq3_s"
 
     @classmethod

@@ -18,6 +18,7 @@ from gguf import GGMLQuantizationType as T
 
 KEYS_2BIT = 43692  # ggml's kmap_size for the 8-wide grids: keys of levels 0..2 stay below it
 KEYS_3BIT = 4096  # for the 4-wide grids: every key of levels 0..7
+GRID_CHUNK_VALUES = 1 << 16  # values per work item: the searches are slow enough that a mid-size tensor needs several
 
 
 @dataclass(frozen=True, eq=False)  # hashed by identity: one per type, cached
@@ -64,22 +65,25 @@ def grid_levels(gguf_name: str) -> np.ndarray:
     return levels.astype(np.int8)
 
 
-def _neighbour_lists(points: np.ndarray, off_grid: np.ndarray, bits: int, nwant: int) -> list[np.ndarray]:
-    """For each off-grid key, the grid indices in (distance², index) order out to the nwant-th distinct distance."""
-    dim = points.shape[1]
-    p = points.astype(np.int32)
-    lists: list[np.ndarray] = []
-    for start in range(0, off_grid.size, 512):
-        keys = off_grid[start : start + 512]
-        pos = 2 * ((keys[:, None] >> (bits * np.arange(dim))) & ((1 << bits) - 1)) + 1
-        d2 = ((p[None, :, :] - pos[:, None, :]) ** 2).sum(axis=-1)
-        order = np.argsort(d2, axis=1, kind="stable")  # ties keep the lower grid index first
-        sorted_d2 = np.take_along_axis(d2, order, axis=1)
-        rank = np.concatenate([np.zeros((keys.size, 1), np.int64), np.cumsum(np.diff(sorted_d2, axis=1) > 0, axis=1)],
-                              axis=1)
-        counts = (rank < nwant).sum(axis=1)
-        lists.extend(order[i, : counts[i]] for i in range(keys.size))
-    return lists
+def _neighbour_lists(points: np.ndarray, off_grid: np.ndarray, bits: int, nwant: int) -> tuple[np.ndarray, np.ndarray]:
+    """For each off-grid key, the grid indices in (distance², index) order out to the nwant-th distinct distance
+    (every point when there are fewer distinct distances). -> (count per key, the lists one after another)."""
+    p = points.astype(np.float64)
+    norms = (p * p).sum(axis=1)
+    counts, lists = [], []
+    for start in range(0, off_grid.size, 4096):
+        keys = off_grid[start : start + 4096]
+        pos = (2 * ((keys[:, None] >> (bits * np.arange(p.shape[1]))) & ((1 << bits) - 1)) + 1).astype(np.float64)
+        d2 = np.rint(norms[None, :] + (pos * pos).sum(axis=1)[:, None] - 2 * pos @ p.T).astype(np.int64)  # exact
+        present = np.zeros((keys.size, int(d2.max()) + 1), dtype=bool)
+        present[np.arange(keys.size)[:, None], d2] = True
+        distinct = np.cumsum(present, axis=1)  # distinct distances at or below each value
+        last = np.where(distinct[:, -1] >= nwant, np.argmax(distinct >= nwant, axis=1), present.shape[1])
+        rows, cols = np.nonzero(d2 <= last[:, None])
+        order = np.lexsort((cols, d2[rows, cols], rows))
+        counts.append(np.bincount(rows, minlength=keys.size))
+        lists.append(cols[order])
+    return np.concatenate(counts), np.concatenate(lists)
 
 
 @cache
@@ -94,23 +98,27 @@ def lattice(ggml_type: T) -> Lattice:
     index = np.full(n_keys, -1, dtype=np.int32)
     index[grid_keys] = np.arange(levels.shape[0], dtype=np.int32)
     off_grid = np.flatnonzero(index < 0)
-    lists = _neighbour_lists(2 * levels + 1, off_grid, bits, nwant)
-    lengths = np.array([len(x) for x in lists], dtype=np.int64)
-    offsets = np.concatenate([[0], np.cumsum(lengths + 1)[:-1]])
+    counts, entries = _neighbour_lists(2 * levels + 1, off_grid, bits, nwant)
+    offsets = np.concatenate([[0], np.cumsum(counts + 1)[:-1]])
     index[off_grid] = -(offsets + 1).astype(np.int32)
-    flat = np.empty(int((lengths + 1).sum()), dtype=np.uint16)
-    flat[offsets] = lengths
-    for off, entries in zip(offsets, lists):
-        flat[off + 1 : off + 1 + entries.size] = entries
+    flat = np.empty(int((counts + 1).sum()), dtype=np.uint16)
+    flat[offsets] = counts
+    flat[np.repeat(offsets + 1, counts) + _within(counts)] = entries
     return Lattice((2 * levels + 1).astype(np.int8), index, flat, bits)
+
+
+def _within(counts: np.ndarray) -> np.ndarray:
+    """0, 1 … count-1 for each count, one run after another."""
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    return np.arange(int(counts.sum())) - np.repeat(starts, counts)
 
 
 @cache
 def _padded(lat: Lattice) -> np.ndarray:
     off = np.flatnonzero(lat.index < 0)
-    starts = -lat.index[off] - 1
+    starts = (-lat.index[off] - 1).astype(np.int64)
     counts = lat.neighbours[starts].astype(np.int64)
+    within = _within(counts)
     table = np.full((lat.index.size, int(counts.max())), -1, dtype=np.int32)
-    for key, s, c in zip(off, starts, counts):
-        table[key, :c] = lat.neighbours[s + 1 : s + 1 + c]
+    table[np.repeat(off, counts), within] = lat.neighbours[np.repeat(starts + 1, counts) + within]
     return table

@@ -114,8 +114,12 @@ class QuantType:
 
     @classmethod
     def dequantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
-        """gguf-py's decoder of the format, unless the type has its own."""
-        return getattr(gguf.quants, cls.ggml_type.name).dequantize_blocks(blocks)
+        """gguf-py's decoder of the format, unless the type has its own (its grid loaded first, as gguf.quants.dequantize
+        does: the class method alone does not)."""
+        codec = getattr(gguf.quants, cls.ggml_type.name)
+        if getattr(codec, "grid_shape", None) and codec.grid is None:
+            codec.init_grid()
+        return codec.dequantize_blocks(blocks)
 
     @classmethod
     def block_writer(cls, backend: str | None = None) -> tuple[BlockWriter, int]:

@@ -289,7 +289,7 @@ def quantize_weighted(ggml_type: T, data: np.ndarray, weights: np.ndarray,
     convert = to_f32 or (lambda a: a.astype(np.float32, copy=False))
     qw = np.ascontiguousarray(weights, dtype=np.float32)
     out = np.empty((rows.shape[0], n // qt.block_size * qt.type_size), dtype=np.uint8)
-    step = max(1, K_CHUNK_VALUES // n)
+    step = max(1, min(K_CHUNK_VALUES, qt.chunk_values or K_CHUNK_VALUES) // n)
     write = row_writer(ggml_type, backend)
 
     def run(start: int) -> None:
