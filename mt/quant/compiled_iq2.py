@@ -2,87 +2,238 @@
 The rules of mt/quant/compiled.py hold (float32 everywhere, no FMA, ggml's order). One super-block at a time, one
 sub-block after another, as quantize_row_iq2_{xxs,xs,s}_impl run.
 
-The lattice comes as four arrays (`tables`): the key map `index`, the neighbour lists `nb`, the grid points 2l + 1 as
-float32 `points` [G, 8] and their `levels` [G, 8]. `failed` [1] counts the groups that found no neighbour at a finite
-distance, where ggml aborts; the Python wrappers raise then. A sub-block's scratch: `weight`, `waux` = sqrtf(weight),
-`xval` = |x| (ggml's sign folding), `wx` = weight·xval.
+A group of 8 values is held by its grid index g: its levels are the grid point's. The lattice comes as `SearchTables`
+(see `tables`): the key map, each off-grid key's neighbour list padded to a multiple of LANES, and the list's points
+in one block laid out [8][K] (dimension-major), so that iq2_find_best_neighbour runs across candidates in SIMD lanes
+while each candidate's distance keeps ggml's order over the 8 dimensions.
+
+A sub-block's scratch (`Scratch`): `weight`, `waux` = sqrtf(weight), `xval` = |x| (ggml's sign folding), the
+products ggml sums for each position i and level l (q = 2l + 1): `wxq[3i + l]` = weight·xval·q and
+`wqq[3i + l]` = weight·q·q, and the trial scales' iscales and keys. `failed` [1] counts the groups that found no
+neighbour at a finite distance, where ggml aborts; the Python wrappers raise then.
+
+Indices into the big tables are uint64 where a loop should vectorize: numba checks a signed index for wraparound,
+which turns contiguous loads into gathers.
 """
 
 from __future__ import annotations
 
 from functools import cache
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 from gguf import GGMLQuantizationType
 
 from mt.quant.compiled import (
-    GROUP_MAX_EPS, QK_K, fp32_to_fp16, jit, make_qp_quants, nearest_int, put_fp16, sum_of_squares,
+    GROUP_MAX_EPS, QK_K, clampf, f32_bits, fp32_to_fp16, jit, make_qp_quants, nearest_int, nearest_int_f32, put_fp16,
+    sum_of_squares,
 )
 from mt.quant.iq2 import no_neighbour
 from mt.quant.iq_grids import lattice
 
 F32 = np.float32
-FLT_MAX = F32(np.finfo(np.float32).max)
 GROUP_MAX_EPS_IQ2_S = F32(1e-8)
+FLT_MAX_BITS = 0x7F7FFFFF  # a distance d2 >= 0 is below FLT_MAX exactly when its bits are below these
+LANE_BITS = 3
+LANES = 1 << LANE_BITS  # candidates per SIMD step of the neighbour search
+NO_CANDIDATE = 1 << 40  # above any (distance bits << LANE_BITS | lane)
+TRIALS = 24  # room for the trial scales of a scale search (13 or 19), a multiple of 8
+NO_POINT = -(1 << 40)  # group_grid's answer where no neighbour lies at a finite distance
+
+
+class SearchTables(NamedTuple):
+    index: np.ndarray  # int32 [keys]: the key's grid index, negative off the grid
+    starts: np.ndarray  # int32 [keys + 1]: key k's candidates are cand[starts[k]:starts[k + 1]] (none on the grid)
+    cand: np.ndarray  # int32 [C]: ggml's neighbour lists, each padded to a multiple of LANES with its last entry
+    qpts: np.ndarray  # int8 [8 C]: key k's candidates' points 2l + 1 at 8·starts[k], laid out [8][K]
+    glevels: np.ndarray  # int8 [G, 8]: each grid point's levels
+
+
+# ---------------------------------------------------------------- the neighbour search
 
 
 @jit(inline="always")
-def best_neighbour(nb: np.ndarray, start: int, points: np.ndarray, levels: np.ndarray, xval: np.ndarray,
-                   waux: np.ndarray, at: int, scale: float, L: np.ndarray) -> int:
-    """iq2_find_best_neighbour: of the neighbours listed at nb[start] (count, then grid indices) the first with the
-    smallest Σ waux·(scale·q - x)² below FLT_MAX over the group at `at`; its levels into L[at:at + 8]. -1: none."""
-    best_d2 = FLT_MAX
-    found = -1
-    for j in range(1, np.int64(nb[start]) + 1):
-        g = np.int64(nb[start + j])
-        d2 = F32(0)
-        for i in range(8):
-            diff = scale * points[g, i] - xval[at + i]
-            d2 += waux[at + i] * diff * diff
-        if d2 < best_d2:
-            best_d2 = d2
-            found = g
+def distance(qpts: np.ndarray, base: int, n: int, j: int, scale: float, xval: np.ndarray, waux: np.ndarray,
+             at: int) -> float:
+    """Σ waux·(scale·q - x)² over the group at `at` for candidate j of the block [8][n] at qpts[base], in ggml's
+    order (d2 starts at 0, then i = 0..7)."""
+    d2 = F32(0)
     for i in range(8):
-        L[at + i] = levels[found, i] if found >= 0 else 0
-    return found
+        diff = scale * F32(qpts[np.uint64(base + i * n + j)]) - xval[at + i]
+        d2 += waux[at + i] * diff * diff
+    return d2
 
 
 @jit(inline="always")
-def group_levels(xval: np.ndarray, waux: np.ndarray, at: int, iscale: float, scale: float, L: np.ndarray,
-                 index: np.ndarray, nb: np.ndarray, points: np.ndarray, levels: np.ndarray, failed: np.ndarray) -> bool:
-    """Levels clamp(nearest_int(0.5·(iscale·x - 1)), 0, 2) of the group at `at` into L; off the grid, the best
-    neighbour's at `scale`. True when the levels were on the grid."""
+def best_neighbour(starts: np.ndarray, cand: np.ndarray, qpts: np.ndarray, key: int, xval: np.ndarray,
+                   waux: np.ndarray, at: int, scale: float) -> int:
+    """iq2_find_best_neighbour: of the candidates of an off-grid key, the first with the smallest
+    Σ waux·(scale·q - x)² below FLT_MAX over the group at `at`; -1: none.
+
+    A distance is a sum of terms >= 0 (waux = sqrtf(weight) is >= 0, -0 or NaN), never negative or -0, so its bits
+    as uint32 order like the floats, NaN and inf above FLT_MAX. LANES candidates at a time run in SIMD lanes, each
+    distance in ggml's order; (bits << LANE_BITS | lane) orders a chunk by distance, then place, and the first chunk
+    with the smallest bits holds the answer. A padding copy of a list's last entry never comes before it. (A single
+    return keeps numba's reference counting out of the loop.)"""
+    s = np.int64(starts[key])
+    n = np.int64(starts[key + 1]) - s
+    smallest = NO_CANDIDATE
+    first = 0
+    for c in range(n // LANES):
+        chunk = NO_CANDIDATE
+        for jj in range(LANES):
+            d2 = distance(qpts, 8 * s, n, LANES * c + jj, scale, xval, waux, at)
+            chunk = min(chunk, (np.int64(np.uint32(f32_bits(d2))) << LANE_BITS) | jj)
+        if chunk >> LANE_BITS < smallest >> LANE_BITS:  # an equal distance in a later chunk comes after
+            smallest = chunk
+            first = c
+    g = np.int64(cand[s + LANES * first + (smallest & (LANES - 1))])
+    return g if smallest >> LANE_BITS < FLT_MAX_BITS else -1
+
+
+@jit(inline="always")
+def group_key(xval: np.ndarray, at: int, iscale: float) -> int:
+    """The key of levels clamp(nearest_int(0.5·(iscale·x - 1)), 0, 2) of the group at `at`."""
     key = 0
     for i in range(8):
-        l = max(0, min(2, nearest_int(F32(0.5) * (iscale * xval[at + i] - F32(1)))))
-        L[at + i] = l
-        key |= l << (2 * i)
-    if index[key] >= 0:
-        return True
-    if best_neighbour(nb, -np.int64(index[key]) - 1, points, levels, xval, waux, at, scale, L) < 0:
-        failed[0] += 1
-    return False
+        l = clampf(nearest_int_f32(F32(0.5) * (iscale * xval[at + i] - F32(1))), F32(0), F32(2))
+        key |= np.int64(l) << (2 * i)
+    return key
 
 
 @jit(inline="always")
-def level_sums(weight: np.ndarray, wx: np.ndarray, L: np.ndarray) -> tuple[float, float]:
-    """Σ w·x·q and Σ w·q·q with q = 2l + 1, in ggml's order (w·x is the product ggml takes first)."""
+def trial_keys(xval: np.ndarray, vmax: float, steps: int, iscales: np.ndarray, keys: np.ndarray) -> None:
+    """The trial scales of a scale search: iscale (5 + 0.1·(t - steps))/vmax into iscales[t] and the key of group k's
+    levels at it into keys[k, t], for t = 0..2·steps and on up to TRIALS (unused); the loops run across trials in
+    SIMD lanes."""
+    for t in range(TRIALS):
+        iscales[t] = (F32(5) + F32(t - steps) * F32(0.1)) / vmax
+    keys[:] = 0
+    for k in range(keys.shape[0]):
+        for i in range(8):
+            x = xval[8 * k + i]
+            for t in range(TRIALS):
+                l = clampf(nearest_int_f32(F32(0.5) * (iscales[t] * x - F32(1))), F32(0), F32(2))
+                keys[k, t] |= np.int32(l) << np.int32(2 * i)
+
+
+@jit(inline="always")
+def group_grid(index: np.ndarray, starts: np.ndarray, cand: np.ndarray, qpts: np.ndarray, xval: np.ndarray,
+               waux: np.ndarray, at: int, key: int, scale: float) -> int:
+    """The grid point of the group at `at` with levels `key`: the key's own, or off the grid the best neighbour's at
+    `scale` as -(g + 1); NO_POINT where no neighbour lies at a finite distance."""
+    g = np.int64(index[key])
+    if g >= 0:
+        return g
+    g = best_neighbour(starts, cand, qpts, key, xval, waux, at, scale)
+    return -g - 1 if g >= 0 else NO_POINT
+
+
+@jit(inline="always")
+def counted(g: int, failed: np.ndarray) -> int:
+    """group_grid's g; NO_POINT counted in `failed` (ggml aborts there) and read as grid point 0 (all levels 0)."""
+    if g == NO_POINT:
+        failed[0] += 1
+        return -1
+    return g
+
+
+# ---------------------------------------------------------------- the scale search
+
+
+@jit(inline="always")
+def level_products(weight: np.ndarray, xval: np.ndarray, wxq: np.ndarray, wqq: np.ndarray) -> None:
+    """For each position i and level l (q = 2l + 1): wxq[3i + l] = weight·xval·q, wqq[3i + l] = weight·q·q, the
+    products ggml's sums take."""
+    for i in range(weight.shape[0]):
+        wx = weight[i] * xval[i]
+        for l in range(3):
+            q = F32(2 * l + 1)
+            wxq[3 * i + l] = wx * q
+            wqq[3 * i + l] = weight[i] * q * q
+
+
+@jit(inline="always")
+def level_sums(glevels: np.ndarray, grid: np.ndarray, wxq: np.ndarray, wqq: np.ndarray) -> tuple[float, float]:
+    """Σ w·x·q and Σ w·q·q over the groups' grid points (-(g + 1) off the grid), in ggml's order."""
     sumqx = F32(0)
     sumq2 = F32(0)
-    for i in range(L.shape[0]):
-        q = F32(2 * np.int64(L[i]) + 1)
-        sumqx += wx[i] * q
-        sumq2 += weight[i] * q * q
+    for k in range(grid.shape[0]):
+        g = grid[k] if grid[k] >= 0 else -grid[k] - 1
+        for i in range(8):
+            p = 3 * (8 * k + i) + np.int64(glevels[g, i])
+            sumqx += wxq[p]
+            sumq2 += wqq[p]
     return sumqx, sumq2
 
 
+class Scratch(NamedTuple):
+    weight: np.ndarray  # float32 [n]
+    waux: np.ndarray  # float32 [n]
+    xval: np.ndarray  # float32 [n]
+    wxq: np.ndarray  # float32 [3 n]
+    wqq: np.ndarray  # float32 [3 n]
+    signs: np.ndarray  # int64 [n / 8]: each group's sign bits
+    grid: np.ndarray  # int64 [n / 8]: each group's grid point
+    aux: np.ndarray  # int64 [n / 8]: the grid points of a trial
+    iscales: np.ndarray  # float32 [TRIALS]
+    keys: np.ndarray  # int32 [n / 8, TRIALS]
+
+
 @jit(inline="always")
-def grid_index(L: np.ndarray, at: int, index: np.ndarray) -> int:
-    key = 0
-    for i in range(8):
-        key |= np.int64(L[at + i]) << (2 * i)
-    return index[key]
+def scratch(n: int) -> Scratch:
+    """Work arrays for sub-blocks of n values."""
+    groups = n // 8
+    return Scratch(np.empty(n, F32), np.empty(n, F32), np.empty(n, F32), np.empty(3 * n, F32), np.empty(3 * n, F32),
+                   np.zeros(groups, np.int64), np.zeros(groups, np.int64), np.zeros(groups, np.int64),
+                   np.empty(TRIALS, F32), np.empty((groups, TRIALS), np.int32))
+
+
+@jit()
+def scale_search(tab: SearchTables, w: Scratch, vmax: float, scale: float, steps: int, redo_all: bool,
+                 failed: np.ndarray) -> float:
+    """The scale search of quantize_row_iq2_{xxs,xs,s}_impl for one sub-block: for iscale = (5 + 0.1·step)/vmax,
+    |step| <= steps, each group's grid point and the sums, the best trial by sumqx²/sumq2; then the groups
+    (`redo_all`: every one, else those off the grid) again at the best scale. The grid points into w.grid, the scale
+    returned (negative: the signs flip); `scale` is the one kept where no trial wins."""
+    index, starts, cand, qpts, glevels = tab
+    xval, waux, wxq, wqq, grid, aux, iscales, keys = w.xval, w.waux, w.wxq, w.wqq, w.grid, w.aux, w.iscales, w.keys
+    grid[:] = 0
+    best = F32(0)
+    sumqx = F32(0)
+    sumq2 = F32(0)
+    trial_keys(xval, vmax, steps, iscales, keys)
+    for t in range(2 * steps + 1):
+        this_scale = F32(1) / iscales[t]
+        changed = t == 0
+        for k in range(aux.shape[0]):
+            g = counted(group_grid(index, starts, cand, qpts, xval, waux, 8 * k, keys[k, t], this_scale), failed)
+            changed |= g != aux[k]
+            aux[k] = g
+        if changed:  # the grid points of the last trial have its sums
+            sumqx, sumq2 = level_sums(glevels, aux, wxq, wqq)
+        if sumq2 > F32(0) and sumqx * sumqx > best * sumq2:
+            scale = sumqx / sumq2
+            best = scale * sumqx
+            grid[:] = aux
+    redo = False
+    for k in range(grid.shape[0]):
+        redo |= redo_all or grid[k] < 0
+    if redo and scale > F32(0):
+        iscale = F32(1) / scale
+        for k in range(grid.shape[0]):
+            if redo_all or grid[k] < 0:
+                key = group_key(xval, 8 * k, iscale)
+                grid[k] = counted(group_grid(index, starts, cand, qpts, xval, waux, 8 * k, key, scale), failed)
+        sumqx, sumq2 = level_sums(glevels, grid, wxq, wqq)
+        if sumq2 > F32(0):
+            scale = sumqx / sumq2
+    for k in range(grid.shape[0]):
+        grid[k] = grid[k] if grid[k] >= 0 else -grid[k] - 1
+    return scale
+
+
+# ---------------------------------------------------------------- per sub-block
 
 
 @jit(inline="always")
@@ -99,10 +250,9 @@ def sub_block_weights(xb: np.ndarray, qb: np.ndarray, weighted: bool, sigma2: fl
 
 
 @jit(inline="always")
-def fold_signs(xb: np.ndarray, weight: np.ndarray, even: bool, xval: np.ndarray, wx: np.ndarray,
-               signs: np.ndarray) -> float:
-    """|x| into xval, weight·xval into wx and the sign bits of each group of 8 into signs; `even`: a group with an odd
-    count of negatives keeps its value of least w·x² negative, and 7 bits hold its signs. Returns the largest xval."""
+def fold_signs(xb: np.ndarray, weight: np.ndarray, even: bool, xval: np.ndarray, signs: np.ndarray) -> float:
+    """|x| into xval and the sign bits of each group of 8 into signs; `even`: a group with an odd count of negatives
+    keeps its value of least w·x² negative, and 7 bits hold its signs. Returns the largest xval."""
     for k in range(xb.shape[0] // 8):
         nflip = 0
         s = 0
@@ -127,7 +277,6 @@ def fold_signs(xb: np.ndarray, weight: np.ndarray, even: bool, xval: np.ndarray,
         signs[k] = s & 127 if even else s
     vmax = xval[0]
     for i in range(xb.shape[0]):
-        wx[i] = weight[i] * xval[i]
         vmax = vmax if vmax > xval[i] else xval[i]
     return vmax
 
@@ -141,48 +290,22 @@ def scale_level(scale: float, iscale: float) -> int:
 
 
 @jit()
-def xxs_sub_block(xval: np.ndarray, weight: np.ndarray, waux: np.ndarray, wx: np.ndarray, L: np.ndarray,
-                  Laux: np.ndarray, Lqp: np.ndarray, index: np.ndarray, nb: np.ndarray, points: np.ndarray,
-                  levels: np.ndarray, failed: np.ndarray) -> tuple[float, bool]:
-    """The search of quantize_row_iq2_xxs_impl for one sub-block of 32: levels into L, the scale (negative: the signs
-    flip) and False where make_qp_quants' scale is not positive (ggml skips the sub-block)."""
-    scale = make_qp_quants(xval, weight, 4, Lqp)
+def xxs_sub_block(tab: SearchTables, w: Scratch, Lqp: np.ndarray, failed: np.ndarray) -> tuple[float, bool]:
+    """The search of quantize_row_iq2_xxs_impl for one sub-block of 32: grid points into w.grid, the scale (negative:
+    the signs flip) and False where make_qp_quants' scale is not positive (ggml skips the sub-block)."""
+    scale = make_qp_quants(w.xval, w.weight, 4, Lqp)
     eff_max = scale * F32(3)
     if eff_max <= F32(0):
         return F32(0), False
-    best = F32(0)
-    for step in range(-6, 7):
-        iscale = (F32(5) + F32(step) * F32(0.1)) / eff_max
-        this_scale = F32(1) / iscale
-        for k in range(4):
-            group_levels(xval, waux, 8 * k, iscale, this_scale, Laux, index, nb, points, levels, failed)
-        sumqx, sumq2 = level_sums(weight, wx, Laux)
-        if sumq2 > F32(0) and sumqx * sumqx > best * sumq2:
-            scale = sumqx / sumq2
-            best = scale * sumqx
-            L[:] = Laux
-    if scale > F32(0):
-        iscale = F32(1) / scale
-        for k in range(4):
-            group_levels(xval, waux, 8 * k, iscale, scale, L, index, nb, points, levels, failed)
-        sumqx, sumq2 = level_sums(weight, wx, L)
-        if sumq2 > F32(0):
-            scale = sumqx / sumq2
-    return scale, True
+    level_products(w.weight, w.xval, w.wxq, w.wqq)
+    return scale_search(tab, w, eff_max, scale, 6, True, failed), True
 
 
 @jit()
-def iq2_xxs_blocks(x: np.ndarray, qw: np.ndarray, out: np.ndarray, index: np.ndarray, nb: np.ndarray,
-                   points: np.ndarray, levels: np.ndarray, failed: np.ndarray) -> None:
+def iq2_xxs_blocks(x: np.ndarray, qw: np.ndarray, out: np.ndarray, tab: SearchTables, failed: np.ndarray) -> None:
     """quantize_row_iq2_xxs_impl: x float32 [N, 256], qw float32 [R, 256] -> out uint8 [N, 66]."""
-    weight = np.empty(32, F32)
-    waux = np.empty(32, F32)
-    xval = np.empty(32, F32)
-    wx = np.empty(32, F32)
-    L = np.zeros(32, np.int8)
-    Laux = np.empty(32, np.int8)
+    w = scratch(32)
     Lqp = np.empty(32, np.uint8)
-    signs = np.empty(4, np.int64)
     scales = np.empty(8, F32)
     q2 = np.empty(16, np.uint32)
     for b in range(x.shape[0]):
@@ -194,20 +317,20 @@ def iq2_xxs_blocks(x: np.ndarray, qw: np.ndarray, out: np.ndarray, index: np.nda
         sigma2 = sum_of_squares(xbl) / F32(QK_K)
         for ib in range(8):
             xb = xbl[32 * ib : 32 * ib + 32]
-            sub_block_weights(xb, qbl[32 * ib : 32 * ib + 32], True, sigma2, weight, waux)
+            sub_block_weights(xb, qbl[32 * ib : 32 * ib + 32], True, sigma2, w.weight, w.waux)
             scales[ib] = F32(0)
-            if fold_signs(xb, weight, True, xval, wx, signs) < GROUP_MAX_EPS:
+            if fold_signs(xb, w.weight, True, w.xval, w.signs) < GROUP_MAX_EPS:
                 continue
-            scale, searched = xxs_sub_block(xval, weight, waux, wx, L, Laux, Lqp, index, nb, points, levels, failed)
+            scale, searched = xxs_sub_block(tab, w, Lqp, failed)
             if not searched:
                 continue
             if scale < F32(0):
                 scale = -scale
                 for k in range(4):
-                    signs[k] = ~signs[k] & 127
+                    w.signs[k] = ~w.signs[k] & 127
             for k in range(4):
-                q2[2 * ib] |= np.uint32(grid_index(L, 8 * k, index) << (8 * k))
-                q2[2 * ib + 1] |= np.uint32(signs[k] << (7 * k))
+                q2[2 * ib] |= np.uint32(w.grid[k] << (8 * k))
+                q2[2 * ib + 1] |= np.uint32(w.signs[k] << (7 * k))
             scales[ib] = scale
             max_scale = max_scale if max_scale > scale else scale
         if max_scale == F32(0):
@@ -226,45 +349,12 @@ def iq2_xxs_blocks(x: np.ndarray, qw: np.ndarray, out: np.ndarray, index: np.nda
 # ---------------------------------------------------------------- IQ2_XS / IQ2_S
 
 
-@jit()
-def sub_block_16(xval: np.ndarray, weight: np.ndarray, waux: np.ndarray, wx: np.ndarray, vmax: float, L: np.ndarray,
-                 Laux: np.ndarray, on_grid: np.ndarray, index: np.ndarray, nb: np.ndarray, points: np.ndarray,
-                 levels: np.ndarray, failed: np.ndarray) -> float:
-    """The search of quantize_row_iq2_xs_impl / _s_impl for one sub-block of 16 whose largest xval is vmax: levels
-    into L, the scale returned (negative: the signs flip)."""
-    best = F32(0)
-    scale = vmax / F32(5)
-    L[:] = 0
-    on_grid[:] = True
-    for step in range(-9, 10):
-        iscale = (F32(5) + F32(step) * F32(0.1)) / vmax
-        this_scale = F32(1) / iscale
-        aux0 = group_levels(xval, waux, 0, iscale, this_scale, Laux, index, nb, points, levels, failed)
-        aux1 = group_levels(xval, waux, 8, iscale, this_scale, Laux, index, nb, points, levels, failed)
-        sumqx, sumq2 = level_sums(weight, wx, Laux)
-        if sumq2 > F32(0) and sumqx * sumqx > best * sumq2:
-            scale = sumqx / sumq2
-            best = scale * sumqx
-            L[:] = Laux
-            on_grid[0] = aux0
-            on_grid[1] = aux1
-    if (not on_grid[0] or not on_grid[1]) and scale > F32(0):
-        iscale = F32(1) / scale
-        for k in range(2):
-            if not on_grid[k]:
-                group_levels(xval, waux, 8 * k, iscale, scale, L, index, nb, points, levels, failed)
-        sumqx, sumq2 = level_sums(weight, wx, L)
-        if sumq2 > F32(0):
-            scale = sumqx / sumq2
-    return scale
-
-
 @jit(inline="always")
-def pack_16(y: np.ndarray, ib: int, L: np.ndarray, signs: np.ndarray, index: np.ndarray, is_s: bool) -> None:
+def pack_16(y: np.ndarray, ib: int, grid: np.ndarray, signs: np.ndarray, is_s: bool) -> None:
     """The two groups of sub-block ib: IQ2_XS a uint16 grid index | signs << 9 each; IQ2_S the index's low byte in
     qs, its 2 high bits in qh, the signs byte 32 bytes after the low bytes."""
     for k in range(2):
-        g = grid_index(L, 8 * k, index)
+        g = grid[k]
         i8 = 2 * ib + k
         if is_s:
             y[2 + i8] = g & 255
@@ -275,18 +365,11 @@ def pack_16(y: np.ndarray, ib: int, L: np.ndarray, signs: np.ndarray, index: np.
 
 
 @jit()
-def iq2_16_blocks(x: np.ndarray, qw: np.ndarray, weighted: bool, is_s: bool, out: np.ndarray, index: np.ndarray,
-                  nb: np.ndarray, points: np.ndarray, levels: np.ndarray, failed: np.ndarray) -> None:
+def iq2_16_blocks(x: np.ndarray, qw: np.ndarray, weighted: bool, is_s: bool, out: np.ndarray, tab: SearchTables,
+                  failed: np.ndarray) -> None:
     """quantize_row_iq2_xs_impl (out [N, 74]) or, `is_s`, quantize_row_iq2_s_impl (out [N, 82]): x float32 [N, 256],
     qw float32 [R, 256] (read only where `weighted`)."""
-    weight = np.empty(16, F32)
-    waux = np.empty(16, F32)
-    xval = np.empty(16, F32)
-    wx = np.empty(16, F32)
-    L = np.zeros(16, np.int8)
-    Laux = np.empty(16, np.int8)
-    on_grid = np.empty(2, np.bool_)
-    signs = np.empty(2, np.int64)
+    w = scratch(16)
     scales = np.empty(16, F32)
     eps = GROUP_MAX_EPS_IQ2_S if is_s else GROUP_MAX_EPS
     sign_mask = 255 if is_s else 127
@@ -301,17 +384,18 @@ def iq2_16_blocks(x: np.ndarray, qw: np.ndarray, weighted: bool, is_s: bool, out
         sigma2 = F32(2) * sumx2 / F32(QK_K) if is_s else sumx2 / F32(QK_K)
         for ib in range(16):
             xb = xbl[16 * ib : 16 * ib + 16]
-            sub_block_weights(xb, qbl[16 * ib : 16 * ib + 16], weighted, sigma2, weight, waux)
+            sub_block_weights(xb, qbl[16 * ib : 16 * ib + 16], weighted, sigma2, w.weight, w.waux)
             scales[ib] = F32(0)
-            vmax = fold_signs(xb, weight, not is_s, xval, wx, signs)
+            vmax = fold_signs(xb, w.weight, not is_s, w.xval, w.signs)
             if vmax < eps:
                 continue
-            scale = sub_block_16(xval, weight, waux, wx, vmax, L, Laux, on_grid, index, nb, points, levels, failed)
+            level_products(w.weight, w.xval, w.wxq, w.wqq)
+            scale = scale_search(tab, w, vmax, vmax / F32(5), 9, False, failed)
             if scale < F32(0):
                 scale = -scale
                 for k in range(2):
-                    signs[k] = ~signs[k] & sign_mask
-            pack_16(y, ib, L, signs, index, is_s)
+                    w.signs[k] = ~w.signs[k] & sign_mask
+            pack_16(y, ib, w.grid, w.signs, is_s)
             scales[ib] = scale
             max_scale = max_scale if max_scale > scale else scale
         if max_scale == F32(0):  # IQ2_XS clears its quants; IQ2_S keeps them, with d and the scales 0
@@ -326,19 +410,34 @@ def iq2_16_blocks(x: np.ndarray, qw: np.ndarray, weighted: bool, is_s: bool, out
 
 
 @cache
-def tables(ggml_type: GGMLQuantizationType) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(key map int32, neighbour lists uint16, grid points 2l + 1 as float32 [G, 8], their levels int8 [G, 8])."""
+def tables(ggml_type: GGMLQuantizationType) -> SearchTables:
+    """The lattice of `ggml_type` (mt/quant/iq_grids.py) laid out for the kernels, see SearchTables."""
     lat = lattice(ggml_type)
-    return lat.index, lat.neighbours, lat.points.astype(F32), ((lat.points - 1) // 2).astype(np.int8)
+    off = np.flatnonzero(lat.index < 0)
+    heads = (-lat.index[off] - 1).astype(np.int64)  # each off-grid key's count in lat.neighbours, its list after it
+    counts = lat.neighbours[heads].astype(np.int64)
+    padded = -(-counts // LANES) * LANES
+    sizes = np.zeros(lat.index.size, np.int64)
+    sizes[off] = padded
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    j = np.arange(starts[-1]) - np.repeat(starts[off], padded)  # each candidate's place in its key's list
+    cand = lat.neighbours[np.repeat(heads + 1, padded) + np.minimum(j, np.repeat(counts - 1, padded))].astype(np.int32)
+    qpts = np.empty(8 * cand.size, np.int8)
+    at = np.repeat(8 * starts[off], padded) + j
+    for i in range(8):
+        qpts[at + i * np.repeat(padded, padded)] = lat.points[cand, i]
+    glevels = ((lat.points - 1) // 2).astype(np.int8)
+    assert lat.index[0] == 0 and not glevels[0].any()  # `counted` stands in grid point 0, all levels 0
+    return SearchTables(lat.index, starts.astype(np.int32), cand, qpts, glevels)
 
 
 NO_WEIGHTS = np.zeros((1, QK_K), F32)
 
 
 def run_checked(kernel: Callable[..., None], ggml_type: GGMLQuantizationType, *args: object) -> None:
-    """kernel(*args, *tables, failed); a QuantizationError where a group found no neighbour at a finite distance."""
+    """kernel(*args, tables, failed); a QuantizationError where a group found no neighbour at a finite distance."""
     failed = np.zeros(1, np.int64)
-    kernel(*args, *tables(ggml_type), failed)
+    kernel(*args, tables(ggml_type), failed)
     if failed[0]:
         raise no_neighbour()
 
