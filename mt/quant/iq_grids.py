@@ -71,8 +71,9 @@ def _neighbour_lists(points: np.ndarray, off_grid: np.ndarray, bits: int, nwant:
     p = points.astype(np.float64)
     norms = (p * p).sum(axis=1)
     counts, lists = [], []
-    for start in range(0, off_grid.size, 4096):
-        keys = off_grid[start : start + 4096]
+    step = max(1, (1 << 19) // p.shape[0])  # keys per pass: the temporaries stay near 4 MB each
+    for start in range(0, off_grid.size, step):
+        keys = off_grid[start : start + step]
         pos = (2 * ((keys[:, None] >> (bits * np.arange(p.shape[1]))) & ((1 << bits) - 1)) + 1).astype(np.float64)
         d2 = np.rint(norms[None, :] + (pos * pos).sum(axis=1)[:, None] - 2 * pos @ p.T).astype(np.int64)  # exact
         present = np.zeros((keys.size, int(d2.max()) + 1), dtype=bool)
