@@ -19,9 +19,8 @@ import numpy as np
 from gguf import GGMLQuantizationType
 
 from mt.errors import QuantizationError
-from mt.quant.iq_grids import GRID_CHUNK_VALUES, Lattice, lattice
+from mt.quant.iq_grids import GridQuantType, Lattice, imatrix_required, lattice
 from mt.quant.kquants import QK_K, nearest_int
-from mt.quant.types import QuantType
 
 F32 = np.float32
 FLT_MAX = F32(np.finfo(np.float32).max)
@@ -32,11 +31,6 @@ GROUP_MAX_EPS_IQ1_S = F32(1e-12)
 GROUP_MAX_EPS_IQ1_M = F32(1e-7)
 IQ1M_MASKS = np.array([0x00, 0x80, 0x08, 0x88], dtype=np.uint8)  # the delta signs of IQ1_M's two groups, by shift
 NEIGHBOUR_BATCH = 4096  # off-grid groups per vector step of the neighbour search
-
-
-def needs_imatrix(name: str) -> QuantizationError:
-    return QuantizationError(f"{name} needs an importance matrix",
-                             "pass --imatrix FILE (mt imatrix or llama-imatrix makes one)")
 
 
 def search_failed(name: str, blocks: int) -> QuantizationError:
@@ -308,7 +302,7 @@ def grid_part(x: np.ndarray, w: np.ndarray, rank: np.ndarray, found: SplitSearch
 def iq1_s_quantize(blocks: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
     """quantize_row_iq1_s_impl: blocks [N, 256], qw [N, 256] -> block_iq1_s bytes [N, 50]: d, qs[32], qh[8] (u16)."""
     if qw is None:
-        raise needs_imatrix("IQ1_S")
+        raise imatrix_required("IQ1_S")
     n = blocks.shape[0]
     x = blocks.reshape(-1, 32)
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # C's float semantics, inf and NaN included
@@ -387,30 +381,15 @@ def pack_iq1_m(blocks: np.ndarray, w: np.ndarray, index: np.ndarray, scale: np.n
                            sc.astype(np.uint16).view(np.uint8)], axis=1)
 
 
-class IQ1_S(QuantType):
+class IQ1_S(GridQuantType):
     ggml_type = GGMLQuantizationType.IQ1_S
-    chunk_values = GRID_CHUNK_VALUES
-    kernel = None  # ggml requires an importance matrix
+    reference = staticmethod(iq1_s_quantize)
+    needs_imatrix = True
+    kernel = None
     weighted_kernel = "iq1_s"
 
-    @classmethod
-    def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
-        raise needs_imatrix("IQ1_S")
 
-    @classmethod
-    def quantize_blocks_weighted(cls, blocks: np.ndarray, qw: np.ndarray) -> np.ndarray:
-        return iq1_s_quantize(blocks, qw)
-
-
-class IQ1_M(QuantType):
+class IQ1_M(GridQuantType):
     ggml_type = GGMLQuantizationType.IQ1_M
-    chunk_values = GRID_CHUNK_VALUES
+    reference = staticmethod(iq1_m_quantize)
     kernel = weighted_kernel = "iq1_m"
-
-    @classmethod
-    def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
-        return iq1_m_quantize(blocks, None)
-
-    @classmethod
-    def quantize_blocks_weighted(cls, blocks: np.ndarray, qw: np.ndarray) -> np.ndarray:
-        return iq1_m_quantize(blocks, qw)

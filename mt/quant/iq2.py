@@ -19,19 +19,13 @@ import numpy as np
 from gguf import GGMLQuantizationType
 
 from mt.errors import QuantizationError
-from mt.quant.iq_grids import GRID_CHUNK_VALUES, Lattice, lattice
+from mt.quant.iq_grids import GridQuantType, Lattice, imatrix_required, lattice
 from mt.quant.kquants import GROUP_MAX_EPS, QK_K, nearest_int
-from mt.quant.types import QuantType
 
 F32 = np.float32
 KMAXQ = 3  # levels 0..2 per coordinate: 2l + 1 in {1, 3, 5}
 GROUP_MAX_EPS_IQ2_S = F32(1e-8)
 FLT_MAX = F32(np.finfo(np.float32).max)
-
-
-def _needs_imatrix(name: str) -> QuantizationError:
-    return QuantizationError(f"{name} needs an importance matrix",
-                             "pass --imatrix FILE (mt imatrix or llama-imatrix makes one)")
 
 
 def no_neighbour() -> QuantizationError:
@@ -257,7 +251,7 @@ def iq2_xxs_quantize(blocks: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
     """blocks [N, 256], qw [N, 256] -> block_iq2_xxs bytes [N, 66]: d, then per sub-block of 32 two uint32: its four
     8-bit grid indices, and its four 7-bit sign sets with the 4-bit scale in the top bits."""
     if qw is None:
-        raise _needs_imatrix("IQ2_XXS")
+        raise imatrix_required("IQ2_XXS")
     n = blocks.shape[0]
     sb, scale = search_xxs(blocks, qw)
     scales, d, zero = super_block_scales(sb, scale, n)
@@ -279,7 +273,7 @@ def iq2_xs_quantize(blocks: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
     """blocks [N, 256], qw [N, 256] -> block_iq2_xs bytes [N, 74]: d, per group of 8 a uint16 of its 9-bit grid index
     and 7 sign bits, then the 4-bit scales of the 16 sub-blocks."""
     if qw is None:
-        raise _needs_imatrix("IQ2_XS")
+        raise imatrix_required("IQ2_XS")
     n = blocks.shape[0]
     sb, scale = search_16(blocks, block_weights(blocks, qw, 1.0), GGMLQuantizationType.IQ2_XS, True, GROUP_MAX_EPS)
     scales, d, zero = super_block_scales(sb, scale, n)
@@ -308,45 +302,23 @@ def iq2_s_quantize(blocks: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
                            levels[:, 0::2] | (levels[:, 1::2] << 4)], axis=1)
 
 
-class IQ2_XXS(QuantType):
+class IQ2_XXS(GridQuantType):
     ggml_type = GGMLQuantizationType.IQ2_XXS
-    chunk_values = GRID_CHUNK_VALUES
+    reference = staticmethod(iq2_xxs_quantize)
+    needs_imatrix = True
     kernel = None
     weighted_kernel = "iq2_xxs"
 
-    @classmethod
-    def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
-        raise _needs_imatrix("IQ2_XXS")
 
-    @classmethod
-    def quantize_blocks_weighted(cls, blocks: np.ndarray, qw: np.ndarray) -> np.ndarray:
-        return iq2_xxs_quantize(blocks, qw)
-
-
-class IQ2_XS(QuantType):
+class IQ2_XS(GridQuantType):
     ggml_type = GGMLQuantizationType.IQ2_XS
-    chunk_values = GRID_CHUNK_VALUES
+    reference = staticmethod(iq2_xs_quantize)
+    needs_imatrix = True
     kernel = None
     weighted_kernel = "iq2_xs"
 
-    @classmethod
-    def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
-        raise _needs_imatrix("IQ2_XS")
 
-    @classmethod
-    def quantize_blocks_weighted(cls, blocks: np.ndarray, qw: np.ndarray) -> np.ndarray:
-        return iq2_xs_quantize(blocks, qw)
-
-
-class IQ2_S(QuantType):
+class IQ2_S(GridQuantType):
     ggml_type = GGMLQuantizationType.IQ2_S
-    chunk_values = GRID_CHUNK_VALUES
+    reference = staticmethod(iq2_s_quantize)
     kernel = weighted_kernel = "iq2_s"
-
-    @classmethod
-    def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
-        return iq2_s_quantize(blocks, None)
-
-    @classmethod
-    def quantize_blocks_weighted(cls, blocks: np.ndarray, qw: np.ndarray) -> np.ndarray:
-        return iq2_s_quantize(blocks, qw)

@@ -15,9 +15,8 @@ from typing import Callable
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from mt.quant.iq_grids import GRID_CHUNK_VALUES, Lattice, lattice
+from mt.quant.iq_grids import GridQuantType, Lattice, lattice
 from mt.quant.kquants import QK_K, nearest_int
-from mt.quant.types import QuantType
 
 F32 = np.float32
 KMAXQ = 8  # levels 0..7: the grid coordinate 2l + 1 runs over 1, 3, ..., 15
@@ -238,29 +237,13 @@ def iq3_s_quantize(blocks: np.ndarray, qw: np.ndarray | None = None) -> np.ndarr
         return _sliced(iq3_s_bytes, blocks, qw, 110)
 
 
-class IQ3_XXS(QuantType):
+class IQ3_XXS(GridQuantType):
     ggml_type = GGMLQuantizationType.IQ3_XXS
-    chunk_values = GRID_CHUNK_VALUES
+    reference = staticmethod(iq3_xxs_quantize)
     kernel = weighted_kernel = "iq3_xxs"
 
-    @classmethod
-    def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
-        return iq3_xxs_quantize(blocks)
 
-    @classmethod
-    def quantize_blocks_weighted(cls, blocks: np.ndarray, qw: np.ndarray) -> np.ndarray:
-        return iq3_xxs_quantize(blocks, qw)
-
-
-class IQ3_S(QuantType):
+class IQ3_S(GridQuantType):
     ggml_type = GGMLQuantizationType.IQ3_S
-    chunk_values = GRID_CHUNK_VALUES
+    reference = staticmethod(iq3_s_quantize)
     kernel = weighted_kernel = "iq3_s"
-
-    @classmethod
-    def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
-        return iq3_s_quantize(blocks)
-
-    @classmethod
-    def quantize_blocks_weighted(cls, blocks: np.ndarray, qw: np.ndarray) -> np.ndarray:
-        return iq3_s_quantize(blocks, qw)

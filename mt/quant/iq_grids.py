@@ -11,10 +11,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cache
+from typing import Callable, ClassVar
 
 import gguf.quants
 import numpy as np
 from gguf import GGMLQuantizationType as T
+
+from mt.errors import QuantizationError
+from mt.quant.types import QuantType
 
 KEYS_2BIT = 43692  # ggml's kmap_size for the 8-wide grids: keys of levels 0..2 stay below it
 KEYS_3BIT = 4096  # for the 4-wide grids: every key of levels 0..7
@@ -123,3 +127,26 @@ def _padded(lat: Lattice) -> np.ndarray:
     table = np.full((lat.index.size, int(counts.max())), -1, dtype=np.int32)
     table[np.repeat(off, counts), within] = lat.neighbours[np.repeat(starts + 1, counts) + within]
     return table
+
+
+def imatrix_required(name: str) -> QuantizationError:
+    return QuantizationError(f"{name} needs an importance matrix", "pass --imatrix FILE (llama-imatrix makes one)")
+
+
+class GridQuantType(QuantType):
+    """A grid i-quant: `reference(blocks, qw or None)` is its numpy quantizer; ggml refuses IQ1_S, IQ2_XXS and IQ2_XS
+    without importance weights (`needs_imatrix`), the others weigh by the values themselves."""
+
+    chunk_values = GRID_CHUNK_VALUES
+    needs_imatrix: ClassVar[bool] = False
+    reference: ClassVar[Callable[[np.ndarray, np.ndarray | None], np.ndarray]]
+
+    @classmethod
+    def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
+        if cls.needs_imatrix:
+            raise imatrix_required(cls.ggml_type.name)
+        return cls.reference(blocks, None)
+
+    @classmethod
+    def quantize_blocks_weighted(cls, blocks: np.ndarray, qw: np.ndarray) -> np.ndarray:
+        return cls.reference(blocks, qw)

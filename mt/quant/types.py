@@ -84,6 +84,8 @@ class QuantType:
     triton: ClassVar[bool] = False  # a Triton kernel in mt.quant.triton_quant writes the same bytes
 
     def __init_subclass__(cls) -> None:
+        if "ggml_type" not in cls.__dict__:  # a base of several types
+            return
         cls.block_size, cls.type_size = GGML_QUANT_SIZES[cls.ggml_type]
         REGISTRY[cls.ggml_type] = cls
 
