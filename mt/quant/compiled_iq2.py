@@ -238,14 +238,16 @@ def scale_search(tab: SearchTables, w: Scratch, vmax: float, scale: float, steps
 
 @jit(inline="always")
 def sub_block_weights(xb: np.ndarray, qb: np.ndarray, weighted: bool, sigma2: float, weight: np.ndarray,
-                      waux: np.ndarray) -> None:
-    """qw·sqrtf(sigma2 + x²), or without qw 0.25·sigma2 + x²; waux = sqrtf(weight)."""
+                      waux: np.ndarray, quarter_sigma2: bool) -> None:
+    """qw·sqrtf(sigma2 + x²), or without qw 0.25·sigma2 + x² (IQ2_S) or x² (IQ3); waux = sqrtf(weight)."""
     for i in range(xb.shape[0]):
         v = xb[i]
         if weighted:
             weight[i] = qb[i] * F32(np.sqrt(sigma2 + v * v))
-        else:
+        elif quarter_sigma2:
             weight[i] = F32(0.25) * sigma2 + v * v
+        else:
+            weight[i] = v * v
         waux[i] = F32(np.sqrt(weight[i]))
 
 
@@ -317,7 +319,7 @@ def iq2_xxs_blocks(x: np.ndarray, qw: np.ndarray, out: np.ndarray, tab: SearchTa
         sigma2 = sum_of_squares(xbl) / F32(QK_K)
         for ib in range(8):
             xb = xbl[32 * ib : 32 * ib + 32]
-            sub_block_weights(xb, qbl[32 * ib : 32 * ib + 32], True, sigma2, w.weight, w.waux)
+            sub_block_weights(xb, qbl[32 * ib : 32 * ib + 32], True, sigma2, w.weight, w.waux, True)
             scales[ib] = F32(0)
             if fold_signs(xb, w.weight, True, w.xval, w.signs) < GROUP_MAX_EPS:
                 continue
@@ -384,7 +386,7 @@ def iq2_16_blocks(x: np.ndarray, qw: np.ndarray, weighted: bool, is_s: bool, out
         sigma2 = F32(2) * sumx2 / F32(QK_K) if is_s else sumx2 / F32(QK_K)
         for ib in range(16):
             xb = xbl[16 * ib : 16 * ib + 16]
-            sub_block_weights(xb, qbl[16 * ib : 16 * ib + 16], weighted, sigma2, w.weight, w.waux)
+            sub_block_weights(xb, qbl[16 * ib : 16 * ib + 16], weighted, sigma2, w.weight, w.waux, True)
             scales[ib] = F32(0)
             vmax = fold_signs(xb, w.weight, not is_s, w.xval, w.signs)
             if vmax < eps:

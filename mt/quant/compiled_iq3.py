@@ -25,7 +25,7 @@ from gguf import GGMLQuantizationType
 from mt.quant.compiled import (
     QK_K, clampf, f32_bits, fp32_to_fp16, jit, nearest_int_f32, put_fp16, sum_of_squares,
 )
-from mt.quant.compiled_iq2 import FLT_MAX_BITS, LANES, NO_CANDIDATE, fold_signs, scale_level
+from mt.quant.compiled_iq2 import FLT_MAX_BITS, LANES, NO_CANDIDATE, fold_signs, scale_level, sub_block_weights
 from mt.quant.iq_grids import lattice
 
 F32 = np.float32
@@ -237,19 +237,6 @@ def scale_search(tab: SearchTables, w: Scratch, vmax: float, steps: int, xxs: bo
 
 
 @jit(inline="always")
-def sub_block_weights(xb: np.ndarray, qb: np.ndarray, weighted: bool, sigma2: float, weight: np.ndarray,
-                      waux: np.ndarray) -> None:
-    """qw·sqrtf(sigma2 + x²), or without qw x²; waux = sqrtf(weight)."""
-    for i in range(xb.shape[0]):
-        v = xb[i]
-        if weighted:
-            weight[i] = qb[i] * F32(np.sqrt(sigma2 + v * v))
-        else:
-            weight[i] = v * v
-        waux[i] = F32(np.sqrt(weight[i]))
-
-
-@jit(inline="always")
 def pack_sub_block(y: np.ndarray, ib: int, slot: int, grid: np.ndarray, signs: np.ndarray, xxs: bool) -> None:
     """IQ3_XXS: the 8 grid indices at 2 + 8·ib, the 4 sign bytes of 7 bits in the word at 66 + 4·ib; IQ3_S: the
     indices' low bytes at 2 + 8·slot, their high bits in qh[ib], the sign bytes at 74 + 4·slot."""
@@ -287,7 +274,7 @@ def iq3_blocks(x: np.ndarray, qw: np.ndarray, weighted: bool, out: np.ndarray, x
         slot = 0  # IQ3_S: a skipped sub-block does not advance the qs and signs positions
         for ib in range(8):
             xb = xbl[32 * ib : 32 * ib + 32]
-            sub_block_weights(xb, qbl[32 * ib : 32 * ib + 32], weighted, sigma2, w.weight, w.waux)
+            sub_block_weights(xb, qbl[32 * ib : 32 * ib + 32], weighted, sigma2, w.weight, w.waux, False)
             vmax = fold_signs(xb, w.weight, xxs, w.xval, w.signs)
             scales[ib] = F32(0)
             if (vmax < XXS_EPS) if xxs else (vmax == F32(0)):
