@@ -1,6 +1,6 @@
 """The grid i-quant file types (IQ1_S … IQ3_M) against llama_model_quantize: whole files byte for byte, with the
 importance matrix llama.cpp needs for them, and its refusals without one. (On the real model, SmolLM2-135M, the
-IQ3_M and IQ2_XS files llama-quantize writes pass mt verify's exact check: tests/verify/test_real_model.py.)"""
+IQ3_M and IQ2_XXS files llama-quantize writes pass mt verify's exact check: tests/verify/test_real_model.py.)"""
 
 from pathlib import Path
 
@@ -16,7 +16,9 @@ from tests.imatrix_files import write_gguf
 from tests.llama_quantize import llama_quantize
 from tests.quant.test_quantize_imatrix import model_imatrix, reference
 
-IQ_MIXES = ["iq1_s", "iq1_m", "iq2_xxs", "iq2_xs", "iq2_s", "iq2_m", "iq3_xxs", "iq3_xs", "iq3_s", "iq3_m"]
+# every grid type and every rule branch: IQ2_S files differ from IQ2_M only in their base type (IQ2_XS, tested in
+# iq2_xs), IQ3_S files from IQ3_M only in rules IQ3_M adds (IQ3_S is tested without an imatrix below)
+IQ_MIXES = ["iq1_s", "iq1_m", "iq2_xxs", "iq2_xs", "iq2_m", "iq3_xxs", "iq3_xs", "iq3_m"]
 WITHOUT_IMATRIX = ["iq3_s", "iq3_m"]  # no tensor of these needs importance weights
 
 

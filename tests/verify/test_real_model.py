@@ -38,10 +38,10 @@ def files(smollm2_dir, tmp_path_factory) -> dict[str, Path]:
     out["imatrix"] = write_gguf(raw, work / "imatrix.gguf")
     out["Q4_K_M-imatrix"] = work / "Q4_K_M-imatrix.gguf"
     reference(out["F16"], out["Q4_K_M-imatrix"], "q4_k_m", str(out["imatrix"]), raw.expected_gguf_map(), raw, raw.datasets[0])
-    complete = model_imatrix(out["F16"], complete=True)  # IQ2_XS needs weights for every matrix it makes IQ2_XS
+    complete = model_imatrix(out["F16"], complete=True)  # IQ2_XXS needs weights for every matrix it makes IQ2_XXS
     out["imatrix-complete"] = write_gguf(complete, work / "imatrix-complete.gguf")
-    out["IQ2_XS-imatrix"] = work / "IQ2_XS-imatrix.gguf"
-    reference(out["F16"], out["IQ2_XS-imatrix"], "iq2_xs", str(out["imatrix-complete"]), complete.expected_gguf_map(),
+    out["IQ2_XXS-imatrix"] = work / "IQ2_XXS-imatrix.gguf"
+    reference(out["F16"], out["IQ2_XXS-imatrix"], "iq2_xxs", str(out["imatrix-complete"]), complete.expected_gguf_map(),
               complete, complete.datasets[0])
     return out
 
@@ -84,7 +84,7 @@ def test_imatrix_file_checked_with_the_imatrix_and_not_failed_without(smollm2_di
     with Verifier(smollm2_dir, VerifyOptions(imatrix=files["imatrix"])) as v:
         assert_exact_pass(v.verify(files["Q4_K_M-imatrix"]))
     with Verifier(smollm2_dir, VerifyOptions(imatrix=files["imatrix-complete"])) as v:
-        assert_exact_pass(v.verify(files["IQ2_XS-imatrix"]))
+        assert_exact_pass(v.verify(files["IQ2_XXS-imatrix"]))
 
 
 CORRUPTIONS = {  # edits of llama-quantize's Q4_K_M -> (the check that must fail, a phrase of its problems)
