@@ -14,19 +14,13 @@ from mt.quant.quantize import parse_file_type, quantize_gguf
 from tests.gguf_compare import assert_same_file
 from tests.imatrix_files import write_gguf
 from tests.llama_quantize import llama_quantize
+from tests.quant.test_quantize import f32_gguf, gqa4_f32  # noqa: F401  (the same models, as fixtures)
 from tests.quant.test_quantize_imatrix import model_imatrix, reference
 
 # every grid type and every rule branch: IQ2_S files differ from IQ2_M only in their base type (IQ2_XS, tested in
 # iq2_xs), IQ3_S files from IQ3_M only in rules IQ3_M adds (IQ3_S is tested without an imatrix below)
 IQ_MIXES = ["iq1_s", "iq1_m", "iq2_xxs", "iq2_xs", "iq2_m", "iq3_xxs", "iq3_xs", "iq3_m"]
 WITHOUT_IMATRIX = ["iq3_s", "iq3_m"]  # no tensor of these needs importance weights
-
-
-@pytest.fixture(scope="module")
-def f32_gguf(llama2_256_dir, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("f32iq") / "m-f32.gguf"
-    convert(llama2_256_dir, out, "f32")
-    return out
 
 
 def same_file_with_imatrix(src: Path, tmp_path: Path, mix: str, seed: int = 0) -> dict[str, T]:
@@ -83,17 +77,6 @@ def test_fallback_rows_bf16_and_tied_embeddings(llama3_dir, tmp_path, mix):
     convert(llama3_dir, bf16, "bf16")
     types = same_file_with_imatrix(bf16, tmp_path, mix, seed=5)
     assert types["blk.0.ffn_up.weight"] == T.IQ4_NL
-
-
-@pytest.fixture(scope="module")
-def gqa4_f32(tmp_path_factory) -> Path:
-    from tests.checkpoints import build_llama2_spm
-
-    root = tmp_path_factory.mktemp("gqa4iq")
-    src = build_llama2_spm(root / "hf", hidden_size=256, intermediate_size=512, n_layers=4, num_attention_heads=8,
-                           num_key_value_heads=2)
-    convert(src, root / "m-f32.gguf", "f32")
-    return root / "m-f32.gguf"
 
 
 @pytest.mark.parametrize("mix", ["iq2_xxs", "iq3_xxs", "iq3_xs"])
