@@ -266,6 +266,43 @@ def quantize(src: Path, out: Path, file_type: str, pure: bool, output_tensor_typ
 
 
 @main.command()
+@click.argument("src", type=click.Path(path_type=Path))
+@click.option("--text", "text_file", type=click.Path(path_type=Path, dir_okay=False), required=True,
+              help="UTF-8 calibration text (e.g. wiki.train.raw or a sample of the finetune's data).")
+@click.option("-o", "--output", "out", type=click.Path(path_type=Path, dir_okay=False), required=True,
+              help="imatrix file to write (llama-imatrix's GGUF format; .dat or --format dat: the legacy one).")
+@click.option("--adapter", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="PEFT LoRA adapter folder merged in on the fly.")
+@click.option("--ctx", type=int, default=512, show_default=True, help="Tokens per chunk (llama-imatrix -c).")
+@click.option("--chunks", type=int, default=None, help="Chunks to run (default: all the text holds).")
+@click.option("--batch", type=int, default=2048, show_default=True,
+              help="Tokens per forward pass: chunks side by side, or a chunk in pieces (llama-imatrix -b).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="Where the model runs: auto uses a CUDA GPU when torch sees one.")
+@click.option("--dtype", type=click.Choice(["auto", "f32", "bf16"]), default="auto", show_default=True,
+              help="Precision of the model's weights and activations (auto: f32 on the CPU, bf16 on a GPU).")
+@click.option("--from", "from_gguf", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="The GGUF converted from SRC that the matrix is for: its tokenizer is used and its tensors checked.")
+@click.option("--format", "fmt", type=click.Choice(["gguf", "dat"]), default=None,
+              help="File format (default: dat for a .dat name, else gguf).")
+@click.option("--force", is_flag=True, help="Overwrite the output if it exists.")
+@click.option("--quiet", is_flag=True, help="No progress bar or summary.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def imatrix(src: Path, text_file: Path, out: Path, adapter: Path | None, ctx: int, chunks: int | None, batch: int,
+            device: str, dtype: str, from_gguf: Path | None, fmt: str | None, force: bool, quiet: bool,
+            as_json: bool) -> None:
+    """Compute an importance matrix for SRC (a Hugging Face folder or Hub id) by running it over calibration text,
+    as llama-imatrix does from a GGUF; mt quantize/convert/release take it with --imatrix."""
+    from mt.commands import imatrix_command
+    from mt.imatrix.compute import ImatrixOptions
+
+    options = ImatrixOptions(ctx=ctx, chunks=chunks, batch=batch, device=device, dtype=dtype, adapter=adapter,
+                             from_gguf=from_gguf)
+    run_reporting_errors(lambda: imatrix_command(src, text_file, out, options, fmt=fmt, force=force, quiet=quiet,
+                                                 as_json=as_json))
+
+
+@main.command()
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.option("--memory", is_flag=True, help="What running the GGUF takes: weights + KV cache at 2k/8k/32k and its maximum context.")
@@ -290,7 +327,14 @@ def inspect(path: Path, as_json: bool, memory: bool, n_ctx: int | None) -> None:
 @click.option("--adapter", type=click.Path(path_type=Path, file_okay=False), default=None,
               help="PEFT LoRA adapter folder merged in on the fly.")
 @DEQUANTIZED_BASE_OPTION
-@IMATRIX_OPTION
+@click.option("--imatrix", "imatrix", default=None, metavar="FILE|auto",
+              help="Importance matrix for llama.cpp's mixes (q4_k_m, iq2_xs …): a file from llama-imatrix or mt imatrix, "
+                   "or auto to compute it from --calibration first (shipped as imatrix.gguf).")
+@click.option("--calibration", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="With --imatrix auto: the UTF-8 text the matrix is computed over.")
+@click.option("--calibration-ctx", type=int, default=512, show_default=True, help="With --imatrix auto: tokens per chunk.")
+@click.option("--calibration-chunks", type=int, default=None,
+              help="With --imatrix auto: chunks to run (default: all the text holds).")
 @ALLOW_NON_FINITE_OPTION
 @SPLIT_SIZE_OPTION
 @SPLIT_TENSORS_OPTION
@@ -309,7 +353,8 @@ def inspect(path: Path, as_json: bool, memory: bool, n_ctx: int | None) -> None:
 @click.option("--quiet", is_flag=True, help="No progress bar or summary.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def release(src: Path, dist: Path, quants: str, name: str | None, adapter: Path | None, dequantized_base: bool,
-            imatrix: str | None, allow_non_finite: bool, split_max_size: str | None, split_max_tensors: int | None, no_verify: bool, text_file: Path | None,
+            imatrix: str | None, calibration: Path | None, calibration_ctx: int, calibration_chunks: int | None,
+            allow_non_finite: bool, split_max_size: str | None, split_max_tensors: int | None, no_verify: bool, text_file: Path | None,
             max_kld: float | None, threads: int | None, device: str, push_repo: str | None, private: bool,
             revision: str | None, force: bool, quiet: bool, as_json: bool) -> None:
     """Write every type in --quants from one read of the checkpoint SRC (a folder, or a Hub repository
@@ -322,6 +367,7 @@ def release(src: Path, dist: Path, quants: str, name: str | None, adapter: Path 
         raise click.UsageError("--private and --revision go with --push")
     run_reporting_errors(lambda: release_command(
         src, dist, quants, name=name, adapter=adapter, dequantized_base=dequantized_base, imatrix=imatrix,
+        calibration=calibration, calibration_ctx=calibration_ctx, calibration_chunks=calibration_chunks,
         allow_non_finite=allow_non_finite, split_max_size=split_max_size, split_max_tensors=split_max_tensors, verify=not no_verify,
         text_file=text_file, max_kld=max_kld, threads=threads, device=device, force=force, quiet=quiet, as_json=as_json,
         push_to=push_repo, private=private, revision=revision))

@@ -22,6 +22,7 @@ from mt.quant.types import set_threads
 T = TypeVar("T")
 
 if TYPE_CHECKING:
+    from mt.imatrix.compute import ImatrixOptions
     from mt.finetune.trainer import StepLog, TrainOptions
     from mt.verify.verify import VerifyOptions
     from mt.speak.speak import SpeakOptions
@@ -53,9 +54,10 @@ def print_plan(plan: TensorPlan) -> None:
     click.echo(f"{len(plan.entries)} tensors, {format_bytes(plan.nbytes)} of tensor data, file type {plan.file_type.name}")
 
 
-def with_progress(show_bar: bool, run: Callable[[Callable[[int, int], None] | None], T]) -> tuple[T, float]:
+def with_progress(show_bar: bool, run: Callable[[Callable[[int, int], None] | None], T],
+                  label: str = "writing") -> tuple[T, float]:
     """`run(progress)` with a progress bar on stderr when `show_bar`; its result and the seconds it took."""
-    bar = ProgressBar() if show_bar and sys.stderr.isatty() else None
+    bar = ProgressBar(label) if show_bar and sys.stderr.isatty() else None
     start = time.perf_counter()
     try:
         result = run(bar.update if bar else None)
@@ -191,14 +193,15 @@ def merge_command(base: Path, adapter: Path, out: Path, *, dtype: str | None, ma
 
 
 class ProgressBar:
-    """Bytes-written bar on stderr, opened when the total is known."""
+    """A bar on stderr (bytes written, by default), opened when the total is known."""
 
-    def __init__(self) -> None:
+    def __init__(self, label: str = "writing") -> None:
         self._bar = None
+        self._label = label
 
     def update(self, n: int, total: int) -> None:
         if self._bar is None:
-            self._bar = click.progressbar(length=total, label="writing", file=sys.stderr)
+            self._bar = click.progressbar(length=total, label=self._label, file=sys.stderr)
             self._bar.__enter__()
         self._bar.update(n)
 
@@ -277,13 +280,15 @@ class TrainProgress:
 
 
 def release_command(src: Path, dist: Path, quants: str, *, name: str | None, adapter: Path | None,
-                    dequantized_base: bool, imatrix: str | None, allow_non_finite: bool, split_max_size: str | None,
+                    dequantized_base: bool, imatrix: str | None, calibration: Path | None, calibration_ctx: int,
+                    calibration_chunks: int | None, allow_non_finite: bool, split_max_size: str | None,
                     split_max_tensors: int | None, verify: bool, text_file: Path | None, max_kld: float | None,
                     threads: int | None, device: str, force: bool, quiet: bool, as_json: bool,
                     push_to: str | None = None, private: bool = False, revision: str | None = None) -> None:
     from mt.io.gguf_split import split_limit
     from mt.release.push import check_token, push
     from mt.release.release import file_entry, parse_quants, release
+    from mt.imatrix.compute import ImatrixOptions
     from mt.verify.verify import VerifyOptions
 
     if push_to is not None:
@@ -297,9 +302,11 @@ def release_command(src: Path, dist: Path, quants: str, *, name: str | None, ada
     types = parse_quants(quants)
     limit = split_limit(split_max_size, split_max_tensors)
     options = VerifyOptions(text=_read_text(text_file) if text_file else None, max_kld=max_kld,
-                            imatrix=Path(imatrix) if imatrix else None) if verify else None
+                            imatrix=Path(imatrix) if imatrix and imatrix != "auto" else None) if verify else None
+    calibration_options = ImatrixOptions(ctx=calibration_ctx, chunks=calibration_chunks, device=device)
     result, elapsed = with_progress(not quiet and not as_json, lambda progress: release(
-        src, dist, types, name=name, adapter=adapter, dequantized_base=dequantized_base, imatrix=imatrix, verify=options,
+        src, dist, types, name=name, adapter=adapter, dequantized_base=dequantized_base, imatrix=imatrix,
+        calibration=calibration, calibration_options=calibration_options, verify=options,
         device=device, split=limit, allow_non_finite=allow_non_finite, force=force, progress=progress))
     files = [file_entry(f) for f in result.files]
     summary = {"dist": str(result.dist), "arch": result.arch, "files": files,
@@ -321,6 +328,25 @@ def release_command(src: Path, dist: Path, quants: str, *, name: str | None, ada
         click.echo(f"wrote {summary['dist']}: {len(files)} files, {format_bytes(summary['bytes'])} in {elapsed:.1f} s")
         if push_to is not None:
             click.echo(f"pushed to {push_to}: {summary['pushed']}")
+
+
+def imatrix_command(src: Path, text_file: Path, out: Path, options: ImatrixOptions, *, fmt: str | None, force: bool,
+                    quiet: bool, as_json: bool) -> None:
+    from mt.imatrix.compute import imatrix_command_run
+
+    src = resolve_folder(src)
+    if options.adapter is not None:
+        options = replace(options, adapter=resolve_folder(options.adapter))
+    run, elapsed = with_progress(not quiet and not as_json, lambda progress: imatrix_command_run(
+        src, text_file, out, options, fmt=fmt, force=force, progress=progress), label="chunks")
+    summary = {"output": str(out), "matrices": len(run.imatrix.sums), "chunks": run.chunks,
+               "chunk_size": run.imatrix.chunk_size, "text_tokens": run.text_tokens, "device": run.device,
+               "dtype": run.dtype, "seconds": round(elapsed, 3)}
+    if as_json:
+        click.echo(json.dumps(summary))
+    elif not quiet:
+        click.echo(f"wrote {out}: {summary['matrices']} matrices from {run.chunks} chunks of {run.imatrix.chunk_size} "
+                   f"tokens (the text holds {run.text_tokens}), {run.device} {run.dtype}, in {elapsed:.1f} s")
 
 
 def split_command(src: Path, out: Path, *, merge: bool, split_max_size: str | None, split_max_tensors: int | None,

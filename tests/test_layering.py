@@ -14,6 +14,7 @@ LAYERS: list[set[str]] = [  # lowest first: a package may import its own modules
     {"quant", "kernels"},
     {"convert", "merge"},
     {"verify", "finetune", "speak"},  # speak: TADA synthesis from the converted files
+    {"imatrix"},  # importance matrices from transformers' forward (verify's model builder)
     {"release"},  # convert, quantize, verify and package many files at once
     {"commands", "demo", "inspect"},  # the typed functions behind the commands
     {"cli"},

@@ -1,5 +1,5 @@
 """Importance-matrix files, read as llama.cpp's quantize tool reads them (common/imatrix-loader.cpp and
-tools/quantize/quantize.cpp).
+tools/quantize/quantize.cpp) and written as llama-imatrix writes them (tools/imatrix/imatrix.cpp).
 
 Two formats:
 - GGUF (llama-imatrix's default): per weight tensor NAME an F32 tensor `NAME.in_sum2` [ne0, n_mat]
@@ -26,6 +26,7 @@ from gguf import GGMLQuantizationType, GGUFValueType
 
 from mt.errors import GGUFError, MtError
 from mt.io.gguf_in import GGUF_MAGIC, TensorInfo, read_header
+from mt.io.gguf_out import GGUFContents, write_gguf
 
 SUMS, COUNTS = ".in_sum2", ".counts"
 KEY_DATASETS, KEY_CHUNK_COUNT, KEY_CHUNK_SIZE = "imatrix.datasets", "imatrix.chunk_count", "imatrix.chunk_size"
@@ -45,6 +46,7 @@ class Imatrix:
     datasets: list[bytes] = field(default_factory=list)
     chunk_count: int = 0
     is_legacy: bool = False
+    chunk_size: int = 0  # tokens per chunk (GGUF files record it)
 
     def weights_for(self, name: str, ne: tuple[int, ...]) -> np.ndarray | None:
         """llama-quant.cpp's lookup for a tensor being quantized, shape ne in ggml order: its weights as
@@ -108,7 +110,7 @@ def _load_gguf(path: Path) -> Imatrix:
     if missing:
         raise ImatrixError(f"imatrix {path} lacks the metadata {', '.join(missing)}", "write it again with a current llama-imatrix")
     chunk_count = _u32(header.kv, KEY_CHUNK_COUNT, path)
-    _u32(header.kv, KEY_CHUNK_SIZE, path)
+    chunk_size = _u32(header.kv, KEY_CHUNK_SIZE, path)
     datasets: list[bytes] = []
     if header.kv[KEY_DATASETS][0] == GGUFValueType.ARRAY and header.array_types.get(KEY_DATASETS) == GGUFValueType.STRING:
         datasets = list(header.kv[KEY_DATASETS][1])
@@ -117,7 +119,7 @@ def _load_gguf(path: Path) -> Imatrix:
     entries = {name: _average(_read_f32(path, sums, size), _read_f32(path, counts, size), name, path)
                for name, (sums, counts) in sorted(pairs.items())}
     # chunk_count is read as u32 into an int32 in quantize.cpp
-    return Imatrix(entries, datasets, int(np.uint32(chunk_count).view(np.int32)), is_legacy=False)
+    return Imatrix(entries, datasets, int(np.uint32(chunk_count).view(np.int32)), is_legacy=False, chunk_size=chunk_size)
 
 
 def _pair_tensors(tensors: list[TensorInfo], path: Path) -> dict[str, tuple[TensorInfo, TensorInfo]]:
@@ -215,3 +217,67 @@ def output_keys(imatrix: Imatrix, file_arg: str) -> list[tuple[str, GGUFValueTyp
     if imatrix.chunk_count > 0:
         keys.append(("quantize.imatrix.chunks_count", GGUFValueType.UINT32, imatrix.chunk_count))
     return keys
+
+
+@dataclass
+class ImatrixSums:
+    """What llama-imatrix accumulates: per weight tensor NAME the sums of squared input activations, float32
+    [n_mat, ne0] (one row per expert), and the tokens each matrix saw, [n_mat]."""
+
+    sums: dict[str, np.ndarray]
+    counts: dict[str, np.ndarray]
+    dataset: str  # the calibration file as the user named it
+    chunk_size: int
+
+    @property
+    def chunk_count(self) -> int:
+        """llama-imatrix's last chunk: the most tokens any matrix saw, in whole chunks."""
+        return max((int(c.max()) for c in self.counts.values() if c.size), default=0) // self.chunk_size
+
+
+def write_imatrix_gguf(path: Path, imatrix: ImatrixSums) -> None:
+    """llama-imatrix's GGUF: general.type, the dataset, chunk count and size, then per name (sorted)
+    NAME.in_sum2 [ne0, n_mat] and NAME.counts [1, n_mat], all F32."""
+    contents = GGUFContents("imatrix")
+    contents.remove("general.architecture")
+    contents.add_type("imatrix")
+    contents.add_array(KEY_DATASETS, [imatrix.dataset])
+    contents.add_uint32(KEY_CHUNK_COUNT, imatrix.chunk_count)
+    contents.add_uint32(KEY_CHUNK_SIZE, imatrix.chunk_size)
+    payloads = []
+    for name in sorted(imatrix.sums):
+        sums = np.ascontiguousarray(imatrix.sums[name], dtype=np.float32)
+        counts = np.asarray(imatrix.counts[name], dtype=np.float32).reshape(-1, 1)
+        for suffix, values in ((SUMS, sums), (COUNTS, counts)):
+            contents.add_slot(name + suffix, _ggml_dims(values.shape), GGMLQuantizationType.F32, values.nbytes)
+            payloads.append([values])
+    write_gguf(path, contents, payloads)
+
+
+def _ggml_dims(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape as gguf_add_tensor records it: ggml's trailing dimensions of 1 (numpy's leading ones) dropped."""
+    while len(shape) > 1 and shape[0] == 1:
+        shape = shape[1:]
+    return shape
+
+
+def write_imatrix_dat(path: Path, imatrix: ImatrixSums) -> None:
+    """The legacy format (llama-imatrix --output-format dat): per name with data, sorted, the call count
+    ncall = ceil(most tokens / chunk size) and the values averaged per matrix times ncall (1 times ncall
+    for a matrix that saw nothing), then the chunk count and the dataset name."""
+    out = bytearray()
+    stored = sorted(name for name, counts in imatrix.counts.items() if counts.size and counts.max() > 0)
+    out += struct.pack("<i", len(stored))
+    for name in stored:
+        counts = np.asarray(imatrix.counts[name], dtype=np.int64)
+        sums = np.asarray(imatrix.sums[name], dtype=np.float32).reshape(counts.size, -1)
+        ncall = int((counts.max() + imatrix.chunk_size - 1) // imatrix.chunk_size)
+        count = counts.astype(np.float32)[:, None]
+        seen = count != 0
+        averaged = np.where(seen, sums, np.float32(1)) / np.where(seen, count, np.float32(1))
+        encoded = name.encode()
+        out += struct.pack("<i", len(encoded)) + encoded + struct.pack("<ii", ncall, sums.size)
+        out += (averaged * np.float32(ncall)).astype("<f4").tobytes()
+    dataset = imatrix.dataset.encode()
+    out += struct.pack("<ii", imatrix.chunk_count, len(dataset)) + dataset
+    path.write_bytes(bytes(out))

@@ -118,13 +118,33 @@ def how_to_run(name: str, rows: list[CardRow]) -> list[str]:
             f"printf 'FROM ./{example}\\n' > Modelfile && ollama create {name.lower()} -f Modelfile", "```"]
 
 
-def model_card(name: str, source_card: str | None, config: dict[str, Any], folder_name: str, rows: list[CardRow]) -> str:
+@dataclass(frozen=True)
+class ImatrixNote:
+    """The importance matrix llama.cpp's mixes were quantized with."""
+
+    dataset: str  # the calibration text it was computed over
+    chunks: int
+    chunk_size: int
+    shipped_as: str | None  # its file in the release, if shipped
+
+
+def imatrix_sentence(note: ImatrixNote | None) -> list[str]:
+    if note is None:
+        return []
+    where = f" It ships as `{note.shipped_as}`." if note.shipped_as else ""
+    size = f"{note.chunks} chunks of {note.chunk_size} tokens" if note.chunk_size else f"{note.chunks} chunks"
+    return [f"The llama.cpp mixes (Q4_K_M …) were quantized with an importance matrix computed over "
+            f"`{note.dataset}` ({size}).{where}", ""]
+
+
+def model_card(name: str, source_card: str | None, config: dict[str, Any], folder_name: str, rows: list[CardRow],
+               imatrix: ImatrixNote | None = None) -> str:
     source_meta, source_body = split_card(source_card) if source_card else ({}, "")
     base = base_model(config, folder_name)
     parts = ["---", yaml.safe_dump(front_matter(source_meta, base), sort_keys=False, allow_unicode=True).rstrip(), "---",
              "", f"# {name} GGUF", "",
              f"GGUF files of [{base}](https://huggingface.co/{base}) for llama.cpp and the tools built on it, written by mt "
-             f"from one read of the checkpoint. {_checked(rows)}", "", *quality_table(rows), "", "## Which file", "", *which_file(rows), "",
+             f"from one read of the checkpoint. {_checked(rows)}", "", *imatrix_sentence(imatrix), *quality_table(rows), "", "## Which file", "", *which_file(rows), "",
              *memory_table(rows), "", "## Run", "",
              *how_to_run(name, rows)]
     if source_body.strip():

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
+import tempfile
+from contextlib import ExitStack
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -26,12 +29,13 @@ from mt.io.gguf_in import GGUFHeader, TensorInfo
 from mt.io.gguf_out import GGUFContents
 from mt.io.gguf_split import SplitLimit, SplitPlacedTensors, WrittenPart
 from mt.io.stream import Chunk, Prefetcher, Progress
-from mt.release.card import CardRow, base_model, model_card, read_source_card
+from mt.imatrix.compute import ImatrixOptions, compute_imatrix, read_calibration
+from mt.release.card import CardRow, ImatrixNote, base_model, model_card, read_source_card
 from mt.release.manifest import manifest
 from mt.release.modelfile import make_modelfile
 from mt.release.memory import MemoryEstimate, estimates
 from mt.quant.device import GPU_TYPES, GpuQuantizer, select_device
-from mt.quant.imatrix import open_imatrix
+from mt.quant.imatrix import GivenImatrix, open_imatrix, write_imatrix_gguf
 from mt.quant.outtypes import OUT_TYPES
 from mt.verify.report import VerifyReport
 from mt.verify.verify import Verifier, VerifyOptions
@@ -86,41 +90,81 @@ def file_name(name: str, outtype: str) -> str:
 
 
 def release(src: Path, dist: Path, quants: list[str], *, name: str | None = None, adapter: Path | None = None,
-            dequantized_base: bool = False, imatrix: str | Path | None = None,
-            verify: VerifyOptions | None = VerifyOptions(), device: str = "auto",
-            split: SplitLimit = SplitLimit(), allow_non_finite: bool = False, force: bool = False,
+            dequantized_base: bool = False, imatrix: str | Path | None = None, calibration: Path | None = None,
+            calibration_options: ImatrixOptions = ImatrixOptions(), verify: VerifyOptions | None = VerifyOptions(),
+            device: str = "auto", split: SplitLimit = SplitLimit(), allow_non_finite: bool = False, force: bool = False,
             progress: Progress | None = None) -> ReleaseResult:
     """`verify`: the options every file is verified with (None: not verified); a failure releases nothing.
     `device`: where the types a GPU computes are quantized (auto | cpu | cuda), as for mt convert.
     `imatrix`: llama.cpp's mixes (q4_k_m …) quantized with it, as llama-quantize --imatrix (with `verify`, pass it in
-    its options too); the converter's types (f16, q8_0 …) take none.
+    its options too); the converter's types (f16, q8_0 …) take none. "auto": computed first by mt imatrix over the
+    text in `calibration` (with `calibration_options`), used for every mix and verify, shipped as imatrix.gguf.
     `split`: a file over the limit is written in parts NAME-TYPE-00001-of-0000N.gguf, as gguf-split writes them."""
+    if (imatrix == "auto") != (calibration is not None):
+        raise MtError("--imatrix auto and --calibration go together",
+                      "pass --imatrix auto --calibration TEXT to compute the matrix, or --imatrix FILE to use one")
     ckpt, arch = open_model(Path(src), adapter, dequantized_base, allow_non_finite=allow_non_finite)
     if arch.companions:
         raise MtError(f"{ckpt.architecture} converts to several files (a model and its companions)",
                       "convert it with mt convert, one type at a time")
-    given = open_imatrix(imatrix) if imatrix is not None else None
+    check_output(dist, force, folder=True)
+    with ExitStack() as scratch:
+        shipped = None
+        if calibration is not None:
+            shipped = _computed_imatrix(Path(src), calibration, replace(calibration_options, adapter=adapter), scratch)
+            imatrix, verify = shipped, verify and replace(verify, imatrix=shipped)
+        given = open_imatrix(imatrix) if imatrix is not None else None
+        if given is not None and shipped is not None:  # the files record the name it ships under
+            given = GivenImatrix(given.imatrix, SHIPPED_IMATRIX)
+        return _release(Path(src), ckpt, arch, dist, quants, name, adapter, given, shipped, verify, device, split,
+                        allow_non_finite, progress)
+
+
+SHIPPED_IMATRIX = "imatrix.gguf"  # a computed matrix's name in DIST (and in the files' quantize.imatrix.file)
+
+
+def _computed_imatrix(src: Path, calibration: Path, options: ImatrixOptions, scratch: ExitStack) -> Path:
+    path = Path(scratch.enter_context(tempfile.TemporaryDirectory(prefix="mt-imatrix-"))) / SHIPPED_IMATRIX
+    run = compute_imatrix(src, read_calibration(calibration), str(calibration), options)
+    write_imatrix_gguf(path, run.imatrix)
+    return path
+
+
+def _release(src: Path, ckpt: Checkpoint, arch: Architecture, dist: Path, quants: list[str], name: str | None,
+             adapter: Path | None, given: GivenImatrix | None, shipped: Path | None, verify: VerifyOptions | None,
+             device: str, split: SplitLimit, allow_non_finite: bool, progress: Progress | None) -> ReleaseResult:
     plans = {q: build_plan(ckpt, arch, q, given) for q in quants}
     uses_gpu_types = any(e.qtype in GPU_TYPES for plan in plans.values() for e in plan.entries)
     gpu = select_device(device) if device == "cuda" or uses_gpu_types else None
-    check_output(dist, force, folder=True)
-    name = name or folder_name(Path(src))
+    name = name or folder_name(src)
     with atomic_dir(dist) as stage:
         files = [ReleaseFile(q, stage / file_name(name, q), plans[q]) for q in quants]
         files, written = _write_all(ckpt, arch, files, gpu, split, progress, not allow_non_finite)
         if verify is not None:
-            files = [replace(f, report=r) for f, r in zip(files, _verified(Path(src), files, replace(verify, adapter=adapter)))]
+            files = [replace(f, report=r) for f, r in zip(files, _verified(src, files, replace(verify, adapter=adapter)))]
         files, notes = _modelfiles(stage, files)
         rows = _card_rows(files)
-        source_name = folder_name(Path(src))
-        (stage / "README.md").write_text(model_card(name, read_source_card(ckpt.folder), ckpt.config, source_name, rows),
-                                         encoding="utf-8")
+        source_name = folder_name(src)
+        note = _imatrix_note(given, shipped, stage)
+        (stage / "README.md").write_text(model_card(name, read_source_card(ckpt.folder), ckpt.config, source_name, rows,
+                                                    note), encoding="utf-8")
         listing = manifest(name, base_model(ckpt.config, source_name), arch.gguf_arch, n_parameters(files[0].plan),
                            files[0].context_length, [file_entry(f) for f in files])
         (stage / "manifest.json").write_text(json.dumps(listing, indent=2) + "\n", encoding="utf-8")
     final = [replace(f, path=dist / f.path.name, parts=tuple(replace(p, path=dist / p.path.name) for p in f.parts),
                      report=f.report and replace(f.report, gguf=str(dist / f.path.name))) for f in files]
     return ReleaseResult(dist, arch.gguf_arch, final, written, notes)
+
+
+def _imatrix_note(given: GivenImatrix | None, shipped: Path | None, stage: Path) -> ImatrixNote | None:
+    """The matrix for the card; `shipped` (one mt computed) is copied beside the files."""
+    if given is None:
+        return None
+    if shipped is not None:
+        shutil.copyfile(shipped, stage / SHIPPED_IMATRIX)
+    imatrix = given.imatrix
+    dataset = imatrix.datasets[0].decode("utf-8", errors="replace") if imatrix.datasets else "an unnamed text"
+    return ImatrixNote(dataset, imatrix.chunk_count, imatrix.chunk_size, SHIPPED_IMATRIX if shipped else None)
 
 
 def _modelfiles(stage: Path, files: list[ReleaseFile]) -> tuple[list[ReleaseFile], tuple[str, ...]]:

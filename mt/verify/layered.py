@@ -63,6 +63,20 @@ def reference_logits(ckpt: Checkpoint, ids: list[int], n_layers: int | None = No
     return logits.float().numpy()
 
 
+def decoder_model(ckpt: Checkpoint, dtype: torch.dtype, device: str) -> tuple[nn.Module, str]:
+    """transformers' decoder of `ckpt` without its lm_head (the CausalLM's base model) and its name there, every
+    parameter read from the lazy checkpoint one at a time in `dtype` on `device`; buffers (rotary frequencies …)
+    stay float32."""
+    model = _skeleton(ckpt.config)
+    base = getattr(model, model.base_model_prefix, None)
+    if base is None:
+        raise RuntimeError(f"{type(model).__name__} has no base model at {model.base_model_prefix}")
+    prefix = model.base_model_prefix
+    for owner, attr, name in _own_parameters(base, prefix):
+        _set(owner, attr, name, ckpt, lambda value: value.to(device=device, dtype=dtype))
+    return base.to(device), prefix
+
+
 def _skeleton(config: dict[str, Any]) -> nn.Module:
     """The CausalLM of `config` in float32, parameters on meta, buffers real, in eval mode."""
     import torch
@@ -152,14 +166,15 @@ def _load_rest(model: nn.Module, layer_prefixes: set[str], skip: set[str], ckpt:
             _set(owner, attr, name, ckpt)
 
 
-def _set(owner: nn.Module, attr: str, name: str, ckpt: Checkpoint) -> None:
+def _set(owner: nn.Module, attr: str, name: str, ckpt: Checkpoint,
+         place: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
     import torch
 
     value, shape = _read(ckpt, name), tuple(owner._parameters[attr].shape)
     if tuple(value.shape) != shape:
         raise CheckpointError(f"tensor {name!r} has shape {tuple(value.shape)}, config.json implies {shape}",
                               "the weights do not match config.json")
-    owner._parameters[attr] = torch.nn.Parameter(value, requires_grad=False)
+    owner._parameters[attr] = torch.nn.Parameter(place(value) if place else value, requires_grad=False)
 
 
 def _tensor(ckpt: Checkpoint, name: str) -> LazyTensor:

@@ -158,3 +158,50 @@ def test_bad_gguf_without_entries(tmp_path):
     path = write_gguf_tensors(tmp_path / "i.gguf", {"unrelated": np.ones(4, np.float32)}, ["d"])
     with pytest.raises(ImatrixError, match="no NAME.in_sum2"):
         load_imatrix(path)
+
+
+def _sums(raw) -> "ImatrixSums":  # noqa: ANN001
+    from mt.quant.imatrix import ImatrixSums
+
+    return ImatrixSums({n: e.sums for n, e in raw.entries.items()}, {n: e.counts for n, e in raw.entries.items()},
+                       "calibration.txt", raw.chunk_size)
+
+
+def test_written_gguf_is_llama_imatrix_s_layout(tmp_path):
+    """Read back by gguf-py: general.type, the three imatrix keys, tensors by sorted name with sums then counts, a
+    single matrix stored 1-D as gguf_add_tensor drops ggml's trailing 1s, experts as [ne0, n_mat] and [1, n_mat]."""
+    from gguf import GGUFReader
+
+    from mt.quant.imatrix import write_imatrix_gguf
+
+    raw = random_imatrix(SHAPES, seed=3)
+    write_imatrix_gguf(tmp_path / "i.gguf", _sums(raw))
+    reader = GGUFReader(tmp_path / "i.gguf")
+    fields = {f.name: f.contents() for f in reader.fields.values() if not f.name.startswith("GGUF.")}
+    most = max(int(e.counts.max()) for e in raw.entries.values())
+    assert fields == {"general.type": "imatrix", "imatrix.datasets": ["calibration.txt"],
+                      "imatrix.chunk_count": most // 512, "imatrix.chunk_size": 512}
+    names = [t.name for t in reader.tensors]
+    assert names == [f"{n}{s}" for n in sorted(SHAPES) for s in (".in_sum2", ".counts")]
+    shapes = {t.name: [int(d) for d in t.shape] for t in reader.tensors}
+    assert shapes["blk.0.ffn_up.weight.in_sum2"] == [64] and shapes["blk.0.ffn_up.weight.counts"] == [1]
+    assert shapes["blk.0.ffn_up_exps.weight.in_sum2"] == [32, 3] and shapes["blk.0.ffn_up_exps.weight.counts"] == [1, 3]
+    assert_entries_equal(load_imatrix(tmp_path / "i.gguf"), raw.expected_gguf_map())
+
+
+def test_written_dat_is_the_legacy_layout(tmp_path):
+    """The legacy file averages per matrix and scales by the call count; quantize.cpp reads back the averages."""
+    from mt.quant.imatrix import write_imatrix_dat
+
+    raw = random_imatrix(SHAPES, seed=4)
+    raw.entries["blk.0.ffn_up_exps.weight"].counts[2] = 0  # stored as 1 * ncall
+    raw.entries["blk.0.ffn_down.weight"].counts[:] = 0  # no data: left out
+    write_imatrix_dat(tmp_path / "i.dat", _sums(raw))
+    loaded = load_imatrix(tmp_path / "i.dat")
+    del raw.entries["blk.0.ffn_down.weight"]
+    assert loaded.is_legacy and loaded.datasets == [b"calibration.txt"]
+    assert loaded.chunk_count == max(int(e.counts.max()) for e in raw.entries.values()) // 512
+    assert sorted(loaded.entries) == sorted(raw.entries)
+    for name, values in raw.expected_legacy_map().items():
+        np.testing.assert_allclose(loaded.entries[name], values, rtol=1e-6)
+    assert np.all(loaded.entries["blk.0.ffn_up_exps.weight"][64:] == 1)

@@ -191,3 +191,36 @@ def test_a_type_the_family_cannot_take_is_one_line(tada_codec_dir, tmp_path):
                                     "--no-verify"])
     assert out.exit_code == 1 and out.output.count("\n") == 1 and "--outtype q4_k_m does not apply" in out.output, out.output
     assert list(tmp_path.iterdir()) == []
+
+
+def test_imatrix_auto_computes_uses_and_ships_the_matrix(llama2_256_dir, tmp_path, monkeypatch):
+    """--imatrix auto: the matrix mt imatrix writes for the same text and chunks, used for every mix (each file is the
+    one mt convert --imatrix imatrix.gguf writes), verified with it, shipped and named in the card."""
+    from tests.imatrix.test_compute import calibration_text
+
+    text = tmp_path / "calibration.txt"
+    text.write_text(calibration_text(), encoding="utf-8")
+    dist = tmp_path / "dist"
+    out = CliRunner().invoke(main, ["release", str(llama2_256_dir), "-o", str(dist), "--name", "m", "--quants",
+                                    "q8_0,q4_k_m,iq2_xxs", "--imatrix", "auto", "--calibration", str(text),
+                                    "--calibration-ctx", "128", "--calibration-chunks", "4", "--json"])
+    assert out.exit_code == 0, out.output
+    assert all(f["verify"]["passed"] for f in json.loads(out.output.strip().splitlines()[-1])["files"])
+    alone = CliRunner().invoke(main, ["imatrix", str(llama2_256_dir), "--text", str(text), "--ctx", "128", "--chunks", "4",
+                                      "-o", str(tmp_path / "alone.gguf"), "--quiet"])
+    assert alone.exit_code == 0, alone.output
+    assert (dist / "imatrix.gguf").read_bytes() == (tmp_path / "alone.gguf").read_bytes()
+    monkeypatch.chdir(dist)  # the files record the matrix as imatrix.gguf, the name it ships under
+    for outtype in ("q4_k_m", "iq2_xxs"):
+        convert(llama2_256_dir, tmp_path / "one.gguf", outtype, force=True, imatrix="imatrix.gguf")
+        assert (dist / file_name("m", outtype)).read_bytes() == (tmp_path / "one.gguf").read_bytes(), outtype
+    card = (dist / "README.md").read_text(encoding="utf-8")
+    assert f"computed over `{text}` (4 chunks of 128 tokens). It ships as `imatrix.gguf`." in card
+
+
+@pytest.mark.parametrize("options", [["--imatrix", "auto"], ["--calibration", "README.md"]])
+def test_imatrix_auto_and_calibration_go_together(options, llama2_256_dir, tmp_path):
+    dist = tmp_path / "dist"
+    out = CliRunner().invoke(main, ["release", str(llama2_256_dir), "-o", str(dist), "--quants", "q4_k_m", *options])
+    assert out.exit_code == 1 and "--imatrix auto and --calibration go together" in out.output, out.output
+    assert len(out.output.strip().splitlines()) == 1 and no_stray_files(dist)

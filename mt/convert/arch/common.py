@@ -67,11 +67,15 @@ def write_rope_scaling(w: GGUFContents, rope: dict[str, Any]) -> None:
         log.warning("unknown rope type %r: written without scaling", rope_type)
 
 
+CONTEXT_LENGTH_KEYS = ("max_position_embeddings", "n_ctx", "n_positions", "max_length", "max_sequence_length",
+                       "model_max_length")
+
+
 def write_text_hparams(w: GGUFContents, config: dict[str, Any], block_count: int, file_type: int) -> None:
     """The keys llama.cpp's TextModel.set_gguf_parameters writes, in its order."""
     w.add_block_count(block_count)
     scalar_keys = (
-        (("max_position_embeddings", "n_ctx", "n_positions", "max_length", "max_sequence_length", "model_max_length"), w.add_context_length),
+        (CONTEXT_LENGTH_KEYS, w.add_context_length),
         (("hidden_size", "n_embd", "dim"), w.add_embedding_length),
         (("prefix_dense_intermediate_size", "dense_intermediate_size", "intermediate_size", "n_inner", "hidden_dim"), w.add_feed_forward_length),
         (HEAD_COUNT_KEYS, w.add_head_count),
