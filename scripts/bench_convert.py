@@ -92,13 +92,15 @@ def build_checkpoint(folder: Path, config: dict = LLAMA_32_1B) -> Path:
 # Linux carries the parent's peak RSS into a forked child's ru_maxrss, so each tool is started from
 # this small launcher instead of from the benchmark process (which held the generated checkpoint).
 LAUNCHER = """
-import os, subprocess, sys, time
+import os, subprocess, sys, tempfile, time
+log = tempfile.TemporaryFile()  # a file, not a pipe: a chatty child (llama.cpp's tools) never blocks on it
 t = time.perf_counter()
-p = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+p = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=log)
 _, status, usage = os.wait4(p.pid, 0)
 print(time.perf_counter() - t, usage.ru_maxrss * 1024, status)
 if status:
-    sys.stderr.write(p.stderr.read().decode()[-3000:])
+    log.seek(0)
+    sys.stderr.write(log.read().decode(errors="replace")[-3000:])
 """
 
 

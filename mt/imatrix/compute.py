@@ -89,7 +89,7 @@ def compute_imatrix(src: Path, text: str, dataset: str, options: ImatrixOptions,
     matrices = quantized_matrices(ckpt, arch)
     if options.from_gguf is not None:
         _check_fits(options.from_gguf, matrices)
-    chunks, n_tokens = _chunks(src, ckpt, text, dataset, options)
+    chunks, n_tokens = _chunks(src, text, dataset, options)
     device = resolve_device(options.device)
     dtype = options.dtype if options.dtype != "auto" else ("f32" if device == "cpu" else "bf16")
     sums, counts = _collect(ckpt, matrices, chunks, options.batch, device, dtype, progress)
@@ -124,7 +124,7 @@ def resolve_device(name: str) -> str:
     return "cuda" if name != "cpu" and usable else "cpu"
 
 
-def _chunks(src: Path, ckpt: Checkpoint, text: str, dataset: str, options: ImatrixOptions) -> tuple[np.ndarray, int]:
+def _chunks(src: Path, text: str, dataset: str, options: ImatrixOptions) -> tuple[np.ndarray, int]:
     """The chunks, tokenized by llama.cpp with the vocabulary of --from's GGUF or of mt's conversion of `src`."""
     if options.from_gguf is not None:
         vocab = tokenize(options.from_gguf, text)

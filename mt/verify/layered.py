@@ -9,6 +9,7 @@ rows of the distinct ids only, and the logits from slabs of the lm_head rows.
 
 from __future__ import annotations
 
+import warnings
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
@@ -192,6 +193,12 @@ def _read(ckpt: Checkpoint, name: str) -> torch.Tensor:
 def _f32(raw: np.ndarray, dtype: str) -> torch.Tensor:
     import torch
 
+    if dtype in ("BF16", "F16"):  # torch widens on every core, numpy on one
+        bits = np.ascontiguousarray(raw).view(np.int16 if dtype == "BF16" else np.float16)
+        with warnings.catch_warnings():  # a read-only slab is only read: .float() makes the copy
+            warnings.simplefilter("ignore", UserWarning)
+            narrow = torch.from_numpy(bits)
+        return (narrow.view(torch.bfloat16) if dtype == "BF16" else narrow).float()
     values = to_f32(raw, dtype)
     if not values.flags.writeable or not values.flags.c_contiguous:
         values = np.array(values, dtype=np.float32)
