@@ -29,8 +29,8 @@ SPLIT_TENSORS_OPTION = click.option(
 
 IMATRIX_OPTION = click.option(
     "--imatrix", "imatrix", default=None, metavar="FILE",
-    help="Importance matrix from llama-imatrix (GGUF or legacy .dat) to weigh the quantization errors of llama.cpp's "
-         "mixes (q4_k_m …), as llama-quantize --imatrix.")
+    help="Importance matrix from mt imatrix or llama-imatrix (GGUF or legacy .dat) to weigh the quantization errors of "
+         "llama.cpp's mixes (q4_k_m …), as llama-quantize --imatrix.")
 
 ALLOW_NON_FINITE_OPTION = click.option(
     "--allow-non-finite", is_flag=True,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 
 import yaml
 from gguf import GGUFReader
@@ -13,30 +12,8 @@ from click.testing import CliRunner
 from mt.cli import main
 from mt.release.card import split_card
 
-SOURCE_CARD = """---
-license: apache-2.0
-language:
-- en
-- "no"
-tags:
-- chat
-base_model: someone/parent-model
----
-
-# Tiny
-
-A model card of the source's own.
-"""
-
-
-def test_card_front_matter_table_and_source_text(llama3_dir, tmp_path):
-    src = tmp_path / "tiny-chat"
-    shutil.copytree(llama3_dir, src)
-    (src / "README.md").write_text(SOURCE_CARD)
-    dist = tmp_path / "dist"
-    out = CliRunner().invoke(main, ["release", str(src), "-o", str(dist), "--quants", "f16,q4_k_m", "--json"])
-    assert out.exit_code == 0, out.output
-    summary = json.loads(out.output.strip().splitlines()[-1])
+def test_card_front_matter_table_and_source_text(verified_release):
+    dist, summary = verified_release.dist, verified_release.summary
     meta, body = split_card((dist / "README.md").read_text())
     assert meta["base_model_relation"] == "quantized" and meta["quantized_by"] == "mt"
     assert meta["license"] == "apache-2.0" and meta["language"] == ["en", "no"]

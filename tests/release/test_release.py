@@ -47,15 +47,12 @@ def test_adapter_merged_once_for_every_type(built: Callable[[str], Path], llama3
         assert f.path.read_bytes() == (tmp_path / "one.gguf").read_bytes(), f.outtype
 
 
-def test_verified_release_reports_each_file(llama3_dir, tmp_path):
-    out = CliRunner().invoke(main, ["release", str(llama3_dir), "-o", str(tmp_path / "dist"), "--quants", "f16,q4_k_m",
-                                    "--name", "tiny", "--json"])
-    assert out.exit_code == 0, out.output
-    summary = json.loads(out.output.strip().splitlines()[-1])
-    assert [f["file"] for f in summary["files"]] == ["tiny-F16.gguf", "tiny-Q4_K_M.gguf"]
+def test_verified_release_reports_each_file(verified_release):
+    summary = verified_release.summary
+    assert [f["file"] for f in summary["files"]] == ["tiny-chat-F16.gguf", "tiny-chat-Q4_K_M.gguf"]
     for f in summary["files"]:
         assert f["verify"]["passed"] is True
-        assert f["bytes"] == (tmp_path / "dist" / f["file"]).stat().st_size
+        assert f["bytes"] == (verified_release.dist / f["file"]).stat().st_size
     f16, q4 = (f["verify"]["quality"]["kld_mean"] for f in summary["files"])
     assert 0 <= f16 < q4  # a 4-bit file moves further from the source than the 16-bit one
 
@@ -122,15 +119,13 @@ def test_verify_options_reach_every_file(llama3_dir, tmp_path):
     assert report is not None and report.passed and report.gguf == str(tmp_path / "dist" / result.files[0].path.name)
 
 
-def test_manifest_names_each_file_with_its_hash_verdict_and_memory(llama3_dir, tmp_path):
-    dist = tmp_path / "dist"
-    out = CliRunner().invoke(main, ["release", str(llama3_dir), "-o", str(dist), "--quants", "bf16,q4_k_m", "--json"])
-    assert out.exit_code == 0, out.output
+def test_manifest_names_each_file_with_its_hash_verdict_and_memory(verified_release, llama3_dir):
+    dist = verified_release.dist
     listing = json.loads((dist / "manifest.json").read_text())
     assert listing["schema"] == "mt-release-manifest" and listing["version"] == 1
     assert listing["architecture"] == "llama" and listing["context_length"] == json.loads(
         (llama3_dir / "config.json").read_text())["max_position_embeddings"]
-    summary = json.loads(out.output.strip().splitlines()[-1])
+    summary = verified_release.summary
     for entry, printed in zip(listing["files"], summary["files"]):
         path = dist / entry["file"]
         assert entry["sha256"] == printed["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
@@ -202,7 +197,7 @@ def test_imatrix_auto_computes_uses_and_ships_the_matrix(llama2_256_dir, tmp_pat
     text.write_text(calibration_text(), encoding="utf-8")
     dist = tmp_path / "dist"
     out = CliRunner().invoke(main, ["release", str(llama2_256_dir), "-o", str(dist), "--name", "m", "--quants",
-                                    "q8_0,q4_k_m,iq2_xxs", "--imatrix", "auto", "--calibration", str(text),
+                                    "q4_k_m,iq2_xxs", "--imatrix", "auto", "--calibration", str(text),
                                     "--calibration-ctx", "128", "--calibration-chunks", "4", "--json"])
     assert out.exit_code == 0, out.output
     assert all(f["verify"]["passed"] for f in json.loads(out.output.strip().splitlines()[-1])["files"])
