@@ -54,11 +54,11 @@ class SearchTables(NamedTuple):
 
 @jit(inline="always")
 def distance(qpts: np.ndarray, base: int, n: int, j: int, scale: float, xval: np.ndarray, waux: np.ndarray,
-             at: int) -> float:
-    """Σ waux·(scale·q - x)² over the group at `at` for candidate j of the block [8][n] at qpts[base], in ggml's
-    order (d2 starts at 0, then i = 0..7)."""
+             at: int, width: int) -> float:
+    """Σ waux·(scale·q - x)² over the group of `width` values at `at` for candidate j of the block [width][n] at
+    qpts[base], in ggml's order (d2 starts at 0, then i = 0..width-1); the IQ3 searches use it with width 4."""
     d2 = F32(0)
-    for i in range(8):
+    for i in range(width):
         diff = scale * F32(qpts[np.uint64(base + i * n + j)]) - xval[at + i]
         d2 += waux[at + i] * diff * diff
     return d2
@@ -82,7 +82,7 @@ def best_neighbour(starts: np.ndarray, cand: np.ndarray, qpts: np.ndarray, key: 
     for c in range(n // LANES):
         chunk = NO_CANDIDATE
         for jj in range(LANES):
-            d2 = distance(qpts, 8 * s, n, LANES * c + jj, scale, xval, waux, at)
+            d2 = distance(qpts, 8 * s, n, LANES * c + jj, scale, xval, waux, at, 8)
             chunk = min(chunk, (np.int64(np.uint32(f32_bits(d2))) << LANE_BITS) | jj)
         if chunk >> LANE_BITS < smallest >> LANE_BITS:  # an equal distance in a later chunk comes after
             smallest = chunk

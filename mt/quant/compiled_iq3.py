@@ -25,7 +25,9 @@ from gguf import GGMLQuantizationType
 from mt.quant.compiled import (
     QK_K, clampf, f32_bits, fp32_to_fp16, jit, nearest_int_f32, put_fp16, sum_of_squares,
 )
-from mt.quant.compiled_iq2 import FLT_MAX_BITS, LANES, NO_CANDIDATE, fold_signs, scale_level, sub_block_weights
+from mt.quant.compiled_iq2 import (
+    FLT_MAX_BITS, LANES, NO_CANDIDATE, distance, fold_signs, scale_level, sub_block_weights,
+)
 from mt.quant.iq_grids import lattice
 
 F32 = np.float32
@@ -49,18 +51,6 @@ class SearchTables(NamedTuple):
 
 
 @jit(inline="always")
-def distance(qpts: np.ndarray, base: int, n: int, j: int, scale: float, xval: np.ndarray, waux: np.ndarray,
-             at: int) -> float:
-    """Σ waux·(scale·q - x)² over the group at `at` for candidate j of the block [4][n] at qpts[base], in ggml's
-    order (d2 starts at 0, then i = 0..3)."""
-    d2 = F32(0)
-    for i in range(DIM):
-        diff = scale * F32(qpts[np.uint64(base + i * n + j)]) - xval[at + i]
-        d2 += waux[at + i] * diff * diff
-    return d2
-
-
-@jit(inline="always")
 def best_neighbour(starts: np.ndarray, cand: np.ndarray, qpts: np.ndarray, key: int, xval: np.ndarray,
                    waux: np.ndarray, at: int, scale: float) -> int:
     """iq3_find_best_neighbour: of the candidates of an off-grid key, the first with the smallest
@@ -73,7 +63,7 @@ def best_neighbour(starts: np.ndarray, cand: np.ndarray, qpts: np.ndarray, key: 
     n = np.int64(starts[key + 1]) - s
     smallest = NO_CANDIDATE
     for j in range(n):
-        d2 = distance(qpts, DIM * s, n, j, scale, xval, waux, at)
+        d2 = distance(qpts, DIM * s, n, j, scale, xval, waux, at, DIM)
         smallest = min(smallest, (np.int64(np.uint32(f32_bits(d2))) << PLACE_BITS) | j)
     j = smallest & ((1 << PLACE_BITS) - 1) if smallest >> PLACE_BITS < FLT_MAX_BITS else 0
     return np.int64(cand[s + j])
