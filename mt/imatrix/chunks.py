@@ -4,15 +4,14 @@ becomes BOS where the vocabulary adds one; at least two chunks' worth of tokens 
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
 from mt.errors import MtError
 from mt.io.quiet import native_stderr_silenced
+from mt.verify.tokens import llama_cpp_vocab_only
 
 MIN_CHUNKS_OF_TEXT = 2  # llama-imatrix refuses text shorter than 2 * n_ctx tokens
 
@@ -23,21 +22,9 @@ class Vocabulary:
     bos: int | None  # the id put first in each chunk, None where the vocabulary adds no BOS
 
 
-@contextmanager
-def llama_cpp_vocabulary(gguf: Path) -> Iterator["Llama"]:  # noqa: F821
-    from llama_cpp import Llama
-
-    with native_stderr_silenced():
-        llm = Llama(model_path=str(gguf), vocab_only=True, verbose=False)
-    try:
-        yield llm
-    finally:
-        llm.close()
-
-
 def tokenize(gguf: Path, text: str) -> Vocabulary:
     """`text` through the tokenizer of the GGUF `gguf` (its vocabulary suffices)."""
-    with llama_cpp_vocabulary(gguf) as llm, native_stderr_silenced():
+    with llama_cpp_vocab_only(gguf) as llm, native_stderr_silenced():
         tokens = np.asarray(llm.tokenize(text.encode("utf-8"), add_bos=True, special=False), dtype=np.int32)
         bos = llm._model.token_bos() if llm._model.add_bos_token() else None
     return Vocabulary(tokens, None if bos is None or bos < 0 else int(bos))

@@ -35,7 +35,7 @@ from mt.release.manifest import manifest
 from mt.release.modelfile import make_modelfile
 from mt.release.memory import MemoryEstimate, estimates
 from mt.quant.device import GPU_TYPES, GpuQuantizer, select_device
-from mt.quant.imatrix import GivenImatrix, open_imatrix, write_imatrix_gguf
+from mt.quant.imatrix import GivenImatrix, load_imatrix, open_imatrix, write_imatrix_gguf
 from mt.quant.outtypes import OUT_TYPES
 from mt.verify.report import VerifyReport
 from mt.verify.verify import Verifier, VerifyOptions
@@ -109,13 +109,11 @@ def release(src: Path, dist: Path, quants: list[str], *, name: str | None = None
                       "convert it with mt convert, one type at a time")
     check_output(dist, force, folder=True)
     with ExitStack() as scratch:
-        shipped = None
+        shipped, given = None, open_imatrix(imatrix) if imatrix not in (None, "auto") else None
         if calibration is not None:
             shipped = _computed_imatrix(Path(src), calibration, replace(calibration_options, adapter=adapter), scratch)
-            imatrix, verify = shipped, verify and replace(verify, imatrix=shipped)
-        given = open_imatrix(imatrix) if imatrix is not None else None
-        if given is not None and shipped is not None:  # the files record the name it ships under
-            given = GivenImatrix(given.imatrix, SHIPPED_IMATRIX)
+            given = GivenImatrix(load_imatrix(shipped), SHIPPED_IMATRIX)  # the files record the name it ships under
+            verify = verify and replace(verify, imatrix=shipped)
         return _release(Path(src), ckpt, arch, dist, quants, name, adapter, given, shipped, verify, device, split,
                         allow_non_finite, progress)
 

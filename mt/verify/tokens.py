@@ -24,13 +24,22 @@ class LlamaCppVocab:
 
 
 @contextmanager
-def llama_cpp_tokenizer(gguf_path: Path) -> Iterator[LlamaCppVocab]:
-    """llama.cpp's tokenizer for the GGUF (vocab only): add_special per the file's add_bos, specials parsed."""
+def llama_cpp_vocab_only(gguf_path: Path) -> Iterator["Llama"]:  # noqa: F821
+    """llama-cpp-python's Llama on the GGUF's vocabulary alone (no weights loaded), closed afterwards."""
     from llama_cpp import Llama
 
     with native_stderr_silenced():
         llm = Llama(model_path=str(gguf_path), vocab_only=True, verbose=False)
     try:
+        yield llm
+    finally:
+        llm.close()
+
+
+@contextmanager
+def llama_cpp_tokenizer(gguf_path: Path) -> Iterator[LlamaCppVocab]:
+    """llama.cpp's tokenizer for the GGUF (vocab only): add_special per the file's add_bos, specials parsed."""
+    with llama_cpp_vocab_only(gguf_path) as llm:
         def tokenize(text: str) -> list[int]:
             with native_stderr_silenced():  # llama.cpp warns about a doubled BOS in text that starts with one
                 return llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)
@@ -39,8 +48,6 @@ def llama_cpp_tokenizer(gguf_path: Path) -> Iterator[LlamaCppVocab]:
             return llm.detokenize(ids, special=True).decode("utf-8", errors="replace")
 
         yield LlamaCppVocab(tokenize, text_of)
-    finally:
-        llm.close()
 
 
 def reference_tokenizer(ref: Reference) -> Tokenize:
