@@ -113,7 +113,8 @@ def inspect_folder(path: Path) -> dict[str, Any]:
     lines = [_family_line(path, hf_arch, family, arch.gguf_arch if arch else None),
              f"  {len(tensors)} tensors in {len(ckpt.files)} file(s), {n_params:,} parameters"]
     for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-                "intermediate_size", "vocab_size", "max_position_embeddings", "rope_theta", "tie_word_embeddings"):
+                "intermediate_size", "moe_intermediate_size", "num_local_experts", "num_experts",
+                "num_experts_per_tok", "vocab_size", "max_position_embeddings", "rope_theta", "tie_word_embeddings"):
         if key in ckpt.config:
             lines.append(f"  {key} = {ckpt.config[key]}")
     tok_files = [n for n in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "chat_template.jinja") if ckpt.has_file(n)]

@@ -1,10 +1,11 @@
 """Benchmark: llama.cpp's convert_hf_to_gguf.py vs `mt convert`, side by side in one run.
 
 Builds a Llama-3.2-1B-shaped random bf16 checkpoint (1.24B parameters, 2 shards, real Llama-3
-tokenizer), converts it with both tools for each out type, and prints wall time, peak RSS, the ratios
-and whether the tensor data is identical.
+tokenizer), or with --moe a Qwen3-MoE-shaped one (1.05B parameters, 32 experts per layer stored one by
+one, Qwen3's tokenizer), converts it with both tools for each out type, and prints wall time, peak RSS,
+the ratios and whether the files are identical.
 
-    python scripts/bench_convert.py [--outtypes bf16,q8_0] [--workdir DIR] [--keep]
+    python scripts/bench_convert.py [--moe] [--outtypes bf16,q8_0] [--workdir DIR] [--keep]
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.checkpoints import write_llama3_tokenizer  # noqa: E402
+from tests.checkpoints import write_llama3_tokenizer, write_qwen3_tokenizer  # noqa: E402
 from tests.oracle import sdist_dir  # noqa: E402
 
 LLAMA_32_1B = {
@@ -38,17 +39,43 @@ LLAMA_32_1B = {
     "hidden_act": "silu",
 }
 
+QWEN3_MOE_1B = {
+    "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "hidden_size": 1024,
+    "intermediate_size": 3072, "moe_intermediate_size": 512, "num_experts": 32, "num_experts_per_tok": 4,
+    "norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": [], "num_hidden_layers": 14,
+    "num_attention_heads": 16, "num_key_value_heads": 4, "head_dim": 64, "vocab_size": 151936,
+    "max_position_embeddings": 40960, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "tie_word_embeddings": False,
+    "bos_token_id": 151643, "eos_token_id": 151645, "torch_dtype": "bfloat16", "hidden_act": "silu",
+}
+
 
 def tensor_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
-    h, f, hd = cfg["hidden_size"], cfg["intermediate_size"], cfg["head_dim"]
+    h, hd = cfg["hidden_size"], cfg["head_dim"]
     q, kv = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
     shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (cfg["vocab_size"], h), "model.norm.weight": (h,)}
+    if not cfg["tie_word_embeddings"]:
+        shapes["lm_head.weight"] = (cfg["vocab_size"], h)
     for i in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{i}."
         shapes |= {p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
                    p + "self_attn.q_proj.weight": (q, h), p + "self_attn.k_proj.weight": (kv, h),
-                   p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, q),
-                   p + "mlp.gate_proj.weight": (f, h), p + "mlp.up_proj.weight": (f, h), p + "mlp.down_proj.weight": (h, f)}
+                   p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, q)}
+        if cfg["model_type"] == "qwen3_moe":
+            shapes |= {p + "self_attn.q_norm.weight": (hd,), p + "self_attn.k_norm.weight": (hd,)}
+        shapes |= mlp_shapes(cfg, p)
+    return shapes
+
+
+def mlp_shapes(cfg: dict, p: str) -> dict[str, tuple[int, ...]]:
+    h = cfg["hidden_size"]
+    if "num_experts" not in cfg:
+        f = cfg["intermediate_size"]
+        return {p + "mlp.gate_proj.weight": (f, h), p + "mlp.up_proj.weight": (f, h), p + "mlp.down_proj.weight": (h, f)}
+    f = cfg["moe_intermediate_size"]
+    shapes = {p + "mlp.gate.weight": (cfg["num_experts"], h)}
+    for x in range(cfg["num_experts"]):
+        e = f"{p}mlp.experts.{x}."
+        shapes |= {e + "gate_proj.weight": (f, h), e + "up_proj.weight": (f, h), e + "down_proj.weight": (h, f)}
     return shapes
 
 
@@ -75,7 +102,7 @@ def write_shard(path: Path, names: list[str], shapes: dict[str, tuple[int, ...]]
 
 def build_checkpoint(folder: Path, config: dict = LLAMA_32_1B) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    write_llama3_tokenizer(folder)
+    (write_qwen3_tokenizer if "num_experts" in config else write_llama3_tokenizer)(folder)
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     shapes = tensor_shapes(config)
     names = sorted(shapes)
@@ -119,15 +146,16 @@ def files_identical(a: Path, b: Path) -> bool:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
+    parser.add_argument("--moe", action="store_true", help="a Qwen3-MoE-shaped checkpoint (32 experts per layer)")
     parser.add_argument("--outtypes", default="bf16,q8_0")
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--keep", action="store_true")
     args = parser.parse_args()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="mt-bench-"))
-    src = work / "llama-3.2-1b-shaped"
+    src = work / ("qwen3-moe-1b-shaped" if args.moe else "llama-3.2-1b-shaped")
     if not (src / "config.json").is_file():
         t = time.perf_counter()
-        build_checkpoint(src)
+        build_checkpoint(src, QWEN3_MOE_1B if args.moe else LLAMA_32_1B)
         print(f"built {src} in {time.perf_counter() - t:.1f} s")
     converter = sdist_dir() / "convert_hf_to_gguf.py"
     subprocess.run(["cat", *map(str, src.glob("*.safetensors"))], stdout=subprocess.DEVNULL, check=True)  # warm the page cache

@@ -263,6 +263,36 @@ def write_llama32_tokenizer(dir: Path) -> None:
     _write_json(dir / "tokenizer_config.json", config)
 
 
+REFACT_DIGITS = {"type": "Split", "pattern": {"Regex": "\\p{N}"}, "behavior": "Isolated", "invert": False}
+REFACT_VOCAB = 49152
+
+
+def write_refact_tokenizer(dir: Path) -> None:
+    """The StarCoder-style BPE Granite 3 ships (digits split one by one, then byte-level), from llama.cpp's refact
+    test vocabulary; it tokenizes llama.cpp's probe text to the hash the converter names "refact"."""
+    vocab = read_gguf_vocab("refact")
+    added = [AddedToken(i, vocab.tokens[i]) for i in range(REFACT_VOCAB) if vocab.token_types[i] == 3]
+    _write_json(dir / "tokenizer.json", {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": [_added_token_json(t) for t in added],
+        "normalizer": None,
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [REFACT_DIGITS, _byte_level(False, True, True)]},
+        "post_processor": None,
+        "decoder": _byte_level(False, True, True),
+        "model": _bpe_model(vocab, REFACT_VOCAB, ignore_merges=False),
+    })
+    _write_json(dir / "tokenizer_config.json", {
+        "added_tokens_decoder": _added_tokens_decoder(added),
+        "bos_token": "<|endoftext|>",
+        "eos_token": "<|endoftext|>",
+        "clean_up_tokenization_spaces": True,
+        "model_max_length": 4096,
+        "tokenizer_class": "GPT2Tokenizer",
+    })
+
+
 def write_qwen2_tokenizer(dir: Path) -> None:
     vocab = read_gguf_vocab("qwen2")
     n_base = vocab.token_types.index(3)
@@ -997,3 +1027,82 @@ def build_llamafied_phi3(src: Path, dir: Path) -> Path:
     for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         shutil.copy(Path(src) / name, dir / name)
     return dir
+
+
+def build_smollm3(dir: Path, *, dtype: torch.dtype = torch.bfloat16, n_layers: int = 4, seed: int = 0,
+                  **overrides: Any) -> Path:
+    """SmolLM3-3B-style checkpoint: the Llama-3 tokenizer, tied embeddings, layer 3 (of each 4) without rope."""
+    from transformers import SmolLM3Config, SmolLM3ForCausalLM
+
+    dir = Path(dir)
+    dir.mkdir(parents=True, exist_ok=True)
+    config = SmolLM3Config(**{**_common_dims(n_layers), "vocab_size": LLAMA3_VOCAB, "rms_norm_eps": 1e-6,
+                              "rope_theta": 2_000_000.0, "tie_word_embeddings": True, "bos_token_id": 128000,
+                              "eos_token_id": 128001, "pad_token_id": 128004, **overrides})
+    write_llama3_tokenizer(dir)
+    return _finish(SmolLM3ForCausalLM(config), dir, dtype=dtype, shards=1, seed=seed)
+
+
+def build_olmo2(dir: Path, *, dtype: torch.dtype = torch.bfloat16, n_layers: int = 2, seed: int = 0) -> Path:
+    """OLMo-2-style checkpoint: post-norms, whole-Q/K norms, untied head (the Llama-3 tokenizer stands in for
+    OLMo's own)."""
+    from transformers import Olmo2Config, Olmo2ForCausalLM
+
+    dir = Path(dir)
+    dir.mkdir(parents=True, exist_ok=True)
+    config = Olmo2Config(**_common_dims(n_layers), vocab_size=LLAMA3_VOCAB, rms_norm_eps=1e-6, rope_theta=500000.0,
+                         tie_word_embeddings=False, bos_token_id=128000, eos_token_id=128001, pad_token_id=128004)
+    write_llama3_tokenizer(dir)
+    return _finish(Olmo2ForCausalLM(config), dir, dtype=dtype, shards=1, seed=seed)
+
+
+GRANITE_MULTIPLIERS = {"embedding_multiplier": 12.0, "residual_multiplier": 0.22, "attention_multiplier": 0.0078125,
+                       "logits_scaling": 8.0}  # granite-3.x's
+
+
+def build_granite(dir: Path, *, dtype: torch.dtype = torch.bfloat16, n_layers: int = 2, seed: int = 0,
+                  **overrides: Any) -> Path:
+    """Granite-3-style checkpoint: its four multipliers, its StarCoder-style tokenizer (49152 tokens), untied head."""
+    from transformers import GraniteConfig, GraniteForCausalLM
+
+    dir = Path(dir)
+    dir.mkdir(parents=True, exist_ok=True)
+    config = GraniteConfig(**{**_common_dims(n_layers), **GRANITE_MULTIPLIERS, "vocab_size": REFACT_VOCAB,
+                              "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": False,
+                              "bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0, **overrides})
+    write_refact_tokenizer(dir)
+    return _finish(GraniteForCausalLM(config), dir, dtype=dtype, shards=1, seed=seed)
+
+
+def build_qwen3_moe(dir: Path, *, dtype: torch.dtype = torch.bfloat16, n_layers: int = 2, seed: int = 0,
+                    **overrides: Any) -> Path:
+    """Qwen3-30B-A3B-style checkpoint: Qwen3's attention, 4 experts per layer (2 chosen, renormalised), stored one
+    by one as released checkpoints store them."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    dir = Path(dir)
+    dir.mkdir(parents=True, exist_ok=True)
+    config = Qwen3MoeConfig(**{
+        "hidden_size": HIDDEN, "intermediate_size": INTERMEDIATE, "moe_intermediate_size": 32, "num_experts": 4,
+        "num_experts_per_tok": 2, "norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": [],
+        "num_hidden_layers": n_layers, "num_attention_heads": HEADS, "num_key_value_heads": KV_HEADS, "head_dim": 16,
+        "vocab_size": QWEN2_VOCAB, "max_position_embeddings": 40960, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
+        "tie_word_embeddings": False, "initializer_range": INIT_RANGE, "bos_token_id": 151643,
+        "eos_token_id": 151645, **overrides})
+    write_qwen3_tokenizer(dir)
+    return _finish(Qwen3MoeForCausalLM(config), dir, dtype=dtype, shards=1, seed=seed)
+
+
+def build_mixtral(dir: Path, *, dtype: torch.dtype = torch.bfloat16, n_layers: int = 2, seed: int = 0) -> Path:
+    """Mixtral-8x7B-style checkpoint: the Llama-2 tokenizer, 8 experts per layer (2 chosen), stored one by one;
+    rows of 256, so llama-quantize's K types (and its rules for 8 experts) apply to every matrix."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    dir = Path(dir)
+    dir.mkdir(parents=True, exist_ok=True)
+    dims = {**_common_dims(n_layers), "hidden_size": 256, "intermediate_size": 256}
+    config = MixtralConfig(**dims, vocab_size=LLAMA2_VOCAB, num_local_experts=8, num_experts_per_tok=2,
+                           rms_norm_eps=1e-5, rope_theta=1000000.0, sliding_window=None, tie_word_embeddings=False,
+                           bos_token_id=1, eos_token_id=2)
+    write_llama2_tokenizer(dir)
+    return _finish(MixtralForCausalLM(config), dir, dtype=dtype, shards=1, seed=seed)

@@ -98,6 +98,31 @@ def gemma3_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def smollm3_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return checkpoints.build_smollm3(tmp_path_factory.mktemp("smollm3"))
+
+
+@pytest.fixture(scope="session")
+def olmo2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return checkpoints.build_olmo2(tmp_path_factory.mktemp("olmo2"))
+
+
+@pytest.fixture(scope="session")
+def granite_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return checkpoints.build_granite(tmp_path_factory.mktemp("granite"))
+
+
+@pytest.fixture(scope="session")
+def qwen3_moe_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return checkpoints.build_qwen3_moe(tmp_path_factory.mktemp("qwen3_moe"))
+
+
+@pytest.fixture(scope="session")
+def mixtral_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return checkpoints.build_mixtral(tmp_path_factory.mktemp("mixtral"))
+
+
+@pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """SmolLM2-135M-Instruct (bf16), rebuilt once from a registry GGUF and cached (tests/real_model.py)."""
     from tests.real_model import smollm2_dir as build

@@ -80,7 +80,7 @@ def dims(config: dict[str, Any]) -> Dims:
                 vocab)
 
 
-Shape = Callable[[Dims], tuple[int, ...] | None]
+Shape = Callable[[Dims], tuple[int, ...] | list[tuple[int, ...]] | None]  # one shape, or those allowed
 
 LAYER_SHAPES: dict[str, Shape] = {
     "self_attn.q_proj.weight": lambda d: (d.heads * d.head_dim, d.hidden),
@@ -91,8 +91,9 @@ LAYER_SHAPES: dict[str, Shape] = {
     "self_attn.k_proj.bias": lambda d: (d.kv_heads * d.head_dim,),
     "self_attn.v_proj.bias": lambda d: (d.kv_heads * d.head_dim,),
     "self_attn.qkv_proj.weight": lambda d: ((d.heads + 2 * d.kv_heads) * d.head_dim, d.hidden),
-    "self_attn.q_norm.weight": lambda d: (d.head_dim,),
-    "self_attn.k_norm.weight": lambda d: (d.head_dim,),
+    # per head (Qwen3, Gemma 3) or over the whole projection (OLMo 2)
+    "self_attn.q_norm.weight": lambda d: [(d.head_dim,), (d.heads * d.head_dim,)],
+    "self_attn.k_norm.weight": lambda d: [(d.head_dim,), (d.kv_heads * d.head_dim,)],
     "mlp.gate_proj.weight": lambda d: (d.intermediate, d.hidden) if d.intermediate else None,
     "mlp.up_proj.weight": lambda d: (d.intermediate, d.hidden) if d.intermediate else None,
     "mlp.down_proj.weight": lambda d: (d.hidden, d.intermediate) if d.intermediate else None,
@@ -130,8 +131,10 @@ def check_against_config(config: dict[str, Any], tensors: Mapping[str, LazyTenso
 
 def _check_shape(name: str, tensor: LazyTensor, expected: Shape | None, d: Dims) -> None:
     want = expected(d) if expected is not None else None
-    if want is not None and tuple(tensor.shape) != want:
-        raise CheckpointError(f"tensor {name!r} has shape {list(tensor.shape)}, config.json implies {list(want)}", REMEDY)
+    allowed = want if isinstance(want, list) else [want] if want is not None else []
+    if allowed and tuple(tensor.shape) not in allowed:
+        implied = " or ".join(str(list(shape)) for shape in allowed)
+        raise CheckpointError(f"tensor {name!r} has shape {list(tensor.shape)}, config.json implies {implied}", REMEDY)
 
 
 def _check_vocab_rows(name: str, tensor: LazyTensor, d: Dims) -> None:

@@ -1,4 +1,5 @@
-"""Tokenizer -> GGUF vocabulary: BPE from tokenizer.json, SentencePiece from tokenizer.model.
+"""Tokenizer -> GGUF vocabulary: BPE from tokenizer.json, SentencePiece from tokenizer.model, or from a
+SentencePiece-style tokenizer.json alone.
 
 Token lists, types and scores come out as llama.cpp's converter writes them. The BPE pre-tokenizer
 is named from the probe hash llama.cpp uses and, failing that, from the pre_tokenizer definition in
@@ -14,7 +15,7 @@ from typing import Any, Callable
 
 from gguf import TokenType
 
-from mt.io.checkpoint import SideFile, SideFiles
+from mt.io.checkpoint import TOKENIZER_FILES, SideFile, SideFiles
 from mt.io.gguf_out import GGUFContents
 from mt.convert.special import load_special_vocab, read_tokenizer_json
 from mt.errors import TokenizerError
@@ -36,6 +37,7 @@ PROBE_HASHES = {
     "3ce83efda5659b07b1ad37ca97ca5797ea4285d9b9ab0dc679e4a720c9da7454": "gpt-2",
     "855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249": "smollm",
     "63b97e4253352e6f357cc59ea5b583e3a680eaeaf2632188c2b952de2588485e": "tekken",
+    "6221ad2852e85ce96f791f476e0b390cf9b474c9e3d1362f53a24a06dc8220ff": "refact",  # StarCoder's, Granite 3's
 }
 LLAMA3_SPLIT = (
     "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*"
@@ -231,6 +233,25 @@ def write_spm_arrays(files: SideFiles, w: GGUFContents, tokens: list[bytes], sco
     return VocabSummary("llama", "default", len(tokens))
 
 
+def write_llama_hf(files: SideFiles, config: dict[str, Any], w: GGUFContents) -> VocabSummary:
+    """A SentencePiece-style BPE (byte fallback) given as tokenizer.json alone, read by gguf-py's LlamaHfVocab as
+    llama.cpp's converter reads it: the tokenizer's own tokens and added tokens, every score -1000 (the file has
+    merges, not scores), so llama.cpp's SentencePiece tokenizer merges left to right where tokenizer.json ranks."""
+    from gguf.vocab import LlamaHfVocab
+
+    with files.as_folder((*TOKENIZER_FILES, "config.json")) as folder:
+        try:
+            vocab = LlamaHfVocab(folder)
+        except (ValueError, KeyError, OSError, TypeError, AssertionError) as e:
+            raise TokenizerError(f"{files / 'tokenizer.json'} cannot be read as a SentencePiece-style tokenizer ({e})",
+                                 "copy tokenizer.model from the base model into the folder") from None
+        entries = list(vocab.all_tokens())
+    tokens = [text for text, _, _ in entries]
+    scores = [score for _, score, _ in entries]
+    types = [int(kind) for _, _, kind in entries]
+    return write_spm_arrays(files, w, tokens, scores, types)
+
+
 def _spm_type(sp: Any, i: int) -> int:
     if sp.IsUnknown(i):
         return SPM_TYPES["unknown"]
@@ -248,6 +269,13 @@ def _is_byte_fallback_bpe(files: SideFiles) -> bool:
     return model.get("type") == "BPE" and bool(model.get("byte_fallback", False))
 
 
+def _is_llama_hf(files: SideFiles) -> bool:
+    """What gguf-py's LlamaHfVocab takes: byte-fallback BPE with a Sequence decoder."""
+    if not (files / "tokenizer.json").is_file() or not _is_byte_fallback_bpe(files):
+        return False
+    return (read_tokenizer_json(files / "tokenizer.json").get("decoder") or {}).get("type") == "Sequence"
+
+
 def write_add_space_prefix(files: SideFiles, w: GGUFContents) -> None:
     path = files / "tokenizer_config.json"
     if path.is_file() and (value := read_json(path).get("add_prefix_space")) is not None:
@@ -257,6 +285,7 @@ def write_add_space_prefix(files: SideFiles, w: GGUFContents) -> None:
 # loader name -> (applies to this folder?, writer)
 LOADERS: dict[str, tuple[Callable[[SideFiles], bool], Callable[[SideFiles, dict[str, Any], GGUFContents], VocabSummary]]] = {
     "sentencepiece": (lambda f: (f / "tokenizer.model").is_file(), write_sentencepiece),
+    "llama_hf": (_is_llama_hf, write_llama_hf),
     "gpt2": (lambda f: (f / "tokenizer.json").is_file() and not _is_byte_fallback_bpe(f), write_gpt2),
 }
 
@@ -270,7 +299,8 @@ def write_vocab(files: SideFiles, config: dict[str, Any], w: GGUFContents, loade
             return write(files, config, w)
     if (files / "tokenizer.json").is_file():
         raise TokenizerError(
-            f"{files / 'tokenizer.json'} is a SentencePiece-style BPE without tokenizer.model",
+            f"{files / 'tokenizer.json'} is a SentencePiece-style BPE without tokenizer.model, which llama.cpp's "
+            "converter also needs for this family",
             "copy tokenizer.model from the base model into the folder",
         )
     raise TokenizerError(

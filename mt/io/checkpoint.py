@@ -4,9 +4,11 @@ are the folder's own or, for a model merged in memory, the folder's with some re
 from __future__ import annotations
 
 import json
+import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, Mapping, Protocol
+from typing import Any, Iterable, Iterator, Mapping, Protocol
 
 import numpy as np
 
@@ -80,6 +82,15 @@ class SideFiles:
         names = [f"{TEMPLATES_DIR}/{p.name}" for p in (self.folder / TEMPLATES_DIR).glob("*.jinja")]
         names += [n for n in self.replaced if n.startswith(f"{TEMPLATES_DIR}/") and n.endswith(".jinja") and n not in names]
         return [self / name for name in names]
+
+    @contextmanager
+    def as_folder(self, names: Iterable[str]) -> Iterator[Path]:
+        """A temporary folder holding those of `names` that exist, for readers that only take a folder."""
+        with tempfile.TemporaryDirectory(prefix="mt-side-files-") as tmp:
+            for name in names:
+                if (file := self / name).is_file():
+                    (Path(tmp) / name).write_bytes(file.read_bytes())
+            yield Path(tmp)
 
     def mapping(self) -> dict[str, SideData]:
         """Every side file: the folder's top-level non-weight files and its additional chat templates, then the

@@ -33,8 +33,13 @@ def tensor_types(out: OutType, writer: Writer, specs: list[TensorSpec], model: M
     return {s.name: rule(s, out.base) for s in specs}
 
 
+KEPT_F32 = (".ffn_gate_inp.", ".ffn_gate_inp_shexp.")  # expert routers: llama.cpp's converter keeps them F32
+
+
 def converter_type(spec: TensorSpec, base: T) -> T:
     if len(spec.ne) <= 1 or spec.name.endswith("_norm.weight") or not spec.name.endswith(".weight"):
+        return T.F32
+    if any(part in spec.name for part in KEPT_F32):
         return T.F32
     return base if row_fits(base, spec.ne[0]) else T.F16
 

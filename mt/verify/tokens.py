@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from mt.verify.corpus import CORPUS, with_special_tokens
+from mt.io.gguf_in import read_header
 from mt.io.quiet import native_stderr_silenced
 from mt.verify.reference import Reference, split_on_specials
 from mt.verify.report import Check, Status
@@ -96,7 +97,7 @@ def check_tokenization(checked: Path, reference: Path, ref: Reference, user_text
     hf = reference_tokenizer(ref)
     try:
         with llama_cpp_tokenizer(checked) as mine, llama_cpp_tokenizer(reference) as theirs:
-            failures, limits = _compare(texts, mine, theirs, hf)
+            failures, limits = _compare(texts, mine, theirs, hf, is_unscored_sentencepiece(reference))
     except ValueError as e:  # llama-cpp-python: "Failed to load model from file"
         return Check("tokenization", Status.FAIL, f"llama.cpp cannot load the GGUF's vocabulary ({e})")
     data = {"texts": len(texts), "mismatches": failures, "llama_cpp_limits": limits}
@@ -111,8 +112,21 @@ def check_tokenization(checked: Path, reference: Path, ref: Reference, user_text
     return Check("tokenization", Status.PASS, f"{summary} and as the source's tokenizer does", [], data)
 
 
-def _compare(texts: dict[str, str], mine: LlamaCppVocab, theirs: LlamaCppVocab,
-             hf: Tokenize) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+def is_unscored_sentencepiece(gguf_path: Path) -> bool:
+    """A SentencePiece vocabulary whose pieces all have one score: what a tokenizer.json without tokenizer.model
+    converts to (tokenizer.json ranks merges; it has no scores)."""
+    header = read_header(gguf_path)
+    scores = header.value("tokenizer.ggml.scores") or []
+    return header.value("tokenizer.ggml.model") == "llama" and len(set(scores)) == 1
+
+
+UNSCORED_CAUSE = ("the vocabulary has no scores (tokenizer.json without tokenizer.model, converted as llama.cpp's "
+                  "converter converts it), so llama.cpp merges pieces left to right, not in tokenizer.json's order; "
+                  "copy tokenizer.model from the base model and convert again")
+
+
+def _compare(texts: dict[str, str], mine: LlamaCppVocab, theirs: LlamaCppVocab, hf: Tokenize,
+             unscored: bool) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
     failures: dict[str, dict[str, Any]] = {}
     limits: dict[str, dict[str, Any]] = {}
     for name, text in texts.items():
@@ -121,7 +135,8 @@ def _compare(texts: dict[str, str], mine: LlamaCppVocab, theirs: LlamaCppVocab,
             failures[name] = _difference(name, text, ours, expected, "mt's conversion", mine.text_of)
         elif ours != original:
             limits[name] = _difference(name, text, ours, original, "the source's tokenizer", mine.text_of)
-            limits[name]["description"] += f"; likely cause: {likely_cause(limits[name]['window'])}"
+            cause = UNSCORED_CAUSE if unscored else likely_cause(limits[name]["window"])
+            limits[name]["description"] += f"; likely cause: {cause}"
     return failures, limits
 
 

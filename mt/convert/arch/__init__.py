@@ -19,6 +19,11 @@ MODULES: dict[str, str] = {
     "Decoder": "tada_codec",  # HumeAI/tada-codec's decoder subfolder (save_pretrained names its class, Decoder)
     "Gemma2ForCausalLM": "gemma2",
     "Gemma3ForCausalLM": "gemma3",
+    "SmolLM3ForCausalLM": "smollm3",
+    "Olmo2ForCausalLM": "olmo2",
+    "GraniteForCausalLM": "granite",
+    "MixtralForCausalLM": "mixtral",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
 }
 
 

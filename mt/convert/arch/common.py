@@ -5,10 +5,11 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from gguf import RopeScalingType
+from gguf import ExpertGatingFuncType, RopeScalingType
 
 from mt.io.gguf_out import GGUFContents
 from mt.convert.arch.base import HEAD_COUNT_KEYS, HEAD_COUNT_KV_KEYS, find_key
+from mt.errors import UnsupportedArchitecture
 
 log = logging.getLogger(__name__)
 
@@ -97,10 +98,35 @@ def write_text_hparams(w: GGUFContents, config: dict[str, Any], block_count: int
         w.add_layer_norm_rms_eps(eps)
     if (eps := find_key(config, ("layer_norm_eps", "layer_norm_epsilon", "norm_epsilon"))) is not None:
         w.add_layer_norm_eps(eps)
+    write_expert_counts(w, config)
     if (head_dim := config.get("head_dim")) is not None:
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
     w.add_file_type(file_type)
+
+
+EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
+EXPERTS_USED_KEYS = ("num_experts_per_tok", "num_experts_per_token", "top_k_experts")
+GATING_KEYS = ("score_function", "scoring_func", "score_func", "moe_router_activation", "moe_router_activation_func",
+               "expert_selection_fn")
+GATING_FUNCS = {"sigmoid": ExpertGatingFuncType.SIGMOID, "softmax": ExpertGatingFuncType.SOFTMAX}
+
+
+def write_expert_counts(w: GGUFContents, config: dict[str, Any]) -> None:
+    """A mixture of experts' counts and router function, as TextModel writes them (nothing for a dense model)."""
+    if (n_expert := find_key(config, EXPERT_COUNT_KEYS)) is not None:
+        w.add_expert_count(n_expert)
+    if (n_used := find_key(config, EXPERTS_USED_KEYS)) is not None:
+        w.add_expert_used_count(n_used)
+    if (n_group := config.get("n_group")) is not None:
+        w.add_expert_group_count(n_group)
+    if (n_group_used := config.get("topk_group")) is not None:
+        w.add_expert_group_used_count(n_group_used)
+    if (func := find_key(config, GATING_KEYS)) is not None:
+        if func not in GATING_FUNCS:
+            raise UnsupportedArchitecture(f"config.json's expert router function {func!r} is not one llama.cpp has",
+                                          f"llama.cpp's routers: {', '.join(GATING_FUNCS)}")
+        w.add_expert_gating_func(GATING_FUNCS[func])
 
 
 def warn_if_window_ignored(config: dict[str, Any], window: int | None, family: str) -> None:

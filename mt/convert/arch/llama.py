@@ -110,7 +110,7 @@ class Llama(Architecture):
         n = len(range(0, head_dim(self.config), 2))
         return [ExtraTensor("rope_freqs.weight", lambda: llama3_rope_factors(self.config), (n,))]
 
-    vocab_loaders = ("sentencepiece", "gpt2")
+    vocab_loaders = ("sentencepiece", "llama_hf", "gpt2")
 
     def write_vocab(self, files: SideFiles, w: GGUFContents) -> VocabSummary:
         write_add_space_prefix(files, w)

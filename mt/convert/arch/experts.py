@@ -1,0 +1,94 @@
+"""Experts stored one by one in a checkpoint, read as the stacked [n_expert, rows, cols] tensors llama.cpp holds.
+
+A stacked tensor reads its experts only when asked for their rows, a slab of whole experts at a time, so a layer's
+stack is never in memory at once.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from mt.convert.arch.base import find_key
+from mt.convert.arch.common import EXPERT_COUNT_KEYS
+from mt.errors import CheckpointError
+from mt.io.checkpoint import LazyTensor
+
+
+def expert_count(config: dict[str, Any]) -> int:
+    return int(find_key(config, EXPERT_COUNT_KEYS))
+
+
+@dataclass(frozen=True)
+class StackedExperts:
+    """`parts[i]` is expert i's matrix; rows of this tensor are whole experts."""
+
+    name: str
+    parts: tuple[LazyTensor, ...]
+
+    @property
+    def dtype(self) -> str:
+        return self.parts[0].dtype
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.parts), *self.parts[0].shape)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.parts)
+
+    def read_rows(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        chosen = self.parts[start:stop]
+        if not chosen:
+            return np.empty((0, *self.parts[0].shape), dtype=self.parts[0].read_rows(0, 0).dtype)
+        return np.stack([p.read() for p in chosen])
+
+    def read(self) -> np.ndarray:
+        return self.read_rows()
+
+
+ExpertName = Callable[[int, str], str]  # (layer, part) -> the stacked tensor's checkpoint-style name
+
+
+def stack_experts(tensors: Mapping[str, LazyTensor], pattern: re.Pattern[str], n_expert: int,
+                  parts: tuple[str, ...], stacked_name: ExpertName) -> dict[str, LazyTensor]:
+    """The tensors in checkpoint order, with each layer's expert matrices (`pattern` groups: layer, expert, part)
+    replaced by one stacked tensor per part, in `parts` order, where the layer's last expert matrix stood: the
+    place and order in which llama.cpp's converter emits them."""
+    out: dict[str, LazyTensor] = {}
+    pending: dict[int, dict[tuple[str, int], LazyTensor]] = defaultdict(dict)
+    for name, tensor in tensors.items():
+        found = pattern.fullmatch(name)
+        if found is None:
+            out[name] = tensor
+            continue
+        layer, expert, part = int(found[1]), int(found[2]), found[3]
+        if expert >= n_expert:
+            raise CheckpointError(f"tensor {name!r} is expert {expert}, but config.json has {n_expert} experts",
+                                  "the checkpoint and its config.json disagree; re-download or fix config.json")
+        pending[layer][part, expert] = tensor
+        if len(pending[layer]) == n_expert * len(parts):
+            for p in parts:
+                out[stacked_name(layer, p)] = _stacked(stacked_name(layer, p), [pending[layer][p, x] for x in range(n_expert)])
+            del pending[layer]
+    if pending:
+        layer, held = next(iter(pending.items()))
+        missing = sorted(f"{p}.{x}" for p in parts for x in range(n_expert) if (p, x) not in held)
+        raise CheckpointError(f"layer {layer} lacks {len(missing)} expert matrices (first: {missing[0]})",
+                              "the checkpoint is incomplete; download the missing shards")
+    return out
+
+
+def _stacked(name: str, parts: list[LazyTensor]) -> StackedExperts:
+    first = parts[0]
+    for expert, part in enumerate(parts):
+        if part.shape != first.shape or part.dtype != first.dtype:
+            raise CheckpointError(f"{name}: expert {expert} is {part.dtype} {list(part.shape)}, expert 0 is "
+                                  f"{first.dtype} {list(first.shape)}",
+                                  "the checkpoint's experts must share one shape and dtype; re-download it")
+    return StackedExperts(name, tuple(parts))

@@ -1,0 +1,45 @@
+"""Mixtral (MixtralForCausalLM): the Mistral layout with a mixture of experts in every layer, written as `llama`
+with expert counts; each layer's experts w1/w2/w3, stored one by one, become the stacked
+ffn_gate_exps/ffn_down_exps/ffn_up_exps, the router ffn_gate_inp."""
+
+from __future__ import annotations
+
+import re
+from typing import Mapping
+
+from mt.io.checkpoint import LazyTensor
+from mt.convert.arch.base import NameTable
+from mt.convert.arch.experts import expert_count, stack_experts
+from mt.convert.arch.family import Family
+from mt.convert.arch.llama import DECODER_NAMES, DROPPED
+from mt.convert.arch.mistral import Mistral
+from mt.quant.mix import ModelFacts
+
+EXPERT = re.compile(r"model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w1|w2|w3)\.weight")
+EXPERT_PARTS = ("w1", "w2", "w3")  # the converter's order
+MIXTRAL_NAMES = {
+    **DECODER_NAMES,
+    "model.layers.{bid}.block_sparse_moe.gate": "blk.{bid}.ffn_gate_inp",
+    "model.layers.{bid}.block_sparse_moe.experts.w1": "blk.{bid}.ffn_gate_exps",
+    "model.layers.{bid}.block_sparse_moe.experts.w2": "blk.{bid}.ffn_down_exps",
+    "model.layers.{bid}.block_sparse_moe.experts.w3": "blk.{bid}.ffn_up_exps",
+}
+
+
+def stacked_name(layer: int, part: str) -> str:
+    return f"model.layers.{layer}.block_sparse_moe.experts.{part}.weight"
+
+
+class Mixtral(Mistral):
+    names = NameTable(MIXTRAL_NAMES, DROPPED)
+
+    def source_tensors(self, tensors: Mapping[str, LazyTensor]) -> Mapping[str, LazyTensor]:
+        return stack_experts(tensors, EXPERT, expert_count(self.config), EXPERT_PARTS, stacked_name)
+
+    def model_facts(self) -> ModelFacts:
+        facts = super().model_facts()
+        return ModelFacts(facts.arch, facts.n_layer, expert_count(self.config), facts.n_head, facts.n_head_kv)
+
+
+FAMILY = Family(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"))
+ARCH = Mixtral
