@@ -170,11 +170,13 @@ def _mixed_type(spec: TensorSpec, new: T, cat: str, ftype: LlamaFileType, model:
     if cat == "output" or (c.tied_embeddings and cat == "token_embd"):
         if options.output_tensor_type is not None:
             return options.output_tensor_type
-        if model.arch == "falcon" or not row_fits(new, spec.ne[0]):
+        if ftype == F.MOSTLY_MXFP4_MOE or model.arch == "falcon" or not row_fits(new, spec.ne[0]):
             return T.Q8_0
         if ftype in Q5_K_OUTPUT:
             return T.Q5_K
         return T.Q6_K if new != T.Q8_0 else new
+    if ftype == F.MOSTLY_MXFP4_MOE:  # the experts' stacks MXFP4, every other matrix Q8_0
+        return T.MXFP4 if len(spec.ne) > 2 and spec.ne[2] > 1 else T.Q8_0
     if cat == "token_embd":
         if options.token_embedding_type is not None:
             return options.token_embedding_type

@@ -56,6 +56,7 @@ OUT_TYPES: dict[str, OutType] = {o.name: o for o in (
     OutType("q5_k_s", F.MOSTLY_Q5_K_S, T.Q5_K, converter=False, quantizer=True),
     OutType("q5_k_m", F.MOSTLY_Q5_K_M, T.Q5_K, converter=False, quantizer=True),
     OutType("q6_k", F.MOSTLY_Q6_K, T.Q6_K, converter=False, quantizer=True),
+    OutType("mxfp4_moe", F.MOSTLY_MXFP4_MOE, T.MXFP4, converter=False, quantizer=True),
 )}
 CONVERTER_TYPES = {name: o for name, o in OUT_TYPES.items() if o.converter}
 QUANTIZER_TYPES = {name: o for name, o in OUT_TYPES.items() if o.quantizer}

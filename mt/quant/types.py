@@ -250,6 +250,17 @@ class Q8_0(QuantType):
         return blocks[:, 2:].view(np.int8).astype(np.float32) * d
 
 
+class MXFP4(QuantType):
+    """OCP microscaling FP4 (e2m1 values, one e8m0 exponent per 32): gguf-py's reference of ggml's
+    quantize_row_mxfp4_ref, which llama-quantize's MXFP4_MOE gives the experts."""
+
+    ggml_type = GGMLQuantizationType.MXFP4
+
+    @classmethod
+    def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
+        return gguf.quants.MXFP4.quantize_blocks(blocks.astype(np.float32, copy=False))
+
+
 def _register_all() -> None:
     import mt.quant.kquants  # noqa: F401  (registers the K-quants)
     import mt.quant.legacy  # noqa: F401  (registers Q4_0, Q4_1, Q5_0, Q5_1)

@@ -10,18 +10,22 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 from mt.cli import main
 from mt.convert.arch.experts import StackedExperts
 from mt.convert.convert import convert
+from mt.merge.merge import merge
 from mt.quant.quantize import parse_file_type
 from mt.verify.logits import compare_logits, hf_logits, llama_cpp_logits
 from tests.convert.test_families_dense import edited_copy
 from tests.convert.test_families_qwen3_phi3 import assert_same_top1_where_decided, prompt_ids
 from tests.gguf_compare import assert_same_file, read_gguf
 from tests.llama_quantize import llama_quantize
+from tests.merge import adapters
+from tests.merge.test_merge import max_relative_error, read_folder
 from tests.oracle import run_converter
 
 
@@ -36,15 +40,24 @@ def test_same_file_as_llama_cpp_converter(request, tmp_path, fixture, outtype):
     assert len(tensors["blk.1.ffn_down_exps.weight"][1]) == 3
 
 
-def test_q4_k_m_same_file_as_llama_quantize(mixtral_dir, tmp_path):
-    """Straight from the checkpoint to llama-quantize's Q4_K_M of the converter's BF16 file: the expert stacks
-    take its per-layer rules, and with 8 experts attn_v and attn_k take more bits."""
-    run_converter(mixtral_dir, tmp_path / "bf16.gguf", "bf16")
-    llama_quantize(tmp_path / "bf16.gguf", tmp_path / "ref.gguf", parse_file_type("q4_k_m"))
-    convert(mixtral_dir, tmp_path / "mt.gguf", "q4_k_m")
+@pytest.fixture(scope="module")
+def mixtral_converter_bf16(mixtral_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("mixtral-ref") / "bf16.gguf"
+    run_converter(mixtral_dir, out, "bf16")
+    return out
+
+
+@pytest.mark.parametrize("mix", ["q4_k_m", "mxfp4_moe"])
+def test_mix_same_file_as_llama_quantize(mixtral_dir, mixtral_converter_bf16, tmp_path, mix):
+    """Straight from the checkpoint to llama-quantize's mix of the converter's BF16 file. Q4_K_M: the expert stacks
+    take its per-layer rules, and with 8 experts attn_v and attn_k take Q8_0; MXFP4_MOE: the stacks MXFP4, every
+    other matrix Q8_0."""
+    llama_quantize(mixtral_converter_bf16, tmp_path / "ref.gguf", parse_file_type(mix))
+    convert(mixtral_dir, tmp_path / "mt.gguf", mix)
     assert_same_file(tmp_path / "mt.gguf", tmp_path / "ref.gguf")
     types = {name: kind for name, kind, _, _ in read_gguf(tmp_path / "ref.gguf").tensors}
-    assert types["blk.0.ffn_gate_exps.weight"] == "Q4_K" and types["blk.0.attn_k.weight"] != "Q4_K", types
+    expected = {"q4_k_m": ("Q4_K", "Q8_0"), "mxfp4_moe": ("MXFP4", "Q8_0")}[mix]
+    assert (types["blk.0.ffn_gate_exps.weight"], types["blk.0.attn_k.weight"]) == expected, types
 
 
 # the router setting each test switches off in the reference: its logits must then move far away
@@ -137,3 +150,41 @@ def test_an_unsupported_architecture_lists_the_families(mixtral_dir, tmp_path):
     for family in ("MixtralForCausalLM", "Qwen3MoeForCausalLM", "SmolLM3ForCausalLM", "Olmo2ForCausalLM",
                    "GraniteForCausalLM"):
         assert family in lines[0], lines[0]
+
+
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+@pytest.mark.parametrize("fixture", ["qwen3_moe_dir", "mixtral_dir"])
+def test_attention_lora_merges_as_peft(request, tmp_path, fixture):
+    """LoRA on the attention of a mixture of experts: mt merge within 1e-6 relative of peft's merge_and_unload (the
+    experts pass through, stored one by one as they came)."""
+    base = request.getfixturevalue(fixture)
+    adapter = adapters.build_adapter(base, tmp_path / "adapter", adapters.AdapterSpec(target_modules=ATTENTION))
+    merge(base, adapter, tmp_path / "out", dtype="f32")
+    got = read_folder(tmp_path / "out")
+    want = adapters.unaliased(adapters.peft_merged_model(base, adapter).state_dict())
+    stored = read_folder(base)
+    assert {k for k in got if "self_attn" in k} <= set(want)
+    for key, tensor in got.items():
+        if key in want:
+            assert max_relative_error(tensor, want[key]) <= 1e-6, key
+        else:  # transformers 5 renames or stacks the MoE tensors; mt keeps the checkpoint's own, untouched
+            assert "self_attn" not in key and torch.equal(tensor, stored[key].float()), key
+
+
+def test_lora_on_the_expert_parameters_is_one_line(qwen3_moe_dir, tmp_path):
+    """transformers 5 holds experts as 3-D parameters, which peft reaches only with target_parameters: refused
+    in one line (and by convert --adapter), nothing written."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(qwen3_moe_dir, dtype=torch.float32)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], target_parameters=["mlp.experts.down_proj"])
+    get_peft_model(model, config).save_pretrained(tmp_path / "adapter")
+    for args in (["merge", str(qwen3_moe_dir), str(tmp_path / "adapter"), "-o", str(tmp_path / "merged")],
+                 ["convert", str(qwen3_moe_dir), "--adapter", str(tmp_path / "adapter"), "-o", str(tmp_path / "m.gguf")]):
+        result = CliRunner().invoke(main, args)
+        lines = [line for line in result.output.splitlines() if line.strip()]
+        assert result.exit_code != 0 and len(lines) == 1 and "target_parameters" in lines[0], (args[0], lines)
+    assert not (tmp_path / "merged").exists() and not (tmp_path / "m.gguf").exists()
