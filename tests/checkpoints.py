@@ -1106,3 +1106,64 @@ def build_mixtral(dir: Path, *, dtype: torch.dtype = torch.bfloat16, n_layers: i
                            bos_token_id=1, eos_token_id=2)
     write_llama2_tokenizer(dir)
     return _finish(MixtralForCausalLM(config), dir, dtype=dtype, shards=1, seed=seed)
+
+
+def build_gpt_oss(dir: Path, *, dtype: torch.dtype = torch.bfloat16, n_layers: int = 2, seed: int = 0,
+                  **overrides: Any) -> Path:
+    """gpt-oss-20b-style checkpoint with float experts (as transformers saves it): attention sinks and biases, a
+    16-token window on every other layer, 4 experts (2 chosen) with gate and up interleaved, yarn rope; the
+    Llama-3 tokenizer stands in for o200k."""
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    dir = Path(dir)
+    dir.mkdir(parents=True, exist_ok=True)
+    config = GptOssConfig(**{
+        "hidden_size": HIDDEN, "intermediate_size": HIDDEN, "num_hidden_layers": n_layers, "num_attention_heads": HEADS,
+        "num_key_value_heads": KV_HEADS, "head_dim": 16, "num_local_experts": 4, "num_experts_per_tok": 2,
+        "sliding_window": 16, "vocab_size": LLAMA3_VOCAB, "initializer_range": INIT_RANGE, "tie_word_embeddings": False,
+        "bos_token_id": 128000, "eos_token_id": 128001, "pad_token_id": 128004, **overrides})
+    write_llama3_tokenizer(dir)
+    return _finish(GptOssForCausalLM(config), dir, dtype=dtype, shards=1, seed=seed)
+
+
+def checkpoint_nibble_order(ggml_qs: np.ndarray) -> np.ndarray:
+    """ggml's 16 MXFP4 bytes (byte i: value i low, value i+16 high) in a released checkpoint's order (byte i: value
+    2i low, value 2i+1 high)."""
+    values = np.concatenate([ggml_qs & 0x0F, ggml_qs >> 4], axis=-1)
+    return (values[..., 0::2] | (values[..., 1::2] << 4)).astype(np.uint8)
+
+
+def _mxfp4_pair(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float rows [E, out, in] -> (blocks [E, out, in/32, 16], scales [E, out, in/32]) as gpt-oss ships them."""
+    import gguf.quants
+
+    n_expert, n_out, n_in = rows.shape
+    packed = gguf.quants.MXFP4.quantize_blocks(rows.float().numpy().reshape(-1, 32))  # [blocks, 1 + 16]
+    scales = packed[:, 0].reshape(n_expert, n_out, n_in // 32)
+    blocks = checkpoint_nibble_order(packed[:, 1:]).reshape(n_expert, n_out, n_in // 32, 16)
+    return torch.from_numpy(np.ascontiguousarray(blocks)), torch.from_numpy(np.ascontiguousarray(scales))
+
+
+def build_gpt_oss_mxfp4(dir: Path, float_dir: Path) -> Path:
+    """`float_dir` (build_gpt_oss) with its experts in MXFP4 as released gpt-oss checkpoints hold them (`*_blocks`,
+    `*_scales`, quantization_config mxfp4); the biases and everything else as they were."""
+    from safetensors.torch import load_file, save_file
+
+    dir = Path(dir)
+    dir.mkdir(parents=True, exist_ok=True)
+    state = load_file(Path(float_dir) / "model.safetensors")
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in state.items():
+        if name.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj")):
+            out[f"{name}_blocks"], out[f"{name}_scales"] = _mxfp4_pair(tensor.transpose(-1, -2))
+        else:
+            out[name] = tensor
+    save_file(out, dir / "model.safetensors", metadata={"format": "pt"})
+    for file in Path(float_dir).iterdir():
+        if file.name not in ("model.safetensors", "config.json"):
+            shutil.copy(file, dir / file.name)
+    config = json.loads((Path(float_dir) / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    _write_json(dir / "config.json", config)
+    return dir

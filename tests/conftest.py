@@ -123,6 +123,16 @@ def mixtral_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def gpt_oss_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return checkpoints.build_gpt_oss(tmp_path_factory.mktemp("gpt_oss"))
+
+
+@pytest.fixture(scope="session")
+def gpt_oss_mxfp4_dir(gpt_oss_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return checkpoints.build_gpt_oss_mxfp4(tmp_path_factory.mktemp("gpt_oss_mxfp4"), gpt_oss_dir)
+
+
+@pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """SmolLM2-135M-Instruct (bf16), rebuilt once from a registry GGUF and cached (tests/real_model.py)."""
     from tests.real_model import smollm2_dir as build

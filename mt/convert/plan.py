@@ -93,6 +93,11 @@ def mix_plan(f32_plan: TensorPlan, file_type: LlamaFileType, facts: ModelFacts,
     assert out is not None and out.quantizer, file_type
     types = tensor_types(out, Writer.QUANTIZER, [_spec(e) for e in ordered], facts,
                          MixOptions(has_imatrix=imatrix is not None))
+    for e in ordered:
+        if e.qtype in QUANTIZED_SOURCES.values() and types[e.name] != e.qtype:
+            raise MtError(f"{e.name} is {e.qtype.name} in the checkpoint and {file_type.name} would make it "
+                          f"{types[e.name].name}; llama-quantize requantizes only with --allow-requantize",
+                          "choose a type that keeps it (mxfp4_moe, or f16, bf16, q8_0)")
     entries = [replace(e, qtype=types[e.name], weights=_imatrix_weights(imatrix, e, types[e.name])) for e in ordered]
     check_imatrix_given(types, file_type, None if imatrix is None else {e.name for e in entries if e.weights is not None})
     keys = output_keys(imatrix.imatrix, imatrix.given_as) if imatrix is not None else []
@@ -127,14 +132,28 @@ def main_file_tensors(arch: Architecture, tensors: Mapping[str, LazyTensor]) -> 
         yield hf_name, arch.names.map(hf_name), ref
 
 
+# checkpoint tensors already in a GGML type (gpt-oss's MXFP4 experts): carried as they are, whatever the out type
+QUANTIZED_SOURCES = {"MXFP4": T.MXFP4}
+
+
 def _converter_plan(ckpt: Checkpoint, arch: Architecture, outtype: str) -> TensorPlan:
     out = resolve_outtype(outtype, ckpt)
     entries = [PlanEntry(x.name, x.shape, T.F32, extra=x) for x in arch.extra_tensors()]
     for hf_name, name, ref in main_file_tensors(arch, ckpt.tensors):
         check_float(hf_name, ref)
-        entries.append(PlanEntry(name, ref.shape, T.F32, source=ref, transform=arch.transform_for(name)))
+        qtype = QUANTIZED_SOURCES.get(ref.dtype, T.F32)
+        entries.append(PlanEntry(name, ref.shape, qtype, source=ref, transform=arch.transform_for(name)))
     types = tensor_types(out, Writer.CONVERTER, [_spec(e) for e in entries])
-    return TensorPlan(out.file_type, [replace(e, qtype=types[e.name]) for e in entries])
+    return TensorPlan(converter_file_type(out, ckpt.config), [replace(e, qtype=types[e.name]) for e in entries])
+
+
+def converter_file_type(out: OutType, config: dict[str, Any]) -> LlamaFileType:
+    """The file type the converter records: a float file of a checkpoint quantized to MXFP4 (gpt-oss) is labelled
+    MXFP4_MOE, the experts being carried in it."""
+    floats = (LlamaFileType.ALL_F32, LlamaFileType.MOSTLY_F16, LlamaFileType.MOSTLY_BF16)
+    if out.file_type in floats and (config.get("quantization_config") or {}).get("quant_method") == "mxfp4":
+        return LlamaFileType.MOSTLY_MXFP4_MOE
+    return out.file_type
 
 
 def _spec(entry: PlanEntry) -> TensorSpec:
@@ -142,7 +161,7 @@ def _spec(entry: PlanEntry) -> TensorSpec:
 
 
 def check_float(hf_name: str, ref: LazyTensor, remedy: str = "mt converts float checkpoints (F32/F16/BF16)") -> None:
-    if ref.dtype not in FLOAT_DTYPES:
+    if ref.dtype not in FLOAT_DTYPES and ref.dtype not in QUANTIZED_SOURCES:
         raise MtError(f"tensor {hf_name!r} has dtype {ref.dtype}", remedy)
 
 
@@ -174,7 +193,7 @@ def _bf16_nan_from_max(max_u16: int, max_i16: int) -> bool:
 
 
 def _passes_through(dtype: str, qtype: T) -> bool:
-    return (dtype, qtype) in (("BF16", T.BF16), ("F16", T.F16), ("F32", T.F32))
+    return (dtype, qtype) in (("BF16", T.BF16), ("F16", T.F16), ("F32", T.F32)) or QUANTIZED_SOURCES.get(dtype) == qtype
 
 
 def encode(raw: np.ndarray, dtype: str, qtype: T, gpu: GpuQuantizer | None = None,

@@ -37,6 +37,8 @@ KEPT_F32 = (".ffn_gate_inp.", ".ffn_gate_inp_shexp.")  # expert routers: llama.c
 
 
 def converter_type(spec: TensorSpec, base: T) -> T:
+    if spec.type not in (T.F32, T.F16, T.BF16):  # quantized in the checkpoint already: kept
+        return spec.type
     if len(spec.ne) <= 1 or spec.name.endswith("_norm.weight") or not spec.name.endswith(".weight"):
         return T.F32
     if any(part in spec.name for part in KEPT_F32):

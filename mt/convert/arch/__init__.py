@@ -24,6 +24,7 @@ MODULES: dict[str, str] = {
     "GraniteForCausalLM": "granite",
     "MixtralForCausalLM": "mixtral",
     "Qwen3MoeForCausalLM": "qwen3_moe",
+    "GptOssForCausalLM": "gpt_oss",
 }
 
 

@@ -105,6 +105,26 @@ def write_text_hparams(w: GGUFContents, config: dict[str, Any], block_count: int
     w.add_file_type(file_type)
 
 
+def llama_cpp_layer_types(n_layer: int, pattern: int) -> list[str]:
+    """llama.cpp's fixed layout (hparams.set_swa_pattern): the last layer of every `pattern` is global."""
+    return ["sliding_attention" if i % pattern < pattern - 1 else "full_attention" for i in range(n_layer)]
+
+
+def require_layer_types(config: dict[str, Any], n_layer: int, llama_cpp_pattern: int, hf_pattern: int) -> None:
+    """The converter writes no per-layer attention types, so llama.cpp assumes its own; refuse a config whose
+    layers (`layer_types`, else transformers' layout from `sliding_window_pattern`) differ from them rather than
+    write a file that computes another model."""
+    expected = llama_cpp_layer_types(n_layer, llama_cpp_pattern)
+    layer_types = config.get("layer_types") or llama_cpp_layer_types(
+        n_layer, config.get("sliding_window_pattern") or hf_pattern)
+    if list(layer_types) != expected:
+        raise UnsupportedArchitecture(
+            f"config.json's attention layers {list(layer_types)} differ from the layout llama.cpp assumes for "
+            f"{config.get('model_type', 'this model')} ({expected})",
+            "llama.cpp cannot run this attention layout; the checkpoint needs a llama.cpp that reads layer types",
+        )
+
+
 EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
 EXPERTS_USED_KEYS = ("num_experts_per_tok", "num_experts_per_token", "top_k_experts")
 GATING_KEYS = ("score_function", "scoring_func", "score_func", "moe_router_activation", "moe_router_activation_func",

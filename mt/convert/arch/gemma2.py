@@ -14,6 +14,7 @@ from mt.io.checkpoint import SideFiles
 from mt.io.gguf_out import GGUFContents
 from mt.convert.arch.family import decoder_family
 from mt.convert.arch.base import Architecture, NameTable
+from mt.convert.arch.common import require_layer_types
 from mt.convert.vocab import VocabSummary
 from mt.errors import UnsupportedArchitecture
 from mt.io.dtypes import bf16_bits_to_f32
@@ -84,26 +85,6 @@ def require_tied_output(config: dict[str, Any]) -> None:
             "always computes the output with the embedding and its converter drops lm_head.weight",
             "llama.cpp cannot run a Gemma 2 with an lm_head of its own; for a finetune, train a LoRA on lm_head "
             "(it merges into the tied embedding) instead of saving lm_head with modules_to_save",
-        )
-
-
-def llama_cpp_layer_types(n_layer: int, pattern: int) -> list[str]:
-    """llama.cpp's fixed layout (hparams.set_swa_pattern): the last layer of every `pattern` is global."""
-    return ["sliding_attention" if i % pattern < pattern - 1 else "full_attention" for i in range(n_layer)]
-
-
-def require_layer_types(config: dict[str, Any], n_layer: int, llama_cpp_pattern: int, hf_pattern: int) -> None:
-    """The converter writes no per-layer attention types, so llama.cpp assumes its own; refuse a config whose
-    layers (`layer_types`, else transformers' layout from `sliding_window_pattern`) differ from them rather than
-    write a file that computes another model."""
-    expected = llama_cpp_layer_types(n_layer, llama_cpp_pattern)
-    layer_types = config.get("layer_types") or llama_cpp_layer_types(
-        n_layer, config.get("sliding_window_pattern") or hf_pattern)
-    if list(layer_types) != expected:
-        raise UnsupportedArchitecture(
-            f"config.json's attention layers {list(layer_types)} differ from the layout llama.cpp assumes for "
-            f"{config.get('model_type', 'this model')} ({expected})",
-            "llama.cpp cannot run this attention layout; the checkpoint needs a llama.cpp that reads layer types",
         )
 
 

@@ -14,9 +14,9 @@ from mt.io.checkpoint import SideFiles
 from mt.io.gguf_out import GGUFContents
 from mt.convert.arch.family import decoder_family
 from mt.convert.arch.base import Architecture, NameTable
-from mt.convert.arch.common import write_text_hparams
+from mt.convert.arch.common import require_layer_types, write_text_hparams
 from mt.convert.arch.gemma2 import (
-    GEMMA_NAMES, NORM_OFFSET, require_attention_scale, require_layer_types, with_defaults, write_gemma_vocab,
+    GEMMA_NAMES, NORM_OFFSET, require_attention_scale, with_defaults, write_gemma_vocab,
 )
 from mt.convert.vocab import VocabSummary
 
