@@ -119,3 +119,22 @@ def test_a_mix_that_would_requantize_the_mxfp4_experts_is_one_line(gpt_oss_mxfp4
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert result.exit_code != 0 and len(lines) == 1 and "is MXFP4 in the checkpoint" in lines[0], lines
     assert "mxfp4_moe" in lines[0] and not list(tmp_path.glob("m.gguf*"))
+
+
+@pytest.mark.parametrize("dropped, needle", [
+    ("model.layers.1.mlp.experts.down_proj_scales", "down_proj_blocks has no model.layers.1.mlp.experts.down_proj_scales"),
+    ("model.layers.1.mlp.experts.gate_up_proj_blocks", "gate_up_proj_scales has no model.layers.1.mlp.experts.gate_up_proj_blocks"),
+])
+def test_half_of_an_mxfp4_pair_missing_is_one_line(gpt_oss_mxfp4_dir, tmp_path, dropped, needle):
+    from safetensors.torch import load_file, save_file
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for file in gpt_oss_mxfp4_dir.iterdir():
+        if file.name != "model.safetensors":
+            (src / file.name).symlink_to(file)
+    tensors = load_file(gpt_oss_mxfp4_dir / "model.safetensors")
+    del tensors[dropped]
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    lines = run_convert(src, tmp_path / "m.gguf")
+    assert len(lines) == 1 and needle in lines[0], lines

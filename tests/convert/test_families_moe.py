@@ -155,7 +155,7 @@ def test_an_unsupported_architecture_lists_the_families(mixtral_dir, tmp_path):
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
-@pytest.mark.parametrize("fixture", ["qwen3_moe_dir", "mixtral_dir"])
+@pytest.mark.parametrize("fixture", ["qwen3_moe_dir", "mixtral_dir", "gpt_oss_dir"])
 def test_attention_lora_merges_as_peft(request, tmp_path, fixture):
     """LoRA on the attention of a mixture of experts: mt merge within 1e-6 relative of peft's merge_and_unload (the
     experts pass through, stored one by one as they came)."""

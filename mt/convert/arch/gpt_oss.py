@@ -22,7 +22,7 @@ from mt.io.gguf_out import GGUFContents
 from mt.convert.arch.base import Architecture, NameTable
 from mt.convert.arch.common import full_attention_rope, require_layer_types, write_text_hparams
 from mt.convert.arch.experts import expert_count
-from mt.convert.arch.family import Family
+from mt.convert.arch.family import ATTENTION_LINEAR, Family
 from mt.convert.arch.llama import DROPPED
 from mt.errors import CheckpointError, UnsupportedArchitecture
 from mt.quant.mix import ModelFacts
@@ -142,7 +142,11 @@ def _expert_tensors(tensors: Mapping[str, LazyTensor]) -> dict[str, LazyTensor]:
             rest[name] = tensor
         elif found[3] == "_scales":
             first |= _mxfp4(found[1], found[2], tensors)
-        elif found[3] != "_blocks":
+        elif found[3] == "_blocks":
+            if f"{found[1]}.{found[2]}_scales" not in tensors:
+                raise CheckpointError(f"{name} has no {found[1]}.{found[2]}_scales beside it",
+                                      "the checkpoint is incomplete; download the missing shards")
+        else:
             rest |= _float_experts(found[1], found[2], found[3] == "_bias", tensor)
     return first | rest
 
@@ -204,5 +208,5 @@ class GptOss(Architecture):
         return ModelFacts(facts.arch, facts.n_layer, expert_count(self.config), facts.n_head, facts.n_head_kv)
 
 
-FAMILY = Family(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"))
+FAMILY = Family(ATTENTION_LINEAR)  # merged (LoRA on attention) and converted; not trained by mt
 ARCH = GptOss

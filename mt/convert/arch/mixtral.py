@@ -10,7 +10,7 @@ from typing import Mapping
 from mt.io.checkpoint import LazyTensor
 from mt.convert.arch.base import NameTable
 from mt.convert.arch.experts import expert_count, stack_experts
-from mt.convert.arch.family import Family
+from mt.convert.arch.family import ATTENTION_LINEAR, Family
 from mt.convert.arch.llama import DECODER_NAMES, DROPPED
 from mt.convert.arch.mistral import Mistral
 from mt.quant.mix import ModelFacts
@@ -41,5 +41,5 @@ class Mixtral(Mistral):
         return ModelFacts(facts.arch, facts.n_layer, expert_count(self.config), facts.n_head, facts.n_head_kv)
 
 
-FAMILY = Family(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"))
+FAMILY = Family(ATTENTION_LINEAR)  # merged (LoRA on attention) and converted; not trained by mt
 ARCH = Mixtral

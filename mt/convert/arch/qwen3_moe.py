@@ -14,7 +14,7 @@ from mt.io.checkpoint import LazyTensor
 from mt.io.gguf_out import GGUFContents
 from mt.convert.arch.base import NameTable
 from mt.convert.arch.experts import expert_count, stack_experts
-from mt.convert.arch.family import Family
+from mt.convert.arch.family import ATTENTION_LINEAR, Family
 from mt.convert.arch.llama import DROPPED
 from mt.convert.arch.qwen3 import QWEN3_NAMES, Qwen3
 from mt.errors import UnsupportedArchitecture
@@ -69,5 +69,5 @@ class Qwen3Moe(Qwen3):
         return ModelFacts(facts.arch, facts.n_layer, expert_count(self.config), facts.n_head, facts.n_head_kv)
 
 
-FAMILY = Family(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"))
+FAMILY = Family(ATTENTION_LINEAR)  # merged (LoRA on attention) and converted; not trained by mt
 ARCH = Qwen3Moe
