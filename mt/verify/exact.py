@@ -13,7 +13,7 @@ from typing import Iterator
 import numpy as np
 from gguf import GGMLQuantizationType as T
 
-from mt.convert.plan import PlanEntry, read_whole
+from mt.convert.plan import QUANTIZED_SOURCES, PlanEntry, read_whole
 from mt.errors import QuantizationError
 from mt.io.dtypes import bf16_bits_to_f32, f32_to_bf16_bits, to_f32
 from mt.io.gguf_in import GGUFHeader, TensorInfo
@@ -126,6 +126,20 @@ class TensorChecker:
         self.report.checked += 1
         self.report.intermediates[self.preferred] = self.report.intermediates.get(self.preferred, 0) + 1
 
+    def check_carried(self, entry: PlanEntry, info: TensorInfo) -> None:
+        """A tensor the checkpoint holds in the file's type already (MXFP4 experts): its bytes, expert by expert."""
+        src = entry.source
+        assert src is not None
+        rows = int(np.prod(entry.shape[1:-1], dtype=np.int64))
+        with open(info.path, "rb") as f:
+            for expert in range(entry.shape[0]):
+                expected = src.read_rows(expert, expert + 1).reshape(rows, -1)
+                if not np.array_equal(expected, _file_rows(f, info, expert * rows, rows)):
+                    self.report.problems.append(f"{info.name} ({info.type.name}): expert {expert} differs from the "
+                                                f"checkpoint's {info.type.name} blocks")
+                    return
+        self.report.checked += 1
+
     def _pick(self, entry: PlanEntry, values: np.ndarray, actual: np.ndarray, qtype: T,
               weights: np.ndarray | None) -> str | None:
         for name in self._candidates(entry):
@@ -167,6 +181,8 @@ def check_tensors(header: GGUFHeader, entries: list[PlanEntry], config: dict, im
             report.problems.append(f"{info.name} is not in mt's conversion of the source")
         elif tuple(reversed(info.shape)) != entry.shape:
             report.problems.append(f"{info.name} has shape {tuple(reversed(info.shape))}, the source's is {entry.shape}")
+        elif entry.qtype in QUANTIZED_SOURCES.values() and info.type == entry.qtype:
+            checker.check_carried(entry, info)
         elif not _has_quantizer(info.type):
             report.uncheckable.append(info.name)
         else:

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import warnings
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 
+from mt.convert.arch import load_architecture
 from mt.io.checkpoint import Checkpoint, LazyTensor
 from mt.io.dtypes import to_f32
 from mt.io.stream import row_ranges
@@ -47,6 +49,7 @@ def reference_logits(ckpt: Checkpoint, ids: list[int], n_layers: int | None = No
 
     if not ids:
         raise ValueError("reference_logits needs at least one token id")
+    ckpt = as_transformers_names(ckpt)
     config = ckpt.config if n_layers is None else truncated_config(ckpt.config, n_layers)
     model = _skeleton(config)
     names = {id(m): name for name, m in model.named_modules()}
@@ -68,6 +71,7 @@ def decoder_model(ckpt: Checkpoint, dtype: torch.dtype, device: str) -> tuple[nn
     """transformers' decoder of `ckpt` without its lm_head (the CausalLM's base model) and its name there, every
     parameter read from the lazy checkpoint one at a time in `dtype` on `device`; buffers (rotary frequencies …)
     stay float32."""
+    ckpt = as_transformers_names(ckpt)
     model = _skeleton(ckpt.config)
     base = getattr(model, model.base_model_prefix, None)
     if base is None:
@@ -76,6 +80,12 @@ def decoder_model(ckpt: Checkpoint, dtype: torch.dtype, device: str) -> tuple[nn
     for owner, attr, name in _own_parameters(base, prefix):
         _set(owner, attr, name, ckpt, lambda value: value.to(device=device, dtype=dtype))
     return base.to(device), prefix
+
+
+def as_transformers_names(ckpt: Checkpoint) -> Checkpoint:
+    """`ckpt` with its tensors under transformers' parameter names (a mixture of experts' experts stacked)."""
+    arch = load_architecture(ckpt.architecture, ckpt.config)
+    return replace(ckpt, tensors=dict(arch.transformers_tensors(ckpt.tensors)))
 
 
 def _skeleton(config: dict[str, Any]) -> nn.Module:

@@ -97,7 +97,12 @@ def file_type_findings(checked: GGUFHeader) -> tuple[list[str], list[str]]:
     if out is None:
         return [], [f"mt cannot tell which tensor types general.file_type {name} implies"]
     actual = {t.name: t.type for t in checked.tensors}
-    quantizable = [t.name for t in checked.tensors if allows_quantization(TensorSpec(t.name, t.shape, t.type), MixOptions())]
+    # MXFP4 experts come as they are from an MXFP4 checkpoint (gpt-oss) whatever the out type, and the converter
+    # labels such a float file MXFP4_MOE
+    quantizable = [t.name for t in checked.tensors if t.type != T.MXFP4
+                   and allows_quantization(TensorSpec(t.name, t.shape, t.type), MixOptions())]
+    if raw == LlamaFileType.MOSTLY_MXFP4_MOE and len({actual[n] for n in quantizable} - {T.Q8_0}) <= 1:
+        return [], []
     choices = [_expected_types(checked, out, pure) for pure in (False, True)]
     off = [n for n in quantizable if all(actual[n] != c[n] for c in choices)]
     if not off:

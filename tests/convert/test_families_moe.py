@@ -188,3 +188,14 @@ def test_lora_on_the_expert_parameters_is_one_line(qwen3_moe_dir, tmp_path):
         lines = [line for line in result.output.splitlines() if line.strip()]
         assert result.exit_code != 0 and len(lines) == 1 and "target_parameters" in lines[0], (args[0], lines)
     assert not (tmp_path / "merged").exists() and not (tmp_path / "m.gguf").exists()
+
+
+def test_verify_passes_a_mixtral_q4_k_m(mixtral_dir, tmp_path):
+    """verify's transformers reference reads the experts stored one by one as transformers 5 stacks them (gate and
+    up rows together); every check, the exact tensor check and the judged conversion among them, passes."""
+    from mt.verify.verify import VerifyOptions, verify
+
+    convert(mixtral_dir, tmp_path / "m.gguf", "q4_k_m")
+    report = verify(tmp_path / "m.gguf", mixtral_dir, VerifyOptions(max_tokens=160, n_ctx=256))
+    statuses = {c.name: c.status.name for c in report.checks}
+    assert report.passed and statuses["tensors"] == statuses["conversion"] == "PASS", statuses

@@ -80,7 +80,9 @@ def reference(smollm2_f32: Path) -> tuple[list[int], np.ndarray]:
     return ids, segment_logits(smollm2_f32, ids)
 
 
-@pytest.mark.parametrize("file_type", ["q4_k_m", "iq2_xxs"])
+# IQ2_XXS, which needs the matrix most, measured the same when this test was written (docs/IMATRIX.md) and passes
+# with "iq2_xxs" added here; its two quantizations of the model cost CI more than a minute, so CI runs Q4_K_M
+@pytest.mark.parametrize("file_type", ["q4_k_m"])
 def test_kld_within_two_percent_of_llama_imatrix_s(file_type: str, matrices: dict[str, Path], smollm2_f32: Path,
                                                     reference: tuple[list[int], np.ndarray], tmp_path: Path) -> None:
     ids, reference_logits = reference

@@ -61,7 +61,7 @@ def test_q8_0_refuses_row_not_multiple_of_block():
 
 def test_unknown_type_is_an_error():
     with pytest.raises(QuantizationError, match="cannot write"):
-        quant_type(T.MXFP4)
+        quant_type(T.Q8_1)  # ggml's activation type, never written to a file
 
 
 def test_roundf_to_int8_at_every_half_boundary():
@@ -94,3 +94,17 @@ def test_sizes_come_from_gguf_and_fast_paths_are_declared_by_the_types():
     assert all(REGISTRY[t].kernel in kernels for t in types_with("kernel"))
     assert set(COMPILED_WEIGHTED) == types_with("weighted_kernel")
     assert all(name in weighted for name in COMPILED_WEIGHTED.values())
+
+
+def test_mxfp4_bytes_equal_ggml():
+    """gguf-py's reference, which mt's MXFP4 is, against ggml's quantize_row_mxfp4_ref: random rows over five decades,
+    heavy tails, adversarial rows, and values sitting on the e2m1 levels and halfway between them."""
+    from mt.quant.types import MXFP4
+    from tests.ggml_ref import ggml_quantize
+    from tests.quant.test_legacy import rows_for
+
+    levels = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6], dtype=np.float32)
+    on_levels = np.tile(np.resize(np.r_[levels, -levels, (levels[1:] + levels[:-1]) / 2, 6.0], 32), (3, 1))
+    on_levels *= np.array([[1.0], [2.0 ** -20], [2.0 ** 20]], dtype=np.float32)
+    rows = np.concatenate([rows_for(256, 5), np.tile(on_levels, (1, 8))]).astype(np.float32)
+    assert np.array_equal(MXFP4.quantize(rows).reshape(rows.shape[0], -1), ggml_quantize(int(T.MXFP4), rows))

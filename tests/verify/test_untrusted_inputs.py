@@ -74,5 +74,5 @@ def test_a_pickle_reference_needs_allow_pickle(llama3_dir, tmp_path):
     args = ["verify", str(tmp_path / "m.gguf"), "--reference", str(pickled)]
     refused = CliRunner().invoke(main, args)
     assert refused.exit_code == 1 and refused.output.count("\n") == 1 and "--allow-pickle" in refused.output
-    allowed = CliRunner().invoke(main, [*args, "--allow-pickle"])
+    allowed = CliRunner().invoke(main, [*args, "--allow-pickle", "--max-tokens", "64", "--ctx", "128"])
     assert allowed.exit_code == 0, allowed.output

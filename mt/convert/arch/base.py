@@ -163,6 +163,11 @@ class Architecture:
         """The checkpoint's tensors as this family converts them (a hook to fold or leave out stored tensors)."""
         return tensors
 
+    def transformers_tensors(self, tensors: Mapping[str, LazyTensor]) -> Mapping[str, LazyTensor]:
+        """The checkpoint's tensors under the names and shapes of transformers' parameters, for the references that
+        load them one by one (a mixture of experts' experts stacked as transformers 5 holds them)."""
+        return tensors
+
     def check_outtype(self, outtype: str) -> str:
         """`outtype` with "auto" resolved for this family, or a typed error when the family cannot take it."""
         if outtype == "auto" and self.auto_outtype is not None:

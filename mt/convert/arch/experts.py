@@ -52,6 +52,57 @@ class StackedExperts:
         return self.read_rows()
 
 
+@dataclass(frozen=True)
+class ConcatenatedRows:
+    """Matrices of one width read as one, their rows one after another (an expert's gate and up, as transformers 5
+    holds them)."""
+
+    name: str
+    parts: tuple[LazyTensor, ...]
+
+    @property
+    def dtype(self) -> str:
+        return self.parts[0].dtype
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (sum(p.shape[0] for p in self.parts), *self.parts[0].shape[1:])
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.parts)
+
+    def read_rows(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        return np.concatenate([p.read() for p in self.parts])[start:stop]
+
+    def read(self) -> np.ndarray:
+        return self.read_rows()
+
+
+def transformers_experts(tensors: Mapping[str, LazyTensor], pattern: re.Pattern[str], n_expert: int,
+                         gate_up: tuple[str, str], down: str, prefix: Callable[[int], str]) -> dict[str, LazyTensor]:
+    """The tensors with each layer's expert matrices (`pattern` groups: layer, expert, part) replaced by transformers
+    5's parameters: `{prefix}.gate_up_proj` [n_expert, 2·rows, cols] (gate rows then up rows) and
+    `{prefix}.down_proj` [n_expert, cols, rows]."""
+    out: dict[str, LazyTensor] = {}
+    experts: dict[int, dict[tuple[str, int], LazyTensor]] = defaultdict(dict)
+    for name, tensor in tensors.items():
+        if found := pattern.fullmatch(name):
+            experts[int(found[1])][found[3], int(found[2])] = tensor
+        else:
+            out[name] = tensor
+    for layer, held in experts.items():
+        missing = [f"{p}.{x}" for p in (*gate_up, down) for x in range(n_expert) if (p, x) not in held]
+        if missing:
+            raise CheckpointError(f"layer {layer} lacks {len(missing)} expert matrices (first: {missing[0]})",
+                                  "the checkpoint is incomplete; download the missing shards")
+        fused = f"{prefix(layer)}.gate_up_proj"
+        out[fused] = StackedExperts(fused, tuple(
+            ConcatenatedRows(fused, (held[gate_up[0], x], held[gate_up[1], x])) for x in range(n_expert)))
+        out[f"{prefix(layer)}.down_proj"] = _stacked(f"{prefix(layer)}.down_proj", [held[down, x] for x in range(n_expert)])
+    return out
+
+
 ExpertName = Callable[[int, str], str]  # (layer, part) -> the stacked tensor's checkpoint-style name
 
 

@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+import gguf.quants
 import numpy as np
 
 from mt.io.checkpoint import LazyTensor
@@ -123,6 +124,31 @@ class Mxfp4Experts:
         return self.read_rows()
 
 
+@dataclass(frozen=True)
+class DequantizedMxfp4:
+    """MXFP4 experts as transformers' float parameter: [E, cols, rows] float32 (its layout, transposed)."""
+
+    name: str
+    source: Mxfp4Experts
+    dtype = "F32"
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        n_expert, rows, cols = self.source.shape
+        return (n_expert, cols, rows)
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape)) * 4
+
+    def read_rows(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        values = gguf.quants.dequantize(self.source.read_rows(start, stop), gguf.GGMLQuantizationType.MXFP4)
+        return np.ascontiguousarray(values.swapaxes(-1, -2))
+
+    def read(self) -> np.ndarray:
+        return self.read_rows()
+
+
 def ggml_nibble_order(blocks: np.ndarray) -> np.ndarray:
     """The checkpoint's 16 bytes of a block hold values 2i (low nibble) and 2i+1 (high) in byte i; ggml's hold values
     i (low) and i+16 (high)."""
@@ -202,6 +228,19 @@ class GptOss(Architecture):
 
     def source_tensors(self, tensors: Mapping[str, LazyTensor]) -> Mapping[str, LazyTensor]:
         return _expert_tensors(tensors)
+
+    def transformers_tensors(self, tensors: Mapping[str, LazyTensor]) -> Mapping[str, LazyTensor]:
+        """A released checkpoint's MXFP4 experts dequantized, as transformers loads them without MXFP4 kernels."""
+        out: dict[str, LazyTensor] = {}
+        for name, tensor in tensors.items():
+            found = EXPERTS.fullmatch(name)
+            if found is None or found[3] not in ("_blocks", "_scales"):
+                out[name] = tensor
+            elif found[3] == "_scales":
+                fused = f"{found[1]}.{found[2]}"
+                packed = Mxfp4Experts(fused, tensors[f"{fused}_blocks"], tensor, None)
+                out[fused] = DequantizedMxfp4(fused, packed)
+        return out
 
     def model_facts(self) -> ModelFacts:
         facts = super().model_facts()

@@ -9,13 +9,14 @@ from typing import Mapping
 
 from mt.io.checkpoint import LazyTensor
 from mt.convert.arch.base import NameTable
-from mt.convert.arch.experts import expert_count, stack_experts
+from mt.convert.arch.experts import expert_count, stack_experts, transformers_experts
 from mt.convert.arch.family import ATTENTION_LINEAR, Family
 from mt.convert.arch.llama import DECODER_NAMES, DROPPED
 from mt.convert.arch.mistral import Mistral
 from mt.quant.mix import ModelFacts
 
 EXPERT = re.compile(r"model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w1|w2|w3)\.weight")
+MLP_EXPERT = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(w1|w2|w3)\.weight")
 EXPERT_PARTS = ("w1", "w2", "w3")  # the converter's order
 MIXTRAL_NAMES = {
     **DECODER_NAMES,
@@ -35,6 +36,12 @@ class Mixtral(Mistral):
 
     def source_tensors(self, tensors: Mapping[str, LazyTensor]) -> Mapping[str, LazyTensor]:
         return stack_experts(tensors, EXPERT, expert_count(self.config), EXPERT_PARTS, stacked_name)
+
+    def transformers_tensors(self, tensors: Mapping[str, LazyTensor]) -> Mapping[str, LazyTensor]:
+        """transformers 5 calls block_sparse_moe `mlp` and holds w1 and w3 as gate_up, w2 as down."""
+        renamed = {name.replace(".block_sparse_moe.", ".mlp."): t for name, t in tensors.items()}
+        return transformers_experts(renamed, MLP_EXPERT, expert_count(self.config), ("w1", "w3"), "w2",
+                                    lambda layer: f"model.layers.{layer}.mlp.experts")
 
     def model_facts(self) -> ModelFacts:
         facts = super().model_facts()

@@ -13,7 +13,7 @@ from typing import Any, Mapping
 from mt.io.checkpoint import LazyTensor
 from mt.io.gguf_out import GGUFContents
 from mt.convert.arch.base import NameTable
-from mt.convert.arch.experts import expert_count, stack_experts
+from mt.convert.arch.experts import expert_count, stack_experts, transformers_experts
 from mt.convert.arch.family import ATTENTION_LINEAR, Family
 from mt.convert.arch.llama import DROPPED
 from mt.convert.arch.qwen3 import QWEN3_NAMES, Qwen3
@@ -63,6 +63,10 @@ class Qwen3Moe(Qwen3):
 
     def source_tensors(self, tensors: Mapping[str, LazyTensor]) -> Mapping[str, LazyTensor]:
         return stack_experts(tensors, EXPERT, expert_count(self.config), EXPERT_PARTS, stacked_name)
+
+    def transformers_tensors(self, tensors: Mapping[str, LazyTensor]) -> Mapping[str, LazyTensor]:
+        return transformers_experts(tensors, EXPERT, expert_count(self.config), ("gate_proj", "up_proj"), "down_proj",
+                                    lambda layer: f"model.layers.{layer}.mlp.experts")
 
     def model_facts(self) -> ModelFacts:
         facts = super().model_facts()
