@@ -20,6 +20,7 @@ from mt.convert.convert import convert
 from mt.merge.merge import merge
 from mt.quant.quantize import parse_file_type
 from mt.verify.logits import compare_logits, hf_logits, llama_cpp_logits
+from tests.checkpoints import build_mixtral
 from tests.convert.test_families_dense import edited_copy
 from tests.convert.test_families_qwen3_phi3 import assert_same_top1_where_decided, prompt_ids
 from tests.gguf_compare import assert_same_file, read_gguf
@@ -190,12 +191,15 @@ def test_lora_on_the_expert_parameters_is_one_line(qwen3_moe_dir, tmp_path):
     assert not (tmp_path / "merged").exists() and not (tmp_path / "m.gguf").exists()
 
 
-def test_verify_passes_a_mixtral_q4_k_m(mixtral_dir, tmp_path):
+def test_verify_passes_a_mixtral_q4_k_m(tmp_path):
     """verify's transformers reference reads the experts stored one by one as transformers 5 stacks them (gate and
-    up rows together); every check, the exact tensor check and the judged conversion among them, passes."""
+    up rows together); every check, the exact tensor check and the judged conversion among them, passes. The source
+    is F32, so the reference is too: at BF16, llama.cpp's rounded activations flip this random router's near ties
+    (KLD mean 0.02 over 160 tokens), which verify's BF16 limit rightly calls a divergence."""
     from mt.verify.verify import VerifyOptions, verify
 
-    convert(mixtral_dir, tmp_path / "m.gguf", "q4_k_m")
-    report = verify(tmp_path / "m.gguf", mixtral_dir, VerifyOptions(max_tokens=160, n_ctx=256))
+    src = build_mixtral(tmp_path / "src", dtype=torch.float32)
+    convert(src, tmp_path / "m.gguf", "q4_k_m")
+    report = verify(tmp_path / "m.gguf", src, VerifyOptions(max_tokens=160, n_ctx=256))
     statuses = {c.name: c.status.name for c in report.checks}
     assert report.passed and statuses["tensors"] == statuses["conversion"] == "PASS", statuses
