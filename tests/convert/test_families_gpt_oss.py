@@ -141,11 +141,14 @@ def test_half_of_an_mxfp4_pair_missing_is_one_line(gpt_oss_mxfp4_dir, tmp_path, 
 
 def test_verify_passes_a_q8_0_of_the_mxfp4_checkpoint(gpt_oss_mxfp4_dir, tmp_path):
     """The carried MXFP4 experts checked byte for byte against the checkpoint's blocks; the reference conversion
-    keeps them too (labelled MXFP4_MOE) and transformers dequantizes them."""
+    keeps them too (labelled MXFP4_MOE) and transformers dequantizes them. Every expert is chosen: with two of four,
+    the Q8_0 rounding of the MXFP4 matmuls' activations flips near ties of this random router (a token's KLD up to
+    0.13), which the conversion limit rightly counts."""
     from mt.verify.verify import VerifyOptions, verify
 
-    convert(gpt_oss_mxfp4_dir, tmp_path / "m.gguf", "q8_0")
-    report = verify(tmp_path / "m.gguf", gpt_oss_mxfp4_dir, VerifyOptions(max_tokens=160, n_ctx=256))
+    src = edited_copy(gpt_oss_mxfp4_dir, tmp_path / "src", num_experts_per_tok=4)
+    convert(src, tmp_path / "m.gguf", "q8_0")
+    report = verify(tmp_path / "m.gguf", src, VerifyOptions(max_tokens=160, n_ctx=256))
     statuses = {c.name: c.status.name for c in report.checks}
     assert report.passed and statuses["tensors"] == statuses["conversion"] == statuses["metadata"] == "PASS", statuses
     assert report.reference_conversion["file_type"] == "MXFP4_MOE"

@@ -39,7 +39,8 @@ def test_file_type_names_and_conversion_limits():
     assert file_type_name(15) == "Q4_K_M" and file_type_name(7) == "Q8_0" and file_type_name(1) == "F16"
     assert file_type_name(0) == "F32" and file_type_name(32) == "BF16"
     assert file_type_name(None) == "unknown" and file_type_name(9999) == "unknown (9999)"
-    assert set(CONVERSION_LIMITS) == {"F32", "F16", "BF16"}  # only the reference conversion is judged by a KLD
+    # only the reference conversion is judged by a KLD: 16 or 32 bits, or those with a checkpoint's MXFP4 experts
+    assert set(CONVERSION_LIMITS) == {"F32", "F16", "BF16", "MXFP4_MOE"}
     assert conversion_limits("F16").kld_p99 == pytest.approx(10 * conversion_limits("F16").kld_mean)
 
 
