@@ -32,6 +32,7 @@ class ExtraTensor:
 
 HEAD_COUNT_KEYS = ("num_attention_heads", "n_head", "n_heads")
 HEAD_COUNT_KV_KEYS = ("num_key_value_heads", "n_kv_heads")
+EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
 
 
 def find_key(config: dict[str, Any], keys: Iterable[str]) -> Any:
@@ -138,8 +139,9 @@ class Architecture:
         n_head = find_key(self.config, HEAD_COUNT_KEYS)
         n_head_kv = find_key(self.config, HEAD_COUNT_KV_KEYS)
         n_head = int(n_head) if isinstance(n_head, int) else 0
-        return ModelFacts(self.gguf_arch, self.block_count(), n_head=n_head,
-                          n_head_kv=int(n_head_kv) if isinstance(n_head_kv, int) else n_head)
+        n_expert = find_key(self.config, EXPERT_COUNT_KEYS)  # the expert_count the converter writes
+        return ModelFacts(self.gguf_arch, self.block_count(), n_expert=int(n_expert) if isinstance(n_expert, int) else 0,
+                          n_head=n_head, n_head_kv=int(n_head_kv) if isinstance(n_head_kv, int) else n_head)
 
     def write_hparams(self, w: GGUFContents, file_type: int) -> None:
         raise NotImplementedError

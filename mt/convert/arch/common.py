@@ -8,7 +8,7 @@ from typing import Any
 from gguf import ExpertGatingFuncType, RopeScalingType
 
 from mt.io.gguf_out import GGUFContents
-from mt.convert.arch.base import HEAD_COUNT_KEYS, HEAD_COUNT_KV_KEYS, find_key
+from mt.convert.arch.base import EXPERT_COUNT_KEYS, HEAD_COUNT_KEYS, HEAD_COUNT_KV_KEYS, find_key
 from mt.errors import UnsupportedArchitecture
 
 log = logging.getLogger(__name__)
@@ -125,7 +125,6 @@ def require_layer_types(config: dict[str, Any], n_layer: int, llama_cpp_pattern:
         )
 
 
-EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
 EXPERTS_USED_KEYS = ("num_experts_per_tok", "num_experts_per_token", "top_k_experts")
 GATING_KEYS = ("score_function", "scoring_func", "score_func", "moe_router_activation", "moe_router_activation_func",
                "expert_selection_fn")

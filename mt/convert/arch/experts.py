@@ -13,8 +13,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from mt.convert.arch.base import find_key
-from mt.convert.arch.common import EXPERT_COUNT_KEYS
+from mt.convert.arch.base import EXPERT_COUNT_KEYS, find_key
 from mt.errors import CheckpointError
 from mt.io.checkpoint import LazyTensor
 

@@ -22,11 +22,9 @@ from mt.io.checkpoint import LazyTensor
 from mt.io.gguf_out import GGUFContents
 from mt.convert.arch.base import Architecture, NameTable
 from mt.convert.arch.common import full_attention_rope, require_layer_types, write_text_hparams
-from mt.convert.arch.experts import expert_count
 from mt.convert.arch.family import ATTENTION_LINEAR, Family
 from mt.convert.arch.llama import DROPPED
 from mt.errors import CheckpointError, UnsupportedArchitecture
-from mt.quant.mix import ModelFacts
 
 GPT_OSS_NAMES = {
     "model.embed_tokens": "token_embd",
@@ -241,10 +239,6 @@ class GptOss(Architecture):
                 packed = Mxfp4Experts(fused, tensors[f"{fused}_blocks"], tensor, None)
                 out[fused] = DequantizedMxfp4(fused, packed)
         return out
-
-    def model_facts(self) -> ModelFacts:
-        facts = super().model_facts()
-        return ModelFacts(facts.arch, facts.n_layer, expert_count(self.config), facts.n_head, facts.n_head_kv)
 
 
 FAMILY = Family(ATTENTION_LINEAR)  # merged (LoRA on attention) and converted; not trained by mt

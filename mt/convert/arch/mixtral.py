@@ -13,7 +13,6 @@ from mt.convert.arch.experts import expert_count, stack_experts, transformers_ex
 from mt.convert.arch.family import ATTENTION_LINEAR, Family
 from mt.convert.arch.llama import DECODER_NAMES, DROPPED
 from mt.convert.arch.mistral import Mistral
-from mt.quant.mix import ModelFacts
 
 EXPERT = re.compile(r"model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w1|w2|w3)\.weight")
 MLP_EXPERT = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(w1|w2|w3)\.weight")
@@ -42,10 +41,6 @@ class Mixtral(Mistral):
         renamed = {name.replace(".block_sparse_moe.", ".mlp."): t for name, t in tensors.items()}
         return transformers_experts(renamed, MLP_EXPERT, expert_count(self.config), ("w1", "w3"), "w2",
                                     lambda layer: f"model.layers.{layer}.mlp.experts")
-
-    def model_facts(self) -> ModelFacts:
-        facts = super().model_facts()
-        return ModelFacts(facts.arch, facts.n_layer, expert_count(self.config), facts.n_head, facts.n_head_kv)
 
 
 FAMILY = Family(ATTENTION_LINEAR)  # merged (LoRA on attention) and converted; not trained by mt

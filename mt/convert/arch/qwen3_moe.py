@@ -18,7 +18,6 @@ from mt.convert.arch.family import ATTENTION_LINEAR, Family
 from mt.convert.arch.llama import DROPPED
 from mt.convert.arch.qwen3 import QWEN3_NAMES, Qwen3
 from mt.errors import UnsupportedArchitecture
-from mt.quant.mix import ModelFacts
 
 EXPERT = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight")
 EXPERT_PARTS = ("down_proj", "gate_proj", "up_proj")  # the converter's order
@@ -67,10 +66,6 @@ class Qwen3Moe(Qwen3):
     def transformers_tensors(self, tensors: Mapping[str, LazyTensor]) -> Mapping[str, LazyTensor]:
         return transformers_experts(tensors, EXPERT, expert_count(self.config), ("gate_proj", "up_proj"), "down_proj",
                                     lambda layer: f"model.layers.{layer}.mlp.experts")
-
-    def model_facts(self) -> ModelFacts:
-        facts = super().model_facts()
-        return ModelFacts(facts.arch, facts.n_layer, expert_count(self.config), facts.n_head, facts.n_head_kv)
 
 
 FAMILY = Family(ATTENTION_LINEAR)  # merged (LoRA on attention) and converted; not trained by mt
