@@ -32,10 +32,15 @@ FAMILIES = ["smollm3_dir", "olmo2_dir", "granite_dir"]
     ("smollm3_dir", "f16"), ("olmo2_dir", "q8_0"), ("granite_dir", "bf16"),
 ])
 def test_same_file_as_llama_cpp_converter(request, tmp_path, fixture, outtype):
-    src = request.getfixturevalue(fixture)
+    assert_converter_bytes(request.getfixturevalue(fixture), tmp_path, outtype)
+
+
+def assert_converter_bytes(src: Path, tmp_path: Path, outtype: str) -> Path:
+    """mt's file of `src` at `outtype` equals llama.cpp's converter's; returns mt's."""
     convert(src, tmp_path / "mt.gguf", outtype)
     run_converter(src, tmp_path / "ref.gguf", outtype)
     assert_same_file(tmp_path / "mt.gguf", tmp_path / "ref.gguf")
+    return tmp_path / "mt.gguf"
 
 
 def edited_copy(src: Path, dest: Path, **changes: object) -> Path:
@@ -58,15 +63,20 @@ WITHOUT_ITS_FEATURE = {
 
 @pytest.mark.parametrize("fixture", FAMILIES)
 def test_f32_logits_match_transformers(request, tmp_path, fixture):
-    src = request.getfixturevalue(fixture)
+    assert_f32_logits_match(request.getfixturevalue(fixture), tmp_path, WITHOUT_ITS_FEATURE.get(fixture))
+
+
+def assert_f32_logits_match(src: Path, tmp_path: Path, control: dict | None) -> None:
+    """llama.cpp on mt's F32 file against transformers over 48 tokens: KLD ≤ 1e-5, same top-1 where decided; with
+    `control` (config keys switching the family's feature off) the reference moves 1000× further away."""
     convert(src, tmp_path / "m.gguf", "f32")
     ids = prompt_ids(src, 48)
     ref, ours = hf_logits(src, ids), llama_cpp_logits(tmp_path / "m.gguf", ids)
     stats = compare_logits(ref, ours)
     assert stats.kld_max <= 1e-5, stats
     assert_same_top1_where_decided(ref, ours)
-    if fixture in WITHOUT_ITS_FEATURE:
-        plain = hf_logits(edited_copy(src, tmp_path / "plain", **WITHOUT_ITS_FEATURE[fixture]), ids)
+    if control is not None:
+        plain = hf_logits(edited_copy(src, tmp_path / "plain", **control), ids)
         assert compare_logits(plain, ours).kld_max > 1000 * max(stats.kld_max, 1e-8)
 
 

@@ -22,7 +22,7 @@ from mt.cli import main
 from mt.convert.convert import convert
 from mt.quant.quantize import parse_file_type
 from mt.verify.logits import compare_logits, hf_logits, llama_cpp_logits
-from tests.convert.test_families_dense import edited_copy
+from tests.convert.test_families_dense import assert_converter_bytes, edited_copy
 from tests.convert.test_families_moe import run_convert
 from tests.convert.test_families_qwen3_phi3 import assert_same_top1_where_decided, prompt_ids
 from tests.gguf_compare import assert_same_file, read_gguf
@@ -32,12 +32,9 @@ from tests.oracle import run_converter
 
 @pytest.mark.parametrize("fixture, outtype", [("gpt_oss_dir", "bf16"), ("gpt_oss_mxfp4_dir", "bf16")])
 def test_same_file_as_llama_cpp_converter(request, tmp_path, fixture, outtype):
-    src = request.getfixturevalue(fixture)
-    convert(src, tmp_path / "mt.gguf", outtype)
-    run_converter(src, tmp_path / "ref.gguf", outtype)
-    assert_same_file(tmp_path / "mt.gguf", tmp_path / "ref.gguf")
+    ours = assert_converter_bytes(request.getfixturevalue(fixture), tmp_path, outtype)
     if fixture == "gpt_oss_mxfp4_dir":  # carried at every out type, written first; a float file says MXFP4_MOE
-        tensors = read_gguf(tmp_path / "mt.gguf").tensors
+        tensors = read_gguf(ours).tensors
         assert [kind for _, kind, _, _ in tensors[:6]] == ["MXFP4"] * 6, tensors[:6]
 
 

@@ -5,7 +5,6 @@ transformers, and the layouts llama.cpp cannot run refused in one line.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -19,10 +18,8 @@ from mt.convert.arch.experts import StackedExperts
 from mt.convert.convert import convert
 from mt.merge.merge import merge
 from mt.quant.quantize import parse_file_type
-from mt.verify.logits import compare_logits, hf_logits, llama_cpp_logits
 from tests.checkpoints import build_mixtral
-from tests.convert.test_families_dense import edited_copy
-from tests.convert.test_families_qwen3_phi3 import assert_same_top1_where_decided, prompt_ids
+from tests.convert.test_families_dense import assert_converter_bytes, assert_f32_logits_match, edited_copy
 from tests.gguf_compare import assert_same_file, read_gguf
 from tests.llama_quantize import llama_quantize
 from tests.merge import adapters
@@ -32,11 +29,8 @@ from tests.oracle import run_converter
 
 @pytest.mark.parametrize("fixture, outtype", [("qwen3_moe_dir", "bf16"), ("mixtral_dir", "q8_0")])
 def test_same_file_as_llama_cpp_converter(request, tmp_path, fixture, outtype):
-    src = request.getfixturevalue(fixture)
-    convert(src, tmp_path / "mt.gguf", outtype)
-    run_converter(src, tmp_path / "ref.gguf", outtype)
-    assert_same_file(tmp_path / "mt.gguf", tmp_path / "ref.gguf")
-    tensors = {name: (kind, shape) for name, kind, shape, _ in read_gguf(tmp_path / "mt.gguf").tensors}
+    ours = assert_converter_bytes(request.getfixturevalue(fixture), tmp_path, outtype)
+    tensors = {name: (kind, shape) for name, kind, shape, _ in read_gguf(ours).tensors}
     assert tensors["blk.1.ffn_gate_inp.weight"][0] == "F32"  # the router stays F32 at every out type
     assert len(tensors["blk.1.ffn_down_exps.weight"][1]) == 3
 
@@ -67,15 +61,7 @@ ROUTER_CONTROL = {"qwen3_moe_dir": {"norm_topk_prob": False}, "mixtral_dir": {"n
 
 @pytest.mark.parametrize("fixture", ["qwen3_moe_dir", "mixtral_dir"])
 def test_f32_logits_match_transformers(request, tmp_path, fixture):
-    src = request.getfixturevalue(fixture)
-    convert(src, tmp_path / "m.gguf", "f32")
-    ids = prompt_ids(src, 48)
-    ref, ours = hf_logits(src, ids), llama_cpp_logits(tmp_path / "m.gguf", ids)
-    stats = compare_logits(ref, ours)
-    assert stats.kld_max <= 1e-5, stats
-    assert_same_top1_where_decided(ref, ours)
-    other = hf_logits(edited_copy(src, tmp_path / "other", **ROUTER_CONTROL[fixture]), ids)
-    assert compare_logits(other, ours).kld_max > 1000 * max(stats.kld_max, 1e-8)
+    assert_f32_logits_match(request.getfixturevalue(fixture), tmp_path, ROUTER_CONTROL[fixture])
 
 
 class CountingTensor:
