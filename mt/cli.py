@@ -338,6 +338,8 @@ def inspect(path: Path, as_json: bool, memory: bool, n_ctx: int | None) -> None:
 @ALLOW_NON_FINITE_OPTION
 @SPLIT_SIZE_OPTION
 @SPLIT_TENSORS_OPTION
+@click.option("--mmproj-type", type=click.Choice(["f16", "bf16", "f32", "q8_0"]), default="f16", show_default=True,
+              help="A vision-language model's projector file (mmproj-NAME-TYPE.gguf), shipped once beside the files.")
 @click.option("--no-verify", is_flag=True, help="Do not run mt verify on each file.")
 @click.option("--verify-text", "text_file", type=click.Path(path_type=Path, dir_okay=False),
               help="UTF-8 text for verify's logits checks (default: the built-in corpus).")
@@ -354,7 +356,8 @@ def inspect(path: Path, as_json: bool, memory: bool, n_ctx: int | None) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def release(src: Path, dist: Path, quants: str, name: str | None, adapter: Path | None, dequantized_base: bool,
             imatrix: str | None, calibration: Path | None, calibration_ctx: int, calibration_chunks: int | None,
-            allow_non_finite: bool, split_max_size: str | None, split_max_tensors: int | None, no_verify: bool, text_file: Path | None,
+            allow_non_finite: bool, split_max_size: str | None, split_max_tensors: int | None, mmproj_type: str,
+            no_verify: bool, text_file: Path | None,
             max_kld: float | None, threads: int | None, device: str, push_repo: str | None, private: bool,
             revision: str | None, force: bool, quiet: bool, as_json: bool) -> None:
     """Write every type in --quants from one read of the checkpoint SRC (a folder, or a Hub repository
@@ -368,7 +371,8 @@ def release(src: Path, dist: Path, quants: str, name: str | None, adapter: Path 
     run_reporting_errors(lambda: release_command(
         src, dist, quants, name=name, adapter=adapter, dequantized_base=dequantized_base, imatrix=imatrix,
         calibration=calibration, calibration_ctx=calibration_ctx, calibration_chunks=calibration_chunks,
-        allow_non_finite=allow_non_finite, split_max_size=split_max_size, split_max_tensors=split_max_tensors, verify=not no_verify,
+        allow_non_finite=allow_non_finite, split_max_size=split_max_size, split_max_tensors=split_max_tensors,
+        mmproj_type=mmproj_type, verify=not no_verify,
         text_file=text_file, max_kld=max_kld, threads=threads, device=device, force=force, quiet=quiet, as_json=as_json,
         push_to=push_repo, private=private, revision=revision))
 

@@ -99,7 +99,10 @@ def convert_command(src: Path, out: Path | None, outtype: str, *, force: bool, v
                "seconds": round(elapsed, 3), "tokenizer": result.vocab.model if result.vocab else None,
                "pre_tokenizer": result.vocab.pre if result.vocab else None,
                "companions": [{"output": str(c.path), "arch": c.companion.gguf_arch, "tensors": len(c.plan.entries),
-                               "bytes": c.path.stat().st_size} for c in result.companions]}
+                               "bytes": c.path.stat().st_size} for c in result.companions],
+               "mmproj": None if result.mmproj is None else {
+                   "output": str(result.mmproj.path), "file_type": result.mmproj.plan.file_type.name,
+                   "tensors": len(result.mmproj.plan.entries), "bytes": result.mmproj.path.stat().st_size}}
     if as_json:
         click.echo(json.dumps(summary))
     elif not quiet:
@@ -107,6 +110,9 @@ def convert_command(src: Path, out: Path | None, outtype: str, *, force: bool, v
                    f"{format_bytes(summary['bytes'])} in {elapsed:.1f} s (tokenizer {summary['tokenizer']}/{summary['pre_tokenizer']})")
         for c in summary["companions"]:
             click.echo(f"wrote {c['output']}: {c['arch']}, {c['tensors']} tensors, {format_bytes(c['bytes'])}")
+        if (m := summary["mmproj"]) is not None:
+            click.echo(f"wrote {m['output']}: clip (vision projector) {m['file_type']}, {m['tensors']} tensors, "
+                       f"{format_bytes(m['bytes'])}")
 
 
 def reexport_command(src: Path, out: Path, outtype: str, *, force: bool, allow_pickle: bool, quiet: bool, as_json: bool,
@@ -284,10 +290,11 @@ def release_command(src: Path, dist: Path, quants: str, *, name: str | None, ada
                     calibration_chunks: int | None, allow_non_finite: bool, split_max_size: str | None,
                     split_max_tensors: int | None, verify: bool, text_file: Path | None, max_kld: float | None,
                     threads: int | None, device: str, force: bool, quiet: bool, as_json: bool,
-                    push_to: str | None = None, private: bool = False, revision: str | None = None) -> None:
+                    push_to: str | None = None, private: bool = False, revision: str | None = None,
+                    mmproj_type: str = "f16") -> None:
     from mt.io.gguf_split import split_limit
     from mt.release.push import check_token, push
-    from mt.release.release import file_entry, parse_quants, release
+    from mt.release.release import file_entry, parse_quants, projector_entry, release
     from mt.imatrix.compute import ImatrixOptions
     from mt.verify.verify import VerifyOptions
 
@@ -307,10 +314,13 @@ def release_command(src: Path, dist: Path, quants: str, *, name: str | None, ada
     result, elapsed = with_progress(not quiet and not as_json, lambda progress: release(
         src, dist, types, name=name, adapter=adapter, dequantized_base=dequantized_base, imatrix=imatrix,
         calibration=calibration, calibration_options=calibration_options, verify=options,
-        device=device, split=limit, allow_non_finite=allow_non_finite, force=force, progress=progress))
+        device=device, split=limit, allow_non_finite=allow_non_finite, force=force, progress=progress,
+        mmproj_type=mmproj_type))
     files = [file_entry(f) for f in result.files]
-    summary = {"dist": str(result.dist), "arch": result.arch, "files": files,
-               "bytes": sum(f["bytes"] for f in files), "seconds": round(elapsed, 3), "notes": list(result.notes)}
+    mmproj = result.mmproj and projector_entry(result.mmproj)
+    summary = {"dist": str(result.dist), "arch": result.arch, "files": files, "mmproj": mmproj,
+               "bytes": sum(f["bytes"] for f in files) + (mmproj["bytes"] if mmproj else 0),
+               "seconds": round(elapsed, 3), "notes": list(result.notes)}
     if push_to is not None:
         summary["pushed"] = push(result.dist, push_to, private, revision, quiet or as_json)
     if not quiet and not as_json:
@@ -325,7 +335,9 @@ def release_command(src: Path, dist: Path, quants: str, *, name: str | None, ada
             verdict = "verified" if f["verify"] else "not verified"
             parts = f" in {len(f['parts'])} parts" if len(f["parts"]) > 1 else ""
             click.echo(f"  {f['file']}: {format_bytes(f['bytes'])}{parts}, {verdict}{numbers}")
-        click.echo(f"wrote {summary['dist']}: {len(files)} files, {format_bytes(summary['bytes'])} in {elapsed:.1f} s")
+        if mmproj:
+            click.echo(f"  {mmproj['file']}: {format_bytes(mmproj['bytes'])}, the vision projector for every file")
+        click.echo(f"wrote {summary['dist']}: {len(files) + bool(mmproj)} files, {format_bytes(summary['bytes'])} in {elapsed:.1f} s")
         if push_to is not None:
             click.echo(f"pushed to {push_to}: {summary['pushed']}")
 

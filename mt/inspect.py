@@ -8,8 +8,10 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from mt.convert.arch import MODULES, load_architecture, supported
+from mt.convert.arch import MODULES, as_text_model, load_architecture, supported
 from mt.convert.arch.base import Architecture
+from mt.convert.mmproj import projector_of, vision_part
+from mt.io.checkpoint import Checkpoint
 from mt.convert.plan import NOT_DATA_SUFFIXES
 from mt.errors import MtError
 
@@ -83,6 +85,21 @@ def recognise(arch: Architecture, tensors: Mapping[str, Any]) -> dict[str, Any]:
     return {"roles": ordered, "dropped": dropped, "unknown": unknown}
 
 
+def recognise_vision(part: Checkpoint, found: dict[str, Any]) -> None:
+    """Add the roles of a vision-language model's vision part (its mmproj file's tensors) to `found`."""
+    projector = projector_of(part)
+    for name in part.tensors:
+        if name.startswith(projector.skipped_prefixes):
+            found["dropped"].append(name)
+            continue
+        try:
+            role = f"mmproj: {_layer_pattern(projector.names.map(name))}"
+        except MtError:
+            found["unknown"].append(name)
+            continue
+        found["roles"][role] = found["roles"].get(role, 0) + 1
+
+
 def _recognition_lines(found: dict[str, Any]) -> list[str]:
     roles = found["roles"]
     lines = [f"  recognised: {len(roles)} GGUF tensor roles"]
@@ -104,14 +121,15 @@ def _family_line(path: Path, hf_arch: str, family: str | None, gguf_arch: str | 
 def inspect_folder(path: Path) -> dict[str, Any]:
     from mt.io.checkpoint import open_checkpoint
 
-    ckpt = open_checkpoint(path)
-    hf_arch = ckpt.architecture
+    stored = open_checkpoint(path)
+    hf_arch = stored.architecture
     family = MODULES.get(hf_arch)
-    arch = load_architecture(hf_arch, ckpt.config) if family else None
-    tensors = [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape), "bytes": t.nbytes} for t in ckpt.tensors.values()]
+    ckpt = as_text_model(stored) if family else stored
+    arch = load_architecture(hf_arch, stored.config) if family else None
+    tensors = [{"name": name, "dtype": t.dtype, "shape": list(t.shape), "bytes": t.nbytes} for name, t in stored.tensors.items()]
     n_params = sum(int(np.prod(t["shape"])) for t in tensors)
     lines = [_family_line(path, hf_arch, family, arch.gguf_arch if arch else None),
-             f"  {len(tensors)} tensors in {len(ckpt.files)} file(s), {n_params:,} parameters"]
+             f"  {len(tensors)} tensors in {len(stored.files)} file(s), {n_params:,} parameters"]
     for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                 "intermediate_size", "moe_intermediate_size", "num_local_experts", "num_experts",
                 "num_experts_per_tok", "vocab_size", "max_position_embeddings", "rope_theta", "tie_word_embeddings"):
@@ -120,11 +138,13 @@ def inspect_folder(path: Path) -> dict[str, Any]:
     tok_files = [n for n in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "chat_template.jinja") if ckpt.has_file(n)]
     lines.append(f"  tokenizer files: {', '.join(tok_files) or 'none'}")
     found = recognise(arch, ckpt.tensors) if arch else None
+    if found is not None and (part := vision_part(ckpt)) is not None:
+        recognise_vision(part, found)
     if found is not None:
         lines += _recognition_lines(found)
     return {"kind": "checkpoint", "path": str(path), "architecture": hf_arch, "family": family,
             "gguf_architecture": arch.gguf_arch if arch else None, "supported": supported(), "recognised": found,
-            "config": ckpt.config, "tensors": tensors, "parameters": n_params, "text": "\n".join(lines)}
+            "config": stored.config, "tensors": tensors, "parameters": n_params, "text": "\n".join(lines)}
 
 
 def inspect_path(path: Path) -> dict[str, Any]:

@@ -994,6 +994,48 @@ def build_gemma3(dir: Path, *, dtype: torch.dtype = torch.bfloat16, n_layers: in
     return dir
 
 
+GEMMA3_VISION = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
+                 "image_size": 64, "patch_size": 8, "vision_use_head": False}
+GEMMA3_IMAGE_TOKENS = 16  # 8x8 patches pooled 2x2: llama.cpp's scale factor 2 (4 in the released models)
+GEMMA3_PREPROCESSOR = {
+    "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "image_seq_length": GEMMA3_IMAGE_TOKENS,
+    "size": {"height": 64, "width": 64}, "do_normalize": True, "do_rescale": True, "rescale_factor": 1 / 255,
+    "resample": 2, "do_resize": True, "image_processor_type": "Gemma3ImageProcessor", "processor_class": "Gemma3Processor",
+}
+
+
+def build_gemma3_vision(dir: Path, *, dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> Path:
+    """Gemma-3-with-vision checkpoint (Gemma3ForConditionalGeneration): the 6-layer text model of build_gemma3 and a
+    2-layer SigLIP tower on 64 px images in 8 px patches, pooled to 16 tokens, stored as the released checkpoints
+    store it (vision_tower.vision_model.*; transformers 5's save_pretrained writes vision_tower.*)."""
+    from safetensors.torch import load_file, save_file
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3TextConfig, SiglipVisionConfig
+
+    dir = Path(dir)
+    dir.mkdir(parents=True, exist_ok=True)
+    write_gemma_tokenizer(dir)
+    text = Gemma3TextConfig(**_gemma_dims(6, len(gemma_vocab().tokens)), rope_theta=1_000_000.0,
+                            rope_local_base_freq=10000.0, rope_scaling=dict(GEMMA3_ROPE_SCALING),
+                            sliding_window_pattern=6, final_logit_softcapping=None, attn_logit_softcapping=None)
+    config = Gemma3Config(text_config=text, vision_config=SiglipVisionConfig(**GEMMA3_VISION),
+                          mm_tokens_per_image=GEMMA3_IMAGE_TOKENS, boi_token_index=3, eoi_token_index=4,
+                          image_token_index=5)
+    model = Gemma3ForConditionalGeneration(config)
+    _init_model(model, seed)
+    _save_model(model, dir, dtype, 1)
+    _write_json(dir / "preprocessor_config.json", GEMMA3_PREPROCESSOR)
+    stored = load_file(dir / "model.safetensors")
+    save_file({_hub_vision_name(k): v for k, v in stored.items()}, dir / "model.safetensors", metadata={"format": "pt"})
+    _edit_config(dir, lambda cfg: _gemma3_hub_rope(cfg["text_config"]))
+    return dir
+
+
+def _hub_vision_name(name: str) -> str:
+    if name.startswith("vision_tower.") and not name.startswith("vision_tower.vision_model."):
+        return "vision_tower.vision_model." + name.removeprefix("vision_tower.")
+    return name
+
+
 def build_llamafied_phi3(src: Path, dir: Path) -> Path:
     """The Phi-3 checkpoint in `src` as a LlamaForCausalLM (float32), qkv_proj split into q/k/v_proj and gate_up_proj
     into gate/up_proj, as Unsloth's "Llama-fied" Phi-3 checkpoints are: the same function, unfused layers."""

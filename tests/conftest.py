@@ -98,6 +98,11 @@ def gemma3_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def gemma3_vision_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return checkpoints.build_gemma3_vision(tmp_path_factory.mktemp("gemma3_vision") / "gemma3-vision")
+
+
+@pytest.fixture(scope="session")
 def smollm3_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return checkpoints.build_smollm3(tmp_path_factory.mktemp("smollm3"))
 

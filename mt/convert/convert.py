@@ -2,25 +2,25 @@
 
 from __future__ import annotations
 
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
 import gguf
-import yaml
 from gguf import LlamaFileType
 
-from mt.convert.arch import load_architecture
+from mt.convert.arch import as_text_model, load_architecture
 from mt.convert.arch.base import Architecture, Companion
-from mt.io.checkpoint import Checkpoint, folder_name
+from mt.convert.general import write_general_metadata
+from mt.convert.mmproj import MmprojOutput, mmproj_output
+from mt.io.checkpoint import Checkpoint
 from mt.convert.plan import (TensorPlan, build_plan, by_entry, companion_plans, is_mix, main_file_tensors,
                              start_producing)
 from mt.io.stream import Prefetcher, Progress, reporting
 from mt.convert.special import read_tokenizer_json
 from mt.convert.validate import check_against_config
 from mt.convert.vocab import VocabSummary, read_json
-from mt.errors import CheckpointError, MtError, TokenizerError
+from mt.errors import MtError, TokenizerError
 from mt.io.atomic import atomic_paths, check_output
 from mt.io.gguf_out import Chunk, GGUFContents, MetaValue, write_gguf
 from mt.quant.device import GPU_TYPES, select_device
@@ -44,6 +44,7 @@ class ConvertResult:
     vocab: VocabSummary | None
     nbytes_written: int
     companions: list[CompanionOutput] = field(default_factory=list)
+    mmproj: MmprojOutput | None = None
 
 
 @dataclass
@@ -90,41 +91,6 @@ def gguf_contents(ckpt: Checkpoint, arch: Architecture, plan: TensorPlan, vocab_
     return w, summary
 
 
-METADATA_FILES = ("README.md", "config.json", "generation_config.json")  # what gguf-py's Metadata.load reads
-
-
-def _metadata_as_named(folder: Path, total: int) -> gguf.Metadata:
-    """gguf-py's metadata of `folder`, read as if the folder had the model's name: a Hugging Face cache snapshot
-    (named by its revision) is read as its repository's name, as a download into a folder of that name would be."""
-    name = folder_name(folder)
-    if name == Path(folder).resolve().name:
-        return gguf.Metadata.load(None, folder, None, total)
-    with tempfile.TemporaryDirectory(prefix="mt-named-") as tmp:
-        view = Path(tmp) / name
-        view.mkdir()
-        for file in METADATA_FILES:
-            if (folder / file).is_file():
-                (view / file).symlink_to((folder / file).resolve())
-        return gguf.Metadata.load(None, view, None, total)
-
-
-def write_general_metadata(w: GGUFContents, folder: Path, fallback_name: str | None = None) -> None:
-    """general.name, size label, license, sampling defaults … from the model card and config, via gguf-py.
-    Without a name there, `fallback_name` (default: the folder's name)."""
-    total, shared, expert, expert_count = w.get_total_parameter_count()
-    try:
-        meta = _metadata_as_named(folder, total)
-    except yaml.YAMLError as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise CheckpointError(f"{folder / 'README.md'}'s front matter is not valid YAML ({reason})",
-                              "fix or remove the model card's front matter") from None
-    if meta.name is None:
-        meta.name = fallback_name if fallback_name is not None else folder_name(folder)
-    if meta.size_label is None and total > 0:
-        meta.size_label = gguf.size_label(total, shared, expert, expert_count)
-    meta.set_gguf_meta_model(w)
-
-
 def _payloads(plan: TensorPlan, producer: Prefetcher, progress: Progress | None, total: int) -> Iterator[Iterator[Chunk]]:
     """`total`: the bytes of every file this conversion writes, for the progress bar."""
     for _, chunks in by_entry(plan, producer):
@@ -141,8 +107,8 @@ def open_model(src: Path, adapter: Path | None = None, dequantized_base: bool = 
     config before anything is written. `allow_non_finite`: a merge that makes NaN/Inf is not refused."""
     from mt.merge.source import open_source
 
-    ckpt = open_source(src, adapter, dequantized_base=dequantized_base, allow_pickle=allow_pickle,
-                       allow_non_finite=allow_non_finite)
+    ckpt = as_text_model(open_source(src, adapter, dequantized_base=dequantized_base, allow_pickle=allow_pickle,
+                                     allow_non_finite=allow_non_finite))
     arch = load_architecture(ckpt.architecture, ckpt.config)
     tokenizer_config = ckpt.side_files / "tokenizer_config.json"
     if tokenizer_config.is_file() and not isinstance(read_json(tokenizer_config), dict):
@@ -185,9 +151,10 @@ def convert(
     """`allow_non_finite`: write NaN/Inf weights (and F16 overflows) as they come instead of refusing them."""
     ckpt, arch, plan = load(src, outtype, allow_pickle, adapter, dequantized_base, imatrix, allow_non_finite)
     companions = [] if vocab_only else companion_outputs(ckpt, arch, out, outtype)
-    for path in [out, *(c.path for c in companions)]:
+    mmproj = None if vocab_only else mmproj_output(ckpt, out, outtype)
+    for path in [out, *(c.path for c in companions), *([mmproj.path] if mmproj else [])]:
         check_output(path, force)
-    return _convert(ckpt, arch, plan, out, vocab_only, progress, device, companions, not allow_non_finite)
+    return _convert(ckpt, arch, plan, out, vocab_only, progress, device, companions, not allow_non_finite, mmproj)
 
 
 def write_conversion(ckpt: Checkpoint, arch: Architecture, plan: TensorPlan, out: Path, device: str = "cpu") -> ConvertResult:
@@ -204,23 +171,26 @@ def companion_outputs(ckpt: Checkpoint, arch: Architecture, out: Path, outtype: 
 
 def _convert(ckpt: Checkpoint, arch: Architecture, plan: TensorPlan, out: Path, vocab_only: bool,
              progress: Progress | None, device: str, companions: list[CompanionOutput] | None = None,
-             check_finite: bool = True) -> ConvertResult:
+             check_finite: bool = True, mmproj: MmprojOutput | None = None) -> ConvertResult:
     companions = companions or []
+    extra_paths = [c.path for c in companions] + ([mmproj.path] if mmproj else [])
     gpu = select_device(device) if not vocab_only and (device == "cuda" or _plan_uses_gpu_types(plan)) else None
     producer = None if vocab_only else start_producing(plan, ckpt.config, gpu=gpu, check_finite=check_finite)
-    total = plan.nbytes + sum(c.plan.nbytes for c in companions)
+    total = plan.nbytes + sum(c.plan.nbytes for c in companions) + (mmproj.plan.nbytes if mmproj else 0)
     written = 0
     try:
         contents, vocab = gguf_contents(ckpt, arch, plan, vocab_only)
-        with atomic_paths([out, *(c.path for c in companions)]) as (tmp, *companion_tmps):
+        with atomic_paths([out, *extra_paths]) as (tmp, *extra_tmps):
             payloads = None if producer is None else _payloads(plan, producer, progress, total)
             written = write_gguf(tmp, contents, payloads)
-            for c, companion_tmp in zip(companions, companion_tmps):
+            for c, companion_tmp in zip(companions, extra_tmps):
                 written += write_companion(ckpt, c, companion_tmp, progress, total, check_finite)
+            if mmproj is not None:
+                written += mmproj.write(extra_tmps[-1], progress, total, check_finite)
     finally:
         if producer is not None:
             producer.close()
-    return ConvertResult(out, plan, arch.gguf_arch, vocab, written, companions)
+    return ConvertResult(out, plan, arch.gguf_arch, vocab, written, companions, mmproj)
 
 
 def companion_contents(ckpt: Checkpoint, companion: Companion, plan: TensorPlan) -> GGUFContents:

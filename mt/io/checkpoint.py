@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import tempfile
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, is_dataclass, replace
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterable, Iterator, Mapping, Protocol
 
@@ -116,6 +116,9 @@ class Checkpoint:
     tensors: dict[str, LazyTensor]
     files: list[Path] = field(default_factory=list)
     replaced_files: Mapping[str, SideData] = field(default_factory=dict)  # side files not the folder's own
+    # other models stored in the same checkpoint (a vision-language model's vision tower): each with its own config
+    # and tensors, read from the same files
+    parts: Mapping[str, "Checkpoint"] = field(default_factory=dict)
 
     @property
     def side_files(self) -> SideFiles:
@@ -140,6 +143,37 @@ class Checkpoint:
     @property
     def total_bytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())
+
+
+def renamed(tensor: LazyTensor, name: str) -> LazyTensor:
+    """`tensor` under another name (a record's copy, so errors name what the reader knows it as)."""
+    if is_dataclass(tensor) and not isinstance(tensor, type):
+        return replace(tensor, name=name)
+    return _Renamed(name, tensor)
+
+
+@dataclass(frozen=True)
+class _Renamed:
+    name: str
+    source: LazyTensor
+
+    @property
+    def dtype(self) -> str:
+        return self.source.dtype
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.source.shape
+
+    @property
+    def nbytes(self) -> int:
+        return self.source.nbytes
+
+    def read_rows(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        return self.source.read_rows(start, stop)
+
+    def read(self) -> np.ndarray:
+        return self.source.read()
 
 
 def _load_json(path: Path) -> Any:

@@ -25,7 +25,7 @@ from gguf import GGMLQuantizationType as T
 from mt.convert.arch import load_architecture
 from mt.convert.arch.base import Architecture
 from mt.io.checkpoint import Checkpoint, LazyTensor, folder_name, open_checkpoint
-from mt.convert.convert import write_general_metadata
+from mt.convert.general import write_general_metadata
 from mt.convert.plan import encode, read_whole
 from mt.io.stream import row_ranges
 from mt.io.dtypes import to_f32

@@ -47,12 +47,12 @@ def base_model(config: dict[str, Any], folder_name: str) -> str:
     return folder_name
 
 
-def front_matter(source_meta: dict[str, Any], base: str) -> dict[str, Any]:
+def front_matter(source_meta: dict[str, Any], base: str, vision: bool = False) -> dict[str, Any]:
     meta: dict[str, Any] = {"base_model": base, "base_model_relation": "quantized", "quantized_by": "mt"}
     meta.update({key: source_meta[key] for key in CARD_KEYS_KEPT if key in source_meta})
     tags = [t for t in source_meta.get("tags") or [] if isinstance(t, str)]
     meta["tags"] = ["gguf", "llama.cpp", *(t for t in tags if t not in ("gguf", "llama.cpp"))]
-    meta["pipeline_tag"] = source_meta.get("pipeline_tag") or "text-generation"
+    meta["pipeline_tag"] = source_meta.get("pipeline_tag") or ("image-text-to-text" if vision else "text-generation")
     return meta
 
 
@@ -112,8 +112,12 @@ def _checked(rows: list[CardRow]) -> str:
     return "The files were not checked by `mt verify`."
 
 
-def how_to_run(name: str, rows: list[CardRow]) -> list[str]:
+def how_to_run(name: str, rows: list[CardRow], mmproj: str | None = None) -> list[str]:
     example = rows[-1].file
+    if mmproj is not None:
+        return [f"Images go through the projector `{mmproj}`, loaded beside any of the files:", "",
+                "```", f"llama-mtmd-cli -m {example} --mmproj {mmproj} --image photo.jpg -p 'Describe this image.'",
+                f"llama-server -m {example} --mmproj {mmproj} --port 8080", "```"]
     return ["```", f"llama-cli -m {example} -cnv", f"llama-server -m {example} --port 8080",
             f"printf 'FROM ./{example}\\n' > Modelfile && ollama create {name.lower()} -f Modelfile", "```"]
 
@@ -138,15 +142,16 @@ def imatrix_sentence(note: ImatrixNote | None) -> list[str]:
 
 
 def model_card(name: str, source_card: str | None, config: dict[str, Any], folder_name: str, rows: list[CardRow],
-               imatrix: ImatrixNote | None = None) -> str:
+               imatrix: ImatrixNote | None = None, mmproj: str | None = None) -> str:
+    """`mmproj`: a vision-language model's projector file in the release."""
     source_meta, source_body = split_card(source_card) if source_card else ({}, "")
     base = base_model(config, folder_name)
-    parts = ["---", yaml.safe_dump(front_matter(source_meta, base), sort_keys=False, allow_unicode=True).rstrip(), "---",
+    parts = ["---", yaml.safe_dump(front_matter(source_meta, base, mmproj is not None), sort_keys=False, allow_unicode=True).rstrip(), "---",
              "", f"# {name} GGUF", "",
              f"GGUF files of [{base}](https://huggingface.co/{base}) for llama.cpp and the tools built on it, written by mt "
              f"from one read of the checkpoint. {_checked(rows)}", "", *imatrix_sentence(imatrix), *quality_table(rows), "", "## Which file", "", *which_file(rows), "",
              *memory_table(rows), "", "## Run", "",
-             *how_to_run(name, rows)]
+             *how_to_run(name, rows, mmproj)]
     if source_body.strip():
         parts += ["", "## Original model card", "", source_body.rstrip()]
     return "\n".join(parts) + "\n"

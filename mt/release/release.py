@@ -9,6 +9,7 @@ its tensors out in llama-quantize's order and the converter's types in the check
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import shutil
@@ -21,6 +22,7 @@ from typing import Any, Iterator
 
 from mt.convert.arch.base import Architecture
 from mt.convert.convert import VocabKeys, gguf_contents, open_model
+from mt.convert.mmproj import DEFAULT_MMPROJ_OUTTYPE, MMPROJ_OUTTYPES, MmprojOutput, mmproj_plan, vision_part
 from mt.convert.plan import PlanEntry, TensorPlan, build_plan, produce_types
 from mt.errors import MtError
 from mt.io.atomic import atomic_dir, check_output
@@ -36,7 +38,7 @@ from mt.release.modelfile import make_modelfile
 from mt.release.memory import MemoryEstimate, estimates
 from mt.quant.device import GPU_TYPES, GpuQuantizer, select_device
 from mt.quant.imatrix import GivenImatrix, load_imatrix, open_imatrix, write_imatrix_gguf
-from mt.quant.outtypes import OUT_TYPES
+from mt.quant.outtypes import CONVERTER_TYPES, OUT_TYPES
 from mt.verify.report import VerifyReport
 from mt.verify.verify import Verifier, VerifyOptions
 
@@ -60,12 +62,23 @@ class ReleaseFile:
 
 
 @dataclass(frozen=True)
+class ProjectorFile:
+    """A vision-language model's mmproj file, one for every text file of the release."""
+
+    outtype: str
+    path: Path
+    nbytes: int
+    sha256: str
+
+
+@dataclass(frozen=True)
 class ReleaseResult:
     dist: Path
     arch: str
     files: list[ReleaseFile]
     nbytes_written: int
     notes: tuple[str, ...] = ()  # what the Modelfiles could not say (mt.release.modelfile)
+    mmproj: ProjectorFile | None = None
 
 
 class ReleaseVerifyFailed(MtError):
@@ -89,17 +102,24 @@ def file_name(name: str, outtype: str) -> str:
     return f"{name}-{outtype.upper()}.gguf"
 
 
+def mmproj_name(name: str, outtype: str) -> str:
+    """mmproj-NAME-F16.gguf, as the Hub's GGUF repositories name a vision model's projector."""
+    return f"mmproj-{file_name(name, outtype)}"
+
+
 def release(src: Path, dist: Path, quants: list[str], *, name: str | None = None, adapter: Path | None = None,
             dequantized_base: bool = False, imatrix: str | Path | None = None, calibration: Path | None = None,
             calibration_options: ImatrixOptions = ImatrixOptions(), verify: VerifyOptions | None = VerifyOptions(),
             device: str = "auto", split: SplitLimit = SplitLimit(), allow_non_finite: bool = False, force: bool = False,
-            progress: Progress | None = None) -> ReleaseResult:
+            progress: Progress | None = None, mmproj_type: str = DEFAULT_MMPROJ_OUTTYPE) -> ReleaseResult:
     """`verify`: the options every file is verified with (None: not verified); a failure releases nothing.
     `device`: where the types a GPU computes are quantized (auto | cpu | cuda), as for mt convert.
     `imatrix`: llama.cpp's mixes (q4_k_m …) quantized with it, as llama-quantize --imatrix (with `verify`, pass it in
     its options too); the converter's types (f16, q8_0 …) take none. "auto": computed first by mt imatrix over the
     text in `calibration` (with `calibration_options`), used for every mix and verify, shipped as imatrix.gguf.
-    `split`: a file over the limit is written in parts NAME-TYPE-00001-of-0000N.gguf, as gguf-split writes them."""
+    `split`: a file over the limit is written in parts NAME-TYPE-00001-of-0000N.gguf, as gguf-split writes them.
+    `mmproj_type`: the type of a vision-language model's mmproj file (f16, bf16, f32, q8_0), shipped once beside the
+    text files."""
     if (imatrix == "auto") != (calibration is not None):
         raise MtError("--imatrix auto and --calibration go together",
                       "pass --imatrix auto --calibration TEXT to compute the matrix, or --imatrix FILE to use one")
@@ -107,6 +127,9 @@ def release(src: Path, dist: Path, quants: list[str], *, name: str | None = None
     if arch.companions:
         raise MtError(f"{ckpt.architecture} converts to several files (a model and its companions)",
                       "convert it with mt convert, one type at a time")
+    if mmproj_type not in MMPROJ_OUTTYPES:
+        raise MtError(f"--mmproj-type {mmproj_type} is not a type the converter writes mmproj files in",
+                      f"choose one of {', '.join(MMPROJ_OUTTYPES)}")
     check_output(dist, force, folder=True)
     with ExitStack() as scratch:
         shipped, given = None, open_imatrix(imatrix) if imatrix not in (None, "auto") else None
@@ -115,7 +138,7 @@ def release(src: Path, dist: Path, quants: list[str], *, name: str | None = None
             given = GivenImatrix(load_imatrix(shipped), SHIPPED_IMATRIX)  # the files record the name it ships under
             verify = verify and replace(verify, imatrix=shipped)
         return _release(Path(src), ckpt, arch, dist, quants, name, adapter, given, shipped, verify, device, split,
-                        allow_non_finite, progress)
+                        allow_non_finite, progress, mmproj_type)
 
 
 SHIPPED_IMATRIX = "imatrix.gguf"  # a computed matrix's name in DIST (and in the files' quantize.imatrix.file)
@@ -130,7 +153,8 @@ def _computed_imatrix(src: Path, calibration: Path, options: ImatrixOptions, scr
 
 def _release(src: Path, ckpt: Checkpoint, arch: Architecture, dist: Path, quants: list[str], name: str | None,
              adapter: Path | None, given: GivenImatrix | None, shipped: Path | None, verify: VerifyOptions | None,
-             device: str, split: SplitLimit, allow_non_finite: bool, progress: Progress | None) -> ReleaseResult:
+             device: str, split: SplitLimit, allow_non_finite: bool, progress: Progress | None,
+             mmproj_type: str = DEFAULT_MMPROJ_OUTTYPE) -> ReleaseResult:
     plans = {q: build_plan(ckpt, arch, q, given) for q in quants}
     uses_gpu_types = any(e.qtype in GPU_TYPES for plan in plans.values() for e in plan.entries)
     gpu = select_device(device) if device == "cuda" or uses_gpu_types else None
@@ -138,6 +162,7 @@ def _release(src: Path, ckpt: Checkpoint, arch: Architecture, dist: Path, quants
     with atomic_dir(dist) as stage:
         files = [ReleaseFile(q, stage / file_name(name, q), plans[q]) for q in quants]
         files, written = _write_all(ckpt, arch, files, gpu, split, progress, not allow_non_finite)
+        projector = _write_mmproj(ckpt, stage, name, mmproj_type, not allow_non_finite)
         if verify is not None:
             files = [replace(f, report=r) for f, r in zip(files, _verified(src, files, replace(verify, adapter=adapter)))]
         files, notes = _modelfiles(stage, files)
@@ -145,13 +170,38 @@ def _release(src: Path, ckpt: Checkpoint, arch: Architecture, dist: Path, quants
         source_name = folder_name(src)
         note = _imatrix_note(given, shipped, stage)
         (stage / "README.md").write_text(model_card(name, read_source_card(ckpt.folder), ckpt.config, source_name, rows,
-                                                    note), encoding="utf-8")
+                                                    note, projector and projector.path.name), encoding="utf-8")
         listing = manifest(name, base_model(ckpt.config, source_name), arch.gguf_arch, n_parameters(files[0].plan),
-                           files[0].context_length, [file_entry(f) for f in files])
+                           files[0].context_length, [file_entry(f) for f in files],
+                           projector and projector_entry(projector))
         (stage / "manifest.json").write_text(json.dumps(listing, indent=2) + "\n", encoding="utf-8")
     final = [replace(f, path=dist / f.path.name, parts=tuple(replace(p, path=dist / p.path.name) for p in f.parts),
                      report=f.report and replace(f.report, gguf=str(dist / f.path.name))) for f in files]
-    return ReleaseResult(dist, arch.gguf_arch, final, written, notes)
+    projector = projector and replace(projector, path=dist / projector.path.name)
+    return ReleaseResult(dist, arch.gguf_arch, final, written, notes, projector)
+
+
+def _write_mmproj(ckpt: Checkpoint, stage: Path, name: str, outtype: str, check_finite: bool) -> ProjectorFile | None:
+    part = vision_part(ckpt)
+    if part is None:
+        return None
+    path = stage / mmproj_name(name, outtype)
+    output = MmprojOutput(part, path, mmproj_plan(part, CONVERTER_TYPES[outtype]))
+    output.write(path, None, output.plan.nbytes, check_finite)
+    return ProjectorFile(outtype, path, path.stat().st_size, file_sha256(path))
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def projector_entry(projector: ProjectorFile) -> dict[str, Any]:
+    return {"file": projector.path.name, "type": projector.outtype, "bytes": projector.nbytes,
+            "sha256": projector.sha256}
 
 
 def _imatrix_note(given: GivenImatrix | None, shipped: Path | None, stage: Path) -> ImatrixNote | None:

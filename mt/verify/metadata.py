@@ -55,12 +55,13 @@ def _is_model_key(key: str) -> bool:
     return not key.startswith((INFORMATIONAL, VOCABULARY, TEMPLATE))
 
 
-def check_metadata(checked: GGUFHeader, reference: GGUFHeader) -> Check:
+def check_metadata(checked: GGUFHeader, reference: GGUFHeader, text_model: bool = True) -> Check:
     """Hyperparameters (every key outside general.* and tokenizer.*) exactly; general.* differences are warnings;
-    general.file_type must describe the tensors."""
+    general.file_type must describe the tensors by llama.cpp's rules for text models (`text_model`; an mmproj file's
+    types follow the converter's rules for its projector, which the tensor check compares)."""
     problems = _differences(checked, reference, _keys(checked, reference, _is_model_key))
     informational = _differences(checked, reference, _keys(checked, reference, lambda k: k.startswith(INFORMATIONAL)))
-    file_type_problem, file_type_note = file_type_findings(checked)
+    file_type_problem, file_type_note = file_type_findings(checked) if text_model else ([], [])
     problems += file_type_problem
     compared = len(_keys(checked, reference, lambda k: not k.startswith((VOCABULARY, TEMPLATE))))
     if problems:

@@ -68,7 +68,8 @@ class VerifyReport:
             if len(c.problems) > shown:
                 lines.append(f"          ... {len(c.problems) - shown} more (--json lists all)")
         rss = ", ".join(f"{k} {v:.0f} MiB" for k, v in self.peak_rss_mib.items())
-        lines.append(f"  peak RSS: {rss}")
+        if rss:
+            lines.append(f"  peak RSS: {rss}")
         failed = [c.name for c in self.failed_checks()]
         lines.append("PASS" if self.passed else f"FAIL: {', '.join(failed)}")
         return "\n".join(lines)

@@ -27,12 +27,14 @@ from mt.convert.arch import load_architecture
 from mt.io.checkpoint import Checkpoint
 from mt.convert.arch.base import Companion
 from mt.convert.convert import companion_contents, gguf_contents, load, write_conversion
+from mt.convert.mmproj import MMPROJ_ARCH, MMPROJ_OUTTYPES, mmproj_contents, mmproj_plan, vision_part
 from mt.convert.plan import TensorPlan, build_plan, companion_plan
 from mt.errors import CheckpointError, VerifyError
 from mt.io.gguf_in import GGUFHeader, read_header
 from mt.io.gguf_out import write_gguf
 from mt.merge.source import on_disk
 from mt.quant.imatrix import Imatrix, load_imatrix
+from mt.quant.outtypes import by_file_type
 from mt.quant.quantize import load_problem
 from mt.verify.corpus import CORPUS
 from mt.verify.exact import check_tensors
@@ -210,6 +212,8 @@ class Verifier:
 
     def check(self, gguf: GGUFModel) -> VerifyReport:
         """Every check of one file; llama.cpp runs before transformers (one model in memory at a time)."""
+        if gguf.arch == MMPROJ_ARCH and vision_part(self.ckpt) is not None:
+            return self._mmproj_report(gguf)
         self._check_architecture(gguf.arch)
         header = gguf.header
         file_type = file_type_name(header.value("general.file_type"))
@@ -263,6 +267,25 @@ class Verifier:
         if problems:
             return Check(name, Status.FAIL, f"{beside.name}: {problems[0]}", problems)
         return Check(name, Status.PASS, f"{beside.name}: {parts[0].summary}; {parts[1].summary}")
+
+    def _mmproj_report(self, gguf: GGUFModel) -> VerifyReport:
+        """A vision-language source's mmproj file: its header and every tensor against mt's mmproj of the source at
+        the file's type (the projector's arithmetic in llama.cpp is proven by mt's tests, not per file)."""
+        part = vision_part(self.ckpt)
+        assert part is not None
+        header = gguf.header
+        out = by_file_type(header.value("general.file_type"))
+        if out is None or out.name not in MMPROJ_OUTTYPES:
+            raise VerifyError(f"{gguf.path.name} is an mmproj file of type {header.value('general.file_type')!r}, "
+                              "not one the converter writes", f"mt convert writes mmproj files as {', '.join(MMPROJ_OUTTYPES)}")
+        plan = mmproj_plan(part, out)
+        expected = self.workdir / "reference-mmproj.gguf"
+        write_gguf(expected, mmproj_contents(part, plan))
+        checks = [check_metadata(header, read_header(expected, header_only=True), text_model=False),
+                  check_tensors(header, plan.entries, part.config, None)]
+        file_type = file_type_name(int(out.file_type))
+        return VerifyReport(str(gguf.path), str(self.reference_dir), MMPROJ_ARCH, file_type, {"file_type": file_type},
+                            self.bars.to_dict(), checks, dict(self.peak_rss))
 
     def _quality(self, candidate: np.ndarray | str) -> Check:
         if isinstance(candidate, str):

@@ -223,3 +223,26 @@ def test_imatrix_auto_and_calibration_go_together(options, llama2_256_dir, tmp_p
     out = CliRunner().invoke(main, ["release", str(llama2_256_dir), "-o", str(dist), "--quants", "q4_k_m", *options])
     assert out.exit_code == 1 and "--imatrix auto and --calibration go together" in out.output, out.output
     assert len(out.output.strip().splitlines()) == 1 and no_stray_files(dist)
+
+
+def test_a_vision_model_ships_its_projector_once(gemma3_vision_dir, tmp_path):
+    """Each text file verified as a Gemma 3 text model; one mmproj (F16 unless asked) beside them, mt convert's
+    bytes, in the manifest with its hash and in the card's run lines; bf16 on request."""
+    result = CliRunner().invoke(main, ["release", str(gemma3_vision_dir), "-o", str(tmp_path / "dist"), "--name", "g3",
+                                       "--quants", "q8_0", "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output.splitlines()[-1])
+    dist = tmp_path / "dist"
+    assert summary["files"][0]["verify"]["passed"] is True
+    convert(gemma3_vision_dir, tmp_path / "one.gguf", "f16")
+    assert (dist / "mmproj-g3-F16.gguf").read_bytes() == (tmp_path / "mmproj-one.gguf").read_bytes()
+    listing = json.loads((dist / "manifest.json").read_text())
+    assert listing["mmproj"] == summary["mmproj"] == {
+        "file": "mmproj-g3-F16.gguf", "type": "f16", "bytes": (dist / "mmproj-g3-F16.gguf").stat().st_size,
+        "sha256": hashlib.sha256((dist / "mmproj-g3-F16.gguf").read_bytes()).hexdigest()}
+    card = (dist / "README.md").read_text()
+    assert "--mmproj mmproj-g3-F16.gguf" in card and "pipeline_tag: image-text-to-text" in card
+    other = release(gemma3_vision_dir, tmp_path / "bf16", ["q8_0"], name="g3", verify=None, mmproj_type="bf16")
+    assert other.mmproj is not None and other.mmproj.path.name == "mmproj-g3-BF16.gguf"
+    convert(gemma3_vision_dir, tmp_path / "two.gguf", "bf16")
+    assert other.mmproj.path.read_bytes() == (tmp_path / "mmproj-two.gguf").read_bytes()
