@@ -88,16 +88,16 @@ def recognise(arch: Architecture, tensors: Mapping[str, Any]) -> dict[str, Any]:
 def recognise_vision(part: Checkpoint, found: dict[str, Any]) -> None:
     """Add the roles of a vision-language model's vision part (its mmproj file's tensors) to `found`."""
     projector = projector_of(part)
-    for name in part.tensors:
-        if name.startswith(projector.skipped_prefixes):
-            found["dropped"].append(name)
-            continue
+    found["dropped"] += [name for name in part.tensors if name.startswith(projector.skipped_prefixes)]
+    for name, tensor in part.tensors.items():
         try:
-            role = f"mmproj: {_layer_pattern(projector.names.map(name))}"
+            written = [gguf_name for _, gguf_name, _ in projector.written({name: tensor})]
         except MtError:
             found["unknown"].append(name)
             continue
-        found["roles"][role] = found["roles"].get(role, 0) + 1
+        for gguf_name in written:
+            role = f"mmproj: {_layer_pattern(gguf_name)}"
+            found["roles"][role] = found["roles"].get(role, 0) + 1
 
 
 def _recognition_lines(found: dict[str, Any]) -> list[str]:

@@ -1036,6 +1036,50 @@ def _hub_vision_name(name: str) -> str:
     return name
 
 
+QWEN2_5_VL_VISION = {"depth": 4, "hidden_size": 64, "intermediate_size": 128, "num_heads": 2, "patch_size": 14,
+                     "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 112,
+                     "fullatt_block_indexes": [1, 3], "in_channels": 3}
+QWEN2_5_VL_MROPE = [2, 3, 3]  # of the 8 rotary pairs of a 16-wide head (released: [16, 24, 24] of 64)
+QWEN2_5_VL_PREPROCESSOR = {
+    "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
+    "min_pixels": 3136, "max_pixels": 12845056, "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,
+    "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2_5_VLProcessor",
+}
+
+
+def build_qwen2_5_vl(dir: Path, *, dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> Path:
+    """Qwen2.5-VL checkpoint (Qwen2_5_VLForConditionalGeneration): build_qwen2's 2-layer text model with multimodal
+    rope, and a 4-layer ViT (14 px patches, window attention but on layers 1 and 3, 2x2 merger), its config.json
+    flat as the released ones are (text keys at the top, rope_scaling of type mrope)."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    dir = Path(dir)
+    dir.mkdir(parents=True, exist_ok=True)
+    write_qwen2_tokenizer(dir)
+    text = dict(**_common_dims(2), vocab_size=QWEN2_VOCAB, rms_norm_eps=1e-6, rope_theta=1000000.0,
+                tie_word_embeddings=True, use_sliding_window=False, bos_token_id=151643, eos_token_id=151645,
+                rope_scaling={"type": "mrope", "mrope_section": QWEN2_5_VL_MROPE})
+    config = Qwen2_5_VLConfig(text_config=text, vision_config={**QWEN2_5_VL_VISION, "out_hidden_size": HIDDEN},
+                              image_token_id=151655, video_token_id=151656, vision_start_token_id=151652,
+                              vision_end_token_id=151653, tie_word_embeddings=True)
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(config)
+    _init_model(model, seed)
+    _save_model(model, dir, dtype, 1)
+    _write_json(dir / "preprocessor_config.json", QWEN2_5_VL_PREPROCESSOR)
+    _edit_config(dir, _qwen2_5_vl_hub_config)
+    return dir
+
+
+def _qwen2_5_vl_hub_config(cfg: dict[str, Any]) -> None:
+    text = cfg.pop("text_config")
+    rope = text.pop("rope_parameters")
+    text["rope_theta"] = rope["rope_theta"]
+    text["rope_scaling"] = {"type": "mrope", "mrope_section": rope["mrope_section"]}
+    text.pop("model_type", None)
+    cfg.update(text)
+
+
 def build_llamafied_phi3(src: Path, dir: Path) -> Path:
     """The Phi-3 checkpoint in `src` as a LlamaForCausalLM (float32), qkv_proj split into q/k/v_proj and gate_up_proj
     into gate/up_proj, as Unsloth's "Llama-fied" Phi-3 checkpoints are: the same function, unfused layers."""

@@ -103,6 +103,11 @@ def gemma3_vision_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def qwen2_5_vl_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return checkpoints.build_qwen2_5_vl(tmp_path_factory.mktemp("qwen2_5_vl") / "qwen2.5-vl")
+
+
+@pytest.fixture(scope="session")
 def smollm3_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return checkpoints.build_smollm3(tmp_path_factory.mktemp("smollm3"))
 

@@ -69,11 +69,8 @@ def mmproj_plan(part: Checkpoint, out: OutType) -> TensorPlan:
     """The vision part's tensors in checkpoint order, typed by the converter's rules for mmproj files."""
     projector = projector_of(part)
     entries = []
-    for hf_name, ref in part.tensors.items():
-        if hf_name.startswith(projector.skipped_prefixes):
-            continue
+    for hf_name, name, ref in projector.written(part.tensors):
         check_float(hf_name, ref)
-        name = projector.names.map(hf_name)
         qtype = _tensor_type(projector, hf_name, name, len(ref.shape), ref.shape[-1], out)
         entries.append(PlanEntry(name, ref.shape, qtype, source=ref, transform=projector.transform_for(name)))
     return TensorPlan(out.file_type, entries)
@@ -123,17 +120,19 @@ def _write_vision_keys(w: GGUFContents, v: VisionConfig) -> None:
 
 @dataclass
 class MmprojOutput:
-    """The mmproj file of a conversion: the vision part it holds, where it goes, its plan."""
+    """The mmproj file of a conversion: the vision part it holds, where it goes, its plan and header (made before
+    anything is written, so a config llama.cpp cannot run stops the conversion first)."""
 
     part: Checkpoint
     path: Path
     plan: TensorPlan
+    contents: GGUFContents
 
     def write(self, path: Path, progress: Progress | None, total: int, check_finite: bool = True) -> int:
         producer = start_producing(self.plan, self.part.config, check_finite=check_finite)
         try:
             payloads = (reporting(chunks, progress, total) for _, chunks in by_entry(self.plan, producer))
-            return write_gguf(path, mmproj_contents(self.part, self.plan), payloads)
+            return write_gguf(path, self.contents, payloads)
         finally:
             producer.close()
 
@@ -143,4 +142,5 @@ def mmproj_output(ckpt: Checkpoint, out: Path, outtype: str) -> MmprojOutput | N
     part = vision_part(ckpt)
     if part is None:
         return None
-    return MmprojOutput(part, mmproj_path(out), mmproj_plan(part, mmproj_outtype(outtype, ckpt)))
+    plan = mmproj_plan(part, mmproj_outtype(outtype, ckpt))
+    return MmprojOutput(part, mmproj_path(out), plan, mmproj_contents(part, plan))

@@ -22,7 +22,8 @@ from typing import Any, Iterator
 
 from mt.convert.arch.base import Architecture
 from mt.convert.convert import VocabKeys, gguf_contents, open_model
-from mt.convert.mmproj import DEFAULT_MMPROJ_OUTTYPE, MMPROJ_OUTTYPES, MmprojOutput, mmproj_plan, vision_part
+from mt.convert.mmproj import (DEFAULT_MMPROJ_OUTTYPE, MMPROJ_OUTTYPES, MmprojOutput, mmproj_contents, mmproj_plan,
+                               vision_part)
 from mt.convert.plan import PlanEntry, TensorPlan, build_plan, produce_types
 from mt.errors import MtError
 from mt.io.atomic import atomic_dir, check_output
@@ -161,8 +162,9 @@ def _release(src: Path, ckpt: Checkpoint, arch: Architecture, dist: Path, quants
     name = name or folder_name(src)
     with atomic_dir(dist) as stage:
         files = [ReleaseFile(q, stage / file_name(name, q), plans[q]) for q in quants]
+        mmproj = _mmproj_output(ckpt, stage, name, mmproj_type)
         files, written = _write_all(ckpt, arch, files, gpu, split, progress, not allow_non_finite)
-        projector = _write_mmproj(ckpt, stage, name, mmproj_type, not allow_non_finite)
+        projector = _write_mmproj(mmproj, mmproj_type, not allow_non_finite)
         if verify is not None:
             files = [replace(f, report=r) for f, r in zip(files, _verified(src, files, replace(verify, adapter=adapter)))]
         files, notes = _modelfiles(stage, files)
@@ -181,14 +183,20 @@ def _release(src: Path, ckpt: Checkpoint, arch: Architecture, dist: Path, quants
     return ReleaseResult(dist, arch.gguf_arch, final, written, notes, projector)
 
 
-def _write_mmproj(ckpt: Checkpoint, stage: Path, name: str, outtype: str, check_finite: bool) -> ProjectorFile | None:
+def _mmproj_output(ckpt: Checkpoint, stage: Path, name: str, outtype: str) -> MmprojOutput | None:
+    """A vision-language source's mmproj file, planned (and its header made) before anything is written."""
     part = vision_part(ckpt)
     if part is None:
         return None
-    path = stage / mmproj_name(name, outtype)
-    output = MmprojOutput(part, path, mmproj_plan(part, CONVERTER_TYPES[outtype]))
-    output.write(path, None, output.plan.nbytes, check_finite)
-    return ProjectorFile(outtype, path, path.stat().st_size, file_sha256(path))
+    plan = mmproj_plan(part, CONVERTER_TYPES[outtype])
+    return MmprojOutput(part, stage / mmproj_name(name, outtype), plan, mmproj_contents(part, plan))
+
+
+def _write_mmproj(output: MmprojOutput | None, outtype: str, check_finite: bool) -> ProjectorFile | None:
+    if output is None:
+        return None
+    output.write(output.path, None, output.plan.nbytes, check_finite)
+    return ProjectorFile(outtype, output.path, output.path.stat().st_size, file_sha256(output.path))
 
 
 def file_sha256(path: Path) -> str:

@@ -1,9 +1,10 @@
-"""Gemma 3 with vision: the text GGUF and the mmproj GGUF are the converter's bytes (its run without and with
---mmproj), and llama.cpp's multimodal library, given the pair, embeds an image as transformers' vision tower and
-projector do."""
+"""Gemma 3 with vision and Qwen2.5-VL: the text GGUF and the mmproj GGUF are the converter's bytes (its run without
+and with --mmproj), llama.cpp runs the text file as transformers runs the vision-language model on text, and
+llama.cpp's multimodal library, given the pair, embeds an image as transformers' vision tower and projector do."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -14,21 +15,45 @@ from click.testing import CliRunner
 
 from mt.cli import main
 from mt.convert.convert import convert
+from mt.verify.logits import compare_logits, llama_cpp_logits
 from mt.verify.verify import verify
-from tests.checkpoints import GEMMA3_PREPROCESSOR
+from tests.checkpoints import GEMMA3_PREPROCESSOR, QWEN2_5_VL_PREPROCESSOR
+from tests.convert.test_families_qwen3_phi3 import assert_same_top1_where_decided, prompt_ids
 from tests.gguf_compare import assert_same_file
 from tests.mtmd_oracle import image_embeddings
 from tests.oracle import run_converter
 
 
-@pytest.mark.parametrize("outtype", ["f32", "q8_0"])
-def test_same_files_as_llama_cpp_converter(gemma3_vision_dir, tmp_path, outtype):
-    result = convert(gemma3_vision_dir, tmp_path / "model.gguf", outtype)
+TOLERANCE = 2e-4  # of the largest embedding value, llama.cpp's roundings applied to the reference
+
+
+@pytest.mark.parametrize("fixture, outtype", [("gemma3_vision_dir", "f32"), ("gemma3_vision_dir", "q8_0"),
+                                              ("qwen2_5_vl_dir", "f16"), ("qwen2_5_vl_dir", "q8_0")])
+def test_same_files_as_llama_cpp_converter(request, tmp_path, fixture, outtype):
+    src = request.getfixturevalue(fixture)
+    result = convert(src, tmp_path / "model.gguf", outtype)
     assert result.mmproj is not None and result.mmproj.path == tmp_path / "mmproj-model.gguf"
-    run_converter(gemma3_vision_dir, tmp_path / "ref.gguf", outtype)
-    run_converter(gemma3_vision_dir, tmp_path / "ref-mmproj.gguf", outtype, ["--mmproj"])
+    run_converter(src, tmp_path / "ref.gguf", outtype)
+    run_converter(src, tmp_path / "ref-mmproj.gguf", outtype, ["--mmproj"])
     assert_same_file(tmp_path / "model.gguf", tmp_path / "ref.gguf")
     assert_same_file(tmp_path / "mmproj-model.gguf", tmp_path / "ref-mmproj.gguf")
+
+
+@pytest.mark.parametrize("fixture", ["gemma3_vision_dir", "qwen2_5_vl_dir"])
+def test_text_logits_match_transformers(request, tmp_path, fixture):
+    """The text file in llama.cpp against the vision-language model in transformers on text alone (Qwen2.5-VL's
+    multimodal rope with its three positions equal included): F32, 48 tokens, KLD ≤ 1e-5."""
+    from transformers import AutoModelForImageTextToText
+
+    src = request.getfixturevalue(fixture)
+    convert(src, tmp_path / "m.gguf", "f32")
+    ids = prompt_ids(src, 48)
+    model = AutoModelForImageTextToText.from_pretrained(src, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = model(input_ids=torch.tensor([ids])).logits[0].numpy()
+    ours = llama_cpp_logits(tmp_path / "m.gguf", ids)
+    assert compare_logits(ref, ours).kld_max <= 1e-5
+    assert_same_top1_where_decided(ref, ours)
 
 
 def test_a_mix_comes_with_an_f16_mmproj(gemma3_vision_dir, tmp_path):
@@ -65,21 +90,21 @@ def test_image_embedding_matches_transformers(gemma3_vision_dir, tmp_path):
     """The 16 image tokens libmtmd computes from mt's F32 pair, against Gemma3Model.get_image_features in float32
     with llama.cpp's own roundings applied: its patch embedding takes the image as F16, its CPU GELU reads an F16
     table, the converter keeps the input projection F16 in every file. Then they differ by 8e-5 of the largest
-    value (4e-4 without). Without Gemma's 1 + weight on the projector's norm the embeddings are far off: the check
-    sees the projector's arithmetic."""
+    value (4e-4 without). Without Gemma's 1 + weight on the projector's norm they move 50 times the tolerance: the
+    check sees the projector's arithmetic."""
     image = np.random.default_rng(0).integers(0, 256, size=(64, 64, 3), dtype=np.uint8)
     convert(gemma3_vision_dir, tmp_path / "model.gguf", "f32")
     got = image_embeddings(tmp_path / "model.gguf", tmp_path / "mmproj-model.gguf", image)
     want = transformers_image_features(gemma3_vision_dir, image, llama_cpp_rounding=True)
     assert got.shape == want.shape == (16, 256)
     scale = np.abs(want).max()
-    assert np.abs(got - want).max() <= 2e-4 * scale, np.abs(got - want).max() / scale
+    assert np.abs(got - want).max() <= TOLERANCE * scale, np.abs(got - want).max() / scale
 
     broken = tmp_path / "broken.gguf"
     shutil.copyfile(tmp_path / "mmproj-model.gguf", broken)
     _subtract_one(broken, "mm.soft_emb_norm.weight")
     off = image_embeddings(tmp_path / "model.gguf", broken, image)
-    assert np.abs(off - want).max() > 0.1 * scale
+    assert np.abs(off - want).max() > 50 * TOLERANCE * scale
 
 
 def _subtract_one(path: Path, name: str) -> None:
@@ -89,6 +114,65 @@ def _subtract_one(path: Path, name: str) -> None:
     tensor = next(t for t in reader.tensors if t.name == name)
     tensor.data[...] -= 1.0
     reader.data.flush()
+
+
+def test_qwen2_5_vl_image_embedding_matches_transformers(qwen2_5_vl_dir, tmp_path):
+    """The 64 image tokens of a 224 px image (16x16 patches, four attention windows on layers 0 and 2) from mt's F32
+    pair, against Qwen2_5_VLModel.get_image_features in float32 with llama.cpp's roundings (F16 image) and its
+    choice for the merger's GELU (tanh, F16 table; transformers: erf): 1e-4 of the largest value (5e-4 without).
+    With the fused qkv split in another order (q and k swapped) the embeddings move 50 times the tolerance. (A still
+    image is both frames: the patch kernel's two temporal planes could swap unseen; the bytes test holds their
+    order.)"""
+    image = np.random.default_rng(0).integers(0, 256, size=(224, 224, 3), dtype=np.uint8)
+    convert(qwen2_5_vl_dir, tmp_path / "model.gguf", "f32")
+    got = image_embeddings(tmp_path / "model.gguf", tmp_path / "mmproj-model.gguf", image)
+    want = qwen2_5_vl_image_features(qwen2_5_vl_dir, image)
+    assert got.shape == want.shape == (64, 64)
+    scale = np.abs(want).max()
+    assert np.abs(got - want).max() <= TOLERANCE * scale, np.abs(got - want).max() / scale
+
+    broken = tmp_path / "broken.gguf"
+    shutil.copyfile(tmp_path / "mmproj-model.gguf", broken)
+    _swap_tensors(broken, "v.blk.0.attn_q.weight", "v.blk.0.attn_k.weight")
+    off = image_embeddings(tmp_path / "model.gguf", broken, image)
+    assert np.abs(off - want).max() > 50 * TOLERANCE * scale
+
+
+def _swap_tensors(path: Path, a: str, b: str) -> None:
+    import gguf
+
+    reader = gguf.GGUFReader(path, "r+")
+    first, second = (next(t for t in reader.tensors if t.name == name) for name in (a, b))
+    held = np.array(first.data)
+    first.data[...] = second.data
+    second.data[...] = held
+    reader.data.flush()
+
+
+def qwen2_5_vl_patches(image: np.ndarray, patch: int = 14, temporal: int = 2, merge: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """Qwen2VLImageProcessor's pixel_values and image_grid_thw for an image it would not resize (transformers'
+    processor needs torchvision): normalized, repeated over the two frames, patches grouped by 2x2 merge unit."""
+    mean, std = (np.array(QWEN2_5_VL_PREPROCESSOR[k], dtype=np.float32) for k in ("image_mean", "image_std"))
+    frames = np.repeat(((image.astype(np.float32) / 255.0 - mean) / std).transpose(2, 0, 1)[None], temporal, axis=0)
+    channels, height, width = frames.shape[1:]
+    grid_h, grid_w = height // patch, width // patch
+    grouped = frames.reshape(1, temporal, channels, grid_h // merge, merge, patch, grid_w // merge, merge, patch)
+    grouped = grouped.transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)
+    return grouped.reshape(grid_h * grid_w, channels * temporal * patch * patch), np.array([[1, grid_h, grid_w]])
+
+
+def qwen2_5_vl_image_features(src: Path, image: np.ndarray) -> np.ndarray:
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(src, dtype=torch.float32).eval()
+    model.model.visual.merger.mlp[1] = _GeluF16Table()
+    pixels, grid = qwen2_5_vl_patches(image)
+    with torch.no_grad():
+        out = model.model.get_image_features(pixel_values=torch.from_numpy(pixels).half().float(),
+                                             image_grid_thw=torch.from_numpy(grid))
+    features = out if torch.is_tensor(out) else out.pooler_output
+    features = torch.cat(list(features)) if isinstance(features, (list, tuple)) else features
+    return features.reshape(-1, features.shape[-1]).numpy()
 
 
 class _GeluF16Table(torch.nn.Module):
@@ -118,6 +202,26 @@ def transformers_image_features(src: Path, image: np.ndarray, *, llama_cpp_round
         out = model.model.get_image_features(pixel_values=pixels)
     features = out if torch.is_tensor(out) else out.pooler_output
     return features.reshape(-1, features.shape[-1]).numpy()
+
+
+@pytest.mark.parametrize("change, needle", [
+    ({"fullatt_block_indexes": [1, 2]}, "fullatt_block_indexes [1, 2]"),
+    ({"window_size": 224}, "window_size 224"),
+])
+def test_qwen2_5_vl_vision_layouts_llama_cpp_cannot_run_are_one_line(qwen2_5_vl_dir, tmp_path, change, needle):
+    src = tmp_path / "src"
+    src.mkdir()
+    for file in qwen2_5_vl_dir.iterdir():
+        if file.name != "config.json":
+            (src / file.name).symlink_to(file)
+    config = json.loads((qwen2_5_vl_dir / "config.json").read_text())
+    config["vision_config"].update(change)
+    (src / "config.json").write_text(json.dumps(config))
+    result = CliRunner().invoke(main, ["convert", str(src), "-o", str(tmp_path / "m.gguf")])
+    assert result.exit_code == 1
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and needle in lines[0], lines
+    assert not list(tmp_path.glob("*.gguf*"))
 
 
 def test_no_image_statistics_is_one_line(gemma3_vision_dir, tmp_path):

@@ -213,9 +213,9 @@ def test_renamed_model_passes_with_a_note(verifier_of, gguf_of, tmp_path):
     assert any("general.name = 'Something Else'" in p for p in check(report, "metadata").problems)
 
 
-def test_wrong_llama3_rope_factors_fail_tensors(llama3_dir, gguf_of, tmp_path):
+def test_wrong_llama3_rope_factors_fail_tensors(verifier_of, gguf_of, tmp_path):
     bad = _corrupt(gguf_of("llama3_dir", "q4_k_m"), tmp_path, tensors=corrupt.scale_tensor("rope_freqs.weight", 1.5))
-    report = verify(bad, llama3_dir, FAST)
+    report = verifier_of("llama3_dir").verify(bad)
     assert "tensors" in failed(report), report.to_text()
     assert any(p.startswith("rope_freqs.weight (F32): block") for p in check(report, "tensors").problems)
 

@@ -28,6 +28,7 @@ MODULES: dict[str, str] = {
     "Qwen3MoeForCausalLM": "qwen3_moe",
     "GptOssForCausalLM": "gpt_oss",
     "Gemma3ForConditionalGeneration": "gemma3_vision",
+    "Qwen2_5_VLForConditionalGeneration": "qwen2_5_vl",
 }
 
 
@@ -54,7 +55,7 @@ def load_architecture(hf_arch: str, config: dict[str, Any]) -> Architecture:
     """The family converting `hf_arch` (of a vision-language model: its text model's family, on its text config)."""
     found = multimodal(hf_arch)
     if found is not None:
-        return load_architecture(found.text_architecture, text_config(config, found))
+        return found.text_arch(text_config(config, found))
     return _module(hf_arch).ARCH(config)
 
 

@@ -64,7 +64,7 @@ def write_rope_scaling(w: GGUFContents, rope: dict[str, Any]) -> None:
                 add(value)
     elif rope_type in ("su", "longrope"):
         w.add_rope_scaling_type(RopeScalingType.LONGROPE)
-    elif rope_type.lower() not in ("llama3", "dynamic", "default"):
+    elif rope_type.lower() not in ("llama3", "dynamic", "default", "mrope"):
         log.warning("unknown rope type %r: written without scaling", rope_type)
 
 
@@ -90,6 +90,8 @@ def write_text_hparams(w: GGUFContents, config: dict[str, Any], block_count: int
     rope_all = rope_parameters(config)
     rope = rope_all.get("full_attention", rope_all)
     write_rope_scaling(w, rope)
+    if (sections := rope_all.get("mrope_section")) is not None:  # multimodal rope: [time, height, width, extra]
+        w.add_rope_dimension_sections([*sections, 0, 0, 0, 0][:4])
     if (theta := rope.get("rope_theta")) is not None:
         w.add_rope_freq_base(theta)
     if (local_theta := rope_all.get("sliding_attention", {}).get("rope_theta")) is not None:

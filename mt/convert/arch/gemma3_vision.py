@@ -16,6 +16,7 @@ from gguf import LlamaFileType
 from mt.convert.arch.base import NameTable
 from mt.convert.arch.family import Family
 from mt.convert.arch.gemma2 import add_one
+from mt.convert.arch.gemma3 import Gemma3
 from mt.convert.arch.projector import Multimodal, Projector, VisionConfig, common_forced_type
 from mt.io.gguf_out import GGUFContents
 
@@ -81,7 +82,7 @@ PROJECTOR = Projector(
     transforms={"mm.soft_emb_norm.weight": add_one},
 )
 MULTIMODAL = Multimodal(
-    text_architecture="Gemma3ForCausalLM",
+    text_arch=Gemma3,
     vision_prefixes=("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector."),
     vision_name=vision_name,
     projector=PROJECTOR,

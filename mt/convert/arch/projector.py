@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
+
+import numpy as np
 
 from gguf import GGMLQuantizationType as T
 from gguf import LlamaFileType
 
-from mt.convert.arch.base import NameTable, Transform
+from mt.convert.arch.base import Architecture, NameTable, Transform
 from mt.io.checkpoint import Checkpoint, LazyTensor, renamed
 from mt.io.gguf_out import GGUFContents
 
@@ -44,20 +46,94 @@ class Projector:
     vision_defaults: dict[str, Any]  # transformers' vision config class defaults for the keys read
     skipped_prefixes: tuple[str, ...] = ()  # stored tensors the projector does not use
     transforms: dict[str, Transform] = field(default_factory=dict)  # GGUF-name suffix -> transform
+    # a stored tensor the converter writes as several (a fused qkv split in three): (name, piece) for each
+    pieces: Callable[[str, LazyTensor], list[tuple[str, LazyTensor]]] | None = None
+    # the vision config under the names the mmproj header is written from (image_size, num_hidden_layers …)
+    vision_keys: Callable[[dict[str, Any]], dict[str, Any]] = lambda vision: vision
 
     def transform_for(self, gguf_name: str) -> Transform | None:
         return next((t for suffix, t in self.transforms.items() if gguf_name.endswith(suffix)), None)
+
+    def written(self, tensors: dict[str, LazyTensor]) -> Iterator[tuple[str, str, LazyTensor]]:
+        """(name, GGUF name, tensor) of every tensor the mmproj file holds, in the order the converter writes them;
+        a name the table does not know raises UnknownTensor."""
+        for stored, tensor in tensors.items():
+            if stored.startswith(self.skipped_prefixes):
+                continue
+            for name, piece in self.pieces(stored, tensor) if self.pieces is not None else [(stored, tensor)]:
+                yield name, self.names.map(name), piece
+
+
+@dataclass(frozen=True)
+class RowRange:
+    """Rows [start, stop) of `source` (one of a fused q, k, v)."""
+
+    name: str
+    source: LazyTensor
+    start: int
+    stop: int
+
+    @property
+    def dtype(self) -> str:
+        return self.source.dtype
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self.stop - self.start, *self.source.shape[1:])
+
+    @property
+    def nbytes(self) -> int:
+        return self.source.nbytes // self.source.shape[0] * (self.stop - self.start)
+
+    def read_rows(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        stop = self.shape[0] if stop is None else stop
+        return self.source.read_rows(self.start + start, self.start + stop)
+
+    def read(self) -> np.ndarray:
+        return self.read_rows()
+
+
+@dataclass(frozen=True)
+class AxisSlice:
+    """`source[..., index, ...]` along `axis` (not the first): a Conv3d kernel's temporal plane."""
+
+    name: str
+    source: LazyTensor
+    axis: int
+    index: int
+
+    @property
+    def dtype(self) -> str:
+        return self.source.dtype
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(d for i, d in enumerate(self.source.shape) if i != self.axis)
+
+    @property
+    def nbytes(self) -> int:
+        return self.source.nbytes // self.source.shape[self.axis]
+
+    def read_rows(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        return np.ascontiguousarray(np.take(self.source.read_rows(start, stop), self.index, axis=self.axis))
+
+    def read(self) -> np.ndarray:
+        return self.read_rows()
 
 
 @dataclass(frozen=True)
 class Multimodal:
     """How a vision-language architecture splits: which stored tensors are the vision part (`vision_prefixes`),
-    how their names read in the released checkpoints' spelling (`vision_name`), the text model's architecture."""
+    how their names read in the released checkpoints' spelling (`vision_name`), the family converting the text model
+    and, where transformers' class for it differs from the text config's, the model_type of a text-only model that
+    computes the same on text (`text_model_type`, for the references that build one)."""
 
-    text_architecture: str
+    text_arch: type[Architecture]
     vision_prefixes: tuple[str, ...]
     vision_name: Callable[[str], str]
     projector: Projector
+    text_model_type: str | None = None
+    text_config_fix: Callable[[dict[str, Any]], dict[str, Any]] = lambda text: text  # as that text-only model reads it
 
     def is_vision(self, name: str) -> bool:
         return name.startswith(self.vision_prefixes)
@@ -72,9 +148,13 @@ def common_forced_type(hf_name: str, gguf_name: str, file_type: LlamaFileType) -
 
 
 def text_config(config: dict[str, Any], multimodal: Multimodal) -> dict[str, Any]:
-    """The text model's config as the converter reads it: the top-level keys overridden by text_config's."""
+    """The text model's config as the converter reads it: the top-level keys overridden by text_config's (it keeps
+    the checkpoint's architecture, which names the family)."""
     top = {k: v for k, v in config.items() if k not in SUB_CONFIGS}
-    return {**top, **(config.get("text_config") or {}), "architectures": [multimodal.text_architecture]}
+    text = {**top, **(config.get("text_config") or {})}
+    if multimodal.text_model_type is not None:
+        text["model_type"] = multimodal.text_model_type
+    return multimodal.text_config_fix(text)
 
 
 def text_name(name: str) -> str:
@@ -89,6 +169,8 @@ def split(ckpt: Checkpoint, multimodal: Multimodal) -> Checkpoint:
     config = text_config(ckpt.config, multimodal)
     text: dict[str, LazyTensor] = {}
     vision: dict[str, LazyTensor] = {}
+    if VISION_PART in ckpt.parts:
+        return ckpt
     for name, tensor in ckpt.tensors.items():
         if multimodal.is_vision(name):
             new = multimodal.vision_name(name)
@@ -103,5 +185,5 @@ def split(ckpt: Checkpoint, multimodal: Multimodal) -> Checkpoint:
 
 def vision_config(config: dict[str, Any], projector: Projector, preprocessor: dict[str, Any]) -> VisionConfig:
     text = {**config, **(config.get("text_config") or {})}
-    vision = {**projector.vision_defaults, **(config.get("vision_config") or {})}
+    vision = projector.vision_keys({**projector.vision_defaults, **(config.get("vision_config") or {})})
     return VisionConfig(config, vision, int(text.get("hidden_size", text.get("n_embd", 0))), preprocessor)
