@@ -1020,6 +1020,7 @@ def build_gemma3_vision(dir: Path, *, dtype: torch.dtype = torch.bfloat16, seed:
     config = Gemma3Config(text_config=text, vision_config=SiglipVisionConfig(**GEMMA3_VISION),
                           mm_tokens_per_image=GEMMA3_IMAGE_TOKENS, boi_token_index=3, eoi_token_index=4,
                           image_token_index=5)
+    torch.manual_seed(seed)  # SigLIP's biases are drawn at construction; _init_model adds to them
     model = Gemma3ForConditionalGeneration(config)
     _init_model(model, seed)
     _save_model(model, dir, dtype, 1)
@@ -1062,7 +1063,7 @@ def build_qwen2_5_vl(dir: Path, *, dtype: torch.dtype = torch.bfloat16, seed: in
     config = Qwen2_5_VLConfig(text_config=text, vision_config={**QWEN2_5_VL_VISION, "out_hidden_size": HIDDEN},
                               image_token_id=151655, video_token_id=151656, vision_start_token_id=151652,
                               vision_end_token_id=151653, tie_word_embeddings=True)
-    torch.manual_seed(seed)
+    torch.manual_seed(seed)  # as build_gemma3_vision
     model = Qwen2_5_VLForConditionalGeneration(config)
     _init_model(model, seed)
     _save_model(model, dir, dtype, 1)
@@ -1209,6 +1210,7 @@ def build_gpt_oss(dir: Path, *, dtype: torch.dtype = torch.bfloat16, n_layers: i
         "sliding_window": 16, "vocab_size": LLAMA3_VOCAB, "initializer_range": INIT_RANGE, "tie_word_embeddings": False,
         "bos_token_id": 128000, "eos_token_id": 128001, "pad_token_id": 128004, **overrides})
     write_llama3_tokenizer(dir)
+    torch.manual_seed(seed)  # the sinks and router biases are drawn at construction; _init_model adds to them
     return _finish(GptOssForCausalLM(config), dir, dtype=dtype, shards=1, seed=seed)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, replace
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
@@ -139,13 +139,35 @@ def _check_architecture(base: Checkpoint, adapter: Adapter) -> None:
 Targets = tuple[dict[str, list[LoraDelta]], dict[str, list[LoraDelta]], dict[str, LazyTensor]]
 
 
+# transformers 5 holds a vision-language model's parts under model.* (the names peft saves); the checkpoints store
+# them otherwise: the text layers as language_model.model.* (Gemma 3) or model.* (Qwen2.5-VL), the tower without it
+STORED_SPELLINGS = {
+    "model.language_model.": ("language_model.model.", "model."),
+    "model.vision_tower.": ("vision_tower.vision_model.", "vision_tower."),
+    "model.multi_modal_projector.": ("multi_modal_projector.",),
+    "model.visual.": ("visual.",),
+}
+
+
+def stored_name(name: str, tensors: Mapping[str, LazyTensor]) -> str:
+    """`name` as the checkpoint stores it."""
+    if name in tensors:
+        return name
+    for prefix, spellings in STORED_SPELLINGS.items():
+        if name.startswith(prefix):
+            found = (spelling + name.removeprefix(prefix) for spelling in spellings)
+            return next((candidate for candidate in found if candidate in tensors), name)
+    return name
+
+
 def _retarget_tied(base: Checkpoint, adapter: Adapter) -> Targets:
     """With tied embeddings the checkpoint stores one tensor for the input embedding and lm_head, and peft merges
-    an lm_head update into that shared weight; so lm_head's deltas land on the embedding tensor."""
+    an lm_head update into that shared weight; so lm_head's deltas land on the embedding tensor. Names peft saves
+    as transformers holds the model land on the tensors as the checkpoint stores them."""
     tied_to = tied_embedding(base)
 
     def target(name: str) -> str:
-        return tied_to if tied_to is not None and name == OUTPUT_NAME else name
+        return tied_to if tied_to is not None and name == OUTPUT_NAME else stored_name(name, base.tensors)
 
     deltas: dict[str, list[LoraDelta]] = {}
     bias_deltas: dict[str, list[LoraDelta]] = {}

@@ -15,11 +15,14 @@ from click.testing import CliRunner
 
 from mt.cli import main
 from mt.convert.convert import convert
+from mt.merge.merge import merge
 from mt.verify.logits import compare_logits, llama_cpp_logits
 from mt.verify.verify import verify
 from tests.checkpoints import GEMMA3_PREPROCESSOR, QWEN2_5_VL_PREPROCESSOR
 from tests.convert.test_families_qwen3_phi3 import assert_same_top1_where_decided, prompt_ids
 from tests.gguf_compare import assert_same_file
+from tests.merge import adapters
+from tests.merge.test_merge import max_relative_error, read_folder
 from tests.mtmd_oracle import image_embeddings
 from tests.oracle import run_converter
 
@@ -222,6 +225,42 @@ def test_qwen2_5_vl_vision_layouts_llama_cpp_cannot_run_are_one_line(qwen2_5_vl_
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and needle in lines[0], lines
     assert not list(tmp_path.glob("*.gguf*"))
+
+
+AS_TRANSFORMERS_HOLDS = {"language_model.model.": "model.language_model.", "vision_tower.vision_model.": "model.vision_tower.",
+                         "multi_modal_projector.": "model.multi_modal_projector."}
+
+
+def test_a_lora_on_text_and_tower_merges_as_peft(gemma3_vision_dir, tmp_path):
+    """peft names the layers as transformers 5 holds them (model.language_model.*, model.vision_tower.*), the
+    checkpoint stores them as language_model.model.* and vision_tower.vision_model.*: mt merge puts each update on
+    the stored tensor, within 1e-6 relative of peft's merge_and_unload (6 text layers x 4 and 2 tower layers x 3
+    matrices changed, the rest as stored); the mmproj of `--adapter` holds the tower's updates as the merged
+    folder's does."""
+    spec = adapters.AdapterSpec(target_modules=r".*\.(q_proj|v_proj|o_proj|gate_proj|fc1)")
+    adapter = adapters.build_adapter(gemma3_vision_dir, tmp_path / "adapter", spec)
+    merge(gemma3_vision_dir, adapter, tmp_path / "out", dtype="f32")
+    got, stored = read_folder(tmp_path / "out"), read_folder(gemma3_vision_dir)
+    want = adapters.unaliased(adapters.peft_merged_model(gemma3_vision_dir, adapter).state_dict())
+    changed = []
+    for key, tensor in got.items():
+        held = next((new + key.removeprefix(old) for old, new in AS_TRANSFORMERS_HOLDS.items() if key.startswith(old)), key)
+        assert max_relative_error(tensor, want[held]) <= 1e-6, key
+        if not torch.equal(tensor, stored[key].float()):
+            changed.append(key)
+    assert len([k for k in changed if k.startswith("language_model.")]) == 6 * 4
+    assert len([k for k in changed if k.startswith("vision_tower.")]) == 2 * 3
+    result = convert(gemma3_vision_dir, tmp_path / "m.gguf", "f32", adapter=adapter)
+    merge(gemma3_vision_dir, adapter, tmp_path / "bf16")  # the base's dtype, as --adapter merges
+    convert(tmp_path / "bf16", tmp_path / "from-merged.gguf", "f32")
+    assert result.mmproj is not None
+    assert _tensor_bytes(result.mmproj.path) == _tensor_bytes(tmp_path / "mmproj-from-merged.gguf")
+
+
+def _tensor_bytes(path: Path) -> dict[str, bytes]:
+    import gguf
+
+    return {t.name: bytes(np.asarray(t.data).tobytes()) for t in gguf.GGUFReader(path).tensors}
 
 
 def test_no_image_statistics_is_one_line(gemma3_vision_dir, tmp_path):

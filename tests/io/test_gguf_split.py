@@ -107,7 +107,8 @@ def test_verify_and_inspect_take_a_first_part(llama3_dir, tmp_path):
     whole = tmp_path / "m.gguf"
     convert(llama3_dir, whole, "q8_0")
     parts = split_gguf(whole, tmp_path / "p", SplitLimit(max_tensors=4))
-    verified = CliRunner().invoke(main, ["verify", str(parts[0]), "--reference", str(llama3_dir)])
+    verified = CliRunner().invoke(main, ["verify", str(parts[0]), "--reference", str(llama3_dir), "--max-tokens", "64",
+                                         "--ctx", "128"])
     assert verified.exit_code == 0, verified.output
     shown = CliRunner().invoke(main, ["inspect", str(parts[0])])
     assert shown.exit_code == 0 and f"split in {len(parts)} parts" in shown.output.splitlines()[0]

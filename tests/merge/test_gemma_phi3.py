@@ -491,12 +491,14 @@ def test_verify_of_an_unfused_adapter(phi3_dir, unfused_adapter, tmp_path):
     from mt.cli import main
 
     gguf = convert(phi3_dir, tmp_path / "ft.gguf", "f16", adapter=unfused_adapter("some")).output
-    result = CliRunner().invoke(main, ["verify", str(gguf), "--reference", str(phi3_dir), "--adapter", str(unfused_adapter("some"))])
+    short = ["--max-tokens", "64", "--ctx", "128"]
+    result = CliRunner().invoke(main, ["verify", str(gguf), "--reference", str(phi3_dir), "--adapter",
+                                       str(unfused_adapter("some")), *short])
     assert result.exit_code == 0, result.output
     merged = tmp_path / "merged" / phi3_dir.name
     merged.parent.mkdir()
     merge(phi3_dir, unfused_adapter("some"), merged)
-    result = CliRunner().invoke(main, ["verify", str(gguf), "--reference", str(merged)])
+    result = CliRunner().invoke(main, ["verify", str(gguf), "--reference", str(merged), *short])
     assert result.exit_code == 0, result.output
-    result = CliRunner().invoke(main, ["verify", str(gguf), "--reference", str(phi3_dir)])
+    result = CliRunner().invoke(main, ["verify", str(gguf), "--reference", str(phi3_dir), *short])
     assert result.exit_code == 1 and "FAIL  tensors" in result.output, result.output

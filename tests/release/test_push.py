@@ -33,11 +33,17 @@ def one_line(proc: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
+def short_text(tmp_path: Path) -> list[str]:
+    """verify's logits on one short text: what is pushed, not how close it is, is checked here."""
+    (tmp_path / "verify.txt").write_text("The quick brown fox jumps over the lazy dog. " * 4, encoding="utf-8")
+    return ["--verify-text", str(tmp_path / "verify.txt")]
+
+
 def test_push_uploads_exactly_the_release(llama3_dir: Path, tmp_path: Path) -> None:
     dist = tmp_path / "dist"
     with FakeHub() as hub:
         proc = mt(["release", str(llama3_dir), "-o", str(dist), "--quants", "q8_0", "--push", "acme/tiny-GGUF",
-                   "--private", "--revision", "v1", "--quiet"], hub, tmp_path / "home")
+                   "--private", "--revision", "v1", "--quiet", *short_text(tmp_path)], hub, tmp_path / "home")
         assert proc.returncode == 0, proc.stderr
         state = hub.state
     assert state.repos["acme/tiny-GGUF"] == {"private": True, "branches": {"main", "v1"}}
@@ -62,7 +68,7 @@ def test_no_token_stops_before_any_work(llama3_dir: Path, tmp_path: Path) -> Non
 def test_a_failed_verify_uploads_nothing(llama3_dir: Path, tmp_path: Path) -> None:
     with FakeHub() as hub:
         proc = mt(["release", str(llama3_dir), "-o", str(tmp_path / "dist"), "--quants", "q4_k_m", "--max-kld", "1e-9",
-                   "--push", "acme/tiny-GGUF"], hub, tmp_path / "home")
+                   "--push", "acme/tiny-GGUF", *short_text(tmp_path)], hub, tmp_path / "home")
         assert proc.returncode == 1, proc.stderr
         assert hub.state.calls == [] and hub.state.commits == []
     assert not (tmp_path / "dist").exists()
