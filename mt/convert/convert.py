@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import gguf
 from gguf import LlamaFileType
@@ -12,17 +11,17 @@ from gguf import LlamaFileType
 from mt.convert.arch import as_text_model, load_architecture
 from mt.convert.arch.base import Architecture, Companion
 from mt.convert.general import write_general_metadata
-from mt.convert.mmproj import MmprojOutput, mmproj_output
+from mt.convert.mmproj import MmprojOutput, mmproj_output, mmproj_outtype, mmproj_path
 from mt.io.checkpoint import Checkpoint
-from mt.convert.plan import (TensorPlan, build_plan, by_entry, companion_plans, is_mix, main_file_tensors,
-                             start_producing)
-from mt.io.stream import Prefetcher, Progress, reporting
+from mt.convert.plan import (TensorPlan, build_plan, companion_plans, is_mix, main_file_tensors, payloads,
+                             start_producing, write_planned)
+from mt.io.stream import Progress
 from mt.convert.special import read_tokenizer_json
 from mt.convert.validate import check_against_config
 from mt.convert.vocab import VocabSummary, read_json
 from mt.errors import MtError, TokenizerError
 from mt.io.atomic import atomic_paths, check_output
-from mt.io.gguf_out import Chunk, GGUFContents, MetaValue, write_gguf
+from mt.io.gguf_out import GGUFContents, MetaValue, write_gguf
 from mt.quant.device import GPU_TYPES, select_device
 from mt.quant.imatrix import open_imatrix
 from mt.quant.quantize import put_quantization_keys_last
@@ -91,12 +90,6 @@ def gguf_contents(ckpt: Checkpoint, arch: Architecture, plan: TensorPlan, vocab_
     return w, summary
 
 
-def _payloads(plan: TensorPlan, producer: Prefetcher, progress: Progress | None, total: int) -> Iterator[Iterator[Chunk]]:
-    """`total`: the bytes of every file this conversion writes, for the progress bar."""
-    for _, chunks in by_entry(plan, producer):
-        yield reporting(chunks, progress, total)
-
-
 def _plan_uses_gpu_types(plan: TensorPlan) -> bool:
     return any(e.qtype in GPU_TYPES for e in plan.entries)
 
@@ -151,7 +144,7 @@ def convert(
     """`allow_non_finite`: write NaN/Inf weights (and F16 overflows) as they come instead of refusing them."""
     ckpt, arch, plan = load(src, outtype, allow_pickle, adapter, dequantized_base, imatrix, allow_non_finite)
     companions = [] if vocab_only else companion_outputs(ckpt, arch, out, outtype)
-    mmproj = None if vocab_only else mmproj_output(ckpt, out, outtype)
+    mmproj = None if vocab_only else mmproj_output(ckpt, mmproj_path(out), mmproj_outtype(outtype, ckpt))
     for path in [out, *(c.path for c in companions), *([mmproj.path] if mmproj else [])]:
         check_output(path, force)
     return _convert(ckpt, arch, plan, out, vocab_only, progress, device, companions, not allow_non_finite, mmproj)
@@ -181,8 +174,8 @@ def _convert(ckpt: Checkpoint, arch: Architecture, plan: TensorPlan, out: Path, 
     try:
         contents, vocab = gguf_contents(ckpt, arch, plan, vocab_only)
         with atomic_paths([out, *extra_paths]) as (tmp, *extra_tmps):
-            payloads = None if producer is None else _payloads(plan, producer, progress, total)
-            written = write_gguf(tmp, contents, payloads)
+            tensors = None if producer is None else payloads(plan, producer, progress, total)
+            written = write_gguf(tmp, contents, tensors)
             for c, companion_tmp in zip(companions, extra_tmps):
                 written += write_companion(ckpt, c, companion_tmp, progress, total, check_finite)
             if mmproj is not None:
@@ -207,10 +200,5 @@ def companion_contents(ckpt: Checkpoint, companion: Companion, plan: TensorPlan)
 
 def write_companion(ckpt: Checkpoint, output: CompanionOutput, path: Path, progress: Progress | None, total: int,
                     check_finite: bool = True) -> int:
-    plan = output.plan
-    w = companion_contents(ckpt, output.companion, plan)
-    producer = start_producing(plan, ckpt.config, check_finite=check_finite)
-    try:
-        return write_gguf(path, w, _payloads(plan, producer, progress, total))
-    finally:
-        producer.close()
+    contents = companion_contents(ckpt, output.companion, output.plan)
+    return write_planned(path, contents, output.plan, ckpt.config, progress, total, check_finite)

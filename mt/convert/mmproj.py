@@ -13,12 +13,12 @@ from gguf import GGMLQuantizationType as T
 from mt.convert.arch import multimodal
 from mt.convert.arch.projector import VISION_PART, Projector, VisionConfig, vision_config
 from mt.convert.general import write_general_metadata
-from mt.convert.plan import PlanEntry, TensorPlan, by_entry, check_float, resolve_outtype, start_producing
+from mt.convert.plan import PlanEntry, TensorPlan, check_float, resolve_outtype, write_planned
 from mt.convert.vocab import read_json
 from mt.errors import CheckpointError, MtError
 from mt.io.checkpoint import Checkpoint, SideFiles
-from mt.io.gguf_out import GGUFContents, write_gguf
-from mt.io.stream import Progress, reporting
+from mt.io.gguf_out import GGUFContents
+from mt.io.stream import Progress
 from mt.quant.outtypes import OutType, row_fits
 
 MMPROJ_ARCH = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.MMPROJ]  # "clip"
@@ -98,6 +98,7 @@ def mmproj_contents(part: Checkpoint, plan: TensorPlan) -> GGUFContents:
     w.add_file_type(int(plan.file_type))
     v = vision_config(part.config, projector, read_preprocessor(part.side_files))
     _write_vision_keys(w, v)
+    w.add_clip_projector_type(projector.projector_type)
     projector.write_metadata(w, v)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     return w
@@ -129,18 +130,13 @@ class MmprojOutput:
     contents: GGUFContents
 
     def write(self, path: Path, progress: Progress | None, total: int, check_finite: bool = True) -> int:
-        producer = start_producing(self.plan, self.part.config, check_finite=check_finite)
-        try:
-            payloads = (reporting(chunks, progress, total) for _, chunks in by_entry(self.plan, producer))
-            return write_gguf(path, self.contents, payloads)
-        finally:
-            producer.close()
+        return write_planned(path, self.contents, self.plan, self.part.config, progress, total, check_finite)
 
 
-def mmproj_output(ckpt: Checkpoint, out: Path, outtype: str) -> MmprojOutput | None:
-    """The mmproj file beside `out` for a vision-language source, None for the others."""
+def mmproj_output(ckpt: Checkpoint, path: Path, out: OutType) -> MmprojOutput | None:
+    """The mmproj file of type `out` at `path` for a vision-language source, None for the others."""
     part = vision_part(ckpt)
     if part is None:
         return None
-    plan = mmproj_plan(part, mmproj_outtype(outtype, ckpt))
-    return MmprojOutput(part, mmproj_path(out), plan, mmproj_contents(part, plan))
+    plan = mmproj_plan(part, out)
+    return MmprojOutput(part, path, plan, mmproj_contents(part, plan))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -13,8 +14,9 @@ from mt.convert.arch.base import Architecture, Companion, ExtraTensor, Transform
 from mt.errors import MtError, NonFiniteWeights
 from mt.io.checkpoint import Checkpoint, LazyTensor
 from mt.io.dtypes import FLOAT_DTYPE_NAMES, FLOAT_DTYPES, NON_FINITE_EXPONENT, first_non_finite, place_of, to_f32
+from mt.io.gguf_out import GGUFContents, write_gguf
 from mt.io.safetensors import FileSpan
-from mt.io.stream import Chunk, Prefetcher, grouped, row_ranges
+from mt.io.stream import Chunk, Prefetcher, Progress, grouped, reporting, row_ranges
 from mt.quant.choose import Writer, tensor_types
 from mt.quant.imatrix import GivenImatrix, output_keys
 from mt.quant.mix import MixOptions, ModelFacts, TensorSpec, check_imatrix_given, llama_order
@@ -223,6 +225,22 @@ def start_producing(plan: TensorPlan, config: dict, depth: int = 2, gpu: GpuQuan
 def by_entry(plan: TensorPlan, prefetcher: "Prefetcher") -> Iterator[tuple[PlanEntry, Iterator[Chunk]]]:
     """Each entry with its own chunks, read off the prefetcher in order."""
     return grouped(plan.entries, prefetcher)
+
+
+def payloads(plan: TensorPlan, producer: Prefetcher, progress: Progress | None, total: int) -> Iterator[Iterator[Chunk]]:
+    """Each entry's chunks off `producer`, reported to `progress` against `total` (the bytes of every file written)."""
+    for _, chunks in by_entry(plan, producer):
+        yield reporting(chunks, progress, total)
+
+
+def write_planned(path: Path, contents: GGUFContents, plan: TensorPlan, config: dict, progress: Progress | None,
+                  total: int, check_finite: bool = True) -> int:
+    """A file of `contents` whose tensors `plan` produces, read and encoded on a worker thread as they are written."""
+    producer = start_producing(plan, config, check_finite=check_finite)
+    try:
+        return write_gguf(path, contents, payloads(plan, producer, progress, total))
+    finally:
+        producer.close()
 
 
 def read_whole(src: LazyTensor, transform: Transform | None, config: dict) -> tuple[np.ndarray, str]:

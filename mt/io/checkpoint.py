@@ -153,7 +153,9 @@ def renamed(tensor: LazyTensor, name: str) -> LazyTensor:
 
 
 @dataclass(frozen=True)
-class _Renamed:
+class TensorView:
+    """A tensor made from `source` as it is read: its dtype, and `read` as all of `read_rows`."""
+
     name: str
     source: LazyTensor
 
@@ -161,6 +163,15 @@ class _Renamed:
     def dtype(self) -> str:
         return self.source.dtype
 
+    def read_rows(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        raise NotImplementedError
+
+    def read(self) -> np.ndarray:
+        return self.read_rows()
+
+
+@dataclass(frozen=True)
+class _Renamed(TensorView):
     @property
     def shape(self) -> tuple[int, ...]:
         return self.source.shape

@@ -22,8 +22,7 @@ from typing import Any, Iterator
 
 from mt.convert.arch.base import Architecture
 from mt.convert.convert import VocabKeys, gguf_contents, open_model
-from mt.convert.mmproj import (DEFAULT_MMPROJ_OUTTYPE, MMPROJ_OUTTYPES, MmprojOutput, mmproj_contents, mmproj_plan,
-                               vision_part)
+from mt.convert.mmproj import DEFAULT_MMPROJ_OUTTYPE, MMPROJ_OUTTYPES, MmprojOutput, mmproj_output
 from mt.convert.plan import PlanEntry, TensorPlan, build_plan, produce_types
 from mt.errors import MtError
 from mt.io.atomic import atomic_dir, check_output
@@ -162,7 +161,7 @@ def _release(src: Path, ckpt: Checkpoint, arch: Architecture, dist: Path, quants
     name = name or folder_name(src)
     with atomic_dir(dist) as stage:
         files = [ReleaseFile(q, stage / file_name(name, q), plans[q]) for q in quants]
-        mmproj = _mmproj_output(ckpt, stage, name, mmproj_type)
+        mmproj = mmproj_output(ckpt, stage / mmproj_name(name, mmproj_type), CONVERTER_TYPES[mmproj_type])
         files, written = _write_all(ckpt, arch, files, gpu, split, progress, not allow_non_finite)
         projector = _write_mmproj(mmproj, mmproj_type, not allow_non_finite)
         if verify is not None:
@@ -181,15 +180,6 @@ def _release(src: Path, ckpt: Checkpoint, arch: Architecture, dist: Path, quants
                      report=f.report and replace(f.report, gguf=str(dist / f.path.name))) for f in files]
     projector = projector and replace(projector, path=dist / projector.path.name)
     return ReleaseResult(dist, arch.gguf_arch, final, written, notes, projector)
-
-
-def _mmproj_output(ckpt: Checkpoint, stage: Path, name: str, outtype: str) -> MmprojOutput | None:
-    """A vision-language source's mmproj file, planned (and its header made) before anything is written."""
-    part = vision_part(ckpt)
-    if part is None:
-        return None
-    plan = mmproj_plan(part, CONVERTER_TYPES[outtype])
-    return MmprojOutput(part, stage / mmproj_name(name, outtype), plan, mmproj_contents(part, plan))
 
 
 def _write_mmproj(output: MmprojOutput | None, outtype: str, check_finite: bool) -> ProjectorFile | None:

@@ -43,12 +43,18 @@ def assert_converter_bytes(src: Path, tmp_path: Path, outtype: str) -> Path:
     return tmp_path / "mt.gguf"
 
 
-def edited_copy(src: Path, dest: Path, **changes: object) -> Path:
-    """`src` with config.json keys changed (weights linked, not copied)."""
+def linked_copy(src: Path, dest: Path, left_out: tuple[str, ...] = ()) -> Path:
+    """`src`'s files linked into `dest`, but those named in `left_out`."""
     dest.mkdir()
     for file in src.iterdir():
-        if file.name != "config.json":
+        if file.name not in left_out:
             (dest / file.name).symlink_to(file)
+    return dest
+
+
+def edited_copy(src: Path, dest: Path, **changes: object) -> Path:
+    """`src` with config.json keys changed (weights linked, not copied)."""
+    linked_copy(src, dest, ("config.json",))
     config = json.loads((src / "config.json").read_text())
     (dest / "config.json").write_text(json.dumps({**config, **changes}))
     return dest

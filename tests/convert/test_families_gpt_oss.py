@@ -22,7 +22,7 @@ from mt.cli import main
 from mt.convert.convert import convert
 from mt.quant.quantize import parse_file_type
 from mt.verify.logits import compare_logits, hf_logits, llama_cpp_logits
-from tests.convert.test_families_dense import assert_converter_bytes, edited_copy
+from tests.convert.test_families_dense import assert_converter_bytes, edited_copy, linked_copy
 from tests.convert.test_families_moe import run_convert
 from tests.convert.test_families_qwen3_phi3 import assert_same_top1_where_decided, prompt_ids
 from tests.gguf_compare import assert_same_file, read_gguf
@@ -124,11 +124,7 @@ def test_a_mix_that_would_requantize_the_mxfp4_experts_is_one_line(gpt_oss_mxfp4
 def test_half_of_an_mxfp4_pair_missing_is_one_line(gpt_oss_mxfp4_dir, tmp_path, dropped, needle):
     from safetensors.torch import load_file, save_file
 
-    src = tmp_path / "src"
-    src.mkdir()
-    for file in gpt_oss_mxfp4_dir.iterdir():
-        if file.name != "model.safetensors":
-            (src / file.name).symlink_to(file)
+    src = linked_copy(gpt_oss_mxfp4_dir, tmp_path / "src", ("model.safetensors",))
     tensors = load_file(gpt_oss_mxfp4_dir / "model.safetensors")
     del tensors[dropped]
     save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})

@@ -19,6 +19,8 @@ from mt.merge.merge import merge
 from mt.verify.logits import compare_logits, llama_cpp_logits
 from mt.verify.verify import verify
 from tests.checkpoints import GEMMA3_PREPROCESSOR, QWEN2_5_VL_PREPROCESSOR
+from tests.convert.test_families_dense import edited_copy, linked_copy
+from tests.convert.test_families_moe import run_convert
 from tests.convert.test_families_qwen3_phi3 import assert_same_top1_where_decided, prompt_ids
 from tests.gguf_compare import assert_same_file
 from tests.merge import adapters
@@ -212,17 +214,9 @@ def transformers_image_features(src: Path, image: np.ndarray, *, llama_cpp_round
     ({"window_size": 224}, "window_size 224"),
 ])
 def test_qwen2_5_vl_vision_layouts_llama_cpp_cannot_run_are_one_line(qwen2_5_vl_dir, tmp_path, change, needle):
-    src = tmp_path / "src"
-    src.mkdir()
-    for file in qwen2_5_vl_dir.iterdir():
-        if file.name != "config.json":
-            (src / file.name).symlink_to(file)
-    config = json.loads((qwen2_5_vl_dir / "config.json").read_text())
-    config["vision_config"].update(change)
-    (src / "config.json").write_text(json.dumps(config))
-    result = CliRunner().invoke(main, ["convert", str(src), "-o", str(tmp_path / "m.gguf")])
-    assert result.exit_code == 1
-    lines = [line for line in result.output.splitlines() if line.strip()]
+    vision = json.loads((qwen2_5_vl_dir / "config.json").read_text())["vision_config"]
+    lines = run_convert(edited_copy(qwen2_5_vl_dir, tmp_path / "src", vision_config={**vision, **change}),
+                        tmp_path / "m.gguf")
     assert len(lines) == 1 and needle in lines[0], lines
     assert not list(tmp_path.glob("*.gguf*"))
 
@@ -264,15 +258,8 @@ def _tensor_bytes(path: Path) -> dict[str, bytes]:
 
 
 def test_no_image_statistics_is_one_line(gemma3_vision_dir, tmp_path):
-    src = tmp_path / "src"
-    src.mkdir()
-    for file in gemma3_vision_dir.iterdir():
-        if file.name != "preprocessor_config.json":
-            (src / file.name).symlink_to(file)
-    out = tmp_path / "m.gguf"
-    result = CliRunner().invoke(main, ["convert", str(src), "-o", str(out)])
-    assert result.exit_code == 1
-    lines = [line for line in result.output.splitlines() if line.strip()]
+    src = linked_copy(gemma3_vision_dir, tmp_path / "src", ("preprocessor_config.json",))
+    lines = run_convert(src, tmp_path / "m.gguf")
     assert len(lines) == 1 and "image_mean" in lines[0] and "preprocessor_config.json" in lines[0], lines
     assert not list(tmp_path.glob("*.gguf*"))
 

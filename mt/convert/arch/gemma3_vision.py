@@ -63,7 +63,6 @@ def forced_type(hf_name: str, gguf_name: str, file_type: LlamaFileType) -> T | N
 
 
 def write_metadata(w: GGUFContents, v: VisionConfig) -> None:
-    w.add_clip_projector_type("gemma3")
     w.add_vision_attention_layernorm_eps(v.vision["layer_norm_eps"])
     w.add_vision_use_gelu(True)
     per_side = int(int(v.preprocessor.get("image_seq_length", 256)) ** 0.5)

@@ -14,7 +14,7 @@ from gguf import GGMLQuantizationType as T
 from gguf import LlamaFileType
 
 from mt.convert.arch.base import Architecture, NameTable, Transform
-from mt.io.checkpoint import Checkpoint, LazyTensor, renamed
+from mt.io.checkpoint import Checkpoint, LazyTensor, TensorView, renamed
 from mt.io.gguf_out import GGUFContents
 
 SUB_CONFIGS = ("text_config", "vision_config", "audio_config")
@@ -41,7 +41,7 @@ class Projector:
 
     projector_type: str  # clip.projector_type
     names: NameTable  # the vision part's names (as `Multimodal.vision_name` spells them) -> GGUF names
-    write_metadata: Callable[[GGUFContents, VisionConfig], None]  # the family's keys, after the common ones
+    write_metadata: Callable[[GGUFContents, VisionConfig], None]  # the family's keys, after the projector type
     forced_type: ForcedType
     vision_defaults: dict[str, Any]  # transformers' vision config class defaults for the keys read
     skipped_prefixes: tuple[str, ...] = ()  # stored tensors the projector does not use
@@ -65,17 +65,11 @@ class Projector:
 
 
 @dataclass(frozen=True)
-class RowRange:
+class RowRange(TensorView):
     """Rows [start, stop) of `source` (one of a fused q, k, v)."""
 
-    name: str
-    source: LazyTensor
     start: int
     stop: int
-
-    @property
-    def dtype(self) -> str:
-        return self.source.dtype
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -89,22 +83,13 @@ class RowRange:
         stop = self.shape[0] if stop is None else stop
         return self.source.read_rows(self.start + start, self.start + stop)
 
-    def read(self) -> np.ndarray:
-        return self.read_rows()
-
 
 @dataclass(frozen=True)
-class AxisSlice:
+class AxisSlice(TensorView):
     """`source[..., index, ...]` along `axis` (not the first): a Conv3d kernel's temporal plane."""
 
-    name: str
-    source: LazyTensor
     axis: int
     index: int
-
-    @property
-    def dtype(self) -> str:
-        return self.source.dtype
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -116,9 +101,6 @@ class AxisSlice:
 
     def read_rows(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         return np.ascontiguousarray(np.take(self.source.read_rows(start, stop), self.index, axis=self.axis))
-
-    def read(self) -> np.ndarray:
-        return self.read_rows()
 
 
 @dataclass(frozen=True)
@@ -166,11 +148,11 @@ def text_name(name: str) -> str:
 def split(ckpt: Checkpoint, multimodal: Multimodal) -> Checkpoint:
     """The text model of `ckpt` (its config written as config.json for readers of folders), holding the vision
     part under `parts[VISION_PART]`."""
+    if VISION_PART in ckpt.parts:
+        return ckpt
     config = text_config(ckpt.config, multimodal)
     text: dict[str, LazyTensor] = {}
     vision: dict[str, LazyTensor] = {}
-    if VISION_PART in ckpt.parts:
-        return ckpt
     for name, tensor in ckpt.tensors.items():
         if multimodal.is_vision(name):
             new = multimodal.vision_name(name)

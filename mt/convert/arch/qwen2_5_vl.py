@@ -102,7 +102,6 @@ def forced_type(hf_name: str, gguf_name: str, file_type: LlamaFileType) -> T | N
 
 
 def write_metadata(w: GGUFContents, v: VisionConfig) -> None:
-    w.add_clip_projector_type("qwen2.5vl_merger")
     w.add_vision_use_silu(True)
     full = v.vision.get("fullatt_block_indexes")
     if not full:
